@@ -1,0 +1,72 @@
+"""Backend selection: ``"reference"`` (pure JAX) or ``"cuda"`` (XLA FFI kernels).
+
+``"auto"`` picks CUDA when the extension is built, a GPU is present, a CUDA
+:class:`jax_ep.Buffer` was passed and the op has a CUDA kernel; otherwise it
+picks the reference backend, and says so once with a warning when a GPU was
+there to be used (never silently).
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+
+BACKENDS = ("auto", "cuda", "reference")
+_warned = set()
+
+
+def get(name: str):
+    """The backend module for a resolved backend name."""
+    if name == "reference":
+        from jax_ep.backends import reference
+        return reference
+    if name == "cuda":
+        return importlib.import_module("jax_ep.backends.cuda")
+    raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+
+
+def _cuda_has(op: str) -> bool:
+    try:
+        module = importlib.import_module("jax_ep.backends.cuda")
+    except ImportError:
+        return False
+    return op in getattr(module, "SUPPORTED_OPS", ())
+
+
+def resolve(backend: str, buffer, op: str) -> str:
+    """Resolves ``backend`` for one call of ``op`` ("dispatch", "combine", "low_latency")."""
+    from jax_ep import _native
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return "reference"
+    cuda_ok = _native.cuda_available()
+    has_cuda_buffer = buffer is not None and getattr(buffer, "buffer_id", None) is not None
+    if backend == "cuda":
+        if not cuda_ok:
+            raise RuntimeError(
+                "backend='cuda' needs the jax_ep CUDA extension and a CUDA GPU visible to JAX "
+                f"({_why_unavailable(_native)}); use backend='reference' or 'auto'")
+        if not _cuda_has(op):
+            raise NotImplementedError(
+                f"the CUDA backend has no kernel for {op!r} yet; use backend='reference'")
+        if not has_cuda_buffer:
+            raise ValueError(
+                f"backend='cuda' needs buffer=jax_ep.Buffer(mesh, axis_name) for {op!r}: the "
+                "kernels communicate through memory that the Buffer allocates")
+        return "cuda"
+    if cuda_ok and has_cuda_buffer and _cuda_has(op):
+        return "cuda"
+    if cuda_ok and op not in _warned:
+        _warned.add(op)
+        reason = ("the CUDA backend has no kernel for it yet" if not _cuda_has(op)
+                  else "no buffer=jax_ep.Buffer(mesh, axis_name) was passed")
+        warnings.warn(f"jax_ep.{op}: using the reference (all_to_all) backend on GPU because "
+                      f"{reason}", stacklevel=4)
+    return "reference"
+
+
+def _why_unavailable(native) -> str:
+    explain = getattr(native, "why_unavailable", None)
+    return explain() if explain else "extension not built with CUDA, or no GPU"

@@ -1,0 +1,95 @@
+"""Communication buffer: the memory the CUDA kernels move tokens through.
+
+It lives outside XLA's allocator and is created eagerly, outside ``jit``, for one
+mesh axis. On the reference backend it only carries configuration.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+from jax_ep import _native
+
+DEFAULT_NUM_SMS = 24
+
+
+def _cuda_module():
+    return importlib.import_module("jax_ep.backends.cuda")
+
+
+class Buffer:
+    """Communication buffer for expert parallelism over ``mesh.shape[axis_name]`` ranks.
+
+    Args:
+      mesh: the ``jax.sharding.Mesh`` the ops run under.
+      axis_name: its expert-parallel axis.
+      num_nvl_bytes: NVLink buffer bytes per GPU (default:
+        :meth:`get_dispatch_size_hint` for 4096 tokens of hidden 7168).
+      num_sms: default SM count of the CUDA kernels (a per-call ``num_sms`` overrides it).
+      backend: ``"auto"`` (CUDA when built and the mesh is on GPUs), ``"cuda"`` or
+        ``"reference"``.
+
+    Example::
+
+        mesh = jax.make_mesh((4,), ("ep",))
+        buf = jax_ep.Buffer(mesh, "ep")
+        r = jax_ep.dispatch(x, idx, w, num_experts=64, axis_name="ep", buffer=buf)
+        ...
+        buf.close()   # or use `with jax_ep.Buffer(...) as buf:`
+    """
+
+    def __init__(self, mesh, axis_name: str, *, num_nvl_bytes: Optional[int] = None,
+                 num_sms: int = DEFAULT_NUM_SMS, backend: str = "auto"):
+        if axis_name not in mesh.shape:
+            raise ValueError(f"Buffer: axis_name {axis_name!r} is not an axis of the mesh "
+                             f"(axes: {tuple(mesh.shape)})")
+        if not isinstance(num_sms, int) or num_sms < 1:
+            raise ValueError(f"Buffer: num_sms must be a positive int, got {num_sms!r}")
+        if backend not in ("auto", "cuda", "reference"):
+            raise ValueError(f"Buffer: backend must be 'auto', 'cuda' or 'reference', got "
+                             f"{backend!r}")
+        self.mesh = mesh
+        self.axis_name = axis_name
+        self.num_ranks = int(mesh.shape[axis_name])
+        self.num_sms = num_sms
+        self.buffer_id: Optional[int] = None
+        on_gpu = all(d.platform == "gpu" for d in mesh.devices.flat)
+        if backend == "cuda" and not (_native.cuda_available() and on_gpu):
+            raise RuntimeError("Buffer(backend='cuda') needs the jax_ep CUDA extension and a "
+                               "mesh of GPUs; use backend='reference' or 'auto'")
+        use_cuda = backend == "cuda" or (backend == "auto" and on_gpu and
+                                         _native.cuda_available())
+        self.backend = "cuda" if use_cuda else "reference"
+        self.num_nvl_bytes = num_nvl_bytes
+        if use_cuda:
+            if num_nvl_bytes is None:
+                self.num_nvl_bytes = self.get_dispatch_size_hint(4096, 7168, self.num_ranks)
+            _cuda_module().allocate_buffer(self)  # sets buffer_id
+
+    @staticmethod
+    def get_dispatch_size_hint(num_tokens: int, hidden: int, num_ranks: int,
+                               dtype_bytes: int = 2) -> int:
+        """NVLink bytes per GPU that a normal dispatch/combine of this size needs."""
+        return int(_cuda_module().nvl_bytes_hint(num_tokens, hidden, num_ranks, dtype_bytes))
+
+    def check_fits(self, cfg, payload) -> None:
+        """Raises a clear error at trace time when a call needs more than this buffer."""
+        if self.buffer_id is not None:
+            _cuda_module().check_fits(self, cfg, payload)
+
+    def close(self) -> None:
+        """Frees the GPU memory (safe to call twice)."""
+        if self.buffer_id is not None:
+            _cuda_module().free_buffer(self)
+            self.buffer_id = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return (f"Buffer(axis_name={self.axis_name!r}, num_ranks={self.num_ranks}, "
+                f"backend={self.backend!r}, num_sms={self.num_sms})")

@@ -1,0 +1,228 @@
+"""Low-latency (decode) ops: fixed expert-major layout, fused and send/receive split.
+
+``low_latency_dispatch`` writes each (token, expert) row into
+``recv_x[local expert, source rank * M + i]`` (M = ``max_tokens_per_rank``), in
+source-token order, so the output shape never depends on the routing. A token
+that names the same expert in two slots sends one row; ``low_latency_combine``
+weights that row by each slot. The split forms return a pending state from
+``*_send`` that ``*_recv`` completes, so computation can sit in between.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from jax_ep import backends
+from jax_ep import validation as v
+from jax_ep.types import LowLatencyConfig, LowLatencyDispatchResult, LowLatencyHandle
+
+
+def _config(op, x, topk_idx, num_experts, max_tokens_per_rank, axis_name, use_fp8, buffer,
+            backend) -> LowLatencyConfig:
+    num_ranks = v.axis_size(axis_name, op)
+    v.check_array(op, "x", x, 2, v.FLOAT_DTYPES)
+    v.check_hidden(op, "x", x)
+    if use_fp8 and x.shape[1] % 128:
+        raise ValueError(f"{op}: use_fp8=True needs hidden % 128 == 0, got {x.shape[1]}")
+    v.check_num_experts(op, num_experts, num_ranks)
+    v.check_topk(op, topk_idx, None, x.shape[0])
+    v.check_positive_int(op, "max_tokens_per_rank", max_tokens_per_rank)
+    if x.shape[0] > max_tokens_per_rank:
+        raise ValueError(f"{op}: x has {x.shape[0]} tokens but max_tokens_per_rank is "
+                         f"{max_tokens_per_rank}; raise max_tokens_per_rank to at least "
+                         f"{x.shape[0]}")
+    resolved = backends.resolve(backend, buffer, "low_latency")
+    return LowLatencyConfig(
+        num_experts=num_experts, num_ranks=num_ranks, axis_name=axis_name,
+        max_tokens_per_rank=max_tokens_per_rank, num_tokens=x.shape[0],
+        num_topk=topk_idx.shape[1], hidden=x.shape[1], use_fp8=bool(use_fp8), backend=resolved,
+        buffer_id=getattr(buffer, "buffer_id", None) if resolved == "cuda" else None)
+
+
+def low_latency_dispatch(x: jax.Array, topk_idx: jax.Array, *, num_experts: int,
+                         max_tokens_per_rank: int, axis_name: str, use_fp8: bool = False,
+                         buffer=None, backend: str = "auto") -> LowLatencyDispatchResult:
+    """Dispatch for decoding: output ``[E/R, R*max_tokens_per_rank, H]`` whatever the routing.
+
+    Args:
+      x: ``[T, H]`` bf16/f16/f32 with ``T <= max_tokens_per_rank``.
+      topk_idx: ``[T, K]`` int32 expert ids, -1 for an unused slot.
+      use_fp8: cast rows to e4m3 with per-128-channel scales before sending;
+        ``recv_x`` is then ``(values, scales [E/R, R*M, H/128])``. Not differentiable.
+
+    Returns :class:`LowLatencyDispatchResult` (``recv_x``, ``recv_count [E/R]``, ``handle``).
+
+    Example::
+
+        r = jax_ep.low_latency_dispatch(x, idx, num_experts=64, max_tokens_per_rank=128,
+                                        axis_name="ep")
+        y = jnp.einsum("erh,ehf->erf", r.recv_x, w)      # every local expert at once
+        out = jax_ep.low_latency_combine(y, idx, weights, r.handle)
+    """
+    cfg = _config("low_latency_dispatch", x, topk_idx, num_experts, max_tokens_per_rank,
+                  axis_name, use_fp8, buffer, backend)
+    recv_x, recv_count, harr = _ll_dispatch(cfg, x, topk_idx)
+    return LowLatencyDispatchResult(recv_x, recv_count, LowLatencyHandle(harr, cfg))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ll_dispatch(cfg, x, topk_idx):
+    return backends.get(cfg.backend).ll_dispatch(x, topk_idx, None, cfg)
+
+
+def _ll_dispatch_fwd(cfg, x, topk_idx):
+    outs = _ll_dispatch(cfg, x, topk_idx)
+    return outs, (topk_idx, outs[2])
+
+
+def _ll_dispatch_bwd(cfg, residuals, cotangents):
+    if cfg.use_fp8:
+        raise TypeError("low_latency_dispatch with use_fp8=True is not differentiable; "
+                        "dispatch in bf16 to train through it")
+    topk_idx, handle = residuals
+    d_recv_x = cotangents[0]
+    # Each (token, expert) row was sent once: weight 1 on the slot that carried it.
+    first = _first_slot_mask(topk_idx, handle)
+    dx = backends.get(cfg.backend).ll_combine(d_recv_x, topk_idx, first, handle, cfg)
+    return dx, None
+
+
+_ll_dispatch.defvjp(_ll_dispatch_fwd, _ll_dispatch_bwd)
+
+
+def _first_slot_mask(topk_idx, handle) -> jax.Array:
+    """1.0 on the first slot naming each (token, expert), 0.0 on repeats and masked slots."""
+    k = topk_idx.shape[1]
+    valid = handle.send_pos >= 0
+    same = (topk_idx[:, :, None] == topk_idx[:, None, :]) & valid[:, :, None]
+    earlier = jnp.triu(jnp.ones((k, k), bool), k=1)[None]
+    repeat = jnp.any(same & earlier, axis=1)
+    return (valid & ~repeat).astype(jnp.float32)
+
+
+def _check_combine_args(op, y, topk_idx, topk_weights, handle):
+    if not isinstance(handle, LowLatencyHandle):
+        raise TypeError(f"{op}: handle must come from low_latency_dispatch, got "
+                        f"{type(handle).__name__}")
+    cfg = handle.config
+    v.axis_size(cfg.axis_name, op)
+    expected = (cfg.num_local_experts, cfg.num_ranks * cfg.max_tokens_per_rank)
+    v.check_array(op, "y", y, 3, v.FLOAT_DTYPES)
+    if tuple(y.shape[:2]) != expected:
+        raise ValueError(f"{op}: y must have shape {expected + ('H',)} (the dispatch's recv_x "
+                         f"layout), got {tuple(y.shape)}")
+    v.check_hidden(op, "y", y)
+    v.check_topk(op, topk_idx, topk_weights, cfg.num_tokens)
+    if topk_idx.shape[1] != cfg.num_topk:
+        raise ValueError(f"{op}: topk_idx has {topk_idx.shape[1]} slots, the dispatch had "
+                         f"{cfg.num_topk}")
+    return cfg
+
+
+def low_latency_combine(y: jax.Array, topk_idx: jax.Array, topk_weights: jax.Array,
+                        handle: LowLatencyHandle) -> jax.Array:
+    """Returns ``out[t] = sum_k topk_weights[t,k] * y[row of (t, topk_idx[t,k])]``, fp32
+    accumulation, as ``[T, H]`` in ``y``'s dtype. ``y`` is ``[E/R, R*M, H]`` in the
+    layout of the dispatch's ``recv_x``; rows past the counts are never read.
+
+    Example::
+
+        out = jax_ep.low_latency_combine(expert_out, topk_idx, topk_weights, r.handle)
+    """
+    cfg = _check_combine_args("low_latency_combine", y, topk_idx, topk_weights, handle)
+    return _ll_combine(cfg, y, topk_idx, topk_weights, handle.arrays)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ll_combine(cfg, y, topk_idx, topk_weights, handle):
+    return backends.get(cfg.backend).ll_combine(y, topk_idx, topk_weights, handle, cfg)
+
+
+def _ll_combine_fwd(cfg, y, topk_idx, topk_weights, handle):
+    return _ll_combine(cfg, y, topk_idx, topk_weights, handle), (y, topk_idx, topk_weights,
+                                                                   handle)
+
+
+def _ll_combine_bwd(cfg, residuals, d_out):
+    y, topk_idx, topk_weights, handle = residuals
+    be = backends.get(cfg.backend)
+    grad_cfg = _grad_config(cfg)
+    # dy[row of (t, e)] = d_out[t] * (sum of t's weights on e): a weighted dispatch.
+    dy, _, _ = be.ll_dispatch(d_out.astype(y.dtype), topk_idx, topk_weights, grad_cfg)
+    # d_w[t, k] = <y[row of (t, e_k)], d_out[t]>: dot on the expert side, then each slot's value home.
+    sent, _, _ = be.ll_dispatch(d_out.astype(y.dtype), topk_idx, None, grad_cfg)
+    dots = jnp.sum(sent.astype(jnp.float32) * y.astype(jnp.float32), axis=-1, keepdims=True)
+    k = topk_idx.shape[1]
+    d_w = jnp.concatenate(
+        [be.ll_combine(dots, topk_idx, jax.nn.one_hot(jnp.full(topk_idx.shape[:1], i), k,
+                                                      dtype=jnp.float32), handle, cfg)
+         for i in range(k)], axis=1)
+    return dy.astype(y.dtype), None, d_w, None
+
+
+_ll_combine.defvjp(_ll_combine_fwd, _ll_combine_bwd)
+
+
+def _grad_config(cfg: LowLatencyConfig) -> LowLatencyConfig:
+    import dataclasses
+    return dataclasses.replace(cfg, use_fp8=False)
+
+
+# ----------------------------------------------------------------------------- split form
+
+class LowLatencyDispatchPending(NamedTuple):
+    """What :func:`low_latency_dispatch_send` returns: pass it to ``_recv``."""
+    result: LowLatencyDispatchResult
+
+
+class LowLatencyCombinePending(NamedTuple):
+    """What :func:`low_latency_combine_send` returns: pass it to ``_recv``."""
+    out: jax.Array
+
+
+def low_latency_dispatch_send(x, topk_idx, *, num_experts: int, max_tokens_per_rank: int,
+                              axis_name: str, use_fp8: bool = False, buffer=None,
+                              backend: str = "auto") -> LowLatencyDispatchPending:
+    """First half of :func:`low_latency_dispatch`: issues the sends and returns at once.
+
+    Put independent computation between this and :func:`low_latency_dispatch_recv`;
+    the result equals the fused op's.
+
+    Example::
+
+        pending = jax_ep.low_latency_dispatch_send(x, idx, num_experts=64,
+                                                   max_tokens_per_rank=128, axis_name="ep")
+        h = attention(h)                              # overlaps with the transfer
+        r = jax_ep.low_latency_dispatch_recv(pending)
+    """
+    cfg = _config("low_latency_dispatch_send", x, topk_idx, num_experts, max_tokens_per_rank,
+                  axis_name, use_fp8, buffer, backend)
+    recv_x, recv_count, harr = _ll_dispatch(cfg, x, topk_idx)
+    return LowLatencyDispatchPending(
+        LowLatencyDispatchResult(recv_x, recv_count, LowLatencyHandle(harr, cfg)))
+
+
+def low_latency_dispatch_recv(pending: LowLatencyDispatchPending) -> LowLatencyDispatchResult:
+    """Second half of :func:`low_latency_dispatch`: waits for the rows and returns them."""
+    if not isinstance(pending, LowLatencyDispatchPending):
+        raise TypeError("low_latency_dispatch_recv takes what low_latency_dispatch_send "
+                        f"returned, got {type(pending).__name__}")
+    return pending.result
+
+
+def low_latency_combine_send(y, topk_idx, topk_weights, handle) -> LowLatencyCombinePending:
+    """First half of :func:`low_latency_combine`; see :func:`low_latency_dispatch_send`."""
+    cfg = _check_combine_args("low_latency_combine_send", y, topk_idx, topk_weights, handle)
+    return LowLatencyCombinePending(_ll_combine(cfg, y, topk_idx, topk_weights, handle.arrays))
+
+
+def low_latency_combine_recv(pending: LowLatencyCombinePending) -> jax.Array:
+    """Second half of :func:`low_latency_combine`: returns ``[T, H]``."""
+    if not isinstance(pending, LowLatencyCombinePending):
+        raise TypeError("low_latency_combine_recv takes what low_latency_combine_send "
+                        f"returned, got {type(pending).__name__}")
+    return pending.out

@@ -1,0 +1,164 @@
+"""Result types, handles and static op configurations shared by every backend.
+
+Results are NamedTuples (pytrees), so they pass through ``jit``, ``shard_map``
+and ``lax.scan`` unchanged. Handles carry the routing of one dispatch so that
+its combine (and both backward passes) can reuse it without recomputing it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional, Tuple, Union
+
+import jax
+
+Array = jax.Array
+# A dispatch payload: a plain array, or an FP8 pair (e4m3 values, f32 scales per 128 channels).
+Payload = Union[Array, Tuple[Array, Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class DispatchConfig:
+    """Static description of one normal dispatch; also the static half of its handle."""
+
+    num_experts: int
+    num_ranks: int
+    axis_name: str
+    layout: str  # "rank" or "expert"
+    capacity: int  # static number of received rows
+    expert_alignment: int
+    num_tokens: int  # T, tokens on each rank before dispatch
+    num_topk: int  # K
+    backend: str  # resolved: "reference" or "cuda"
+    buffer_id: Optional[int] = None
+    num_sms: int = 24
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.num_experts // self.num_ranks
+
+
+@dataclasses.dataclass(frozen=True)
+class LowLatencyConfig:
+    """Static description of one low-latency dispatch; also the static half of its handle."""
+
+    num_experts: int
+    num_ranks: int
+    axis_name: str
+    max_tokens_per_rank: int
+    num_tokens: int
+    num_topk: int
+    hidden: int
+    use_fp8: bool
+    backend: str
+    buffer_id: Optional[int] = None
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.num_experts // self.num_ranks
+
+
+class HandleArrays(NamedTuple):
+    """Where every received row came from and where every sent token went.
+
+    recv_src_rank, recv_src_token, recv_src_slot: ``[cap]`` int32, -1 on empty and
+    padding rows (``recv_src_slot`` is -1 on every row of the rank layout).
+    send_pos: row index at the destination, -1 where nothing was sent or the row
+    was dropped for lack of capacity; ``[T, R]`` (rank layout) or ``[T, K]``
+    (expert layout, indexed by top-k slot).
+    """
+
+    recv_src_rank: Array
+    recv_src_token: Array
+    recv_src_slot: Array
+    send_pos: Array
+
+
+@jax.tree_util.register_pytree_node_class
+class DispatchHandle:
+    """Routing of one normal dispatch: arrays (traced) plus its static config."""
+
+    def __init__(self, arrays: HandleArrays, config: DispatchConfig):
+        self.arrays = arrays
+        self.config = config
+
+    def tree_flatten(self):
+        return (self.arrays,), self.config
+
+    @classmethod
+    def tree_unflatten(cls, config, children):
+        return cls(children[0], config)
+
+    def __repr__(self):
+        return f"DispatchHandle(layout={self.config.layout!r}, capacity={self.config.capacity})"
+
+
+class LowLatencyHandleArrays(NamedTuple):
+    """recv_src_token ``[L, R*M]`` (-1 on empty rows), recv_count_per_rank ``[L, R]``,
+    send_pos ``[T, K]``: the row (within the expert's ``R*M`` rows) that slot k of
+    token t went to, -1 where masked; duplicate experts in one token share a row."""
+
+    recv_src_token: Array
+    recv_count_per_rank: Array
+    send_pos: Array
+
+
+@jax.tree_util.register_pytree_node_class
+class LowLatencyHandle:
+    def __init__(self, arrays: LowLatencyHandleArrays, config: LowLatencyConfig):
+        self.arrays = arrays
+        self.config = config
+
+    def tree_flatten(self):
+        return (self.arrays,), self.config
+
+    @classmethod
+    def tree_unflatten(cls, config, children):
+        return cls(children[0], config)
+
+    def __repr__(self):
+        return f"LowLatencyHandle(max_tokens_per_rank={self.config.max_tokens_per_rank})"
+
+
+class DispatchLayout(NamedTuple):
+    num_tokens_per_rank: Array  # [R] int32
+    num_tokens_per_expert: Array  # [E] int32
+    is_token_in_rank: Array  # [T, R] bool
+
+
+class DispatchResult(NamedTuple):
+    """What :func:`jax_ep.dispatch` returns (per rank, inside ``shard_map``).
+
+    recv_x: ``[cap, H]`` (or an FP8 pair ``([cap, H] e4m3, [cap, H/128] f32)``).
+    recv_topk_idx: rank layout ``[cap, K]`` local expert ids or -1; expert layout
+        ``[cap]`` the row's local expert, -1 on padding and unused rows.
+    recv_topk_weights: ``[cap, K]`` / ``[cap]`` f32, 0 where the index is -1.
+    num_recv_tokens: ``[]`` int32, rows in use (alignment padding included).
+    num_recv_tokens_per_expert: ``[E/R]`` int32, (token, slot) pairs per local expert.
+    group_sizes: ``[E/R]`` int32, rows per local expert group (expert layout: padded
+        to ``expert_alignment``; feed to ``jax.lax.ragged_dot``).
+    num_overflow: ``[]`` int32, rows dropped on this rank because ``max_recv_tokens``
+        was too small (always 0 with the default capacity).
+    handle: routing for :func:`jax_ep.combine`.
+    """
+
+    recv_x: Payload
+    recv_topk_idx: Array
+    recv_topk_weights: Array
+    num_recv_tokens: Array
+    num_recv_tokens_per_expert: Array
+    group_sizes: Array
+    num_overflow: Array
+    handle: DispatchHandle
+
+
+class LowLatencyDispatchResult(NamedTuple):
+    """recv_x ``[E/R, R*M, H]`` (or FP8 pair with scales ``[E/R, R*M, H/128]``);
+    recv_count ``[E/R]`` received (token, expert) rows per local expert; handle.
+
+    Rows of expert e from source rank s sit at ``[e, s*M : s*M + n]`` in source
+    token order; other rows are zero."""
+
+    recv_x: Payload
+    recv_count: Array
+    handle: LowLatencyHandle

@@ -1,0 +1,74 @@
+"""Argument checks shared by the public ops: each error names the argument and the fix."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+VECTOR_BYTES = 16  # kernels move rows in 16-byte vectors
+
+
+def axis_size(axis_name: str, op: str) -> int:
+    """Size of the expert-parallel axis; a clear error outside ``shard_map``."""
+    if not isinstance(axis_name, str):
+        raise TypeError(f"{op}: axis_name must be the name (str) of a mesh axis, got {axis_name!r}")
+    try:
+        return int(jax.lax.axis_size(axis_name))
+    except (NameError, KeyError, ValueError) as err:
+        raise ValueError(
+            f"{op} must be called inside jax.shard_map over a mesh with axis {axis_name!r} "
+            f"(e.g. jax.shard_map(f, mesh=mesh, in_specs=P({axis_name!r}), "
+            f"out_specs=P({axis_name!r}))); the axis is not bound here") from err
+
+
+def check_array(op: str, name: str, x, ndim: int, dtypes=None) -> None:
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{op}: {name} must be an array, got {type(x).__name__}")
+    if x.ndim != ndim:
+        raise ValueError(f"{op}: {name} must be {ndim}-D, got shape {tuple(x.shape)}")
+    if dtypes is not None and not any(x.dtype == jnp.dtype(d) for d in dtypes):
+        names = ", ".join(jnp.dtype(d).name for d in dtypes)
+        raise TypeError(f"{op}: {name} must have dtype {names}; got {x.dtype}")
+
+
+def check_hidden(op: str, name: str, x) -> None:
+    row_bytes = x.shape[-1] * jnp.dtype(x.dtype).itemsize
+    if row_bytes % VECTOR_BYTES:
+        step = VECTOR_BYTES // jnp.dtype(x.dtype).itemsize
+        raise ValueError(
+            f"{op}: {name}.shape[-1] (hidden={x.shape[-1]}) must be a multiple of {step} for "
+            f"dtype {x.dtype} ({VECTOR_BYTES}-byte rows); pad the hidden dimension")
+
+
+def check_num_experts(op: str, num_experts, num_ranks: int) -> None:
+    if not isinstance(num_experts, int) or num_experts <= 0:
+        raise ValueError(f"{op}: num_experts must be a positive int, got {num_experts!r}")
+    if num_experts % num_ranks:
+        raise ValueError(
+            f"{op}: num_experts={num_experts} is not divisible by the {num_ranks} ranks of the "
+            "expert-parallel axis; choose a multiple of the axis size")
+
+
+def check_topk(op: str, topk_idx, topk_weights, num_tokens: int) -> None:
+    check_array(op, "topk_idx", topk_idx, 2, (jnp.int32,))
+    if topk_idx.shape[0] != num_tokens:
+        raise ValueError(f"{op}: topk_idx has {topk_idx.shape[0]} rows but x has {num_tokens} "
+                         "tokens; they must match")
+    if topk_idx.shape[1] < 1:
+        raise ValueError(f"{op}: topk_idx must have at least one column (top-k >= 1)")
+    if topk_weights is not None:
+        check_array(op, "topk_weights", topk_weights, 2, (jnp.float32,))
+        if topk_weights.shape != topk_idx.shape:
+            raise ValueError(f"{op}: topk_weights shape {tuple(topk_weights.shape)} must equal "
+                             f"topk_idx shape {tuple(topk_idx.shape)}")
+
+
+def check_positive_int(op: str, name: str, value, minimum: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{op}: {name} must be an int >= {minimum}, got {value!r}")
+
+
+def expert_ids_in_range(topk_idx, num_experts: int):
+    """Traced bool: every id is -1 or a valid expert. Used by ``check_inputs=True``."""
+    return jnp.all((topk_idx >= -1) & (topk_idx < num_experts))
