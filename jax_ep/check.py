@@ -27,13 +27,14 @@ def check(result) -> None:
         jax_ep.check(r)               # CapacityError: ... max_recv_tokens >= 5123
     """
     overflow, recv = result.num_overflow, result.num_recv_tokens
-    needed = recv + overflow  # rows this rank needed; num_recv_tokens is clipped to capacity
     try:
-        overflow_np, needed_np = np.asarray(overflow), np.asarray(needed)
+        overflow_np = np.asarray(overflow, dtype=np.int64)
+        # rows each rank needed: num_recv_tokens is clipped to the capacity
+        needed_np = np.asarray(recv, dtype=np.int64) + overflow_np
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         checkify.check(jnp.all(overflow == 0),
                        "jax_ep dispatch dropped {dropped} rows: set max_recv_tokens >= {needed}",
-                       dropped=jnp.max(overflow), needed=jnp.max(needed))
+                       dropped=jnp.max(overflow), needed=jnp.max(recv + overflow))
         return
     overflow, needed = overflow_np, needed_np
     if np.any(overflow > 0):
