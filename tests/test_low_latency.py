@@ -1,0 +1,167 @@
+"""Low-latency ops on the reference backend against the NumPy oracle."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import jax_ep
+from tests import ep, oracle
+
+
+def _case(seed, R, T, K, E, H=32, mask_prob=0.15):
+    rng = np.random.default_rng(seed)
+    return (ep.random_tokens(rng, R, T, H), ep.random_routing(rng, R, T, K, E, mask_prob),
+            ep.random_weights(rng, R, T, K))
+
+
+def _ll_dispatch(E, M, use_fp8=False):
+    def fn(x, idx):
+        return jax_ep.low_latency_dispatch(x, idx, num_experts=E, max_tokens_per_rank=M,
+                                           axis_name=ep.AXIS, use_fp8=use_fp8)
+    return fn
+
+
+@pytest.mark.parametrize("R,T", [(1, 5), (2, 8), (4, 1), (4, 0), (8, 6)])
+def test_low_latency_dispatch_matches_oracle(R, T):
+    E, K, M = 2 * R if R > 1 else 4, 2, 8
+    xs, idxs, _ = _case(R * 10 + T, R, T, K, E)
+    got = ep.run(_ll_dispatch(E, M), R, xs, idxs)
+    want = oracle.low_latency_dispatch(xs, idxs, E, M)
+    for r in range(R):
+        np.testing.assert_array_equal(got.recv_x[r], want[r]["recv_x"])
+        np.testing.assert_array_equal(got.recv_count[r], want[r]["recv_count"])
+        np.testing.assert_array_equal(got.handle.arrays.recv_src_token[r],
+                                      want[r]["recv_src_token"])
+
+
+def test_low_latency_fp8_dispatch_equals_cast_of_bf16_rows():
+    R, E, T, K, M, H = 4, 8, 6, 3, 8, 256
+    xs, idxs, _ = _case(3, R, T, K, E, H=H)
+    xs = [x.astype(jnp.bfloat16) for x in xs]
+    (rq, rs), count, _ = ep.run(_ll_dispatch(E, M, use_fp8=True), R, xs, idxs)
+    want = oracle.low_latency_dispatch(xs, idxs, E, M)
+    for r in range(R):
+        w = want[r]["recv_x"].reshape(-1, H)
+        q, s = jax_ep.fp8.per_token_cast(jnp.asarray(w))
+        np.testing.assert_array_equal(rq[r].reshape(-1, H).view(np.uint8),
+                                      np.asarray(q).view(np.uint8))
+        live = want[r]["recv_src_token"].reshape(-1) >= 0  # empty rows: zero scales
+        np.testing.assert_array_equal(rs[r].reshape(-1, H // 128)[live], np.asarray(s)[live])
+        np.testing.assert_array_equal(count[r], want[r]["recv_count"])
+
+
+def test_low_latency_combine_matches_oracle_and_duplicates():
+    R, E, T, K, M, H = 4, 8, 7, 3, 8, 32
+    xs, idxs, ws = _case(4, R, T, K, E, H=H)
+    idxs[1][0] = [2, 2, -1]  # same expert twice: one row, weighted by both slots
+    scale = np.linspace(0.5, 2.0, E).astype(np.float32)
+
+    def fn(x, idx, w):
+        r = jax_ep.low_latency_dispatch(x, idx, num_experts=E, max_tokens_per_rank=M,
+                                        axis_name=ep.AXIS)
+        me = jax.lax.axis_index(ep.AXIS)
+        local_scale = jax.lax.dynamic_slice(jnp.asarray(scale), (me * (E // R),), (E // R,))
+        y = jnp.tanh(r.recv_x * local_scale[:, None, None])
+        return jax_ep.low_latency_combine(y, idx, w, r.handle)
+
+    got = ep.run(fn, R, xs, idxs, ws)
+    want = oracle.moe(xs, idxs, ws, E, lambda e, x: np.tanh(x * scale[e]))
+    for r in range(R):
+        np.testing.assert_allclose(got[r], want[r], rtol=1e-5, atol=1e-5)
+
+
+def test_split_form_equals_fused():
+    R, E, T, K, M, H = 4, 8, 6, 2, 8, 32
+    xs, idxs, ws = _case(5, R, T, K, E, H=H)
+
+    def fused(x, idx, w):
+        r = jax_ep.low_latency_dispatch(x, idx, num_experts=E, max_tokens_per_rank=M,
+                                        axis_name=ep.AXIS)
+        return r.recv_x, jax_ep.low_latency_combine(r.recv_x * 3.0, idx, w, r.handle)
+
+    def split(x, idx, w):
+        pending = jax_ep.low_latency_dispatch_send(x, idx, num_experts=E, max_tokens_per_rank=M,
+                                                   axis_name=ep.AXIS)
+        other = jnp.sin(x)  # independent work between send and receive
+        r = jax_ep.low_latency_dispatch_recv(pending)
+        cp = jax_ep.low_latency_combine_send(r.recv_x * 3.0, idx, w, r.handle)
+        return r.recv_x, jax_ep.low_latency_combine_recv(cp) + 0.0 * other
+
+    a = ep.run(fused, R, xs, idxs, ws)
+    b = ep.run(split, R, xs, idxs, ws)
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(u, v)
+
+
+def test_decode_loop_in_scan():
+    R, E, T, K, M, H, steps = 4, 8, 4, 2, 4, 16, 20
+    rng = np.random.default_rng(6)
+    idxs = [np.stack(ep.random_routing(rng, steps, T, K, E)) for _ in range(R)]
+    ws = [rng.random((steps, T, K)).astype(np.float32) for _ in range(R)]
+    xs = [rng.standard_normal((T, H)).astype(np.float32) for _ in range(R)]
+
+    def fn(x0, idx, w):
+        def step(x, inp):
+            i, wi = inp
+            r = jax_ep.low_latency_dispatch(x, i, num_experts=E, max_tokens_per_rank=M,
+                                            axis_name=ep.AXIS)
+            out = jax_ep.low_latency_combine(jnp.tanh(r.recv_x), i, wi, r.handle)
+            return out, out
+        return jax.lax.scan(step, x0, (idx, w))[1]
+
+    got = ep.run(fn, R, xs, idxs, ws)
+    cur = [x.astype(np.float64) for x in xs]
+    for s in range(steps):
+        cur = oracle.moe(cur, [i[s] for i in idxs], [w[s] for w in ws], E,
+                         lambda e, x: np.tanh(x))
+        for r in range(R):
+            np.testing.assert_allclose(got[r][s], cur[r], rtol=1e-4, atol=1e-5)
+
+
+def test_low_latency_grads_equal_dense():
+    R, E, T, K, M, H = 4, 8, 5, 3, 8, 16
+    rng = np.random.default_rng(7)
+    x = np.concatenate(ep.random_tokens(rng, R, T, H))
+    idx = np.concatenate(ep.random_routing(rng, R, T, K, E, 0.2))
+    idx[0] = [1, 1, 5]  # duplicate expert in one token
+    w = np.concatenate(ep.random_weights(rng, R, T, K))
+    scale = jnp.linspace(0.5, 1.5, E, dtype=jnp.float32)
+    cot = rng.standard_normal((R * T, H)).astype(np.float32)
+    m = ep.mesh(R)
+    sh = NamedSharding(m, P(ep.AXIS))
+
+    def body(x, idx, w):
+        r = jax_ep.low_latency_dispatch(x, idx, num_experts=E, max_tokens_per_rank=M,
+                                        axis_name=ep.AXIS)
+        me = jax.lax.axis_index(ep.AXIS)
+        local = jax.lax.dynamic_slice(scale, (me * (E // R),), (E // R,))
+        return jax_ep.low_latency_combine(jnp.sin(r.recv_x * local[:, None, None]), idx, w,
+                                          r.handle)
+
+    f = jax.jit(jax.shard_map(body, mesh=m, in_specs=P(ep.AXIS), out_specs=P(ep.AXIS)))
+    xs, idxs, ws = [jax.device_put(jnp.asarray(a), sh) for a in (x, idx, w)]
+    gx, gw = jax.grad(lambda x, w: jnp.sum(f(x, idxs, w) * cot), argnums=(0, 1))(xs, ws)
+
+    def dense(x, w):
+        e = jnp.where(idx >= 0, idx, 0)
+        fx = jnp.sin(x[:, None, :] * scale[e][..., None])
+        return jnp.sum(jnp.sum(fx * jnp.where(idx >= 0, w, 0.0)[..., None], 1) * cot)
+
+    rx, rw = jax.grad(dense, argnums=(0, 1))(jnp.asarray(x), jnp.asarray(w))
+    np.testing.assert_allclose(gx, rx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gw, rw, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_low_latency_dispatch_is_not_differentiable():
+    R, E, T, K, M, H = 2, 4, 3, 2, 4, 128
+    xs, idxs, _ = _case(8, R, T, K, E, H=H)
+
+    def loss(x, idx):
+        r = jax_ep.low_latency_dispatch(x, idx, num_experts=E, max_tokens_per_rank=M,
+                                        axis_name=ep.AXIS, use_fp8=True)
+        return jnp.sum(r.recv_x[1])[None]
+
+    with pytest.raises(TypeError, match="use_fp8=True is not differentiable"):
+        ep.run(lambda x, idx: jax.grad(lambda x: loss(x, idx)[0])(x), R, xs, idxs)
