@@ -12,9 +12,12 @@ class CapacityError(RuntimeError):
     """A dispatch dropped rows because ``max_recv_tokens`` was too small."""
 
 
-def check(result) -> None:
-    """Raises if ``result`` (a :class:`DispatchResult`, or anything with ``num_overflow`` and
-    ``num_recv_tokens``) dropped rows, naming the ``max_recv_tokens`` that would fit.
+def check(result=None, *, num_recv_tokens=None, num_overflow=None) -> None:
+    """Raises if a dispatch dropped rows, naming the ``max_recv_tokens`` that would fit.
+
+    Pass the :class:`DispatchResult` (or anything with ``num_overflow`` and
+    ``num_recv_tokens``), or those two arrays as keywords (e.g. per-rank values returned
+    from ``shard_map`` with an added axis).
 
     Outside ``jit`` (concrete arrays, e.g. returned from ``shard_map``) it raises
     :class:`CapacityError` at once. Inside ``jit``/``shard_map`` it emits a
@@ -26,7 +29,11 @@ def check(result) -> None:
         r = step(x, idx)              # returns the DispatchResult from shard_map
         jax_ep.check(r)               # CapacityError: ... max_recv_tokens >= 5123
     """
-    overflow, recv = result.num_overflow, result.num_recv_tokens
+    if result is not None:
+        num_recv_tokens, num_overflow = result.num_recv_tokens, result.num_overflow
+    if num_recv_tokens is None or num_overflow is None:
+        raise TypeError("check needs a DispatchResult or num_recv_tokens= and num_overflow=")
+    overflow, recv = num_overflow, num_recv_tokens
     try:
         overflow_np = np.asarray(overflow, dtype=np.int64)
         # rows each rank needed: num_recv_tokens is clipped to the capacity
