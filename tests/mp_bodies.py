@@ -1,0 +1,71 @@
+"""Bodies run by tests/multiprocess.py, one process per rank."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import jax_ep
+from tests import ep, oracle
+
+
+def _global(mesh, per_rank):
+    """A global array sharded over "ep" from per-rank NumPy blocks (each process owns one)."""
+    full = np.concatenate(per_rank)
+    sharding = NamedSharding(mesh, P(ep.AXIS))
+    return jax.make_array_from_callback(full.shape, sharding, lambda index: full[index])
+
+
+def dispatch_combine(seed: int = 0, layout: str = "expert", backend: str = "reference"):
+    """Dispatch -> experts -> combine across processes; checks this process's tokens."""
+    R = jax.process_count()
+    E, T, K, H = 4 * R, 12, 3, 64
+    rng = np.random.default_rng(seed)  # same inputs on every process
+    xs = ep.random_tokens(rng, R, T, H)
+    idxs = ep.random_routing(rng, R, T, K, E)
+    ws = ep.random_weights(rng, R, T, K)
+    mesh = Mesh(np.array(jax.devices()), (ep.AXIS,))
+    buffer = jax_ep.Buffer(mesh, ep.AXIS, backend="auto" if backend == "auto" else backend)
+    scale = np.linspace(0.5, 2.0, E).astype(np.float32)
+
+    def body(x, idx, w):
+        r = jax_ep.dispatch(x, idx, w, num_experts=E, axis_name=ep.AXIS, layout=layout,
+                            buffer=buffer, backend=backend)
+        me = jax.lax.axis_index(ep.AXIS)
+        if layout == "expert":
+            e = jnp.where(r.recv_topk_idx >= 0, r.recv_topk_idx + me * (E // R), 0)
+            y = jnp.tanh(r.recv_x * jnp.asarray(scale)[e][:, None])
+            return jax_ep.combine(y, r.handle, r.recv_topk_weights)
+        return jax_ep.combine(r.recv_x, r.handle)
+
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(ep.AXIS), out_specs=P(ep.AXIS)))
+    out = f(_global(mesh, xs), _global(mesh, idxs), _global(mesh, ws))
+    me = jax.process_index()
+    mine = np.asarray(out.addressable_shards[0].data)
+    if layout == "expert":
+        want = oracle.moe(xs, idxs, ws, E, lambda e, x: np.tanh(x * scale[e]))[me]
+    else:
+        visits = [[sum(any(oracle.dest_rank(e, E, R) == r for e in row) for r in range(R))]
+                  for row in idxs[me]]
+        want = xs[me] * np.asarray(visits, np.float32)
+    err = float(np.max(np.abs(mine - want)))
+    assert err < 1e-5, f"rank {me}: max error {err}"
+    buffer.close()
+    return {"rank": me, "max_error": err, "backend": buffer.backend}
+
+
+def fail_on_rank(rank: int = 1):
+    """Rank ``rank`` raises before the collective; the others would wait for it forever."""
+    if jax.process_index() == rank:
+        raise RuntimeError(f"planted failure on rank {rank}")
+    return dispatch_combine()
+
+
+def hang_on_rank(rank: int = 0):
+    if jax.process_index() == rank:
+        time.sleep(3600)
+    return {"rank": jax.process_index()}

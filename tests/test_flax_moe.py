@@ -1,0 +1,229 @@
+"""jax_ep.flax.MoE on 4 simulated CPU devices against a dense per-token reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jax_ep.flax import MoE, route
+from tests import ep
+
+R = 4
+H, F, E, K, FS = 32, 48, 8, 3, 16
+
+
+def _mesh(explicit=False):
+    if explicit:
+        return jax.make_mesh((R,), (ep.AXIS,), devices=jax.devices()[:R],
+                             axis_types=(jax.sharding.AxisType.Explicit,))
+    return ep.mesh(R)
+
+
+def _layer(mesh=None, **kw):
+    args = dict(hidden=H, ffn_hidden=F, num_experts=E, top_k=K, mesh=mesh or _mesh(),
+                shared_ffn_hidden=FS, backend="reference", rngs=nnx.Rngs(0))
+    args.update(kw)
+    return MoE(**args)
+
+
+def _tokens(n=64, seed=1):
+    return jax.random.normal(jax.random.key(seed), (n, H), jnp.float32)
+
+
+def _dense_reference(p, x, top_k=K, score_func="softmax"):
+    """Loop-free per-token MoE: out[t] = sum_k w[t,k] * SwiGLU_{e_k}(x[t]) + shared(x[t]).
+
+    Routing written independently of jax_ep.flax.route (softmax, no groups, no bias)."""
+    hp = jax.lax.Precision.HIGHEST
+    logits = jnp.dot(x, p["router"], precision=hp)
+    scores = jax.nn.softmax(logits) if score_func == "softmax" else jax.nn.sigmoid(logits)
+    _, idx = jax.lax.top_k(jax.lax.stop_gradient(scores), top_k)
+    w = jnp.take_along_axis(scores, idx, axis=1)
+    if score_func == "sigmoid":
+        w = w / jnp.sum(w, axis=1, keepdims=True)
+    dense_w = jnp.sum(jax.nn.one_hot(idx, E) * w[:, :, None], axis=1)  # [T, E]
+    gate = jnp.einsum("th,ehf->tef", x, p["w_gate"], precision=hp)
+    up = jnp.einsum("th,ehf->tef", x, p["w_up"], precision=hp)
+    y = jnp.einsum("tef,efh->teh", jax.nn.silu(gate) * up, p["w_down"], precision=hp)
+    out = jnp.einsum("te,teh->th", dense_w, y, precision=hp)
+    if "shared_gate" in p:
+        s = jax.nn.silu(x @ p["shared_gate"]) * (x @ p["shared_up"])
+        out = out + jnp.dot(s, p["shared_down"], precision=hp)
+    return out
+
+
+def _params(moe):
+    return {k: jnp.asarray(v[...]) for k, v in nnx.state(moe, nnx.Param).items()}
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_forward_matches_dense_reference(explicit):
+    moe = _layer(_mesh(explicit))
+    x = _tokens()
+    out, stats = nnx.jit(lambda m, x: m(x))(moe, x)
+    want = _dense_reference(_params(moe), x)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
+    # stats: every (token, slot) counted once, nothing dropped with the default capacity
+    idx = np.asarray(moe.route(x).topk_idx)
+    np.testing.assert_array_equal(np.asarray(stats.load), np.bincount(idx.ravel(), minlength=E))
+    assert int(stats.load.sum()) == x.shape[0] * K
+    assert int(stats.dropped) == 0
+    assert np.isfinite(float(stats.aux_loss)) and float(stats.aux_loss) > 0
+
+
+def test_sigmoid_batched_input_and_low_latency_match_reference():
+    moe = _layer(score_func="sigmoid", shared_ffn_hidden=0)
+    x = _tokens(48).reshape(4, 12, H)
+    want = _dense_reference(_params(moe), x.reshape(-1, H), score_func="sigmoid")
+    out, _ = nnx.jit(lambda m, x: m(x))(moe, x)
+    assert out.shape == x.shape
+    np.testing.assert_allclose(np.asarray(out).reshape(-1, H), np.asarray(want),
+                               rtol=1e-5, atol=1e-5)
+    ll, stats = nnx.jit(lambda m, x: m(x, low_latency=True, max_tokens_per_rank=16))(moe, x)
+    np.testing.assert_allclose(np.asarray(ll).reshape(-1, H), np.asarray(want),
+                               rtol=1e-5, atol=1e-5)
+    assert int(stats.load.sum()) == 48 * K
+
+
+def test_gradients_reach_every_parameter_and_match_reference():
+    moe = _layer()
+    x = _tokens()
+    target = jax.random.normal(jax.random.key(7), x.shape)
+
+    def layer_loss(m, x):
+        out, _ = m(x)
+        return jnp.mean((out - target) ** 2)
+
+    def ref_loss(p, x):
+        return jnp.mean((_dense_reference(p, x) - target) ** 2)
+
+    (gm, gx) = nnx.jit(nnx.grad(layer_loss, argnums=(0, 1)))(moe, x)
+    ref_gp, ref_gx = jax.jit(jax.grad(ref_loss, argnums=(0, 1)))(_params(moe), x)
+    got = {k: np.asarray(v[...]) for k, v in gm.items()}
+    assert set(got) == set(ref_gp) == {"router", "w_gate", "w_up", "w_down", "shared_gate",
+                                        "shared_up", "shared_down"}
+    for name, g in got.items():
+        assert np.all(np.isfinite(g)) and np.any(g != 0), f"no gradient for {name}"
+        np.testing.assert_allclose(g, np.asarray(ref_gp[name]), rtol=1e-4, atol=1e-6,
+                                   err_msg=name)
+    np.testing.assert_allclose(np.asarray(gx), np.asarray(ref_gx), rtol=1e-4, atol=1e-6)
+    # every routed expert got tokens, so each expert's slice of the weights has a gradient
+    for name in ("w_gate", "w_up", "w_down"):
+        assert np.all(np.abs(got[name]).reshape(E, -1).max(axis=1) > 0), name
+
+
+def test_training_lowers_loss():
+    moe = _layer(score_func="sigmoid", n_groups=4, topk_groups=2, rngs=nnx.Rngs(3))
+    x = _tokens(64, seed=4)
+    teacher = _layer(shared_ffn_hidden=0, rngs=nnx.Rngs(11))
+    target, _ = teacher(x)
+    opt = nnx.Optimizer(moe, optax.adam(1e-2), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(moe, opt, x, target):
+        def loss_fn(m):
+            out, stats = m(x)
+            return jnp.mean((out - target) ** 2), stats
+        (loss, stats), grads = nnx.value_and_grad(loss_fn, has_aux=True)(moe)
+        opt.update(moe, grads)
+        moe.update_bias(stats.load, 1e-3)
+        return loss
+
+    losses = [float(step(moe, opt, x, target)) for _ in range(50)]
+    assert all(np.isfinite(losses))
+    assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
+    assert np.any(np.asarray(moe.expert_bias[...]) != 0)  # bias balancing state moved
+
+
+def _check_valid_topk(r, n_groups, topk_groups, normalized):
+    idx = np.asarray(r.topk_idx)
+    w = np.asarray(r.topk_weights)
+    scores = np.asarray(r.scores)
+    assert idx.dtype == np.int32 and idx.min() >= 0 and idx.max() < E
+    assert all(len(set(row)) == idx.shape[1] for row in idx), "experts repeat within a token"
+    groups = idx // (E // n_groups)
+    assert all(len(set(row)) <= topk_groups for row in groups)
+    np.testing.assert_allclose(w, np.take_along_axis(scores, idx, 1) /
+                               (np.take_along_axis(scores, idx, 1).sum(1, keepdims=True)
+                                if normalized else 1.0), rtol=1e-6)
+    if normalized:
+        np.testing.assert_allclose(w.sum(1), 1.0, rtol=1e-5)
+    assert np.all(w > 0)
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_group_limited_routing_gives_valid_topk(score_func):
+    logits = jax.random.normal(jax.random.key(2), (200, E)) * 3
+    r = route(logits, top_k=K, score_func=score_func, n_groups=4, topk_groups=2)
+    _check_valid_topk(r, 4, 2, normalized=score_func == "sigmoid")
+    # with one group allowed, all K experts come from the best group (group size 2 < K fails)
+    with pytest.raises(ValueError, match="topk_groups"):
+        route(logits, top_k=K, n_groups=4, topk_groups=1)
+    r1 = route(logits, top_k=2, score_func=score_func, n_groups=4, topk_groups=1)
+    assert np.all(np.asarray(r1.topk_idx)[:, 0] // 2 == np.asarray(r1.topk_idx)[:, 1] // 2)
+    # plain top-k (no groups) picks the largest scores
+    r2 = route(logits, top_k=K, score_func=score_func)
+    want = np.argsort(-np.asarray(r2.scores), axis=1)[:, :K]
+    np.testing.assert_array_equal(np.sort(np.asarray(r2.topk_idx), 1), np.sort(want, 1))
+
+
+def test_bias_steers_selection_not_weights():
+    logits = jax.random.normal(jax.random.key(3), (100, E))
+    bias = jnp.zeros((E,)).at[5].set(10.0)
+    r = route(logits, top_k=2, score_func="sigmoid", bias=bias)
+    assert np.all(np.any(np.asarray(r.topk_idx) == 5, axis=1))
+    _check_valid_topk(r, 1, 1, normalized=True)  # weights from unbiased scores
+    moe = _layer()
+    moe.update_bias(jnp.array([10, 0, 0, 0, 0, 0, 0, 6]), rate=0.5)
+    np.testing.assert_allclose(np.asarray(moe.expert_bias[...]),
+                               [-0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, -0.5])
+
+
+def test_layer_group_limited_sigmoid_routing_is_valid():
+    moe = _layer(score_func="sigmoid", n_groups=4, topk_groups=2)
+    x = _tokens()
+    _check_valid_topk(moe.route(x), 4, 2, normalized=True)
+    out, stats = moe(x)
+    assert np.all(np.isfinite(np.asarray(out))) and int(stats.load.sum()) == 64 * K
+
+
+def test_small_capacity_reports_dropped_rows():
+    moe = _layer(capacity=4)
+    x = _tokens()
+    out, stats = nnx.jit(lambda m, x: m(x))(moe, x)
+    # 16 tokens per rank x 3 slots = 48 rows per rank on average; only 4 fit
+    assert int(stats.dropped) > 0
+    assert int(stats.dropped) == 64 * K - 4 * R
+    assert np.all(np.isfinite(np.asarray(out)))
+    full, full_stats = _layer()(x)
+    assert int(full_stats.dropped) == 0
+    assert not np.allclose(np.asarray(out), np.asarray(full))
+
+
+def test_bad_arguments_raise_clear_errors():
+    mesh = _mesh()
+    with pytest.raises(ValueError, match="not divisible by the 4 ranks"):
+        _layer(num_experts=6)
+    with pytest.raises(ValueError, match="top_k"):
+        _layer(top_k=E + 1)
+    with pytest.raises(ValueError, match="hidden=30 must be a multiple of 4"):
+        _layer(hidden=30)
+    with pytest.raises(ValueError, match="score_func"):
+        _layer(score_func="relu")
+    with pytest.raises(ValueError, match="n_groups"):
+        _layer(n_groups=3)
+    with pytest.raises(ValueError, match="axis_name"):
+        _layer(mesh=mesh, axis_name="tp")
+    with pytest.raises(ValueError, match="capacity"):
+        _layer(capacity=0)
+    moe = _layer()
+    with pytest.raises(ValueError, match="hidden"):
+        moe(jnp.ones((8, H + 4)))
+    with pytest.raises(ValueError, match="not divisible by the 4 ranks"):
+        moe(jnp.ones((6, H)))
+    with pytest.raises(ValueError, match="max_tokens_per_rank"):
+        moe(jnp.ones((16, H)), low_latency=True, max_tokens_per_rank=2)
+    with pytest.raises(ValueError, match="load must have shape"):
+        moe.update_bias(jnp.ones((3,)))

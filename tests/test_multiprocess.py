@@ -1,0 +1,24 @@
+"""The multi-process harness on CPU: jax.distributed over loopback, one rank per process."""
+
+import pytest
+
+from tests.multiprocess import RankFailure, launch
+
+
+@pytest.mark.parametrize("layout", ["expert", "rank"])
+def test_dispatch_combine_in_four_processes(layout):
+    results = launch("tests.mp_bodies:dispatch_combine", 4, args={"layout": layout})
+    assert sorted(r["rank"] for r in results) == [0, 1, 2, 3]
+    assert all(r["max_error"] < 1e-5 for r in results)
+
+
+def test_a_failing_rank_fails_fast_with_its_traceback():
+    with pytest.raises(RankFailure, match="planted failure on rank 1") as info:
+        launch("tests.mp_bodies:fail_on_rank", 2, timeout=120)
+    assert "rank 0 (killed after another rank failed" in str(info.value) or \
+        "rank 0 (exit code" in str(info.value)
+
+
+def test_a_hung_rank_times_out():
+    with pytest.raises(RankFailure, match="timed out"):
+        launch("tests.mp_bodies:hang_on_rank", 2, timeout=20)
