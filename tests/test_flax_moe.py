@@ -7,7 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
-from jax_ep.flax import MoE, route
+from jax_ep.flax import MoE, linen_moe, route
 from tests import ep
 
 R = 4
@@ -60,11 +60,19 @@ def _params(moe):
 
 @pytest.mark.parametrize("explicit", [False, True])
 def test_forward_matches_dense_reference(explicit):
-    moe = _layer(_mesh(explicit))
+    mesh = _mesh(explicit)
+    moe = _layer(mesh)
     x = _tokens()
     out, stats = nnx.jit(lambda m, x: m(x))(moe, x)
     want = _dense_reference(_params(moe), x)
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
+    # [B, S, H] input sharded over the sequence dim: same tokens, same result
+    xs = jax.device_put(x.reshape(2, 32, H), jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(None, ep.AXIS)))
+    out3, _ = nnx.jit(lambda m, x: m(x))(moe, xs)
+    assert out3.shape == (2, 32, H)
+    np.testing.assert_allclose(np.asarray(out3).reshape(-1, H), np.asarray(want),
+                               rtol=1e-5, atol=1e-5)
     # stats: every (token, slot) counted once, nothing dropped with the default capacity
     idx = np.asarray(moe.route(x).topk_idx)
     np.testing.assert_array_equal(np.asarray(stats.load), np.bincount(idx.ravel(), minlength=E))
@@ -189,6 +197,30 @@ def test_layer_group_limited_sigmoid_routing_is_valid():
     assert np.all(np.isfinite(np.asarray(out))) and int(stats.load.sum()) == 64 * K
 
 
+def test_data_and_expert_axes_match_dense_reference():
+    devices = np.array(jax.devices()[:R]).reshape(2, 2)
+    mesh = jax.sharding.Mesh(devices, ("data", ep.AXIS))
+    moe = _layer(mesh, token_axes=("data",))
+    x = _tokens()
+    out, stats = nnx.jit(lambda m, x: m(x))(moe, x.reshape(8, 8, H))
+    np.testing.assert_allclose(np.asarray(out).reshape(-1, H),
+                               np.asarray(_dense_reference(_params(moe), x)),
+                               rtol=1e-5, atol=1e-5)
+    assert int(stats.load.sum()) == 64 * K  # counted over both axes, once
+    with pytest.raises(ValueError, match="token_axes"):
+        _layer(mesh, token_axes=("ep",))
+
+
+def test_bf16_and_expert_alignment():
+    moe = _layer(dtype=jnp.bfloat16, expert_alignment=8)
+    x = _tokens()
+    out, stats = nnx.jit(lambda m, x: m(x))(moe, x.astype(jnp.bfloat16))
+    assert out.dtype == jnp.bfloat16 and int(stats.dropped) == 0
+    want = _dense_reference(_params(moe), x)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want), rtol=0.05,
+                               atol=0.05)
+
+
 def test_small_capacity_reports_dropped_rows():
     moe = _layer(capacity=4)
     x = _tokens()
@@ -200,6 +232,18 @@ def test_small_capacity_reports_dropped_rows():
     full, full_stats = _layer()(x)
     assert int(full_stats.dropped) == 0
     assert not np.allclose(np.asarray(out), np.asarray(full))
+
+
+def test_linen_wrapper_matches_dense_reference():
+    layer = linen_moe(hidden=H, ffn_hidden=F, num_experts=E, top_k=K, mesh=_mesh(),
+                      backend="reference")
+    x = _tokens()
+    variables = layer.init(jax.random.key(0), x)
+    out, stats = jax.jit(layer.apply)(variables, x)
+    p = {k: jnp.asarray(getattr(v, "value", v)) for k, v in variables["params"].items()}
+    np.testing.assert_allclose(np.asarray(out), np.asarray(_dense_reference(p, x)),
+                               rtol=1e-5, atol=1e-5)
+    assert int(stats.load.sum()) == 64 * K
 
 
 def test_bad_arguments_raise_clear_errors():
@@ -221,7 +265,7 @@ def test_bad_arguments_raise_clear_errors():
     moe = _layer()
     with pytest.raises(ValueError, match="hidden"):
         moe(jnp.ones((8, H + 4)))
-    with pytest.raises(ValueError, match="not divisible by the 4 ranks"):
+    with pytest.raises(ValueError, match="6 tokens are not divisible by the 4 shards"):
         moe(jnp.ones((6, H)))
     with pytest.raises(ValueError, match="max_tokens_per_rank"):
         moe(jnp.ones((16, H)), low_latency=True, max_tokens_per_rank=2)
