@@ -74,11 +74,10 @@ class HandleArrays(NamedTuple):
     send_pos: Array
 
 
-@jax.tree_util.register_pytree_node_class
-class DispatchHandle:
-    """Routing of one normal dispatch: arrays (traced) plus its static config."""
+class _Handle:
+    """Routing of one dispatch: traced arrays (pytree children) plus its static config."""
 
-    def __init__(self, arrays: HandleArrays, config: DispatchConfig):
+    def __init__(self, arrays, config):
         self.arrays = arrays
         self.config = config
 
@@ -88,6 +87,11 @@ class DispatchHandle:
     @classmethod
     def tree_unflatten(cls, config, children):
         return cls(children[0], config)
+
+
+@jax.tree_util.register_pytree_node_class
+class DispatchHandle(_Handle):
+    """Routing of one normal dispatch (:class:`HandleArrays` + :class:`DispatchConfig`)."""
 
     def __repr__(self):
         return f"DispatchHandle(layout={self.config.layout!r}, capacity={self.config.capacity})"
@@ -104,17 +108,8 @@ class LowLatencyHandleArrays(NamedTuple):
 
 
 @jax.tree_util.register_pytree_node_class
-class LowLatencyHandle:
-    def __init__(self, arrays: LowLatencyHandleArrays, config: LowLatencyConfig):
-        self.arrays = arrays
-        self.config = config
-
-    def tree_flatten(self):
-        return (self.arrays,), self.config
-
-    @classmethod
-    def tree_unflatten(cls, config, children):
-        return cls(children[0], config)
+class LowLatencyHandle(_Handle):
+    """Routing of one low-latency dispatch (:class:`LowLatencyHandleArrays` + config)."""
 
     def __repr__(self):
         return f"LowLatencyHandle(max_tokens_per_rank={self.config.max_tokens_per_rank})"
