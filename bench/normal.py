@@ -1,0 +1,187 @@
+"""Normal-kernel benchmark: jax_ep CUDA dispatch/combine beside jax.lax.all_to_all.
+
+DeepEP's setting: T=4096 tokens per rank, H=7168, K=8, E=256, random top-k on
+|randn|+1 scores, all GPUs of the machine in one process. Bandwidth in DeepEP's metric:
+bytes of the rows a rank receives (dispatch) or sends back (combine), one row per
+(token, rank), over the op's time. The baseline is what a JAX user writes today:
+``jax.lax.all_to_all`` of a ``[R, T, H]`` slab per rank (capacity = T per peer).
+
+Timing: one jit holds n back-to-back calls of an op; the time per call is the
+difference between n=N_LONG and n=N_SHORT runs over the difference in calls (launch
+and host overheads cancel); median over repetitions.
+
+Usage: python bench/normal.py [--tokens 4096] [--hidden 7168] [--num-sms 24] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import jax_ep  # noqa: E402
+
+AXIS = "ep"
+
+
+def timed(fn, args, reps):
+    out = fn(*args)
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def per_call_us(make, args, n_short, n_long, reps):
+    """Median time of one call, from jits holding n_short and n_long calls."""
+    short, long_ = make(n_short), make(n_long)
+    ts = timed(short, args, reps)
+    tl = timed(long_, args, reps)
+    return (tl - ts) / (n_long - n_short) * 1e6
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--hidden", type=int, default=7168)
+    ap.add_argument("--topk", type=int, default=8)
+    ap.add_argument("--experts", type=int, default=256)
+    ap.add_argument("--num-sms", type=int, default=24)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--compare-copy", action="store_true",
+                    help="also time dispatch with per-lane and with bulk (TMA) row copies")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                  "results"))
+    a = ap.parse_args()
+    T, H, K, E = a.tokens, a.hidden, a.topk, a.experts
+    devices = [d for d in jax.devices() if d.platform == "gpu"]
+    if not devices or not jax_ep.cuda_available():
+        sys.exit("bench/normal.py needs CUDA GPUs and the jax_ep CUDA extension")
+    R = len(devices)
+    mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
+    sharding = NamedSharding(mesh, P(AXIS))
+    buf = jax_ep.Buffer(mesh, AXIS, backend="cuda", num_sms=a.num_sms)
+
+    rng = np.random.default_rng(0)
+    scores = np.abs(rng.standard_normal((R, T, E))) + 1
+    idx = np.argsort(-scores, axis=-1)[..., :K].astype(np.int32)
+    w = rng.random((R, T, K)).astype(np.float32)
+    x = rng.standard_normal((R, T, H)).astype(jnp.bfloat16)
+    put = lambda v: jax.device_put(jnp.asarray(v), sharding)
+    x_d, idx_d, w_d = put(x), put(idx), put(w)
+
+    def smap(body, out_specs=P(AXIS)):
+        return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(AXIS), out_specs=out_specs))
+
+    # Received rows per rank (one per (token, rank)), for the bandwidth metric.
+    L = E // R
+    dest = idx // L
+    rows_per_rank = [int(sum(np.any(dest[s] == r, axis=1).sum() for s in range(R)))
+                     for r in range(R)]
+    rows = statistics.mean(rows_per_rank)
+
+    def dispatch_chain(n, fp8):
+        def body(x, i, w):
+            x, i, w = x[0], i[0], w[0]
+            payload = jax_ep.fp8.per_token_cast(x) if fp8 else x
+            keep = []
+            for _ in range(n):  # side-effecting calls: none is merged or dropped
+                r = jax_ep.dispatch(payload, i, w, num_experts=E, axis_name=AXIS, buffer=buf,
+                                    backend="cuda", num_sms=a.num_sms)
+                keep.append(r.num_recv_tokens)
+            return jnp.stack(keep)[None] if keep else jnp.zeros((1, 0), jnp.int32)
+        return smap(body)
+
+    def combine_chain(n):
+        def body(x, i, w):
+            x, i, w = x[0], i[0], w[0]
+            r = jax_ep.dispatch(x, i, w, num_experts=E, axis_name=AXIS, buffer=buf,
+                                backend="cuda", num_sms=a.num_sms)
+            outs = [jax_ep.combine(r.recv_x, r.handle) for _ in range(n)]
+            return jnp.stack([o[0, :8] for o in outs])[None] if outs else r.recv_x[:1, :8][None]
+        return smap(body)
+
+    def a2a_chain(n, fp8):
+        def body(x):
+            slab = jnp.broadcast_to(x[0][None], (R, T, H))  # capacity T per peer
+            if fp8:
+                q, s = jax_ep.fp8.per_token_cast(slab.reshape(R * T, H))
+                parts = [q.reshape(R, T, H), s.reshape(R, T, H // 128)]
+            else:
+                parts = [slab]
+            for _ in range(n):
+                parts = [jax.lax.all_to_all(p, AXIS, 0, 0, tiled=False) for p in parts]
+            return tuple(p[:1, :1][None] for p in parts)
+        return smap(body)
+
+    n_short, n_long = 2, 22
+    results = {}
+
+    def record(name, ours_us, base_us, row_bytes):
+        gbs = rows * row_bytes / (ours_us * 1e-6) / 1e9
+        base_gbs = rows * row_bytes / (base_us * 1e-6) / 1e9
+        results[name] = dict(jax_ep_us=round(ours_us, 1), jax_ep_GBps=round(gbs, 1),
+                             all_to_all_us=round(base_us, 1), all_to_all_GBps=round(base_gbs, 1),
+                             speedup=round(base_us / ours_us, 3))
+
+    bf16_row = H * 2
+    fp8_row = H + (H // 128) * 4
+    a2a_bf16 = per_call_us(lambda n: a2a_chain(n, False), (x_d,), n_short, n_long, a.reps)
+    a2a_fp8 = per_call_us(lambda n: a2a_chain(n, True), (x_d,), n_short, n_long, a.reps)
+    d_bf16 = per_call_us(lambda n: dispatch_chain(n, False), (x_d, idx_d, w_d), n_short, n_long,
+                         a.reps)
+    d_fp8 = per_call_us(lambda n: dispatch_chain(n, True), (x_d, idx_d, w_d), n_short, n_long,
+                        a.reps)
+    c_bf16 = per_call_us(combine_chain, (x_d, idx_d, w_d), n_short, n_long, a.reps)
+    record("dispatch_bf16", d_bf16, a2a_bf16, bf16_row)
+    record("dispatch_fp8", d_fp8, a2a_fp8, fp8_row)
+    record("combine_bf16", c_bf16, a2a_bf16, bf16_row)
+
+    variants = {}
+    if a.compare_copy:  # same process, same routing: an A/B of the two copy paths
+        for mode in ("warp", "tma"):
+            os.environ["JAX_EP_DISPATCH_COPY"] = mode  # read by the handler at capture
+            for fp8 in (False, True):
+                us = per_call_us(lambda n: dispatch_chain(n, fp8), (x_d, idx_d, w_d), n_short,
+                                 n_long, a.reps)
+                variants[f"dispatch_{'fp8' if fp8 else 'bf16'}_{mode}_us"] = round(us, 1)
+        os.environ.pop("JAX_EP_DISPATCH_COPY")
+
+    kind = devices[0].device_kind.replace(" ", "-")
+    device = f"{R}x{kind}"
+    report = dict(device=device, num_ranks=R, tokens=T, hidden=H, topk=K, experts=E,
+                  num_sms=a.num_sms, rows_received_per_rank=rows_per_rank,
+                  jax=jax.__version__, date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                  method=f"median of {a.reps}; per-call = (jit of {n_long} calls - jit of "
+                         f"{n_short}) / {n_long - n_short}; layout='rank'",
+                  results=results, copy_path_variants=variants)
+    os.makedirs(a.out, exist_ok=True)
+    path = os.path.join(a.out, f"normal-{device}.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"\n{device}, T={T} H={H} K={K} E={E}, {a.num_sms} SMs, "
+          f"~{rows:.0f} rows received per rank")
+    print(f"{'op':<15}{'jax_ep us':>11}{'GB/s':>8}{'all_to_all us':>15}{'GB/s':>8}{'speedup':>9}")
+    for name, r in results.items():
+        print(f"{name:<15}{r['jax_ep_us']:>11.1f}{r['jax_ep_GBps']:>8.1f}"
+              f"{r['all_to_all_us']:>15.1f}{r['all_to_all_GBps']:>8.1f}{r['speedup']:>9.2f}")
+    for name, us in variants.items():
+        print(f"  variant {name}: {us} us")
+    print(f"saved {path}")
+    buf.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One device call: build the extension, run the GPU tests, run the benchmark.
+# Logs and results go to $OUT (the device tool brings them back).
+# Usage (on the GPU machine, repo root): bash bench/run_gpu.sh [pytest args...]
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1 JAX_EP_REAL_DEVICES=1
+set -o pipefail
+OUT=${OUT:-/tmp/jax_ep_out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpus.txt"
+
+t0=$(date +%s)
+$PY -m pip install --no-build-isolation --no-deps -q . > "$OUT/build.log" 2>&1
+rc=$?
+echo "build rc=$rc in $(( $(date +%s) - t0 ))s" | tee -a "$OUT/build.log"
+if [ $rc -ne 0 ]; then tail -40 "$OUT/build.log"; exit $rc; fi
+# Tests and bench import jax_ep from the source tree: put the built extension there too.
+SITE_PKG=$(cd /tmp && $PY -c "import jax_ep, os; print(os.path.dirname(jax_ep.__file__))")
+cp "$SITE_PKG"/_jax_ep_ffi*.so jax_ep/
+$PY -c "import jax, jax_ep; print(jax.__version__, jax.devices(), jax_ep.cuda_available())" 2>&1 | tee "$OUT/env.txt"
+
+if [ "${SKIP_TESTS:-0}" != "1" ]; then
+  timeout ${TEST_TIMEOUT:-360} $PY -m pytest -x -q -m gpu -p no:cacheprovider tests/gpu "$@" 2>&1 | tee "$OUT/gpu_tests.log" | tail -30
+fi
+if [ "${SKIP_BENCH:-0}" != "1" ]; then
+  timeout ${BENCH_TIMEOUT:-200} $PY bench/normal.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -12
+fi

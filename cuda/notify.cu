@@ -1,0 +1,128 @@
+// Start of an op: bump the op sequence number, publish this rank's buffers, and (for
+// dispatch) all-gather every rank's count row so that each rank knows where its rows
+// land at every destination and how many rows it receives.
+#include "cuda/device_sync.cuh"
+#include "cuda/kernels.h"
+
+namespace jax_ep {
+namespace {
+
+__device__ __forceinline__ uint64_t start_op(char* local, const uint64_t* publish,
+                                             int num_publish) {
+  BufferHeader* h = header_of(local);
+  const uint64_t seq = h->seq + 1;
+  h->seq = seq;
+  for (int i = 0; i < num_publish; ++i) h->published[i] = publish[i];
+  __threadfence_system();
+  st_release_sys(&h->ptr_seq, seq);
+  return seq;
+}
+
+__global__ void begin_op_kernel(char* local, PeerBases unused, uint64_t p0, uint64_t p1,
+                                uint64_t p2, uint64_t p3, uint64_t p4, int num_publish) {
+  const uint64_t publish[5] = {p0, p1, p2, p3, p4};
+  start_op(local, publish, num_publish);
+}
+
+__device__ __forceinline__ int round_up(int n, int a) { return (n + a - 1) / a * a; }
+
+__global__ void __launch_bounds__(1024) notify_dispatch_kernel(NotifyArgs a) {
+  __shared__ uint64_t s_seq;
+  char* local = a.peers.base[a.me];
+  Workspace* ws = workspace_of(local);
+  const int R = a.num_ranks, E = a.num_experts, L = E / R;
+  if (threadIdx.x == 0) s_seq = start_op(local, a.publish, a.num_publish);
+  __syncthreads();
+  const uint64_t seq = s_seq;
+
+  // All-gather the count rows: row `me` of every rank's count matrix.
+  const int row_len = kCountRow;
+  for (int i = threadIdx.x; i < R * row_len; i += blockDim.x) {
+    const int r = i / row_len, j = i % row_len;
+    const bool used = j < R || (j >= kMaxRanks && j < kMaxRanks + E);
+    if (used) count_matrix_of(a.peers.base[r])[a.me * row_len + j] = ws->my_counts[j];
+  }
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x < R) {
+    st_release_sys(&header_of(a.peers.base[threadIdx.x])->counts_seq[a.me], seq);
+    wait_at_least(&header_of(local)->counts_seq[threadIdx.x], seq, "dispatch (count exchange)",
+                  "count row", a.me, threadIdx.x);
+  }
+  __syncthreads();
+  const int* M = count_matrix_of(local);  // M[s * row_len + j]
+
+  if (a.layout == Layout::kRank) {
+    // Rows are grouped by source rank: rank s's rows at r start after ranks < s.
+    if (threadIdx.x < R) {
+      const int r = threadIdx.x;
+      int base = 0;
+      for (int s = 0; s < a.me; ++s) base += M[s * row_len + r];
+      ws->send_base[r] = base;
+    }
+    if (threadIdx.x == 0) {
+      int needed = 0;
+      for (int s = 0; s < R; ++s) needed += M[s * row_len + a.me];
+      const int used = needed < a.capacity ? needed : a.capacity;
+      ws->used_rows = used;
+      *a.num_recv = used;
+      *a.num_overflow = needed - used;
+    }
+    for (int l = threadIdx.x; l < L; l += blockDim.x) {
+      a.recv_per_expert[l] = 0;  // counted from the received rows at the end
+      a.group_sizes[l] = 0;
+    }
+    return;
+  }
+
+  // Expert layout: thread r walks rank r's local experts in order, padding each group;
+  // a row of (s, t, k) for expert e lands at group_start(e) + rows of ranks < s + pos.
+  if (threadIdx.x < R) {
+    const int r = threadIdx.x;
+    int start = 0;
+    for (int l = 0; l < L; ++l) {
+      const int e = r * L + l;
+      int before_me = 0, total = 0;
+      for (int s = 0; s < R; ++s) {
+        const int c = M[s * row_len + kMaxRanks + e];
+        total += c;
+        if (s < a.me) before_me += c;
+      }
+      const int padded = round_up(total, a.expert_alignment);
+      ws->send_base[e] = start + before_me;
+      if (r == a.me) {
+        const int cap = a.capacity;
+        const int end_real = min(start + total, cap);
+        ws->group_start[l] = start;
+        ws->group_count[l] = total;
+        a.recv_per_expert[l] = max(end_real - min(start, cap), 0);
+        a.group_sizes[l] = min(start + padded, cap) - min(start, cap);
+      }
+      start += padded;
+    }
+    if (r == a.me) {
+      const int used = start < a.capacity ? start : a.capacity;
+      ws->used_rows = used;
+      *a.num_recv = used;
+      *a.num_overflow = start - used;
+    }
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_notify_dispatch(const NotifyArgs& args, cudaStream_t stream) {
+  notify_dispatch_kernel<<<1, 1024, 0, stream>>>(args);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_begin_op(char* local_buffer, const uint64_t* publish, int num_publish,
+                            cudaStream_t stream) {
+  uint64_t p[5] = {0, 0, 0, 0, 0};
+  for (int i = 0; i < num_publish && i < 5; ++i) p[i] = publish[i];
+  begin_op_kernel<<<1, 1, 0, stream>>>(local_buffer, PeerBases{}, p[0], p[1], p[2], p[3], p[4],
+                                       num_publish < 5 ? num_publish : 5);
+  return cudaGetLastError();
+}
+
+}  // namespace jax_ep

@@ -1,0 +1,268 @@
+"""CUDA backend: the intranode (NVLink) kernels as XLA FFI custom calls.
+
+Same functions, signatures and results as :mod:`jax_ep.backends.reference`, called per
+rank inside ``shard_map``; each op is one ``jax.ffi.ffi_call`` whose result shapes come
+from the static config (no host synchronisation). The communication buffer is
+allocated by :func:`allocate_buffer` for a :class:`jax_ep.Buffer` and found by the
+handlers from ``(buffer_id, device ordinal)``.
+
+Rows move directly between the GPUs' XLA buffers (dispatch pushes into the receivers'
+outputs, combine pulls from every rank's ``y``), so the communication buffer holds only
+counts, flags and published pointers (bench/results/NOTES.md has the design). This needs
+all GPUs of the EP axis in one process (CUDA peer access); one process per GPU raises
+``NotImplementedError`` in :func:`allocate_buffer`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_ep import _native
+from jax_ep.types import DispatchConfig, HandleArrays
+
+SUPPORTED_OPS = ("dispatch", "combine", "get_dispatch_layout")
+
+I32 = jnp.int32
+F32 = jnp.float32
+_LAYOUT_CODE = {"rank": 0, "expert": 1}
+# Buffer ids are unique per process: the C++ registry is keyed by (id, device).
+_next_buffer_id = itertools.count(1)
+_id_lock = threading.Lock()
+
+# Mirrors cuda/buffer_layout.h when the extension is missing (size hints still work).
+_MAX_RANKS, _MAX_EXPERTS, _MAX_TOPK = 8, 1024, 16
+
+
+def _ext():
+    return _native.extension()
+
+
+def _i64(v) -> np.int64:
+    return np.int64(v)
+
+
+def _call(name: str, results, *args, axis_name: Optional[str] = None, **attrs):
+    _native.load()
+    if axis_name is not None:  # ffi_call wants every operand of the same vma type
+        args = tuple(_varying(a, axis_name) for a in args)
+    out = jax.ffi.ffi_call(name, results, has_side_effect=True)(*args, **attrs)
+    if axis_name is None:
+        return out
+    return jax.tree.map(lambda a: _varying(a, axis_name), out)
+
+
+def _varying(x: jax.Array, axis_name: str) -> jax.Array:
+    """Marks a custom call's per-rank result as varying over the EP axis.
+
+    ffi_call results carry no varying-manual-axes type, while the reference backend's
+    (collective) results vary over the axis; custom VJPs and scans under shard_map's
+    check_vma compare the two, so the CUDA results must say so too.
+    """
+    try:
+        aval = jax.typeof(x)
+        vma = getattr(aval, "vma", None)
+        if vma is None:  # jax 0.10 spells it aval.mat.varying
+            vma = getattr(getattr(aval, "mat", None), "varying", None)
+    except Exception:
+        vma = None
+    if vma is None or axis_name in vma:  # no vma types here, or already varying
+        return x
+    if hasattr(jax.lax, "pcast"):
+        return jax.lax.pcast(x, axis_name, to="varying")
+    if hasattr(jax.lax, "pvary"):
+        return jax.lax.pvary(x, axis_name)
+    return x
+
+
+# ----------------------------------------------------------------------------- buffers
+
+def buffer_bytes_for_rows(rows: int) -> int:
+    """Bytes a buffer needs for dispatches that receive up to ``rows`` rows per rank."""
+    ext = _native.load()
+    if ext is not None and getattr(ext, "with_cuda", False):
+        return int(ext.buffer_bytes_for_rows(int(rows)))
+    return (256 << 10) + (-(-4 * int(rows) // 4096)) * 4096
+
+
+def nvl_bytes_hint(num_tokens: int, hidden: int, num_ranks: int, dtype_bytes: int = 2,
+                   num_topk: int = 9, num_experts: Optional[int] = None,
+                   expert_alignment: int = 128) -> int:
+    """NVLink buffer bytes per GPU for normal dispatch/combine of ``num_tokens`` per rank.
+
+    Rows travel straight between XLA's buffers of the GPUs, so the buffer holds only
+    routing metadata: its size grows with the received rows of an expert-layout dispatch
+    (one int each), not with ``hidden``. The default covers every capacity up to the
+    expert layout's never-overflowing default with up to ``num_topk`` slots.
+    """
+    del hidden, dtype_bytes  # payload bytes never live in the buffer
+    local = (num_experts // num_ranks) if num_experts else 256
+    rows = num_ranks * num_tokens * num_topk + local * max(expert_alignment - 1, 0)
+    # Headroom (it costs little): twice the tokens still fit without a new Buffer.
+    return max(buffer_bytes_for_rows(2 * rows), 16 << 20)
+
+
+def _ep_groups(mesh, axis_name: str):
+    """Device groups along ``axis_name`` (one per coordinate of the other axes), rank order."""
+    devices = np.asarray(mesh.devices)
+    axis = list(mesh.axis_names).index(axis_name)
+    moved = np.moveaxis(devices, axis, -1)
+    return moved.reshape(-1, moved.shape[-1])
+
+
+def allocate_buffer(buffer) -> None:
+    """Allocates and peer-maps the NVLink buffer of every GPU of ``buffer.mesh``; sets
+    ``buffer.buffer_id``."""
+    ext = _ext()
+    if not ext.with_cuda:
+        raise RuntimeError("jax_ep.Buffer: the extension was built without CUDA")
+    num_bytes = int(buffer.num_nvl_bytes)
+    groups = _ep_groups(buffer.mesh, buffer.axis_name)
+    if groups.shape[1] > _MAX_RANKS:
+        raise ValueError(f"jax_ep.Buffer: the intranode kernels support up to {_MAX_RANKS} ranks "
+                         f"on the EP axis, got {groups.shape[1]}")
+    me = jax.process_index()
+    if any(d.process_index != me for d in groups.flat):
+        raise NotImplementedError(
+            "jax_ep.Buffer(backend='cuda'): the EP axis spans several processes; this version "
+            "maps buffers between the GPUs of one process only (multi-process mapping is a "
+            "separate issue); use backend='reference'")
+    with _id_lock:
+        buffer_id = next(_next_buffer_id)
+    created = False
+    try:
+        for group in groups:
+            ext.create_buffer(buffer_id, [int(d.local_hardware_id) for d in group], num_bytes)
+            created = True
+    except Exception:
+        if created:
+            ext.destroy_buffer(buffer_id)
+        raise
+    buffer.buffer_id = buffer_id
+
+
+def free_buffer(buffer) -> None:
+    if buffer.buffer_id is not None:
+        _ext().destroy_buffer(int(buffer.buffer_id))
+
+
+def check_fits(buffer, cfg: DispatchConfig, payload) -> None:
+    """Raises at trace time when ``cfg`` needs more than ``buffer`` provides."""
+    if cfg.num_ranks != buffer.num_ranks:
+        raise ValueError(f"dispatch: the buffer was made for {buffer.num_ranks} ranks but the "
+                         f"axis {cfg.axis_name!r} has {cfg.num_ranks}")
+    if cfg.num_topk > _MAX_TOPK:
+        raise ValueError(f"dispatch: the CUDA kernels support num_topk <= {_MAX_TOPK}, got "
+                         f"{cfg.num_topk}")
+    if cfg.num_experts > _MAX_EXPERTS:
+        raise ValueError(f"dispatch: the CUDA kernels support num_experts <= {_MAX_EXPERTS}, "
+                         f"got {cfg.num_experts}")
+    if cfg.num_ranks > _MAX_RANKS:
+        raise ValueError(f"dispatch: the CUDA kernels support up to {_MAX_RANKS} ranks")
+    needed = buffer_bytes_for_rows(cfg.capacity if cfg.layout == "expert" else 0)
+    if needed > int(buffer.num_nvl_bytes):
+        raise ValueError(
+            f"dispatch: this call needs a communication buffer of {needed} bytes per GPU "
+            f"(layout={cfg.layout!r}, max_recv_tokens={cfg.capacity}) but the Buffer has "
+            f"{buffer.num_nvl_bytes}; create it with num_nvl_bytes>={needed} (see "
+            "Buffer.get_dispatch_size_hint)")
+
+
+def _require_buffer(cfg: DispatchConfig, op: str) -> int:
+    if cfg.buffer_id is None:
+        raise ValueError(f"{op}: the CUDA backend needs buffer=jax_ep.Buffer(mesh, axis_name)")
+    return int(cfg.buffer_id)
+
+
+# ----------------------------------------------------------------------------- ops
+
+def get_dispatch_layout(topk_idx: jax.Array, *, num_experts: int, num_ranks: int):
+    T = topk_idx.shape[0]
+    results = (jax.ShapeDtypeStruct((num_ranks,), I32),
+               jax.ShapeDtypeStruct((num_experts,), I32),
+               jax.ShapeDtypeStruct((T, num_ranks), jnp.bool_))
+    return tuple(_call("jax_ep_dispatch_layout", results, topk_idx.astype(I32),
+                       num_experts=_i64(num_experts), num_ranks=_i64(num_ranks)))
+
+
+def dispatch(payload: Tuple[jax.Array, ...], topk_idx: jax.Array, topk_weights: jax.Array,
+             cfg: DispatchConfig):
+    buffer_id = _require_buffer(cfg, "dispatch")
+    R, T, K, L, cap = (cfg.num_ranks, cfg.num_tokens, cfg.num_topk, cfg.num_local_experts,
+                       cfg.capacity)
+    rank_layout = cfg.layout == "rank"
+    meta_shape = (cap, K) if rank_layout else (cap,)
+    results = [
+        jax.ShapeDtypeStruct(meta_shape, I32),   # recv_topk_idx
+        jax.ShapeDtypeStruct(meta_shape, F32),   # recv_topk_weights
+        jax.ShapeDtypeStruct((), I32),           # num_recv_tokens
+        jax.ShapeDtypeStruct((L,), I32),         # num_recv_tokens_per_expert
+        jax.ShapeDtypeStruct((L,), I32),         # group_sizes
+        jax.ShapeDtypeStruct((), I32),           # num_overflow
+        jax.ShapeDtypeStruct((cap,), I32),       # recv_src_rank
+        jax.ShapeDtypeStruct((cap,), I32),       # recv_src_token
+        jax.ShapeDtypeStruct((cap,), I32),       # recv_src_slot
+        jax.ShapeDtypeStruct((T, R) if rank_layout else (T, K), I32),  # send_pos
+    ] + [jax.ShapeDtypeStruct((cap,) + p.shape[1:], p.dtype) for p in payload]
+    if T == 0:  # T is static and equal on every rank: nobody sends anything
+        return _empty_dispatch(results, len(payload), cfg)
+    outs = _call("jax_ep_dispatch", results, topk_idx.astype(I32), topk_weights.astype(F32),
+                 *payload, axis_name=cfg.axis_name, buffer_id=_i64(buffer_id), num_sms=_i64(cfg.num_sms),
+                 num_experts=_i64(cfg.num_experts), layout=_i64(_LAYOUT_CODE[cfg.layout]),
+                 expert_alignment=_i64(cfg.expert_alignment))
+    (recv_idx, recv_w, num_recv, per_expert, group_sizes, overflow, src_rank, src_token,
+     src_slot, send_pos) = outs[:10]
+    recv_payload = tuple(outs[10:])
+    handle = HandleArrays(recv_src_rank=src_rank, recv_src_token=src_token,
+                          recv_src_slot=src_slot, send_pos=send_pos)
+    return (recv_payload, recv_idx, recv_w, num_recv, per_expert, group_sizes, overflow, handle)
+
+
+def _empty_dispatch(results, num_payloads: int, cfg: DispatchConfig):
+    """What a dispatch with no tokens anywhere returns (no kernel launch needed)."""
+    # Derived from axis_index so the values live inside the manual computation.
+    zero = jax.lax.axis_index(cfg.axis_name).astype(I32) * 0
+    fill = lambda r, v: jnp.full(r.shape, v, r.dtype) + zero.astype(r.dtype)
+    (idx_r, w_r, nrecv_r, per_r, grp_r, ovf_r, srank_r, stok_r, sslot_r, spos_r) = results[:10]
+    recv_payload = tuple(fill(r, 0) for r in results[10:10 + num_payloads])
+    handle = HandleArrays(recv_src_rank=fill(srank_r, -1), recv_src_token=fill(stok_r, -1),
+                          recv_src_slot=fill(sslot_r, -1), send_pos=fill(spos_r, -1))
+    return (recv_payload, fill(idx_r, -1), fill(w_r, 0), fill(nrecv_r, 0), fill(per_r, 0),
+            fill(grp_r, 0), fill(ovf_r, 0), handle)
+
+
+def cached_dispatch(x: jax.Array, handle: HandleArrays, cfg: DispatchConfig) -> jax.Array:
+    """``x [T, W]`` moved into the rows of the dispatch that made ``handle`` (zeros elsewhere)."""
+    buffer_id = _require_buffer(cfg, "cached_dispatch")
+    out = jax.ShapeDtypeStruct((cfg.capacity,) + x.shape[1:], x.dtype)
+    if cfg.num_tokens == 0:
+        return _varying(jnp.zeros(out.shape, out.dtype), cfg.axis_name)
+    return _call("jax_ep_cached_dispatch", out, x, handle.recv_src_rank, handle.recv_src_token,
+                 axis_name=cfg.axis_name, buffer_id=_i64(buffer_id), num_sms=_i64(cfg.num_sms))
+
+
+def combine(y: jax.Array, weights: Optional[jax.Array], handle: HandleArrays,
+            cfg: DispatchConfig) -> jax.Array:
+    """out[t] = sum over the rows of t of weights[row] * y[row], fp32 accumulation."""
+    buffer_id = _require_buffer(cfg, "combine")
+    width = y.shape[1]
+    if cfg.num_tokens == 0:
+        return _varying(jnp.zeros((0, width), y.dtype), cfg.axis_name)
+    per_vector = 16 // jnp.dtype(y.dtype).itemsize
+    pad = (-width) % per_vector  # the kernel moves 16-byte vectors (e.g. f32 width-K grads)
+    if pad:
+        y = jnp.pad(y, ((0, 0), (0, pad)))
+    has_weights = weights is not None
+    w = weights.astype(F32) if has_weights else jnp.zeros((1,), F32)
+    out = jax.ShapeDtypeStruct((cfg.num_tokens, width + pad), y.dtype)
+    res = _call("jax_ep_combine", out, y, w, handle.send_pos, handle.recv_src_rank,
+                handle.recv_src_token, handle.recv_src_slot, axis_name=cfg.axis_name,
+                buffer_id=_i64(buffer_id),
+                num_sms=_i64(cfg.num_sms), layout=_i64(_LAYOUT_CODE[cfg.layout]),
+                num_topk=_i64(cfg.num_topk), has_weights=bool(has_weights))
+    return res[:, :width] if pad else res

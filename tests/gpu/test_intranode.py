@@ -1,0 +1,354 @@
+"""CUDA intranode kernels == reference backend (bitwise dispatch, <=1e-6 combine).
+
+Fresh random routing every run (the seed is printed so a failure can be replayed with
+JAX_EP_TEST_SEED).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_ep
+from tests.gpu import harness as h
+
+pytestmark = pytest.mark.gpu
+
+SEED = int(os.environ.get("JAX_EP_TEST_SEED", time.time_ns() % (1 << 31)))
+print(f"tests/gpu seed: JAX_EP_TEST_SEED={SEED}")
+
+
+def _rng(*salt):
+    return np.random.default_rng([SEED, *[hash(s) % (1 << 31) for s in salt]])
+
+
+def _need(num_ranks):
+    if h.num_gpus() < num_ranks:
+        pytest.skip(f"needs {num_ranks} GPUs, have {h.num_gpus()}")
+
+
+def _ranks():
+    """The EP size of the single-configuration tests: 4, or all GPUs if fewer (>= 2)."""
+    n = min(4, h.num_gpus())
+    if n < 2:
+        pytest.skip("needs at least 2 GPUs")
+    return n
+
+
+def _bits(a):
+    a = np.asarray(a)
+    if a.dtype.kind == "f" or a.dtype.name.startswith(("float8", "bfloat16")):
+        return a.view(np.dtype(f"u{a.dtype.itemsize}"))
+    return a
+
+
+def _dispatch_fn(backend, R, E, layout, cap, align, fp8):
+    buf = h.buffer(R)
+
+    def f(x, idx, w):
+        xx = jax_ep.fp8.per_token_cast(x) if fp8 else x
+        r = jax_ep.dispatch(xx, idx, w, num_experts=E, axis_name=h.AXIS, layout=layout,
+                            max_recv_tokens=cap, expert_alignment=align, buffer=buf,
+                            backend=backend)
+        return r._replace(handle=r.handle.arrays)
+    return f
+
+
+def compare_dispatch(R, T, H, K, E, layout="rank", cap=None, align=1, fp8=False,
+                     idx=None, w=None, dtype=jnp.bfloat16, tag=""):
+    _need(R)
+    rng = _rng("dispatch", R, T, H, K, E, layout, cap, align, fp8, tag)
+    if idx is None:
+        idx, w = h.routing(rng, R, T, K, E)
+    if w is None:
+        w = rng.random(idx.shape).astype(np.float32)
+    x = rng.standard_normal((R, T, H)).astype(np.float32)
+    args = h.shard((x.astype(dtype), idx, w), R)
+    try:
+        want = h.run(_dispatch_fn("reference", R, E, layout, cap, align, fp8), R, *args)
+    except jax.errors.JaxRuntimeError as e:
+        if T == 0 and "GlobalToLocalShape" in str(e):  # seen with jax 0.11.2 on GPU
+            pytest.skip("XLA cannot compile this shard_map over zero-size operands on GPU "
+                        "(reference backend too)")
+        raise
+    got = h.run(_dispatch_fn("cuda", R, E, layout, cap, align, fp8), R, *args)
+    flat_got, tree = jax.tree.flatten(got)
+    flat_want, tree_want = jax.tree.flatten(want)
+    assert tree == tree_want
+    names = ["recv_x"] * (2 if fp8 else 1) + list(got._fields[1:7]) + list(got.handle._fields)
+    for name, a, b in zip(names, flat_got, flat_want):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        if not np.array_equal(_bits(a), _bits(b)):
+            bad = np.argwhere(_bits(a) != _bits(b))
+            raise AssertionError(f"{name} differs at {len(bad)} places, first {bad[:5].tolist()}"
+                                 f" (seed {SEED})")
+    return got, args, (x, idx, w)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+@pytest.mark.parametrize("R", [2, 4])
+@pytest.mark.parametrize("layout", ["rank", "expert"])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_dispatch_matches_reference(R, layout, fp8):
+    compare_dispatch(R, T=512, H=2048, K=8, E=64, layout=layout, fp8=fp8,
+                     align=8 if layout == "expert" else 1)
+
+
+@pytest.mark.parametrize("layout", ["rank", "expert"])
+@pytest.mark.parametrize("case", ["T1", "one_expert", "one_rank", "masked", "K1", "K9",
+                                  "H7168", "H5120", "overflow", "align128", "f32", "T0"])
+def test_dispatch_edge_cases(layout, case):
+    R, T, H, K, E = _ranks(), 128, 512, 4, 32
+    kw = dict(layout=layout)
+    rng = _rng("edge", layout, case)
+    idx = w = None
+    if case == "T1":
+        T = 1
+    elif case == "T0":
+        T = 0
+        idx = np.zeros((R, 0, K), np.int32)
+        w = np.zeros((R, 0, K), np.float32)
+    elif case == "one_expert":
+        K = 1
+        idx = np.full((R, T, 1), 5, np.int32)
+    elif case == "one_rank":  # every token of every rank goes to rank R-1 only
+        L = E // R
+        idx = np.stack([np.stack([rng.permutation(L)[:K] + (R - 1) * L for _ in range(T)])
+                        for _ in range(R)]).astype(np.int32)
+    elif case == "masked":  # many -1 slots and whole tokens with no expert
+        idx, w = h.routing(rng, R, T, K, E, mask_prob=0.5)
+        idx[:, ::7] = -1
+    elif case == "K1":
+        K = 1
+    elif case == "K9":
+        K = 9
+    elif case == "H7168":
+        H, T = 7168, 64
+    elif case == "H5120":
+        H, T = 5120, 64
+    elif case == "overflow":
+        kw["max_recv_tokens"] = T  # far below the never-overflowing default
+    elif case == "align128":
+        if layout != "expert":
+            pytest.skip("alignment is an expert-layout option")
+        kw["align"] = 128
+    elif case == "f32":
+        kw["dtype"] = jnp.float32
+    cap = kw.pop("max_recv_tokens", None)
+    got, _, _ = compare_dispatch(R, T, H, K, E, cap=cap, idx=idx, w=w, tag=case, **kw)
+    if case == "overflow":
+        assert np.asarray(got.num_overflow).max() > 0
+
+
+def test_dispatch_single_rank():
+    compare_dispatch(1, T=256, H=1024, K=4, E=16, layout="expert", align=4)
+    compare_dispatch(1, T=256, H=1024, K=4, E=16, layout="rank")
+
+
+def test_dispatch_layout_matches_reference():
+    R, T, K, E = _ranks(), 300, 8, 64
+    idx, _ = h.routing(_rng("layout"), R, T, K, E)
+    from jax_ep.backends import cuda, reference
+
+    def fn(mod):
+        return lambda i: mod.get_dispatch_layout(i, num_experts=E, num_ranks=R)
+    args = h.shard((idx,), R)
+    got = h.run(fn(cuda), R, *args)
+    want = h.run(fn(reference), R, *args)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------- combine
+
+def _combine_fn(backend, R, E, layout, cap, align, weighted):
+    buf = h.buffer(R)
+
+    def f(x, idx, w, y, row_w):
+        r = jax_ep.dispatch(x, idx, w, num_experts=E, axis_name=h.AXIS, layout=layout,
+                            max_recv_tokens=cap, expert_alignment=align, buffer=buf,
+                            backend=backend)
+        return jax_ep.combine(y, r.handle, row_w if weighted else None)
+    return f
+
+
+@pytest.mark.parametrize("R", [2, 4])
+@pytest.mark.parametrize("layout", ["rank", "expert"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_combine_matches_reference(R, layout, weighted, dtype):
+    _need(R)
+    T, H, K, E = 256, 1024, 8, 64
+    rng = _rng("combine", R, layout, weighted, str(dtype))
+    idx, w = h.routing(rng, R, T, K, E)
+    align = 4 if layout == "expert" else 1
+    cap = jax_ep.default_capacity(T, R, K, E // R, layout, align)
+    x = rng.standard_normal((R, T, H)).astype(dtype)
+    y = rng.standard_normal((R, cap, H)).astype(dtype)
+    row_w = rng.random((R, cap)).astype(np.float32)
+    args = h.shard((x, idx, w, y, row_w), R)
+    got = h.run(_combine_fn("cuda", R, E, layout, None, align, weighted), R, *args)
+    want = h.run(_combine_fn("reference", R, E, layout, None, align, weighted), R, *args)
+    assert got.dtype == want.dtype and got.shape == want.shape == (R, T, H)
+    assert_combine_close(got, want)
+
+
+def assert_combine_close(got, want):
+    """fp32 outputs: <= 1e-6 relative. bf16/f16 outputs round an fp32 sum whose order
+    inside one rank the reference leaves to XLA's scatter-add (atomics on GPU), so a sum
+    within an ulp of a rounding boundary may round the other way: allow 1 ulp there."""
+    if np.asarray(want).dtype == np.float32:
+        err = h.rel_err(got, want)
+        assert err <= 1e-6, f"relative error {err} (seed {SEED})"
+        return
+    g = np.asarray(got, np.float64)
+    w = np.asarray(want, np.float64)
+    # One bf16 ulp is at most 2^-7 relative; where partial sums cancel, the fp32 ordering
+    # difference (~1e-7 of the terms) can exceed the ulp of the small result.
+    tol = np.abs(w) * 2.0 ** -7 + 1e-5 * np.max(np.abs(w))
+    diff = np.abs(g - w)
+    assert np.all(diff <= tol), f"differs by more than 1 ulp at {np.sum(diff > tol)} places"
+    frac = np.mean(diff > 0)
+    assert frac < 1e-3, f"{frac:.2e} of the elements differ (seed {SEED})"
+
+
+@pytest.mark.parametrize("layout", ["rank", "expert"])
+def test_combine_after_overflow(layout):
+    R, T, H, K, E = _ranks(), 128, 512, 4, 32
+    rng = _rng("combine_overflow", layout)
+    idx, w = h.routing(rng, R, T, K, E)
+    cap = T
+    x = rng.standard_normal((R, T, H)).astype(jnp.bfloat16)
+    y = rng.standard_normal((R, cap, H)).astype(jnp.bfloat16)
+    row_w = rng.random((R, cap)).astype(np.float32)
+    args = h.shard((x, idx, w, y, row_w), R)
+    got = h.run(_combine_fn("cuda", R, E, layout, cap, 1, True), R, *args)
+    want = h.run(_combine_fn("reference", R, E, layout, cap, 1, True), R, *args)
+    assert_combine_close(got, want)
+
+
+# ----------------------------------------------------------------------------- gradients
+
+def _loss_grad_fn(backend, R, E, layout):
+    buf = h.buffer(R)
+
+    def loss(x, w, idx, g):
+        r = jax_ep.dispatch(x, idx, w, num_experts=E, axis_name=h.AXIS, layout=layout,
+                            buffer=buf, backend=backend)
+        if layout == "expert":
+            y = jnp.tanh(r.recv_x) * 1.5
+            out = jax_ep.combine(y, r.handle, r.recv_topk_weights)
+        else:
+            scale = 1.0 + jnp.sum(r.recv_topk_weights, axis=1, keepdims=True)
+            out = jax_ep.combine(jnp.tanh(r.recv_x) * scale, r.handle)
+        return jnp.sum(out * g)
+
+    def f(x, w, idx, g):
+        return jax.grad(loss, argnums=(0, 1))(x, w, idx, g)
+    return f
+
+
+@pytest.mark.parametrize("layout", ["rank", "expert"])
+def test_grads_match_reference(layout):
+    R, T, H, K, E = _ranks(), 128, 256, 4, 32
+    rng = _rng("grad", layout)
+    idx, w = h.routing(rng, R, T, K, E)
+    x = rng.standard_normal((R, T, H)).astype(np.float32)
+    g = rng.standard_normal((R, T, H)).astype(np.float32)
+    args = h.shard((x, w, idx, g), R)
+    got = h.run(_loss_grad_fn("cuda", R, E, layout), R, *args)
+    want = h.run(_loss_grad_fn("reference", R, E, layout), R, *args)
+    for name, a, b in zip(("dx", "dw"), got, want):
+        err = h.rel_err(a, b)
+        assert err <= 1e-6, f"{name}: relative error {err} (seed {SEED})"
+
+
+# ----------------------------------------------------------------------------- stress
+
+@pytest.mark.parametrize("layout", ["rank", "expert"])
+def test_back_to_back_calls_no_corruption(layout):
+    """1,000 dispatch+combine pairs in one jit (lax.scan), new routing every step."""
+    R, T, H, K, E, N = _ranks(), 128, 256, 4, 32, 1000
+    buf = h.buffer(R)
+
+    def f(x, key):
+        me = jax.lax.axis_index(h.AXIS)
+
+        def step(worst, k):
+            k = jax.random.fold_in(k, me)
+            scores = jnp.abs(jax.random.normal(k, (T, E))) + 1
+            idx = jax.lax.top_k(scores, K)[1].astype(jnp.int32)
+            idx = jnp.where(jax.random.uniform(jax.random.fold_in(k, 1), idx.shape) < 0.1,
+                            -1, idx)
+            w = jax.random.uniform(jax.random.fold_in(k, 2), idx.shape)
+            r = jax_ep.dispatch(x, idx, w, num_experts=E, axis_name=h.AXIS, layout=layout,
+                                buffer=buf, backend="cuda")
+            if layout == "expert":
+                out = jax_ep.combine(r.recv_x, r.handle, r.recv_topk_weights)
+                coef = jnp.sum(jnp.where(idx >= 0, w, 0.0), axis=1)
+            else:
+                out = jax_ep.combine(r.recv_x, r.handle)
+                dest = jnp.where(idx >= 0, idx // (E // R), -1)
+                coef = jnp.sum(jnp.any(dest[:, :, None] == jnp.arange(R), axis=1), axis=1)
+            want = x * coef[:, None].astype(jnp.float32)
+            err = jnp.max(jnp.abs(out - want)) / (jnp.max(jnp.abs(want)) + 1e-30)
+            return jnp.maximum(worst, err), None
+
+        keys = jax.random.split(key, N)
+        worst0 = 0.0 * x[0, 0]  # varies over the axis like the body result (scan vma rule)
+        worst, _ = jax.lax.scan(step, worst0, keys)
+        return worst
+
+    rng = _rng("stress", layout)
+    x = rng.standard_normal((R, T, H)).astype(np.float32)
+    key = np.stack([np.asarray(jax.random.key_data(jax.random.key(SEED % 1000)))] * R)
+    args = h.shard((x,), R)
+    worst = h.run(lambda xx, kk: f(xx, jax.random.wrap_key_data(kk)), R, args[0],
+                  h.shard(key, R))
+    assert float(np.max(worst)) < 1e-5, f"max relative error {np.max(worst)} (seed {SEED})"
+
+
+# ----------------------------------------------------------------------------- buffer
+
+def test_buffer_too_small_is_a_clear_error():
+    _need(2)
+    small = jax_ep.Buffer(h.mesh(2), h.AXIS, backend="cuda", num_nvl_bytes=300 << 10)
+    try:
+        x = h.shard(np.zeros((2, 64, 128), np.float32), 2)
+        idx = h.shard(np.zeros((2, 64, 8), np.int32), 2)
+        with pytest.raises(ValueError, match="needs a communication buffer of"):
+            h.run(lambda a, i: jax_ep.dispatch(
+                a, i, None, num_experts=8, axis_name=h.AXIS, layout="expert", buffer=small,
+                backend="cuda", max_recv_tokens=200_000).recv_x, 2, x, idx)
+    finally:
+        small.close()
+        small.close()  # idempotent
+
+
+def test_buffer_alloc_free_cycles():
+    _need(2)
+    for _ in range(3):
+        with jax_ep.Buffer(h.mesh(2), h.AXIS, backend="cuda") as b:
+            assert b.buffer_id is not None
+            compare_dispatch(2, T=64, H=256, K=2, E=8, tag="cycle")
+
+
+def test_auto_backend_picks_cuda_with_a_buffer():
+    R = _ranks()
+    idx, w = h.routing(_rng("auto"), R, 32, 2, 8)
+    x = h.shard(np.ones((R, 32, 128), np.float32), R)
+    buf = h.buffer(R)
+    seen = []
+
+    def f(a, i, ww):
+        r = jax_ep.dispatch(a, i, ww, num_experts=8, axis_name=h.AXIS, buffer=buf)
+        seen.append(r.handle.config.backend)
+        return r.num_recv_tokens
+    h.run(f, R, x, *h.shard((idx, w), R))
+    assert seen == ["cuda"]

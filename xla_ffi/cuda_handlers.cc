@@ -1,0 +1,316 @@
+// XLA FFI handlers of the CUDA ops: decode buffers and attributes, find this GPU's
+// communication buffer from (buffer_id, device ordinal), launch on XLA's stream.
+// No host synchronisation anywhere (all sizes are static), so every handler is safe
+// inside command buffers (CUDA graphs).
+#include <cuda_runtime.h>
+
+#include <cstdlib>
+#include <string>
+
+#include "cuda/kernels.h"
+#include "xla/ffi/api/ffi.h"
+#include "xla_ffi/buffer_registry.h"
+#include "xla_ffi/cuda_handlers.h"
+
+namespace ffi = xla::ffi;
+
+namespace jax_ep {
+namespace {
+
+constexpr int kDefaultMinBulkRowBytes = 8192;  // bf16 rows of H >= 4096; FP8 rows stay per-lane
+
+ffi::Error invalid(const std::string& msg) {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, "jax_ep: " + msg);
+}
+
+ffi::Error check_launch(cudaError_t err, const char* op) {
+  if (err == cudaSuccess) return ffi::Error::Success();
+  return ffi::Error(ffi::ErrorCode::kInternal,
+                    std::string("jax_ep: launching ") + op + " failed: " + cudaGetErrorString(err));
+}
+
+ffi::ErrorOr<const BufferState*> lookup(int64_t buffer_id, int32_t device, const char* op) {
+  const BufferState* s = find_buffer(buffer_id, device);
+  if (s == nullptr)
+    return ffi::Unexpected(invalid(std::string(op) + ": no communication buffer " +
+                                   std::to_string(buffer_id) + " on GPU " +
+                                   std::to_string(device) +
+                                   " (was the jax_ep.Buffer closed, or made for other devices?)"));
+  return s;
+}
+
+PeerBases peer_bases(const BufferState& s) {
+  PeerBases p{};
+  for (int r = 0; r < s.num_ranks; ++r) p.base[r] = s.peers[r];
+  return p;
+}
+
+int num_blocks_of(int64_t num_sms) {
+  return num_sms < 1 ? 1 : (num_sms > 132 ? 132 : int(num_sms));
+}
+
+uint64_t addr(const void* p) { return reinterpret_cast<uint64_t>(p); }
+
+// Dispatch rows of at least this many bytes move by bulk (TMA) copies, smaller ones by
+// per-lane vector copies. JAX_EP_DISPATCH_COPY=warp|tma forces one path (benchmarks).
+int min_bulk_row_bytes() {
+  const char* mode = std::getenv("JAX_EP_DISPATCH_COPY");
+  if (mode != nullptr && std::string(mode) == "warp") return 1 << 30;
+  if (mode != nullptr && std::string(mode) == "tma") return 16;
+  return kDefaultMinBulkRowBytes;
+}
+
+// ------------------------------------------------------------------ get_dispatch_layout
+ffi::Error DispatchLayoutImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> topk_idx,
+                              ffi::Result<ffi::Buffer<ffi::S32>> tokens_per_rank,
+                              ffi::Result<ffi::Buffer<ffi::S32>> tokens_per_expert,
+                              ffi::Result<ffi::Buffer<ffi::PRED>> is_token_in_rank,
+                              int64_t num_experts, int64_t num_ranks) {
+  const auto dims = topk_idx.dimensions();
+  if (dims.size() != 2) return invalid("get_dispatch_layout: topk_idx must be 2-D");
+  if (num_ranks < 1 || num_ranks > 32 || num_experts % num_ranks)
+    return invalid("get_dispatch_layout: bad num_ranks/num_experts");
+  return check_launch(
+      launch_dispatch_layout(topk_idx.typed_data(), int(dims[0]), int(dims[1]), int(num_experts),
+                             int(num_ranks), tokens_per_rank->typed_data(),
+                             tokens_per_expert->typed_data(),
+                             reinterpret_cast<bool*>(is_token_in_rank->untyped_data()), stream),
+      "get_dispatch_layout");
+}
+
+// ------------------------------------------------------------------ dispatch
+ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32> topk_idx,
+                        ffi::Buffer<ffi::F32> topk_weights, ffi::RemainingArgs payloads,
+                        ffi::Result<ffi::Buffer<ffi::S32>> recv_topk_idx,
+                        ffi::Result<ffi::Buffer<ffi::F32>> recv_topk_weights,
+                        ffi::Result<ffi::Buffer<ffi::S32>> num_recv,
+                        ffi::Result<ffi::Buffer<ffi::S32>> recv_per_expert,
+                        ffi::Result<ffi::Buffer<ffi::S32>> group_sizes,
+                        ffi::Result<ffi::Buffer<ffi::S32>> num_overflow,
+                        ffi::Result<ffi::Buffer<ffi::S32>> recv_src_rank,
+                        ffi::Result<ffi::Buffer<ffi::S32>> recv_src_token,
+                        ffi::Result<ffi::Buffer<ffi::S32>> recv_src_slot,
+                        ffi::Result<ffi::Buffer<ffi::S32>> send_pos,
+                        ffi::RemainingRets recv_payloads, int64_t buffer_id, int64_t num_sms,
+                        int64_t num_experts, int64_t layout, int64_t expert_alignment) {
+  auto state_or = lookup(buffer_id, device, "dispatch");
+  if (state_or.has_error()) return state_or.error();
+  const BufferState& s = *state_or.value();
+  const auto idx_dims = topk_idx.dimensions();
+  const int T = int(idx_dims[0]), K = int(idx_dims[1]);
+  const int R = s.num_ranks;
+  const int cap = int(recv_src_rank->dimensions()[0]);
+  if (K > kMaxTopk) return invalid("dispatch: num_topk > " + std::to_string(kMaxTopk));
+  if (num_experts > kMaxExperts || num_experts % R)
+    return invalid("dispatch: num_experts must divide by the ranks and be <= " +
+                   std::to_string(kMaxExperts));
+  if (layout == 1 && buffer_bytes_for_rows(cap) > s.num_bytes)
+    return invalid("dispatch: the buffer holds " + std::to_string(s.num_bytes) + " bytes but " +
+                   std::to_string(buffer_bytes_for_rows(cap)) + " are needed");
+  const int np = int(payloads.size());
+  if (np < 1 || np > 2 || int(recv_payloads.size()) != np)
+    return invalid("dispatch: expected 1 or 2 payload arrays");
+
+  DispatchArgs a{};
+  a.peers = peer_bases(s);
+  a.me = s.rank;
+  a.num_ranks = R;
+  a.num_experts = int(num_experts);
+  a.num_tokens = T;
+  a.num_topk = K;
+  a.capacity = cap;
+  a.layout = layout == 0 ? Layout::kRank : Layout::kExpert;
+  a.num_payloads = np;
+  for (int p = 0; p < np; ++p) {
+    auto in = payloads.get<ffi::AnyBuffer>(p);
+    auto out = recv_payloads.get<ffi::AnyBuffer>(p);
+    if (in.has_error()) return in.error();
+    if (out.has_error()) return out.error();
+    const auto d = in.value().dimensions();
+    const size_t row_bytes = d[0] ? in.value().size_bytes() / size_t(d[0])
+                                  : ffi::ByteWidth(in.value().element_type()) * size_t(d[1]);
+    a.payload[p] = static_cast<const char*>(in.value().untyped_data());
+    a.payload_row_bytes[p] = int(row_bytes);
+    a.recv_payload[p] = static_cast<char*>(out.value()->untyped_data());
+  }
+  a.topk_idx = topk_idx.typed_data();
+  a.topk_weights = topk_weights.typed_data();
+  a.send_pos = send_pos->typed_data();
+  a.recv_topk_idx = recv_topk_idx->typed_data();
+  a.recv_topk_weights = recv_topk_weights->typed_data();
+  a.recv_src_rank = recv_src_rank->typed_data();
+  a.recv_src_token = recv_src_token->typed_data();
+  a.recv_src_slot = recv_src_slot->typed_data();
+  a.recv_per_expert = recv_per_expert->typed_data();
+  a.group_sizes = group_sizes->typed_data();
+  a.num_blocks = num_blocks_of(num_sms);
+  a.min_bulk_row_bytes = min_bulk_row_bytes();
+
+  cudaError_t err = launch_send_positions(a.topk_idx, T, K, a.num_experts, R, a.layout, a.send_pos,
+                                          s.peers[s.rank], stream);
+  if (err != cudaSuccess) return check_launch(err, "dispatch (positions)");
+
+  NotifyArgs n{};
+  n.peers = a.peers;
+  n.me = a.me;
+  n.num_ranks = R;
+  n.num_experts = a.num_experts;
+  n.capacity = cap;
+  n.expert_alignment = int(expert_alignment < 1 ? 1 : expert_alignment);
+  n.layout = a.layout;
+  // Slot order must match intranode_dispatch.cu's DispatchSlot.
+  n.publish[0] = addr(a.recv_payload[0]);
+  n.publish[1] = addr(np > 1 ? a.recv_payload[1] : nullptr);
+  n.publish[2] = addr(a.recv_topk_idx);
+  n.publish[3] = addr(a.recv_topk_weights);
+  n.publish[4] = addr(a.recv_src_rank);
+  n.publish[5] = addr(a.recv_src_token);
+  n.publish[6] = addr(a.recv_src_slot);
+  n.num_publish = 7;
+  n.num_recv = num_recv->typed_data();
+  n.num_overflow = num_overflow->typed_data();
+  n.recv_per_expert = a.recv_per_expert;
+  n.group_sizes = a.group_sizes;
+  err = launch_notify_dispatch(n, stream);
+  if (err != cudaSuccess) return check_launch(err, "dispatch (notify)");
+  return check_launch(launch_intranode_dispatch(a, stream), "dispatch");
+}
+
+// ------------------------------------------------------------------ cached dispatch
+ffi::Error CachedDispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
+                              ffi::Buffer<ffi::S32> recv_src_rank,
+                              ffi::Buffer<ffi::S32> recv_src_token,
+                              ffi::Result<ffi::AnyBuffer> out, int64_t buffer_id,
+                              int64_t num_sms) {
+  auto state_or = lookup(buffer_id, device, "cached_dispatch");
+  if (state_or.has_error()) return state_or.error();
+  const BufferState& s = *state_or.value();
+  const auto d = x.dimensions();
+  CachedDispatchArgs a{};
+  a.peers = peer_bases(s);
+  a.me = s.rank;
+  a.num_ranks = s.num_ranks;
+  a.num_tokens = int(d[0]);
+  a.capacity = int(recv_src_rank.dimensions()[0]);
+  a.row_bytes = int(ffi::ByteWidth(x.element_type()) * size_t(d[1]));
+  a.recv_src_rank = recv_src_rank.typed_data();
+  a.recv_src_token = recv_src_token.typed_data();
+  a.out = static_cast<char*>(out->untyped_data());
+  a.num_blocks = num_blocks_of(num_sms);
+  const uint64_t publish[1] = {addr(x.untyped_data())};
+  cudaError_t err = launch_begin_op(s.peers[s.rank], publish, 1, stream);
+  if (err != cudaSuccess) return check_launch(err, "cached_dispatch (begin)");
+  return check_launch(launch_cached_dispatch(a, stream), "cached_dispatch");
+}
+
+// ------------------------------------------------------------------ combine
+ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
+                       ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> send_pos,
+                       ffi::Buffer<ffi::S32> recv_src_rank, ffi::Buffer<ffi::S32> recv_src_token,
+                       ffi::Buffer<ffi::S32> recv_src_slot, ffi::Result<ffi::AnyBuffer> out,
+                       int64_t buffer_id, int64_t num_sms, int64_t layout, int64_t num_topk,
+                       bool has_weights) {
+  auto state_or = lookup(buffer_id, device, "combine");
+  if (state_or.has_error()) return state_or.error();
+  const BufferState& s = *state_or.value();
+  CombineArgs a{};
+  switch (y.element_type()) {
+    case ffi::DataType::BF16: a.dtype = ElemType::kBF16; break;
+    case ffi::DataType::F16: a.dtype = ElemType::kF16; break;
+    case ffi::DataType::F32: a.dtype = ElemType::kF32; break;
+    default: return invalid("combine: y must be bfloat16, float16 or float32");
+  }
+  const auto yd = y.dimensions();
+  a.peers = peer_bases(s);
+  a.me = s.rank;
+  a.num_ranks = s.num_ranks;
+  a.num_tokens = int(out->dimensions()[0]);
+  a.num_topk = int(num_topk);
+  a.capacity = int(yd[0]);
+  a.width = int(yd[1]);
+  if ((a.width * ffi::ByteWidth(y.element_type())) % 16)
+    return invalid("combine: rows of y must be a multiple of 16 bytes");
+  if (a.num_topk > kMaxTopk) return invalid("combine: num_topk > " + std::to_string(kMaxTopk));
+  a.layout = layout == 0 ? Layout::kRank : Layout::kExpert;
+  a.has_weights = has_weights;
+  a.send_pos = send_pos.typed_data();
+  a.out = out->untyped_data();
+  a.num_blocks = num_blocks_of(num_sms);
+  // Slot order must match intranode_combine.cu's CombineSlot.
+  const uint64_t publish[5] = {addr(y.untyped_data()), addr(weights.typed_data()),
+                               addr(recv_src_rank.typed_data()), addr(recv_src_token.typed_data()),
+                               addr(recv_src_slot.typed_data())};
+  cudaError_t err = launch_begin_op(s.peers[s.rank], publish, 5, stream);
+  if (err != cudaSuccess) return check_launch(err, "combine (begin)");
+  return check_launch(launch_intranode_combine(a, stream), "combine");
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpDispatchLayout, DispatchLayoutImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::PRED>>()
+                                  .Attr<int64_t>("num_experts")
+                                  .Attr<int64_t>("num_ranks"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpDispatch, DispatchImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .RemainingRets()
+                                  .Attr<int64_t>("buffer_id")
+                                  .Attr<int64_t>("num_sms")
+                                  .Attr<int64_t>("num_experts")
+                                  .Attr<int64_t>("layout")
+                                  .Attr<int64_t>("expert_alignment"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpCachedDispatch, CachedDispatchImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("buffer_id")
+                                  .Attr<int64_t>("num_sms"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpCombine, CombineImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("buffer_id")
+                                  .Attr<int64_t>("num_sms")
+                                  .Attr<int64_t>("layout")
+                                  .Attr<int64_t>("num_topk")
+                                  .Attr<bool>("has_weights"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+}  // namespace jax_ep

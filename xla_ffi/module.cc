@@ -1,0 +1,83 @@
+// The nanobind module jax_ep._jax_ep_ffi: FFI handler capsules (registered by
+// jax_ep/_native.py) and, when built with CUDA, communication-buffer management.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "xla_ffi/cuda_handlers.h"
+
+#ifdef JAX_EP_WITH_CUDA
+#include "cuda/buffer_layout.h"
+#include "xla_ffi/buffer_registry.h"
+#endif
+
+namespace nb = nanobind;
+
+namespace {
+
+template <typename Fn>
+nb::capsule handler_capsule(Fn* fn) {
+  return nb::capsule(reinterpret_cast<void*>(fn));
+}
+
+nb::dict cpu_targets() {
+  nb::dict d;
+  d["jax_ep_cpu_add_one"] = handler_capsule(JaxEpCpuAddOne);
+  return d;
+}
+
+nb::dict cuda_targets() {
+  nb::dict d;
+#ifdef JAX_EP_WITH_CUDA
+  d["jax_ep_dispatch_layout"] = handler_capsule(JaxEpDispatchLayout);
+  d["jax_ep_dispatch"] = handler_capsule(JaxEpDispatch);
+  d["jax_ep_cached_dispatch"] = handler_capsule(JaxEpCachedDispatch);
+  d["jax_ep_combine"] = handler_capsule(JaxEpCombine);
+#endif
+  return d;
+}
+
+}  // namespace
+
+NB_MODULE(_jax_ep_ffi, m) {
+  m.doc() = "jax_ep native extension: XLA FFI handlers and NVLink buffer management";
+  m.attr("version") = "0.1.0";
+#ifdef JAX_EP_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+  m.def("cpu_targets", &cpu_targets, "FFI targets for platform 'cpu': name -> capsule");
+  m.def("cuda_targets", &cuda_targets, "FFI targets for platform 'CUDA': name -> capsule");
+#ifdef JAX_EP_WITH_CUDA
+  m.attr("max_ranks") = jax_ep::kMaxRanks;
+  m.attr("max_experts") = jax_ep::kMaxExperts;
+  m.attr("max_topk") = jax_ep::kMaxTopk;
+  m.def("buffer_bytes_for_rows",
+        [](int64_t rows) { return int64_t(jax_ep::buffer_bytes_for_rows(size_t(rows))); },
+        nb::arg("rows"), "bytes a buffer needs for dispatches of up to `rows` received rows");
+  m.def(
+      "create_buffer",
+      [](int64_t buffer_id, const std::vector<int>& devices, int64_t num_bytes) {
+        std::string err;
+        {
+          nb::gil_scoped_release release;
+          err = jax_ep::create_buffer(buffer_id, devices, size_t(num_bytes));
+        }
+        if (!err.empty()) throw std::runtime_error(err);
+      },
+      nb::arg("buffer_id"), nb::arg("devices"), nb::arg("num_bytes"),
+      "Allocates and peer-maps one buffer per device; devices[r] is EP rank r.");
+  m.def(
+      "destroy_buffer",
+      [](int64_t buffer_id) {
+        nb::gil_scoped_release release;
+        jax_ep::destroy_buffer(buffer_id);
+      },
+      nb::arg("buffer_id"), "Frees every device's buffer of this id (waits for the GPUs).");
+#endif
+}
