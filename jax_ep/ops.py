@@ -22,11 +22,13 @@ from jax_ep.types import DispatchConfig, DispatchHandle, DispatchLayout, Dispatc
 LAYOUTS = ("rank", "expert")
 
 
-def get_dispatch_layout(topk_idx: jax.Array, num_experts: int, *, axis_name: str) -> DispatchLayout:
+def get_dispatch_layout(topk_idx: jax.Array, num_experts: int, *, axis_name: str,
+                        backend: str = "auto") -> DispatchLayout:
     """Counts where each token goes, without moving anything.
 
     Returns :class:`DispatchLayout`: tokens per rank ``[R]``, (token, slot) pairs per
-    expert ``[E]`` and ``is_token_in_rank [T, R]``. Slots holding -1 are ignored.
+    expert ``[E]`` and ``is_token_in_rank [T, R]``. Slots holding -1 are ignored. The op
+    is local (no communication), so the CUDA kernel needs no :class:`Buffer`.
 
     Example (inside ``shard_map`` over axis ``"ep"``)::
 
@@ -36,8 +38,8 @@ def get_dispatch_layout(topk_idx: jax.Array, num_experts: int, *, axis_name: str
     num_ranks = v.axis_size(axis_name, op)
     v.check_num_experts(op, num_experts, num_ranks)
     v.check_array(op, "topk_idx", topk_idx, 2, (jnp.int32,))
-    from jax_ep.backends import reference  # counting is local and cheap on any backend
-    return DispatchLayout(*reference.get_dispatch_layout(
+    be = backends.get(backends.resolve(backend, None, op, needs_buffer=False))
+    return DispatchLayout(*be.get_dispatch_layout(
         topk_idx, num_experts=num_experts, num_ranks=num_ranks))
 
 

@@ -33,8 +33,11 @@ def _cuda_has(op: str) -> bool:
     return op in getattr(module, "SUPPORTED_OPS", ())
 
 
-def resolve(backend: str, buffer, op: str) -> str:
-    """Resolves ``backend`` for one call of ``op`` ("dispatch", "combine", "low_latency")."""
+def resolve(backend: str, buffer, op: str, needs_buffer: bool = True) -> str:
+    """Resolves ``backend`` for one call of ``op`` ("dispatch", "low_latency", ...).
+
+    ``needs_buffer=False`` is for local ops (``get_dispatch_layout``) that run on the GPU
+    without communication memory."""
     from jax_ep import _native
 
     if backend not in BACKENDS:
@@ -42,7 +45,8 @@ def resolve(backend: str, buffer, op: str) -> str:
     if backend == "reference":
         return "reference"
     cuda_ok = _native.cuda_available()
-    has_cuda_buffer = buffer is not None and getattr(buffer, "buffer_id", None) is not None
+    has_cuda_buffer = (not needs_buffer or
+                       (buffer is not None and getattr(buffer, "buffer_id", None) is not None))
     if backend == "cuda":
         if not cuda_ok:
             raise RuntimeError(
