@@ -161,7 +161,7 @@ def main():
 
     kind = devices[0].device_kind.replace(" ", "-")
     device = f"{R}x{kind}"
-    report = dict(device=device, num_ranks=R, tokens=T, hidden=H, topk=K, experts=E,
+    report = dict(device=device, command=" ".join(["python3"] + sys.argv), num_ranks=R, tokens=T, hidden=H, topk=K, experts=E,
                   num_sms=a.num_sms, rows_received_per_rank=rows_per_rank,
                   jax=jax.__version__, date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                   method=f"median of {a.reps}; per-call = (jit of {n_long} calls - jit of "
