@@ -6,8 +6,9 @@ routing, inside ``jax.shard_map``; only the token exchange and expert batching d
 
 * ``jax_ep``: :class:`jax_ep.flax.MoE` (``jax_ep.dispatch(layout="expert")`` →
   ``jax.lax.ragged_dot`` → ``jax_ep.combine``), default capacity (never drops).
-* ``jax_ep_cf``: the same with ``capacity = ceil(cf * T * K)`` received rows per rank
-  (drops rows when a rank gets more than ``cf`` times its fair share).
+* ``jax_ep_cf``: the same with ``capacity = ceil(cf * T * K)`` received rows per rank and
+  ``expert_capacity = R * ceil(cf * T * K / E)`` rows per expert (dense batched expert
+  matmuls, the same rows per expert as ``a2a_cf``); drops rows past either.
 * ``a2a_cf``: GShard/MaxText "dropping" style: each rank packs ``C = ceil(cf * T * K / E)``
   rows per expert into ``[E, C, H]``, ``all_to_all``, dense batched expert matmuls,
   ``all_to_all`` back (drops rows past ``C``).
@@ -126,15 +127,18 @@ def main(argv=None) -> int:
     print(f"{R} x {devices[0].device_kind}: T={T}/rank H={H} E={E} K={K} F={F} {dtype.name}, "
           f"jax_ep backend {backend}", flush=True)
 
-    def make_layer(capacity):
+    def make_layer(capacity, expert_capacity=None):
         return MoE(hidden=H, ffn_hidden=F, num_experts=E, top_k=K, mesh=mesh,
-                   score_func=args.score_func, capacity=capacity, buffer=buffer,
+                   score_func=args.score_func, capacity=capacity,
+                   expert_capacity=expert_capacity, buffer=buffer,
                    backend="auto", dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(args.seed))
 
     layer = make_layer(None)
     graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
     ep_cap = math.ceil(cf * T * K)
-    graphdef_cf, _, _ = nnx.split(make_layer(ep_cap), nnx.Param, ...)
+    # same rows per expert as a2a_cf (R source ranks x C each): dense batched expert matmuls
+    ep_expert_cap = R * max(1, math.ceil(cf * T * K / E))
+    graphdef_cf, _, _ = nnx.split(make_layer(ep_cap, ep_expert_cap), nnx.Param, ...)
     bias = layer.expert_bias[...]
 
     key = jax.random.key(args.seed + 1)
@@ -305,6 +309,7 @@ def main(argv=None) -> int:
         "ragged_dot_lowering": args.ragged_dot,
         "capacity_factor": cf,
         "jax_ep_cf_capacity_rows": ep_cap,
+        "jax_ep_cf_rows_per_expert": ep_expert_cap,
         "a2a_cf_rows_per_expert": max(1, math.ceil(cf * T * K / E)),
         "results": results,
     }

@@ -73,6 +73,20 @@ class Buffer:
         """NVLink bytes per GPU that a normal dispatch/combine of this size needs."""
         return int(_cuda_module().nvl_bytes_hint(num_tokens, hidden, num_ranks, dtype_bytes))
 
+    @staticmethod
+    def get_low_latency_size_hint(max_tokens_per_rank: int, hidden: int, num_experts: int,
+                                  num_ranks: int, dtype_bytes: int = 2) -> int:
+        """NVLink bytes per GPU for low-latency ops of this size (normal ops still fit)."""
+        from jax_ep.backends import cuda_low_latency
+        return int(cuda_low_latency.ll_bytes_hint(max_tokens_per_rank, hidden, num_experts,
+                                                  num_ranks, dtype_bytes))
+
+    def check_fits_low_latency(self, cfg, dtype) -> None:
+        """Raises a clear error at trace time when a low-latency call needs a larger buffer."""
+        if self.buffer_id is not None:
+            from jax_ep.backends import cuda_low_latency
+            cuda_low_latency.check_fits(self, cfg, dtype)
+
     def check_fits(self, cfg, payload) -> None:
         """Raises a clear error at trace time when a call needs more than this buffer."""
         if self.buffer_id is not None:

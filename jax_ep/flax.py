@@ -207,6 +207,7 @@ class _Config:
     normalize: bool
     scaling: float
     capacity: Optional[int]
+    expert_capacity: Optional[int]
     expert_alignment: int
     buffer: Any
     backend: str
@@ -233,6 +234,26 @@ def _batched_swiglu(x, w_gate, w_up, w_down):
     return jnp.einsum("lmf,lfh->lmh", h, w_down, preferred_element_type=f32).astype(x.dtype)
 
 
+def _to_expert_slots(recv_x, group_sizes, real_sizes, expert_capacity):
+    """Gathers the expert layout's groups into ``[E/R, C, H]`` slots (C = expert_capacity).
+
+    Returns the slots, the source row of every slot (``cap`` where the slot is empty, which
+    reads a zero row) and the rows that did not fit (groups longer than C)."""
+    cap = recv_x.shape[0]
+    start = jnp.cumsum(group_sizes) - group_sizes
+    col = jnp.arange(expert_capacity, dtype=jnp.int32)
+    src = jnp.where(col[None, :] < group_sizes[:, None], start[:, None] + col[None, :], cap)
+    padded = jnp.concatenate([recv_x, jnp.zeros((1, recv_x.shape[1]), recv_x.dtype)])
+    dropped = jnp.sum(jnp.maximum(real_sizes - expert_capacity, 0))  # padding is not counted
+    return padded[src], src, dropped
+
+
+def _from_expert_slots(y_slots, src, cap):
+    """Inverse of :func:`_to_expert_slots`: rows that had no slot come back as zeros."""
+    flat = y_slots.reshape(-1, y_slots.shape[-1])
+    return jnp.zeros((cap, flat.shape[1]), flat.dtype).at[src.reshape(-1)].set(flat, mode="drop")
+
+
 def _per_rank(cfg: _Config, x, router, bias, w_gate, w_up, w_down, shared):
     """One rank's MoE: x ``[T, H]`` local tokens, expert weights ``[E/R, ...]`` local."""
     ax = cfg.axis_name
@@ -253,9 +274,18 @@ def _per_rank(cfg: _Config, x, router, bias, w_gate, w_up, w_down, shared):
                             layout="expert", max_recv_tokens=cfg.capacity,
                             expert_alignment=cfg.expert_alignment, buffer=cfg.buffer,
                             backend=cfg.backend)
-        y = _ragged_swiglu(d.recv_x, w_gate, w_up, w_down, d.group_sizes)
+        dropped = d.num_overflow
+        if cfg.expert_capacity is None:
+            y = _ragged_swiglu(d.recv_x, w_gate, w_up, w_down, d.group_sizes)
+        else:  # fixed rows per expert: dense batched matmuls instead of ragged_dot
+            slots, src, lost = _to_expert_slots(d.recv_x, d.group_sizes,
+                                                 d.num_recv_tokens_per_expert,
+                                                 cfg.expert_capacity)
+            y = _from_expert_slots(_batched_swiglu(slots, w_gate, w_up, w_down), src,
+                                   d.recv_x.shape[0])
+            dropped = dropped + lost
         out = jax_ep.combine(y, d.handle, d.recv_topk_weights)
-        dropped = jax.lax.psum(d.num_overflow, all_axes)
+        dropped = jax.lax.psum(dropped, all_axes)
     if cfg.has_shared:
         out = out + swiglu(x, *shared)
     # Statistics over every rank's tokens.
@@ -342,6 +372,13 @@ class MoE(nnx.Module):
       shared_ffn_hidden: width of the shared expert (0: none).
       capacity: ``max_recv_tokens`` of the dispatch (rows each rank can receive); None
         never drops. Rows beyond it are dropped and counted in ``MoEStats.dropped``.
+      expert_capacity: rows per local expert for the expert matmuls. None: one
+        ``jax.lax.ragged_dot`` per projection over the received rows. An int C: the
+        received groups are gathered into ``[E/R, C, H]`` and the experts run as dense
+        batched matmuls; rows past C are dropped and counted in ``MoEStats.dropped``.
+        Use it on GPUs, where XLA lowers ``ragged_dot`` with many groups to a dense
+        matmul over ``[rows, groups * H]`` (out of memory at DeepSeek-like shapes);
+        ``ceil(1.25 * R * T * K / E)`` is a usual choice.
       buffer: a :class:`jax_ep.Buffer` for the CUDA kernels (None: reference backend).
       backend: ``"auto"``, ``"cuda"`` or ``"reference"``.
       normalize_weights: renormalise top-k weights (default: True for sigmoid).
@@ -370,7 +407,8 @@ class MoE(nnx.Module):
                  axis_name: str = "ep", token_axes: Sequence[str] = (),
                  score_func: str = "softmax", n_groups: int = 1,
                  topk_groups: int = 1, shared_ffn_hidden: int = 0,
-                 capacity: Optional[int] = None, buffer=None, backend: str = "auto",
+                 capacity: Optional[int] = None, expert_capacity: Optional[int] = None,
+                 buffer=None, backend: str = "auto",
                  normalize_weights: Optional[bool] = None, routed_scaling: float = 1.0,
                  expert_alignment: int = 1, dtype=None, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
@@ -403,6 +441,10 @@ class MoE(nnx.Module):
         if capacity is not None and (not isinstance(capacity, int) or capacity < 1):
             raise ValueError(f"{where}: capacity must be None or a positive int, got "
                              f"{capacity!r}")
+        if expert_capacity is not None and (not isinstance(expert_capacity, int) or
+                                            expert_capacity < 1):
+            raise ValueError(f"{where}: expert_capacity must be None or a positive int, got "
+                             f"{expert_capacity!r}")
         if backend not in ("auto", "cuda", "reference"):
             raise ValueError(f"{where}: backend must be 'auto', 'cuda' or 'reference', got "
                              f"{backend!r}")
@@ -417,6 +459,7 @@ class MoE(nnx.Module):
                                   else bool(normalize_weights))
         self.routed_scaling = float(routed_scaling)
         self.shared_ffn_hidden, self.capacity = shared_ffn_hidden, capacity
+        self.expert_capacity = expert_capacity
         self.expert_alignment = expert_alignment
         self.buffer, self.backend = buffer, backend
         self.dtype, self.param_dtype = dtype, param_dtype
@@ -507,6 +550,7 @@ class MoE(nnx.Module):
             top_k=self.top_k, score_func=self.score_func, n_groups=self.n_groups,
             topk_groups=self.topk_groups, normalize=self.normalize_weights,
             scaling=self.routed_scaling, capacity=self.capacity,
+            expert_capacity=self.expert_capacity,
             expert_alignment=self.expert_alignment, buffer=self.buffer, backend=self.backend,
             has_shared=bool(self.shared_ffn_hidden), low_latency=bool(low_latency),
             max_tokens_per_rank=max_tokens_per_rank if low_latency else None)

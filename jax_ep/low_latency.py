@@ -36,11 +36,14 @@ def _config(op, x, topk_idx, num_experts, max_tokens_per_rank, axis_name, use_fp
                          f"{max_tokens_per_rank}; raise max_tokens_per_rank to at least "
                          f"{x.shape[0]}")
     resolved = backends.resolve(backend, buffer, "low_latency")
-    return LowLatencyConfig(
+    cfg = LowLatencyConfig(
         num_experts=num_experts, num_ranks=num_ranks, axis_name=axis_name,
         max_tokens_per_rank=max_tokens_per_rank, num_tokens=x.shape[0],
         num_topk=topk_idx.shape[1], hidden=x.shape[1], use_fp8=bool(use_fp8), backend=resolved,
         buffer_id=getattr(buffer, "buffer_id", None) if resolved == "cuda" else None)
+    if resolved == "cuda":
+        buffer.check_fits_low_latency(cfg, x.dtype)
+    return cfg
 
 
 def low_latency_dispatch(x: jax.Array, topk_idx: jax.Array, *, num_experts: int,

@@ -4,10 +4,12 @@
 // inside command buffers (CUDA graphs).
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 
 #include "cuda/kernels.h"
+#include "cuda/low_latency.h"
 #include "xla/ffi/api/ffi.h"
 #include "xla_ffi/buffer_registry.h"
 #include "xla_ffi/cuda_handlers.h"
@@ -104,7 +106,7 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S3
   if (num_experts > kMaxExperts || num_experts % R)
     return invalid("dispatch: num_experts must divide by the ranks and be <= " +
                    std::to_string(kMaxExperts));
-  if (layout == 1 && buffer_bytes_for_rows(cap) > s.num_bytes)
+  if (layout == 1 && buffer_bytes_for_rows(cap) > std::min(s.num_bytes, kLowLatencyOffset))
     return invalid("dispatch: the buffer holds " + std::to_string(s.num_bytes) + " bytes but " +
                    std::to_string(buffer_bytes_for_rows(cap)) + " are needed");
   const int np = int(payloads.size());

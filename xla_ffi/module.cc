@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "xla_ffi/cuda_handlers.h"
+#include "xla_ffi/low_latency_handlers.h"
 
 #ifdef JAX_EP_WITH_CUDA
 #include "cuda/buffer_layout.h"
@@ -37,6 +38,12 @@ nb::dict cuda_targets() {
   d["jax_ep_dispatch"] = handler_capsule(JaxEpDispatch);
   d["jax_ep_cached_dispatch"] = handler_capsule(JaxEpCachedDispatch);
   d["jax_ep_combine"] = handler_capsule(JaxEpCombine);
+  d["jax_ep_ll_dispatch"] = handler_capsule(JaxEpLLDispatch);
+  d["jax_ep_ll_dispatch_send"] = handler_capsule(JaxEpLLDispatchSend);
+  d["jax_ep_ll_dispatch_recv"] = handler_capsule(JaxEpLLDispatchRecv);
+  d["jax_ep_ll_combine"] = handler_capsule(JaxEpLLCombine);
+  d["jax_ep_ll_combine_send"] = handler_capsule(JaxEpLLCombineSend);
+  d["jax_ep_ll_combine_recv"] = handler_capsule(JaxEpLLCombineRecv);
 #endif
   return d;
 }

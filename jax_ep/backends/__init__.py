@@ -1,7 +1,8 @@
 """Backend selection: ``"reference"`` (pure JAX) or ``"cuda"`` (XLA FFI kernels).
 
 ``"auto"`` picks CUDA when the extension is built, a GPU is present, a CUDA
-:class:`jax_ep.Buffer` was passed and the op has a CUDA kernel; otherwise it
+:class:`jax_ep.Buffer` was passed and the op has a CUDA kernel that is ready for
+"auto" (``AUTO_OPS``; the low-latency kernels need ``backend="cuda"`` for now); otherwise it
 picks the reference backend, and says so once with a warning when a GPU was
 there to be used (never silently).
 """
@@ -25,12 +26,14 @@ def get(name: str):
     raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
 
 
-def _cuda_has(op: str) -> bool:
+def _cuda_has(op: str, auto: bool = False) -> bool:
+    """Whether the CUDA backend has a kernel for ``op`` (that "auto" may pick, if ``auto``)."""
     try:
         module = importlib.import_module("jax_ep.backends.cuda")
     except ImportError:
         return False
-    return op in getattr(module, "SUPPORTED_OPS", ())
+    supported = getattr(module, "SUPPORTED_OPS", ())
+    return op in (getattr(module, "AUTO_OPS", supported) if auto else supported)
 
 
 def resolve(backend: str, buffer, op: str, needs_buffer: bool = True) -> str:
@@ -60,12 +63,14 @@ def resolve(backend: str, buffer, op: str, needs_buffer: bool = True) -> str:
                 f"backend='cuda' needs buffer=jax_ep.Buffer(mesh, axis_name) for {op!r}: the "
                 "kernels communicate through memory that the Buffer allocates")
         return "cuda"
-    if cuda_ok and has_cuda_buffer and _cuda_has(op):
+    if cuda_ok and has_cuda_buffer and _cuda_has(op, auto=True):
         return "cuda"
     if cuda_ok and op not in _warned:
         _warned.add(op)
-        reason = ("the CUDA backend has no kernel for it yet" if not _cuda_has(op)
-                  else "no buffer=jax_ep.Buffer(mesh, axis_name) was passed")
+        reason = ("the CUDA backend has no kernel for it yet" if not _cuda_has(op) else
+                  "its CUDA kernel is not yet faster than the reference; pass backend='cuda' "
+                  "to use it" if not _cuda_has(op, auto=True) else
+                  "no buffer=jax_ep.Buffer(mesh, axis_name) was passed")
         warnings.warn(f"jax_ep.{op}: using the reference (all_to_all) backend on GPU because "
                       f"{reason}", stacklevel=4)
     return "reference"

@@ -26,7 +26,11 @@ import numpy as np
 from jax_ep import _native
 from jax_ep.types import DispatchConfig, HandleArrays
 
-SUPPORTED_OPS = ("dispatch", "combine", "get_dispatch_layout")
+SUPPORTED_OPS = ("dispatch", "combine", "get_dispatch_layout", "low_latency")
+# What backend="auto" picks. The low-latency kernels match the reference bitwise but are
+# still slower than jax.lax.all_to_all (bench/results/low_latency-*.json), so they run
+# only when asked for with backend="cuda" until they are tuned.
+AUTO_OPS = ("dispatch", "combine", "get_dispatch_layout")
 
 I32 = jnp.int32
 F32 = jnp.float32
@@ -266,3 +270,7 @@ def combine(y: jax.Array, weights: Optional[jax.Array], handle: HandleArrays,
                 num_sms=_i64(cfg.num_sms), layout=_i64(_LAYOUT_CODE[cfg.layout]),
                 num_topk=_i64(cfg.num_topk), has_weights=bool(has_weights))
     return res[:, :width] if pad else res
+
+
+# Low-latency ops (cuda/low_latency.cu): same signatures as reference.ll_dispatch/ll_combine.
+from jax_ep.backends.cuda_low_latency import ll_combine, ll_dispatch  # noqa: E402,F401

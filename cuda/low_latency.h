@@ -1,0 +1,116 @@
+// Low-latency (decode) kernels: host launch API and the layout of the low-latency
+// region of each GPU's communication buffer (plain C++: included by the FFI handlers).
+//
+// Region (at kLowLatencyOffset, past everything the normal kernels use):
+//   LowLatencyHeader                       op counter, arrival counter, flags
+//   half 0 | half 1                        receive slots, alternating by op parity
+// Each half holds either a dispatch's slots  [E = L*R blocks (l, src rank), M, row]
+// followed by their source-token ids [E, M] int32, or a combine's slots [E, M, row]
+// (rows of this rank's tokens, back from the expert owners). Dispatch and combine share
+// one op counter, so consecutive low-latency ops always use different halves.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "cuda/buffer_layout.h"
+#include "cuda/kernels.h"  // ElemType
+
+namespace jax_ep {
+
+constexpr int kLLMaxTokensPerRank = 1024;  // M
+// The normal kernels use [0, buffer_bytes_for_rows(cap)); 64 MiB leaves room for
+// 16M received rows there (the default normal Buffer is 16 MiB).
+constexpr size_t kLowLatencyOffset = size_t(64) << 20;
+
+struct alignas(128) LowLatencyHeader {
+  // Low-latency ops completed on this rank (local; the last block of each *_recv bumps it).
+  uint64_t seq;
+  // Op number of the last *_send (local; detects two sends without a recv in between).
+  uint64_t send_pending;
+  // Blocks of the running *_recv kernel that are done (local; reset by the last one).
+  uint32_t recv_arrivals;
+  uint32_t pad[27];
+  // flags[parity][i], written by peers: (op << 32) | row count. Dispatch: i = l*R + src
+  // rank; combine: i = global expert id.
+  uint64_t flags[2][kMaxExperts];
+};
+
+static_assert(sizeof(LowLatencyHeader) == 16512, "mirrored in jax_ep/backends/cuda_low_latency.py");
+constexpr size_t kLLDataOffset = kLowLatencyOffset + align_up(sizeof(LowLatencyHeader), 4096);
+static_assert(kLowLatencyOffset >= buffer_bytes_for_rows(1 << 20),
+              "the low-latency region must start past the normal kernels' region");
+
+// Bytes of one slot row (16-byte aligned). FP8 rows: H e4m3 values then H/128 f32 scales.
+constexpr size_t ll_dispatch_row_stride(size_t hidden, size_t elem_bytes, bool use_fp8) {
+  return align_up(use_fp8 ? hidden + hidden / 128 * 4 : hidden * elem_bytes, 16);
+}
+constexpr size_t ll_combine_row_stride(size_t width, size_t elem_bytes) {
+  return align_up(width * elem_bytes, 16);
+}
+// Offset of the source-token ids inside a dispatch half.
+constexpr size_t ll_dispatch_token_offset(size_t experts, size_t max_tokens, size_t stride) {
+  return align_up(experts * max_tokens * stride, 256);
+}
+constexpr size_t ll_dispatch_half_bytes(size_t experts, size_t max_tokens, size_t stride) {
+  return ll_dispatch_token_offset(experts, max_tokens, stride) + experts * max_tokens * 4;
+}
+constexpr size_t ll_combine_half_bytes(size_t experts, size_t max_tokens, size_t stride) {
+  return experts * max_tokens * stride;
+}
+// Total buffer bytes for ops whose half needs `half_bytes`.
+constexpr size_t ll_buffer_bytes(size_t half_bytes) {
+  return kLLDataOffset + 2 * align_up(half_bytes, 4096);
+}
+// Bytes of each half in a buffer of `num_bytes` (0 when the buffer ends before the data).
+constexpr size_t ll_half_bytes_available(size_t num_bytes) {
+  return num_bytes <= kLLDataOffset ? 0 : (num_bytes - kLLDataOffset) / 2 / 4096 * 4096;
+}
+
+struct LLDispatchArgs {
+  PeerBases peers;
+  int me, num_ranks, num_experts, num_tokens, num_topk, max_tokens, hidden;
+  ElemType x_type;
+  bool use_fp8;
+  size_t half_bytes;  // ll_half_bytes_available(buffer size): same on every rank
+  // Sender.
+  const void* x;            // [T, H]
+  const int* topk_idx;      // [T, K]
+  const float* slot_scale;  // [T, K] or nullptr: row = x * (sum of its slots' scales)
+  int* send_pos;            // [T, K] out
+  int* ticket;              // [1] out (split form) or nullptr
+  // Receiver.
+  void* recv_x;             // [L, R*M, H] x's dtype, or e4m3 values
+  float* recv_scales;       // [L, R*M, H/128] (FP8) or nullptr
+  int* recv_count;          // [L]
+  int* recv_src_token;      // [L, R*M]
+  int* recv_count_per_rank; // [L, R]
+  const int* expect_ticket; // [1] from the send (split form) or nullptr
+  int num_blocks, num_threads;
+};
+cudaError_t launch_ll_dispatch_send(const LLDispatchArgs& args, cudaStream_t stream);
+cudaError_t launch_ll_dispatch_recv(const LLDispatchArgs& args, cudaStream_t stream);
+
+struct LLCombineArgs {
+  PeerBases peers;
+  int me, num_ranks, num_experts, num_tokens, num_topk, max_tokens, width;
+  ElemType y_type;
+  size_t half_bytes;
+  // Sender (expert side).
+  const void* y;                  // [L, R*M, W]
+  const int* recv_count_per_rank; // [L, R] from the dispatch
+  int* ticket;                    // [1] out or nullptr
+  // Receiver (home side).
+  const int* topk_idx;            // [T, K]
+  const float* topk_weights;      // [T, K]
+  const int* send_pos;            // [T, K] from the dispatch
+  void* out;                      // [T, W] y's dtype
+  const int* expect_ticket;       // [1] or nullptr
+  int num_blocks, num_threads;
+};
+cudaError_t launch_ll_combine_send(const LLCombineArgs& args, cudaStream_t stream);
+cudaError_t launch_ll_combine_recv(const LLCombineArgs& args, cudaStream_t stream);
+
+}  // namespace jax_ep

@@ -1,0 +1,276 @@
+"""CUDA backend, low-latency (decode) ops: XLA FFI custom calls over NVLink peer pointers.
+
+``ll_dispatch`` and ``ll_combine`` have the signatures and results of
+:mod:`jax_ep.backends.reference` (bitwise the same values, including the
+:class:`~jax_ep.types.LowLatencyHandleArrays`); each is one custom call that launches a
+send kernel and a receive kernel. The split form (``ll_dispatch_send`` /
+``ll_dispatch_recv``, ``ll_combine_send`` / ``ll_combine_recv``) is two custom calls tied
+by a one-int ticket, so independent work can sit between them.
+
+Receive slots live in the low-latency region of each GPU's communication buffer (see
+``cuda/low_latency.h``): create the ``jax_ep.Buffer`` with
+``num_nvl_bytes=ll_bytes_hint(...)``. Consecutive low-latency ops alternate between two
+halves of that region, so on one Buffer every ``*_send`` must be followed by its
+``*_recv`` before the next ``*_send`` (the kernels trap with a message otherwise).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_ep import _native
+from jax_ep.types import LowLatencyConfig, LowLatencyHandleArrays
+
+I32 = jnp.int32
+F32 = jnp.float32
+
+# Mirrors cuda/low_latency.h and cuda/buffer_layout.h (kept in sync by hand).
+MAX_TOKENS_PER_RANK = 1024
+_MAX_RANKS, _MAX_EXPERTS, _MAX_TOPK = 8, 1024, 16
+_LL_OFFSET = 64 << 20
+_LL_HEADER_BYTES = 20480  # align_up(sizeof(LowLatencyHeader) = 16512, 4096)
+_LL_DATA_OFFSET = _LL_OFFSET + _LL_HEADER_BYTES
+# Default launch shape: up to one block per expert (or token), 16 warps per block.
+DEFAULT_NUM_SMS = 256
+DEFAULT_NUM_WARPS = 16
+
+_FLOAT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+
+
+def _align(n: int, a: int) -> int:
+    return -(-int(n) // a) * a
+
+
+def _dispatch_half_bytes(E, M, H, elem_bytes, use_fp8) -> int:
+    stride = _align(H + H // 128 * 4 if use_fp8 else H * elem_bytes, 16)
+    return _align(E * M * stride, 256) + E * M * 4
+
+
+def _combine_half_bytes(E, M, W, elem_bytes) -> int:
+    return E * M * _align(W * elem_bytes, 16)
+
+
+def ll_bytes_hint(max_tokens_per_rank: int, hidden: int, num_experts: int, num_ranks: int,
+                  dtype_bytes: int = 2) -> int:
+    """Communication-buffer bytes per GPU for low-latency ops of this size.
+
+    Covers bf16/f16 (``dtype_bytes=2``) or f32 (``4``) dispatch and combine, FP8 dispatch
+    included, and their gradients; the normal kernels keep working in the same Buffer.
+
+    Example::
+
+        buf = jax_ep.Buffer(mesh, "ep", num_nvl_bytes=ll_bytes_hint(128, 7168, 256, 8))
+    """
+    del num_ranks  # the slots are [E, M] rows whatever the split of E over the ranks
+    E, M, H = int(num_experts), int(max_tokens_per_rank), int(hidden)
+    half = max(_dispatch_half_bytes(E, M, H, dtype_bytes, False),
+               _dispatch_half_bytes(E, M, H, dtype_bytes, H % 128 == 0),
+               _combine_half_bytes(E, M, H, dtype_bytes))
+    return _LL_DATA_OFFSET + 2 * _align(half, 4096)
+
+
+def _half_available(num_bytes: int) -> int:
+    if num_bytes <= _LL_DATA_OFFSET:
+        return 0
+    return (num_bytes - _LL_DATA_OFFSET) // 2 // 4096 * 4096
+
+
+def check_fits(buffer, cfg: LowLatencyConfig, dtype=jnp.bfloat16) -> None:
+    """Raises at trace time when a low-latency call of ``cfg`` needs more than ``buffer``."""
+    E, M, H = cfg.num_experts, cfg.max_tokens_per_rank, cfg.hidden
+    b = jnp.dtype(dtype).itemsize
+    half = max(_dispatch_half_bytes(E, M, H, b, cfg.use_fp8), _combine_half_bytes(E, M, H, b))
+    if half > _half_available(int(buffer.num_nvl_bytes)):
+        need = _LL_DATA_OFFSET + 2 * _align(half, 4096)
+        raise ValueError(
+            f"low_latency_dispatch: this call needs a communication buffer of {need} bytes per "
+            f"GPU (max_tokens_per_rank={M}, hidden={H}, num_experts={E}) but the Buffer has "
+            f"{buffer.num_nvl_bytes}; create it with num_nvl_bytes="
+            f"jax_ep.backends.cuda_low_latency.ll_bytes_hint({M}, {H}, {E}, {cfg.num_ranks})")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _cuda():
+    # Imported lazily: jax_ep.backends.cuda imports this module.
+    return importlib.import_module("jax_ep.backends.cuda")
+
+
+def _call(name: str, results, *args, axis_name: str, **attrs):
+    _native.load()
+    varying = _cuda()._varying
+    args = tuple(varying(a, axis_name) for a in args)
+    out = jax.ffi.ffi_call(name, results, has_side_effect=True)(*args, **attrs)
+    return jax.tree.map(lambda a: varying(a, axis_name), out)
+
+
+def _check(op: str, cfg: LowLatencyConfig, num_tokens: int, num_topk: int) -> int:
+    if cfg.buffer_id is None:
+        raise ValueError(f"{op}: the CUDA backend needs buffer=jax_ep.Buffer(mesh, axis_name, "
+                         "num_nvl_bytes=ll_bytes_hint(...))")
+    R, E, M = cfg.num_ranks, cfg.num_experts, cfg.max_tokens_per_rank
+    if R > _MAX_RANKS:
+        raise ValueError(f"{op}: the CUDA kernels support up to {_MAX_RANKS} ranks, got {R}")
+    if E > _MAX_EXPERTS or E % R:
+        raise ValueError(f"{op}: num_experts must be a multiple of {R} and <= {_MAX_EXPERTS}, "
+                         f"got {E}")
+    if not 1 <= M <= MAX_TOKENS_PER_RANK:
+        raise ValueError(f"{op}: the CUDA kernels support max_tokens_per_rank in [1, "
+                         f"{MAX_TOKENS_PER_RANK}], got {M}")
+    if num_tokens > M:
+        raise ValueError(f"{op}: {num_tokens} tokens but max_tokens_per_rank is {M}")
+    if not 1 <= num_topk <= _MAX_TOPK:
+        raise ValueError(f"{op}: the CUDA kernels support 1 to {_MAX_TOPK} top-k slots, got "
+                         f"{num_topk}")
+    return int(cfg.buffer_id)
+
+
+def _check_dtype(op: str, name: str, a) -> None:
+    if jnp.dtype(a.dtype) not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be bfloat16, float16 or float32, got {a.dtype}")
+
+
+def _attrs(cfg: LowLatencyConfig, buffer_id: int, num_sms: Optional[int],
+           num_warps: Optional[int]):
+    return dict(buffer_id=np.int64(buffer_id), num_experts=np.int64(cfg.num_experts),
+                max_tokens_per_rank=np.int64(cfg.max_tokens_per_rank),
+                num_sms=np.int64(num_sms or DEFAULT_NUM_SMS),
+                num_warps=np.int64(num_warps or DEFAULT_NUM_WARPS))
+
+
+def _recv_results(cfg: LowLatencyConfig, hidden: int, dtype):
+    L, R, M = cfg.num_local_experts, cfg.num_ranks, cfg.max_tokens_per_rank
+    counts = [jax.ShapeDtypeStruct((L,), I32),          # recv_count
+              jax.ShapeDtypeStruct((L, R * M), I32),    # recv_src_token
+              jax.ShapeDtypeStruct((L, R), I32)]        # recv_count_per_rank
+    if cfg.use_fp8:
+        payload = [jax.ShapeDtypeStruct((L, R * M, hidden), jnp.float8_e4m3fn),
+                   jax.ShapeDtypeStruct((L, R * M, hidden // 128), F32)]
+    else:
+        payload = [jax.ShapeDtypeStruct((L, R * M, hidden), dtype)]
+    return counts, payload
+
+
+def _sender_operands(op, x, topk_idx, slot_scale, cfg):
+    _check_dtype(op, "x", x)
+    if x.ndim != 2 or topk_idx.ndim != 2 or topk_idx.shape[0] != x.shape[0]:
+        raise ValueError(f"{op}: x must be [T, H] and topk_idx [T, K], got {x.shape} and "
+                         f"{topk_idx.shape}")
+    if cfg.use_fp8 and x.shape[1] % 128:
+        raise ValueError(f"{op}: use_fp8=True needs hidden % 128 == 0, got {x.shape[1]}")
+    has_scale = slot_scale is not None
+    scale = (slot_scale.astype(F32) if has_scale else jnp.zeros((1,), F32))
+    return x, topk_idx.astype(I32), scale, has_scale
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+def ll_dispatch(x: jax.Array, topk_idx: jax.Array, slot_scale: Optional[jax.Array],
+                cfg: LowLatencyConfig, *, num_sms: Optional[int] = None,
+                num_warps: Optional[int] = None):
+    """Same contract as ``reference.ll_dispatch``: ``(recv_x, recv_count, handle)``."""
+    op = "low_latency_dispatch"
+    x, idx, scale, has_scale = _sender_operands(op, x, topk_idx, slot_scale, cfg)
+    T, H = x.shape
+    buffer_id = _check(op, cfg, T, idx.shape[1])
+    counts, payload = _recv_results(cfg, H, x.dtype)
+    results = [jax.ShapeDtypeStruct(idx.shape, I32)] + counts + payload  # send_pos first
+    outs = _call("jax_ep_ll_dispatch", results, x, idx, scale, axis_name=cfg.axis_name,
+                 use_fp8=bool(cfg.use_fp8), has_slot_scale=bool(has_scale),
+                 **_attrs(cfg, buffer_id, num_sms, num_warps))
+    send_pos, recv_count, src_token, count_per_rank = outs[:4]
+    recv_x = tuple(outs[4:]) if cfg.use_fp8 else outs[4]
+    return recv_x, recv_count, LowLatencyHandleArrays(src_token, count_per_rank, send_pos)
+
+
+class DispatchSent(NamedTuple):
+    """What :func:`ll_dispatch_send` returns; pass it to :func:`ll_dispatch_recv`."""
+    send_pos: jax.Array  # [T, K] int32, the handle's send_pos
+    ticket: jax.Array    # [1] int32, the op number (ties the recv to this send)
+
+
+def ll_dispatch_send(x: jax.Array, topk_idx: jax.Array, cfg: LowLatencyConfig,
+                     slot_scale: Optional[jax.Array] = None, *, num_sms: Optional[int] = None,
+                     num_warps: Optional[int] = None) -> DispatchSent:
+    """First half of :func:`ll_dispatch`: writes the rows into the peers' slots."""
+    op = "low_latency_dispatch_send"
+    x, idx, scale, has_scale = _sender_operands(op, x, topk_idx, slot_scale, cfg)
+    buffer_id = _check(op, cfg, x.shape[0], idx.shape[1])
+    results = (jax.ShapeDtypeStruct(idx.shape, I32), jax.ShapeDtypeStruct((1,), I32))
+    send_pos, ticket = _call("jax_ep_ll_dispatch_send", results, x, idx, scale,
+                             axis_name=cfg.axis_name, use_fp8=bool(cfg.use_fp8),
+                             has_slot_scale=bool(has_scale),
+                             **_attrs(cfg, buffer_id, num_sms, num_warps))
+    return DispatchSent(send_pos, ticket)
+
+
+def ll_dispatch_recv(sent: DispatchSent, cfg: LowLatencyConfig, dtype, *,
+                     hidden: Optional[int] = None, num_sms: Optional[int] = None,
+                     num_warps: Optional[int] = None):
+    """Second half of :func:`ll_dispatch`: waits for the rows; ``dtype`` is x's dtype.
+
+    Returns ``(recv_x, recv_count, handle)`` exactly as the fused op."""
+    op = "low_latency_dispatch_recv"
+    buffer_id = _check(op, cfg, 0, 1)
+    hidden = int(hidden if hidden is not None else cfg.hidden)
+    counts, payload = _recv_results(cfg, hidden, jnp.dtype(dtype))
+    outs = _call("jax_ep_ll_dispatch_recv", counts + payload, sent.ticket,
+                 axis_name=cfg.axis_name, use_fp8=bool(cfg.use_fp8),
+                 **_attrs(cfg, buffer_id, num_sms, num_warps))
+    recv_count, src_token, count_per_rank = outs[:3]
+    recv_x = tuple(outs[3:]) if cfg.use_fp8 else outs[3]
+    return recv_x, recv_count, LowLatencyHandleArrays(src_token, count_per_rank, sent.send_pos)
+
+
+# ----------------------------------------------------------------------------- combine
+
+def _check_y(op, y, cfg):
+    _check_dtype(op, "y", y)
+    L, R, M = cfg.num_local_experts, cfg.num_ranks, cfg.max_tokens_per_rank
+    if y.ndim != 3 or y.shape[:2] != (L, R * M) or y.shape[2] < 1:
+        raise ValueError(f"{op}: y must have shape {(L, R * M, 'W')}, got {y.shape}")
+
+
+def ll_combine(y: jax.Array, topk_idx: jax.Array, topk_weights: jax.Array,
+               handle: LowLatencyHandleArrays, cfg: LowLatencyConfig, *,
+               num_sms: Optional[int] = None, num_warps: Optional[int] = None) -> jax.Array:
+    """Same contract as ``reference.ll_combine``: ``out [T, W]`` in ``y``'s dtype."""
+    op = "low_latency_combine"
+    T, K = topk_idx.shape
+    buffer_id = _check(op, cfg, T, K)
+    _check_y(op, y, cfg)
+    out = jax.ShapeDtypeStruct((T, y.shape[2]), y.dtype)
+    return _call("jax_ep_ll_combine", out, y, topk_idx.astype(I32), topk_weights.astype(F32),
+                 handle.send_pos.astype(I32), handle.recv_count_per_rank.astype(I32),
+                 axis_name=cfg.axis_name, **_attrs(cfg, buffer_id, num_sms, num_warps))
+
+
+def ll_combine_send(y: jax.Array, handle: LowLatencyHandleArrays, cfg: LowLatencyConfig, *,
+                    num_sms: Optional[int] = None, num_warps: Optional[int] = None) -> jax.Array:
+    """First half of :func:`ll_combine`: sends the expert rows home. Returns the ticket."""
+    op = "low_latency_combine_send"
+    buffer_id = _check(op, cfg, 0, 1)
+    _check_y(op, y, cfg)
+    return _call("jax_ep_ll_combine_send", jax.ShapeDtypeStruct((1,), I32), y,
+                 handle.recv_count_per_rank.astype(I32), axis_name=cfg.axis_name,
+                 **_attrs(cfg, buffer_id, num_sms, num_warps))
+
+
+def ll_combine_recv(ticket: jax.Array, topk_idx: jax.Array, topk_weights: jax.Array,
+                    handle: LowLatencyHandleArrays, cfg: LowLatencyConfig, dtype, width: int, *,
+                    num_sms: Optional[int] = None, num_warps: Optional[int] = None) -> jax.Array:
+    """Second half of :func:`ll_combine`: ``out [T, width]`` in ``dtype`` (y's)."""
+    op = "low_latency_combine_recv"
+    T, K = topk_idx.shape
+    buffer_id = _check(op, cfg, T, K)
+    if jnp.dtype(dtype) not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: dtype must be bfloat16, float16 or float32, got {dtype}")
+    out = jax.ShapeDtypeStruct((T, int(width)), jnp.dtype(dtype))
+    return _call("jax_ep_ll_combine_recv", out, ticket, topk_idx.astype(I32),
+                 topk_weights.astype(F32), handle.send_pos.astype(I32),
+                 axis_name=cfg.axis_name, **_attrs(cfg, buffer_id, num_sms, num_warps))

@@ -1,0 +1,386 @@
+"""CUDA low-latency kernels == reference backend, on the real GPUs of this process.
+
+Dispatch outputs (recv_x, FP8 values and scales included, counts, handle arrays) must
+match bitwise; combine outputs must match value for value (``assert_array_equal``: the
+one allowed difference is the sign of an exact zero for a token whose every slot is
+masked, where the reference multiplies an arbitrary row by 0). Fresh random routing every
+run (seed printed; replay with JAX_EP_TEST_SEED).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import jax_ep
+from jax_ep.backends import cuda_low_latency as cll
+from jax_ep.backends import reference as ref
+from jax_ep.types import LowLatencyConfig
+from tests.gpu import harness as h
+
+pytestmark = pytest.mark.gpu
+
+SEED = int(os.environ.get("JAX_EP_TEST_SEED", time.time_ns() % (1 << 31)))
+print(f"tests/gpu low-latency seed: JAX_EP_TEST_SEED={SEED}")
+
+# Every test fits these bounds, so one Buffer per EP size serves them all.
+MAX_M, MAX_H, MAX_E = 128, 1024, 64
+_buffers = {}
+
+
+def _rng(*salt):
+    return np.random.default_rng([SEED, *[hash(s) % (1 << 31) for s in salt]])
+
+
+def _ranks():
+    n = min(4, h.num_gpus())
+    if n < 2:
+        pytest.skip("needs at least 2 GPUs")
+    return n
+
+
+def _buffer(R):
+    if R not in _buffers:
+        _buffers[R] = jax_ep.Buffer(h.mesh(R), h.AXIS, backend="cuda",
+                                    num_nvl_bytes=cll.ll_bytes_hint(MAX_M, MAX_H, MAX_E, R,
+                                                                    dtype_bytes=4))
+    return _buffers[R]
+
+
+def _cfg(R, T, H, K, E, M, fp8, backend):
+    buf_id = _buffer(R).buffer_id if backend == "cuda" else None
+    return LowLatencyConfig(num_experts=E, num_ranks=R, axis_name=h.AXIS, max_tokens_per_rank=M,
+                            num_tokens=T, num_topk=K, hidden=H, use_fp8=fp8, backend=backend,
+                            buffer_id=buf_id)
+
+
+def _backend(name):
+    return cll if name == "cuda" else ref
+
+
+def _bits(a):
+    a = np.asarray(a)
+    if a.dtype.kind == "f" or a.dtype.name.startswith(("float8", "bfloat16")):
+        return a.view(np.dtype(f"u{a.dtype.itemsize}"))
+    return a
+
+
+def _assert_bitwise(name, got, want):
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape and got.dtype == want.dtype, (name, got.shape, want.shape)
+    if not np.array_equal(_bits(got), _bits(want)):
+        bad = np.argwhere(_bits(got) != _bits(want))
+        detail = ""
+        if got.dtype.kind == "f" or "float" in got.dtype.name:
+            g = got.astype(np.float32)[tuple(bad.T)]
+            w = want.astype(np.float32)[tuple(bad.T)]
+            detail = f"; got {g[:4].tolist()} want {w[:4].tolist()}"
+        raise AssertionError(f"{name} differs at {len(bad)} of {got.size} places, first "
+                             f"{bad[:4].tolist()}{detail} (seed {SEED})")
+
+
+def _assert_values(name, got, want):
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape and got.dtype == want.dtype, (name, got.shape, want.shape)
+    g, w = got.astype(np.float32), want.astype(np.float32)
+    if not np.array_equal(g, w, equal_nan=True):
+        bad = np.argwhere(~((g == w) | (np.isnan(g) & np.isnan(w))))
+        raise AssertionError(f"{name} differs at {len(bad)} of {got.size} places, first "
+                             f"{bad[:4].tolist()}: got {g[tuple(bad.T)][:4].tolist()} want "
+                             f"{w[tuple(bad.T)][:4].tolist()} (seed {SEED})")
+
+
+def _routing(rng, R, T, K, E, case="random"):
+    idx, w = h.routing(rng, R, T, K, E, mask_prob=0.15)
+    if case == "random":
+        if T > 1 and K > 1:  # some tokens name one expert twice (one row, two weights)
+            dup = rng.random((R, T)) < 0.2
+            idx[..., 1] = np.where(dup, idx[..., 0], idx[..., 1])
+        if T > 2:
+            idx[:, 0, :] = -1  # a token with no expert at all
+    elif case == "one_expert":  # every slot of every token of every rank names expert 5
+        idx[:] = 5
+    elif case == "all_masked":
+        idx[:] = -1
+    elif case == "out_of_range":  # ids >= E count as -1
+        idx[..., -1] = E + 3
+    return idx, w
+
+
+def _dispatch_both(R, T, H, K, E, M, fp8, idx, x):
+    outs = {}
+    for backend in ("reference", "cuda"):
+        cfg = _cfg(R, T, H, K, E, M, fp8, backend)
+        fn = lambda x, i, cfg=cfg, backend=backend: _backend(backend).ll_dispatch(x, i, None, cfg)
+        outs[backend] = h.run(fn, R, *h.shard((x, idx), R))
+    return outs["cuda"], outs["reference"]
+
+
+def _compare_dispatch(got, want, fp8):
+    (gx, gcount, gh), (wx, wcount, wh) = got, want
+    if fp8:
+        _assert_bitwise("recv_x values (e4m3)", gx[0], wx[0])
+        _assert_bitwise("recv_x scales", gx[1], wx[1])
+    else:
+        _assert_bitwise("recv_x", gx, wx)
+    _assert_bitwise("recv_count", gcount, wcount)
+    for name in gh._fields:
+        _assert_bitwise(f"handle.{name}", getattr(gh, name), getattr(wh, name))
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("T", [1, 8, 128])
+def test_dispatch_matches_reference(T, fp8):
+    R, H, K, E, M = _ranks(), 512, 8, 64, 128
+    rng = _rng("dispatch", T, fp8)
+    idx, _ = _routing(rng, R, T, K, E)
+    x = rng.standard_normal((R, T, H)).astype(jnp.bfloat16)
+    got, want = _dispatch_both(R, T, H, K, E, M, fp8, idx, x)
+    _compare_dispatch(got, want, fp8)
+
+
+@pytest.mark.parametrize("case", ["one_expert", "all_masked", "out_of_range"])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_dispatch_edge_routing(case, fp8):
+    R, T, H, K, E, M = _ranks(), 32, 256, 4, 32, 64
+    rng = _rng("edge", case, fp8)
+    idx, _ = _routing(rng, R, T, K, E, case)
+    x = rng.standard_normal((R, T, H)).astype(jnp.bfloat16)
+    got, want = _dispatch_both(R, T, H, K, E, M, fp8, idx, x)
+    _compare_dispatch(got, want, fp8)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
+def test_dispatch_other_dtypes(dtype):
+    R, T, H, K, E, M = _ranks(), 16, 384, 4, 32, 16
+    rng = _rng("dtype", str(dtype))
+    idx, _ = _routing(rng, R, T, K, E)
+    x = rng.standard_normal((R, T, H)).astype(dtype)
+    for fp8 in (False, True):
+        got, want = _dispatch_both(R, T, H, K, E, M, fp8, idx, x)
+        _compare_dispatch(got, want, fp8)
+
+
+def test_fp8_extreme_values():
+    """Blocks of zeros (amax floor), tiny and large magnitudes, exact powers of two."""
+    R, T, H, K, E, M = _ranks(), 8, 512, 2, 16, 8
+    rng = _rng("fp8-extreme")
+    idx, _ = _routing(rng, R, T, K, E)
+    x = rng.standard_normal((R, T, H)).astype(np.float32)
+    x[:, 0, :128] = 0.0
+    x[:, 1, :128] *= 1e-6
+    x[:, 2, 128:256] *= 3e4
+    x[:, 3, :] = np.ldexp(1.0, rng.integers(-8, 8, size=(R, H)))
+    got, want = _dispatch_both(R, T, H, K, E, M, True, idx, x.astype(jnp.bfloat16))
+    _compare_dispatch(got, want, True)
+
+
+# ----------------------------------------------------------------------------- combine
+
+def _combine_fn(backend, R, T, H, K, E, M, fp8=False):
+    cfg = _cfg(R, T, H, K, E, M, fp8, backend)
+    be = _backend(backend)
+
+    def f(x, idx, w):
+        recv_x, _, handle = be.ll_dispatch(x, idx, None, cfg)
+        if fp8:
+            recv_x = recv_x[0].astype(jnp.float32)  # the expert reads e4m3 values
+        l = jnp.arange(cfg.num_local_experts, dtype=jnp.float32)[:, None, None]
+        y = (recv_x.astype(jnp.float32) * (l + 1.5) + 0.25).astype(x.dtype)  # nonzero rows too
+        return be.ll_combine(y, idx, w, handle, cfg)
+    return f
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("T", [1, 8, 128])
+def test_combine_matches_reference(T, dtype):
+    R, H, K, E, M = _ranks(), 512, 8, 64, 128
+    rng = _rng("combine", T, str(dtype))
+    idx, w = _routing(rng, R, T, K, E)
+    x = rng.standard_normal((R, T, H)).astype(dtype)
+    args = h.shard((x, idx, w), R)
+    want = h.run(_combine_fn("reference", R, T, H, K, E, M), R, *args)
+    got = h.run(_combine_fn("cuda", R, T, H, K, E, M), R, *args)
+    _assert_values("combine out", got, want)
+
+
+@pytest.mark.parametrize("case", ["one_expert", "all_masked"])
+def test_combine_edge_routing(case):
+    R, T, H, K, E, M = _ranks(), 32, 256, 4, 32, 32
+    rng = _rng("combine-edge", case)
+    idx, w = _routing(rng, R, T, K, E, case)
+    x = rng.standard_normal((R, T, H)).astype(jnp.bfloat16)
+    args = h.shard((x, idx, w), R)
+    want = h.run(_combine_fn("reference", R, T, H, K, E, M), R, *args)
+    got = h.run(_combine_fn("cuda", R, T, H, K, E, M), R, *args)
+    _assert_values("combine out", got, want)
+
+
+def test_fp8_dispatch_then_bf16_combine():
+    R, T, H, K, E, M = _ranks(), 64, 1024, 8, 64, 64
+    rng = _rng("fp8-combine")
+    idx, w = _routing(rng, R, T, K, E)
+    x = rng.standard_normal((R, T, H)).astype(jnp.bfloat16)
+    args = h.shard((x, idx, w), R)
+    want = h.run(_combine_fn("reference", R, T, H, K, E, M, fp8=True), R, *args)
+    got = h.run(_combine_fn("cuda", R, T, H, K, E, M, fp8=True), R, *args)
+    _assert_values("combine out", got, want)
+
+
+# ----------------------------------------------------------------------------- split form
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_split_equals_fused(fp8):
+    R, T, H, K, E, M = _ranks(), 24, 512, 6, 32, 32
+    rng = _rng("split", fp8)
+    idx, w = _routing(rng, R, T, K, E)
+    x = rng.standard_normal((R, T, H)).astype(jnp.bfloat16)
+    cfg = _cfg(R, T, H, K, E, M, fp8, "cuda")
+
+    # Low-latency ops on one Buffer must run one after the other; XLA only orders custom
+    # calls along data dependencies, so each op below takes an (always true) dependency on
+    # the previous one's output.
+    def f(x, idx, w):
+        fused = cll.ll_dispatch(x, idx, None, cfg)
+        idx2 = jnp.where(fused[1][0] >= 0, idx, -1)
+        sent = cll.ll_dispatch_send(x, idx2, cfg)
+        h_ = jnp.tanh(x.astype(jnp.float32))  # independent work between the halves
+        split = cll.ll_dispatch_recv(sent, cfg, x.dtype)
+        vals = split[0][0] if fp8 else split[0]
+        y = (vals.astype(jnp.float32) * 3.0).astype(jnp.bfloat16)
+        out_fused = cll.ll_combine(y, idx, w, split[2], cfg)
+        y2 = jnp.where(jnp.isfinite(out_fused[0, 0]), y, jnp.zeros_like(y))
+        ticket = cll.ll_combine_send(y2, split[2], cfg)
+        out_split = cll.ll_combine_recv(ticket, idx, w, split[2], cfg, y.dtype, H)
+        return fused, split, out_fused, out_split, h_[:1]
+
+    fused, split, out_fused, out_split, _ = h.run(f, R, *h.shard((x, idx, w), R))
+    _compare_dispatch(split, fused, fp8)
+    _assert_bitwise("combine split vs fused", out_split, out_fused)
+
+
+# ----------------------------------------------------------------------------- decode loop
+
+def test_decode_scan_1000_steps():
+    """1,000 dispatch+combine pairs back to back in one jit-ed lax.scan (both halves of the
+    buffer reused ~500 times each); a few steps are recomputed with the reference."""
+    R, T, H, K, E, M, steps = _ranks(), 8, 256, 4, 32, 8, 1000
+    rng = _rng("scan")
+    idx0, w = _routing(rng, R, T, K, E)
+    x0 = rng.standard_normal((R, T, H)).astype(jnp.bfloat16)
+
+    def inputs(x, idx, i):  # step i's tokens and routing, a pure function of i
+        xi = (x.astype(jnp.float32) * (1.0 + (i % 5).astype(jnp.float32))).astype(x.dtype)
+        valid = (idx >= 0) & (idx < E)
+        idx_i = jnp.where(valid, (idx + i * 3) % E, idx)
+        return xi, idx_i
+
+    def step_fn(backend):
+        cfg = _cfg(R, T, H, K, E, M, False, backend)
+        be = _backend(backend)
+
+        def one(x, idx, w, i):
+            xi, idx_i = inputs(x, idx, i)
+            recv_x, _, handle = be.ll_dispatch(xi, idx_i, None, cfg)
+            y = (recv_x.astype(jnp.float32) * 2.0 - 1.0).astype(recv_x.dtype)
+            return be.ll_combine(y, idx_i, w, handle, cfg)
+        return one
+
+    cuda_step = step_fn("cuda")
+
+    def scanned(x, idx, w):
+        def body(carry, i):
+            out = cuda_step(x, idx, w, i)
+            return carry + jnp.sum(out.astype(jnp.float32)), out
+        init = x[0, 0].astype(jnp.float32) * 0  # varying over the EP axis, like the outputs
+        total, outs = jax.lax.scan(body, init, jnp.arange(steps, dtype=jnp.int32))
+        return outs, total
+
+    args = h.shard((x0, idx0, w), R)
+    outs, _ = h.run(scanned, R, *args)  # [R, steps, T, H]
+    ref_step = step_fn("reference")
+    for i in (0, 1, 2, 499, 998, 999):
+        want = h.run(lambda x, idx, w, i=i: ref_step(x, idx, w, jnp.int32(i)), R, *args)
+        _assert_values(f"decode step {i}", outs[:, i], want)
+
+
+# ----------------------------------------------------------------------------- gradients
+
+def _needs_integration():
+    from jax_ep.backends import cuda as cuda_backend
+    if "low_latency" not in getattr(cuda_backend, "SUPPORTED_OPS", ()):
+        pytest.skip("jax_ep.backends.cuda does not route 'low_latency' yet "
+                    "(see cuda/INTEGRATION_LL.md)")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_grads_match_reference(dtype):
+    _needs_integration()
+    R, T, H, K, E, M = _ranks(), 16, 256, 4, 32, 16
+    rng = _rng("grads", str(dtype))
+    idx, w = _routing(rng, R, T, K, E)
+    x = rng.standard_normal((R, T, H)).astype(dtype)
+    buf = _buffer(R)
+    mesh = h.mesh(R)
+
+    def grads(backend):
+        def body(x, idx, w):
+            x, idx, w = x[0], idx[0], w[0]
+            r = jax_ep.low_latency_dispatch(x, idx, num_experts=E, max_tokens_per_rank=M,
+                                            axis_name=h.AXIS, buffer=buf, backend=backend)
+            l = jnp.arange(E // R, dtype=jnp.float32)[:, None, None]
+            y = (jnp.tanh(r.recv_x.astype(jnp.float32)) * (l + 1.0)).astype(x.dtype)
+            return jax_ep.low_latency_combine(y, idx, w, r.handle)[None]
+
+        f = jax.shard_map(body, mesh=mesh, in_specs=P(h.AXIS), out_specs=P(h.AXIS))
+        loss = lambda x, w, idx: jnp.sum(f(x, idx, w).astype(jnp.float32) ** 2)
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+    args = h.shard((x, w, idx), R)
+    want = jax.tree.map(np.asarray, grads("reference")(*args))
+    got = jax.tree.map(np.asarray, grads("cuda")(*args))
+    _assert_values("d loss / d x", got[0], want[0])
+    _assert_values("d loss / d topk_weights", got[1], want[1])
+
+
+# ----------------------------------------------------------------------------- errors
+
+def test_buffer_too_small_is_a_clear_error():
+    R = _ranks()
+    T, H, K, E, M = 8, 1024, 4, 64, 128
+    small = jax_ep.Buffer(h.mesh(R), h.AXIS, backend="cuda", num_nvl_bytes=70 << 20)
+    try:
+        cfg = dataclasses.replace(_cfg(R, T, H, K, E, M, False, "cuda"), buffer_id=small.buffer_id)
+        with pytest.raises(ValueError, match="ll_bytes_hint"):
+            cll.check_fits(small, cfg)
+        rng = _rng("small")
+        idx, _ = _routing(rng, R, T, K, E)
+        x = rng.standard_normal((R, T, H)).astype(jnp.bfloat16)
+        with pytest.raises(Exception, match="ll_bytes_hint"):
+            h.run(lambda x, i: cll.ll_dispatch(x, i, None, cfg)[1], R, *h.shard((x, idx), R))
+    finally:
+        small.close()
+
+
+def test_python_validation():
+    R = _ranks()
+    cfg = _cfg(R, 8, 256, 4, 32, 2048, False, "cuda")
+    x = jnp.zeros((8, 256), jnp.bfloat16)
+    idx = jnp.zeros((8, 4), jnp.int32)
+    with pytest.raises(ValueError, match="max_tokens_per_rank"):
+        cll.ll_dispatch(x, idx, None, cfg)
+    cfg = _cfg(R, 8, 200, 4, 32, 8, True, "cuda")
+    with pytest.raises(ValueError, match="hidden % 128"):
+        cll.ll_dispatch(jnp.zeros((8, 200), jnp.bfloat16), idx, None, cfg)
+    with pytest.raises(TypeError, match="bfloat16"):
+        cll.ll_dispatch(jnp.zeros((8, 256), jnp.int32), idx, None,
+                        _cfg(R, 8, 256, 4, 32, 8, False, "cuda"))

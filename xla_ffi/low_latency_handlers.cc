@@ -1,0 +1,479 @@
+// XLA FFI handlers of the low-latency ops: fused (send + recv in one handler, two
+// launches on XLA's stream) and split (*_send / *_recv, tied by a one-int ticket).
+// Shapes are static and nothing waits on the host (safe in lax.scan). The handlers are
+// deliberately not marked command-buffer compatible: inside a CUDA graph XLA orders nodes
+// by the buffers it knows, and two low-latency ops with no data dependency could then run
+// concurrently, while they share the Buffer's op counter and must run one after the other.
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "cuda/low_latency.h"
+#include "xla/ffi/api/ffi.h"
+#include "xla_ffi/buffer_registry.h"
+#include "xla_ffi/low_latency_handlers.h"
+
+namespace ffi = xla::ffi;
+
+namespace jax_ep {
+namespace {
+
+ffi::Error invalid(const std::string& op, const std::string& msg) {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, "jax_ep: " + op + ": " + msg);
+}
+
+ffi::Error launched(cudaError_t err, const std::string& op) {
+  if (err == cudaSuccess) return ffi::Error::Success();
+  return ffi::Error(ffi::ErrorCode::kInternal,
+                    "jax_ep: launching " + op + " failed: " + cudaGetErrorString(err));
+}
+
+bool elem_type_of(ffi::DataType t, ElemType* out) {
+  switch (t) {
+    case ffi::DataType::BF16: *out = ElemType::kBF16; return true;
+    case ffi::DataType::F16: *out = ElemType::kF16; return true;
+    case ffi::DataType::F32: *out = ElemType::kF32; return true;
+    default: return false;
+  }
+}
+
+size_t elem_bytes(ElemType t) { return t == ElemType::kF32 ? 4 : 2; }
+
+int blocks_of(int64_t num_sms) { return num_sms < 1 ? 1 : (num_sms > 1024 ? 1024 : int(num_sms)); }
+int threads_of(int64_t num_warps) {
+  return 32 * (num_warps < 1 ? 1 : (num_warps > 32 ? 32 : int(num_warps)));
+}
+
+// This GPU's buffer, checked to hold a low-latency half of `half_needed` bytes.
+ffi::Error find_ll_buffer(const std::string& op, int64_t buffer_id, int32_t device,
+                          size_t half_needed, const BufferState** state, size_t* half_bytes) {
+  const BufferState* s = find_buffer(buffer_id, device);
+  if (s == nullptr)
+    return invalid(op, "no communication buffer " + std::to_string(buffer_id) + " on GPU " +
+                           std::to_string(device) +
+                           " (was the jax_ep.Buffer closed, or made for other devices?)");
+  const size_t available = ll_half_bytes_available(s->num_bytes);
+  if (half_needed > available)
+    return invalid(op, "the communication buffer holds " + std::to_string(s->num_bytes) +
+                           " bytes but this low-latency call needs " +
+                           std::to_string(ll_buffer_bytes(half_needed)) +
+                           "; create jax_ep.Buffer(..., num_nvl_bytes=jax_ep.backends."
+                           "cuda_low_latency.ll_bytes_hint(max_tokens_per_rank, hidden, "
+                           "num_experts, num_ranks)) or larger");
+  *state = s;
+  *half_bytes = available;
+  return ffi::Error::Success();
+}
+
+PeerBases peer_bases(const BufferState& s) {
+  PeerBases p{};
+  for (int r = 0; r < s.num_ranks; ++r) p.base[r] = s.peers[r];
+  return p;
+}
+
+ffi::Error check_sizes(const std::string& op, int num_ranks, int64_t num_experts,
+                       int64_t max_tokens, int64_t num_tokens, int64_t num_topk) {
+  if (num_experts < num_ranks || num_experts % num_ranks || num_experts > kMaxExperts)
+    return invalid(op, "num_experts must be a multiple of the " + std::to_string(num_ranks) +
+                           " ranks and <= " + std::to_string(kMaxExperts));
+  if (max_tokens < 1 || max_tokens > kLLMaxTokensPerRank)
+    return invalid(op, "max_tokens_per_rank must be in [1, " +
+                           std::to_string(kLLMaxTokensPerRank) + "]");
+  if (num_tokens > max_tokens) return invalid(op, "more tokens than max_tokens_per_rank");
+  if (num_topk < 1 || num_topk > kMaxTopk)
+    return invalid(op, "num_topk must be in [1, " + std::to_string(kMaxTopk) + "]");
+  return ffi::Error::Success();
+}
+
+// ------------------------------------------------------------------ dispatch
+
+// Fills the receiver half of `a` from the payload results ([L, R*M, H] values, and
+// [L, R*M, H/128] f32 scales when use_fp8). Sets hidden and (non-FP8) x_type.
+ffi::Error bind_recv_outputs(const std::string& op, ffi::RemainingRets& payload, bool use_fp8,
+                             LLDispatchArgs& a) {
+  const size_t want = use_fp8 ? 2 : 1;
+  if (payload.size() != want)
+    return invalid(op, "expected " + std::to_string(want) + " payload results");
+  auto values = payload.get<ffi::AnyBuffer>(0);
+  if (values.has_error()) return values.error();
+  const auto d = values.value()->dimensions();
+  const int L = a.num_experts / a.num_ranks, RM = a.num_ranks * a.max_tokens;
+  if (d.size() != 3 || d[0] != L || d[1] != RM)
+    return invalid(op, "recv_x must have shape [num_local_experts, num_ranks * "
+                       "max_tokens_per_rank, hidden]");
+  a.hidden = int(d[2]);
+  a.recv_x = values.value()->untyped_data();
+  a.recv_scales = nullptr;
+  if (use_fp8) {
+    if (values.value()->element_type() != ffi::DataType::F8E4M3FN)
+      return invalid(op, "FP8 recv_x must be float8_e4m3fn");
+    if (a.hidden % 128) return invalid(op, "use_fp8 needs hidden % 128 == 0");
+    auto scales = payload.get<ffi::AnyBuffer>(1);
+    if (scales.has_error()) return scales.error();
+    if (scales.value()->element_type() != ffi::DataType::F32 ||
+        scales.value()->element_count() != size_t(L) * RM * (a.hidden / 128))
+      return invalid(op, "FP8 scales must be float32 [L, R*M, hidden/128]");
+    a.recv_scales = static_cast<float*>(scales.value()->untyped_data());
+  } else if (!elem_type_of(values.value()->element_type(), &a.x_type)) {
+    return invalid(op, "recv_x must be bfloat16, float16 or float32");
+  }
+  return ffi::Error::Success();
+}
+
+// Common setup of both halves; `x` (sender) may be absent on the recv-only path.
+ffi::Error begin_dispatch(const std::string& op, int32_t device, int64_t buffer_id,
+                          int64_t num_experts, int64_t max_tokens, bool use_fp8, int64_t num_sms,
+                          int64_t num_warps, int num_tokens, int num_topk, LLDispatchArgs& a) {
+  const BufferState* probe = find_buffer(buffer_id, device);
+  if (probe == nullptr) {
+    const BufferState* unused;
+    size_t unused_half;
+    return find_ll_buffer(op, buffer_id, device, 0, &unused, &unused_half);
+  }
+  ffi::Error err = check_sizes(op, probe->num_ranks, num_experts, max_tokens, num_tokens, num_topk);
+  if (err.failure()) return err;
+  if (use_fp8 && a.hidden % 128) return invalid(op, "use_fp8 needs hidden % 128 == 0");
+  const size_t stride = ll_dispatch_row_stride(size_t(a.hidden), elem_bytes(a.x_type), use_fp8);
+  const BufferState* s;
+  size_t half;
+  err = find_ll_buffer(op, buffer_id, device,
+                       ll_dispatch_half_bytes(size_t(num_experts), size_t(max_tokens), stride), &s,
+                       &half);
+  if (err.failure()) return err;
+  a.peers = peer_bases(*s);
+  a.me = s->rank;
+  a.num_ranks = s->num_ranks;
+  a.num_experts = int(num_experts);
+  a.num_tokens = num_tokens;
+  a.num_topk = num_topk;
+  a.max_tokens = int(max_tokens);
+  a.use_fp8 = use_fp8;
+  a.half_bytes = half;
+  a.num_blocks = blocks_of(num_sms);
+  a.num_threads = threads_of(num_warps);
+  return ffi::Error::Success();
+}
+
+ffi::Error bind_sender(const std::string& op, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> topk_idx,
+                       ffi::Buffer<ffi::F32> slot_scale, bool has_slot_scale, int* send_pos,
+                       LLDispatchArgs& a) {
+  const auto xd = x.dimensions();
+  const auto id = topk_idx.dimensions();
+  if (xd.size() != 2 || id.size() != 2 || id[0] != xd[0])
+    return invalid(op, "x must be [T, H] and topk_idx [T, K]");
+  if (!elem_type_of(x.element_type(), &a.x_type))
+    return invalid(op, "x must be bfloat16, float16 or float32");
+  if (has_slot_scale && slot_scale.element_count() != size_t(id[0]) * size_t(id[1]))
+    return invalid(op, "slot_scale must be [T, K]");
+  a.hidden = int(xd[1]);
+  a.x = x.untyped_data();
+  a.topk_idx = topk_idx.typed_data();
+  a.slot_scale = has_slot_scale ? slot_scale.typed_data() : nullptr;
+  a.send_pos = send_pos;
+  return ffi::Error::Success();
+}
+
+ffi::Error LLDispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
+                          ffi::Buffer<ffi::S32> topk_idx, ffi::Buffer<ffi::F32> slot_scale,
+                          ffi::Result<ffi::Buffer<ffi::S32>> send_pos,
+                          ffi::Result<ffi::Buffer<ffi::S32>> recv_count,
+                          ffi::Result<ffi::Buffer<ffi::S32>> recv_src_token,
+                          ffi::Result<ffi::Buffer<ffi::S32>> recv_count_per_rank,
+                          ffi::RemainingRets payload, int64_t buffer_id, int64_t num_experts,
+                          int64_t max_tokens_per_rank, bool use_fp8, bool has_slot_scale,
+                          int64_t num_sms, int64_t num_warps) {
+  const std::string op = "low_latency_dispatch";
+  LLDispatchArgs a{};
+  ffi::Error err = bind_sender(op, x, topk_idx, slot_scale, has_slot_scale,
+                               send_pos->typed_data(), a);
+  if (err.failure()) return err;
+  const auto id = topk_idx.dimensions();
+  err = begin_dispatch(op, device, buffer_id, num_experts, max_tokens_per_rank, use_fp8, num_sms,
+                       num_warps, int(id[0]), int(id[1]), a);
+  if (err.failure()) return err;
+  const ElemType x_type = a.x_type;
+  const int hidden = a.hidden;
+  err = bind_recv_outputs(op, payload, use_fp8, a);  // sets hidden and (non-FP8) x_type
+  if (err.failure()) return err;
+  if (a.hidden != hidden || (!use_fp8 && a.x_type != x_type))
+    return invalid(op, "recv_x must be [L, R*M, H] in x's dtype (or float8_e4m3fn)");
+  a.x_type = x_type;
+  a.recv_count = recv_count->typed_data();
+  a.recv_src_token = recv_src_token->typed_data();
+  a.recv_count_per_rank = recv_count_per_rank->typed_data();
+  err = launched(launch_ll_dispatch_send(a, stream), op + " (send)");
+  if (err.failure()) return err;
+  return launched(launch_ll_dispatch_recv(a, stream), op + " (recv)");
+}
+
+ffi::Error LLDispatchSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
+                              ffi::Buffer<ffi::S32> topk_idx, ffi::Buffer<ffi::F32> slot_scale,
+                              ffi::Result<ffi::Buffer<ffi::S32>> send_pos,
+                              ffi::Result<ffi::Buffer<ffi::S32>> ticket, int64_t buffer_id,
+                              int64_t num_experts, int64_t max_tokens_per_rank, bool use_fp8,
+                              bool has_slot_scale, int64_t num_sms, int64_t num_warps) {
+  const std::string op = "low_latency_dispatch_send";
+  LLDispatchArgs a{};
+  ffi::Error err = bind_sender(op, x, topk_idx, slot_scale, has_slot_scale,
+                               send_pos->typed_data(), a);
+  if (err.failure()) return err;
+  const auto id = topk_idx.dimensions();
+  err = begin_dispatch(op, device, buffer_id, num_experts, max_tokens_per_rank, use_fp8, num_sms,
+                       num_warps, int(id[0]), int(id[1]), a);
+  if (err.failure()) return err;
+  a.ticket = ticket->typed_data();
+  return launched(launch_ll_dispatch_send(a, stream), op);
+}
+
+ffi::Error LLDispatchRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32> ticket,
+                              ffi::Result<ffi::Buffer<ffi::S32>> recv_count,
+                              ffi::Result<ffi::Buffer<ffi::S32>> recv_src_token,
+                              ffi::Result<ffi::Buffer<ffi::S32>> recv_count_per_rank,
+                              ffi::RemainingRets payload, int64_t buffer_id, int64_t num_experts,
+                              int64_t max_tokens_per_rank, bool use_fp8, int64_t num_sms,
+                              int64_t num_warps) {
+  const std::string op = "low_latency_dispatch_recv";
+  LLDispatchArgs a{};
+  const BufferState* probe = find_buffer(buffer_id, device);
+  if (probe == nullptr) {
+    const BufferState* unused;
+    size_t unused_half;
+    return find_ll_buffer(op, buffer_id, device, 0, &unused, &unused_half);
+  }
+  if (num_experts % probe->num_ranks) return invalid(op, "num_experts % num_ranks != 0");
+  a.num_ranks = probe->num_ranks;
+  a.num_experts = int(num_experts);
+  a.max_tokens = int(max_tokens_per_rank);
+  a.x_type = ElemType::kBF16;  // FP8 slots do not depend on x's dtype
+  ffi::Error err = bind_recv_outputs(op, payload, use_fp8, a);
+  if (err.failure()) return err;
+  err = begin_dispatch(op, device, buffer_id, num_experts, max_tokens_per_rank, use_fp8, num_sms,
+                       num_warps, 0, 1, a);
+  if (err.failure()) return err;
+  a.recv_count = recv_count->typed_data();
+  a.recv_src_token = recv_src_token->typed_data();
+  a.recv_count_per_rank = recv_count_per_rank->typed_data();
+  a.expect_ticket = ticket.typed_data();
+  return launched(launch_ll_dispatch_recv(a, stream), op);
+}
+
+// ------------------------------------------------------------------ combine
+
+// Common setup; `width` and `y_type` describe y's rows (= the output's).
+ffi::Error begin_combine(const std::string& op, int32_t device, int64_t buffer_id,
+                         int64_t num_experts, int64_t max_tokens, int64_t num_sms,
+                         int64_t num_warps, int num_tokens, int num_topk, int width,
+                         ffi::DataType dtype, LLCombineArgs& a) {
+  const BufferState* probe = find_buffer(buffer_id, device);
+  if (probe == nullptr) {
+    const BufferState* unused;
+    size_t unused_half;
+    return find_ll_buffer(op, buffer_id, device, 0, &unused, &unused_half);
+  }
+  ffi::Error err = check_sizes(op, probe->num_ranks, num_experts, max_tokens, num_tokens, num_topk);
+  if (err.failure()) return err;
+  if (!elem_type_of(dtype, &a.y_type)) return invalid(op, "y must be bfloat16, float16 or float32");
+  if (width < 1) return invalid(op, "y rows must not be empty");
+  const size_t stride = ll_combine_row_stride(size_t(width), elem_bytes(a.y_type));
+  const BufferState* s;
+  size_t half;
+  err = find_ll_buffer(op, buffer_id, device,
+                       ll_combine_half_bytes(size_t(num_experts), size_t(max_tokens), stride), &s,
+                       &half);
+  if (err.failure()) return err;
+  a.peers = peer_bases(*s);
+  a.me = s->rank;
+  a.num_ranks = s->num_ranks;
+  a.num_experts = int(num_experts);
+  a.num_tokens = num_tokens;
+  a.num_topk = num_topk;
+  a.max_tokens = int(max_tokens);
+  a.width = width;
+  a.half_bytes = half;
+  a.num_blocks = blocks_of(num_sms);
+  a.num_threads = threads_of(num_warps);
+  return ffi::Error::Success();
+}
+
+ffi::Error check_y(const std::string& op, ffi::AnyBuffer y, int num_ranks, int64_t num_experts,
+                   int64_t max_tokens) {
+  const auto d = y.dimensions();
+  if (d.size() != 3 || d[0] != num_experts / num_ranks || d[1] != num_ranks * max_tokens)
+    return invalid(op, "y must have shape [num_local_experts, num_ranks * max_tokens_per_rank, W]");
+  return ffi::Error::Success();
+}
+
+ffi::Error LLCombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
+                         ffi::Buffer<ffi::S32> topk_idx, ffi::Buffer<ffi::F32> topk_weights,
+                         ffi::Buffer<ffi::S32> send_pos,
+                         ffi::Buffer<ffi::S32> recv_count_per_rank,
+                         ffi::Result<ffi::AnyBuffer> out, int64_t buffer_id, int64_t num_experts,
+                         int64_t max_tokens_per_rank, int64_t num_sms, int64_t num_warps) {
+  const std::string op = "low_latency_combine";
+  const auto id = topk_idx.dimensions();
+  if (id.size() != 2) return invalid(op, "topk_idx must be [T, K]");
+  LLCombineArgs a{};
+  const auto yd = y.dimensions();
+  ffi::Error err = begin_combine(op, device, buffer_id, num_experts, max_tokens_per_rank, num_sms,
+                                 num_warps, int(id[0]), int(id[1]),
+                                 yd.size() == 3 ? int(yd[2]) : 0, y.element_type(), a);
+  if (err.failure()) return err;
+  err = check_y(op, y, a.num_ranks, num_experts, max_tokens_per_rank);
+  if (err.failure()) return err;
+  if (out->element_type() != y.element_type() ||
+      out->element_count() != size_t(id[0]) * size_t(a.width))
+    return invalid(op, "out must be [T, W] in y's dtype");
+  a.y = y.untyped_data();
+  a.recv_count_per_rank = recv_count_per_rank.typed_data();
+  a.topk_idx = topk_idx.typed_data();
+  a.topk_weights = topk_weights.typed_data();
+  a.send_pos = send_pos.typed_data();
+  a.out = out->untyped_data();
+  err = launched(launch_ll_combine_send(a, stream), op + " (send)");
+  if (err.failure()) return err;
+  return launched(launch_ll_combine_recv(a, stream), op + " (recv)");
+}
+
+ffi::Error LLCombineSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
+                             ffi::Buffer<ffi::S32> recv_count_per_rank,
+                             ffi::Result<ffi::Buffer<ffi::S32>> ticket, int64_t buffer_id,
+                             int64_t num_experts, int64_t max_tokens_per_rank, int64_t num_sms,
+                             int64_t num_warps) {
+  const std::string op = "low_latency_combine_send";
+  LLCombineArgs a{};
+  const auto yd = y.dimensions();
+  ffi::Error err = begin_combine(op, device, buffer_id, num_experts, max_tokens_per_rank, num_sms,
+                                 num_warps, 0, 1, yd.size() == 3 ? int(yd[2]) : 0,
+                                 y.element_type(), a);
+  if (err.failure()) return err;
+  err = check_y(op, y, a.num_ranks, num_experts, max_tokens_per_rank);
+  if (err.failure()) return err;
+  a.y = y.untyped_data();
+  a.recv_count_per_rank = recv_count_per_rank.typed_data();
+  a.ticket = ticket->typed_data();
+  return launched(launch_ll_combine_send(a, stream), op);
+}
+
+ffi::Error LLCombineRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32> ticket,
+                             ffi::Buffer<ffi::S32> topk_idx, ffi::Buffer<ffi::F32> topk_weights,
+                             ffi::Buffer<ffi::S32> send_pos, ffi::Result<ffi::AnyBuffer> out,
+                             int64_t buffer_id, int64_t num_experts, int64_t max_tokens_per_rank,
+                             int64_t num_sms, int64_t num_warps) {
+  const std::string op = "low_latency_combine_recv";
+  const auto id = topk_idx.dimensions();
+  const auto od = out->dimensions();
+  if (id.size() != 2 || od.size() != 2 || od[0] != id[0])
+    return invalid(op, "topk_idx must be [T, K] and out [T, W]");
+  LLCombineArgs a{};
+  ffi::Error err = begin_combine(op, device, buffer_id, num_experts, max_tokens_per_rank, num_sms,
+                                 num_warps, int(id[0]), int(id[1]), int(od[1]),
+                                 out->element_type(), a);
+  if (err.failure()) return err;
+  a.topk_idx = topk_idx.typed_data();
+  a.topk_weights = topk_weights.typed_data();
+  a.send_pos = send_pos.typed_data();
+  a.out = out->untyped_data();
+  a.expect_ticket = ticket.typed_data();
+  return launched(launch_ll_combine_recv(a, stream), op);
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpLLDispatch, LLDispatchImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()           // x [T, H]
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // topk_idx [T, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // slot_scale [T, K] or [1]
+                                  .Ret<ffi::Buffer<ffi::S32>>()    // send_pos [T, K]
+                                  .Ret<ffi::Buffer<ffi::S32>>()    // recv_count [L]
+                                  .Ret<ffi::Buffer<ffi::S32>>()    // recv_src_token [L, R*M]
+                                  .Ret<ffi::Buffer<ffi::S32>>()    // recv_count_per_rank [L, R]
+                                  .RemainingRets()                 // recv_x (, scales)
+                                  .Attr<int64_t>("buffer_id")
+                                  .Attr<int64_t>("num_experts")
+                                  .Attr<int64_t>("max_tokens_per_rank")
+                                  .Attr<bool>("use_fp8")
+                                  .Attr<bool>("has_slot_scale")
+                                  .Attr<int64_t>("num_sms")
+                                  .Attr<int64_t>("num_warps"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpLLDispatchSend, LLDispatchSendImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()    // send_pos [T, K]
+                                  .Ret<ffi::Buffer<ffi::S32>>()    // ticket [1]
+                                  .Attr<int64_t>("buffer_id")
+                                  .Attr<int64_t>("num_experts")
+                                  .Attr<int64_t>("max_tokens_per_rank")
+                                  .Attr<bool>("use_fp8")
+                                  .Attr<bool>("has_slot_scale")
+                                  .Attr<int64_t>("num_sms")
+                                  .Attr<int64_t>("num_warps"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpLLDispatchRecv, LLDispatchRecvImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // ticket [1]
+                                  .Ret<ffi::Buffer<ffi::S32>>()    // recv_count
+                                  .Ret<ffi::Buffer<ffi::S32>>()    // recv_src_token
+                                  .Ret<ffi::Buffer<ffi::S32>>()    // recv_count_per_rank
+                                  .RemainingRets()                 // recv_x (, scales)
+                                  .Attr<int64_t>("buffer_id")
+                                  .Attr<int64_t>("num_experts")
+                                  .Attr<int64_t>("max_tokens_per_rank")
+                                  .Attr<bool>("use_fp8")
+                                  .Attr<int64_t>("num_sms")
+                                  .Attr<int64_t>("num_warps"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpLLCombine, LLCombineImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()           // y [L, R*M, W]
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // topk_idx [T, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // topk_weights [T, K]
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // send_pos [T, K]
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // recv_count_per_rank [L, R]
+                                  .Ret<ffi::AnyBuffer>()           // out [T, W]
+                                  .Attr<int64_t>("buffer_id")
+                                  .Attr<int64_t>("num_experts")
+                                  .Attr<int64_t>("max_tokens_per_rank")
+                                  .Attr<int64_t>("num_sms")
+                                  .Attr<int64_t>("num_warps"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpLLCombineSend, LLCombineSendImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()           // y
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // recv_count_per_rank
+                                  .Ret<ffi::Buffer<ffi::S32>>()    // ticket [1]
+                                  .Attr<int64_t>("buffer_id")
+                                  .Attr<int64_t>("num_experts")
+                                  .Attr<int64_t>("max_tokens_per_rank")
+                                  .Attr<int64_t>("num_sms")
+                                  .Attr<int64_t>("num_warps"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpLLCombineRecv, LLCombineRecvImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // ticket [1]
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // topk_idx
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // topk_weights
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // send_pos
+                                  .Ret<ffi::AnyBuffer>()           // out [T, W]
+                                  .Attr<int64_t>("buffer_id")
+                                  .Attr<int64_t>("num_experts")
+                                  .Attr<int64_t>("max_tokens_per_rank")
+                                  .Attr<int64_t>("num_sms")
+                                  .Attr<int64_t>("num_warps"));
+
+}  // namespace jax_ep
