@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -29,27 +28,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import jax_ep  # noqa: E402
+from timing import per_call_us  # noqa: E402  (bench/timing.py)
 from jax_ep.backends import cuda_low_latency as cll  # noqa: E402
 from jax_ep.types import LowLatencyConfig  # noqa: E402
 
 AXIS = "ep"
-
-
-def timed(fn, args, reps):
-    jax.block_until_ready(fn(*args))  # warm-up (compile, first touch)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def per_call_us(make, args, n_short, n_long, reps):
-    """Median time of one call, from jits holding n_short and n_long calls."""
-    ts = timed(make(n_short), args, reps)
-    tl = timed(make(n_long), args, reps)
-    return (tl - ts) / (n_long - n_short) * 1e6
 
 
 def main():
@@ -71,7 +54,6 @@ def main():
     if not devices or not jax_ep.cuda_available():
         sys.exit("bench/low_latency.py needs CUDA GPUs and the jax_ep CUDA extension")
     R = len(devices)
-    L = E // R
     mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
     sharding = NamedSharding(mesh, P(AXIS))
     buf = jax_ep.Buffer(mesh, AXIS, backend="cuda",

@@ -29,27 +29,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import jax_ep  # noqa: E402
+from timing import per_call_us  # noqa: E402  (bench/timing.py)
 
 AXIS = "ep"
-
-
-def timed(fn, args, reps):
-    out = fn(*args)
-    jax.block_until_ready(out)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def per_call_us(make, args, n_short, n_long, reps):
-    """Median time of one call, from jits holding n_short and n_long calls."""
-    short, long_ = make(n_short), make(n_long)
-    ts = timed(short, args, reps)
-    tl = timed(long_, args, reps)
-    return (tl - ts) / (n_long - n_short) * 1e6
 
 
 def main():

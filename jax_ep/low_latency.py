@@ -11,7 +11,7 @@ weights that row by each slot. The split forms return a pending state from
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

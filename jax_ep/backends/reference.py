@@ -249,7 +249,7 @@ def ll_combine_reduce(home: jax.Array, topk_idx: jax.Array, topk_weights: jax.Ar
                       handle: LowLatencyHandleArrays, cfg: LowLatencyConfig,
                       out_dtype) -> jax.Array:
     """out[t] = sum_k w[t,k] * home[e_k, row of (t, e_k)], fp32 in slot order."""
-    E, M = cfg.num_experts, cfg.max_tokens_per_rank
+    M = cfg.max_tokens_per_rank
     valid = handle.send_pos >= 0
     e = jnp.where(valid, topk_idx, 0)
     p = jnp.where(valid, handle.send_pos % M, 0)
