@@ -62,3 +62,14 @@ def rel_err(a, b) -> float:
     b = np.asarray(b, np.float64)
     denom = np.linalg.norm(b)
     return float(np.linalg.norm(a - b) / denom) if denom else float(np.linalg.norm(a - b))
+
+
+def ep_size() -> int:
+    """EP size of the single-configuration GPU tests: every local GPU, up to the kernels'
+    8 ranks (so the same tests run at EP 2, 4 or 8 with the machine); skips below 2."""
+    import pytest
+
+    n = min(8, num_gpus())
+    if n < 2:
+        pytest.skip("needs at least 2 GPUs")
+    return n

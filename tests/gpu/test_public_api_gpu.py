@@ -16,7 +16,7 @@ pytestmark = pytest.mark.gpu
 
 @pytest.mark.parametrize("T", [0, 1, 257])
 def test_get_dispatch_layout_auto_uses_cuda_and_matches_reference(T):
-    R = min(4, h.num_gpus())
+    R = h.ep_size()
     E, K = 8 * R, 4
     idx, _ = h.routing(np.random.default_rng(T), R, T, K, E)
     assert jax_ep.backends.resolve("auto", None, "get_dispatch_layout", needs_buffer=False) \
@@ -30,7 +30,7 @@ def test_get_dispatch_layout_auto_uses_cuda_and_matches_reference(T):
 
 
 def test_auto_dispatch_with_cuda_buffer_resolves_to_cuda():
-    R = min(4, h.num_gpus())
+    R = h.ep_size()
     assert h.buffer(R).backend == "cuda"
     assert jax_ep.backends.resolve("auto", h.buffer(R), "dispatch") == "cuda"
 
