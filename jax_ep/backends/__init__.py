@@ -65,9 +65,12 @@ def resolve(backend: str, buffer, op: str, needs_buffer: bool = True) -> str:
         return "cuda"
     if cuda_ok and has_cuda_buffer and _cuda_has(op, auto=True):
         return "cuda"
-    if cuda_ok and op not in _warned:
+    on_gpu = cuda_ok or _default_platform_is_gpu()
+    if on_gpu and op not in _warned:
         _warned.add(op)
-        reason = ("the CUDA backend has no kernel for it yet" if not _cuda_has(op) else
+        reason = (f"the CUDA kernels are unavailable ({_why_unavailable(_native)})"
+                  if not cuda_ok else
+                  "the CUDA backend has no kernel for it yet" if not _cuda_has(op) else
                   "its CUDA kernel is not yet faster than the reference; pass backend='cuda' "
                   "to use it" if not _cuda_has(op, auto=True) else
                   "no buffer=jax_ep.Buffer(mesh, axis_name) was passed")
@@ -79,3 +82,11 @@ def resolve(backend: str, buffer, op: str, needs_buffer: bool = True) -> str:
 def _why_unavailable(native) -> str:
     explain = getattr(native, "why_unavailable", None)
     return explain() if explain else "extension not built with CUDA, or no GPU"
+
+
+def _default_platform_is_gpu() -> bool:
+    import jax
+    try:
+        return jax.default_backend() == "gpu"
+    except RuntimeError:
+        return False
