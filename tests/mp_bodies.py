@@ -69,3 +69,27 @@ def hang_on_rank(rank: int = 0):
     if jax.process_index() == rank:
         time.sleep(3600)
     return {"rank": jax.process_index()}
+
+
+def exchange_and_domains():
+    """Every process publishes its rank; NVLink domains follow hosts (all one host here)."""
+    from jax_ep import distributed
+
+    me = jax.process_index()
+    got = distributed.all_gather_bytes("test/ranks", f"rank-{me}".encode())
+    hosts = distributed.process_hosts("test/hosts")
+    devices = jax.devices()
+    return {"rank": me, "gathered": [g.decode() for g in got], "num_hosts": len(set(hosts)),
+            "domains": distributed.nvlink_domains(devices, hosts=hosts),
+            "domains_2": distributed.nvlink_domains(devices, node_size=2)}
+
+
+def exchange_with_missing_rank():
+    """Rank 1 never publishes: rank 0 must fail with a timeout that names the key."""
+    from jax_ep import distributed
+
+    if jax.process_index() == 1:
+        time.sleep(30)
+        return {"rank": 1}
+    distributed.all_gather_bytes("test/missing", b"x", timeout_ms=2000)
+    return {"rank": 0}

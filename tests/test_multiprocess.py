@@ -22,3 +22,17 @@ def test_a_failing_rank_fails_fast_with_its_traceback():
 def test_a_hung_rank_times_out():
     with pytest.raises(RankFailure, match="timed out"):
         launch("tests.mp_bodies:hang_on_rank", 2, timeout=20)
+
+
+def test_key_value_exchange_and_nvlink_domains():
+    results = launch("tests.mp_bodies:exchange_and_domains", 4)
+    for r in results:
+        assert r["gathered"] == ["rank-0", "rank-1", "rank-2", "rank-3"]
+        assert r["num_hosts"] == 1
+        assert r["domains"] == [[0, 1, 2, 3]]  # one host: one NVLink domain
+        assert r["domains_2"] == [[0, 1], [2, 3]]  # logical 2 x 2 override
+
+
+def test_exchange_names_the_process_that_never_published():
+    with pytest.raises(RankFailure, match="waited 2000 ms for process 1 to publish 'test/missing'"):
+        launch("tests.mp_bodies:exchange_with_missing_rank", 2, timeout=60)

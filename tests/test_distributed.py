@@ -1,0 +1,32 @@
+"""NVLink-domain grouping and its override (single process)."""
+
+import types
+
+import pytest
+
+from jax_ep import distributed
+
+
+def _devices(processes):
+    return [types.SimpleNamespace(process_index=p) for p in processes]
+
+
+def test_domains_follow_hosts_of_processes():
+    devs = _devices([0, 1, 2, 3])  # one GPU per process, processes 0-1 and 2-3 on two hosts
+    assert distributed.nvlink_domains(devs, hosts=["a", "a", "b", "b"]) == [[0, 1], [2, 3]]
+    assert distributed.nvlink_domains(devs, hosts=["a"] * 4) == [[0, 1, 2, 3]]
+
+
+def test_node_size_override(monkeypatch):
+    devs = _devices([0, 0, 0, 0])
+    assert distributed.nvlink_domains(devs, node_size=2) == [[0, 1], [2, 3]]
+    monkeypatch.setenv(distributed.NODE_SIZE_ENV, "1")
+    assert distributed.nvlink_domains(devs, hosts=["a"]) == [[0], [1], [2], [3]]
+    with pytest.raises(ValueError, match="node size 3 must divide the 4 ranks"):
+        distributed.nvlink_domains(devs, node_size=3)
+
+
+def test_single_process_needs_no_store():
+    import jax
+    assert distributed.process_hosts() and len(distributed.process_hosts()) == 1
+    assert distributed.nvlink_domains(jax.devices()[:2]) == [[0, 1]]
