@@ -53,24 +53,16 @@ def main(argv=None) -> int:
     import numpy as np
     from flax import nnx
 
-    import jax_ep
-
     targs = train_moe.parse_args([])  # model sizes: the training example's defaults
     total = args.prompt_len + args.new_tokens
     if total > targs.seq:
         print(f"--prompt-len + --new-tokens must be <= {targs.seq}", file=sys.stderr)
         return 2
-    devices = jax.devices()
-    on_gpu = devices[0].platform == "gpu"
-    if not on_gpu:
-        devices = devices[: args.devices]
-    num_ranks = len(devices)
-    if args.batch % num_ranks:
-        print(f"--batch={args.batch} must be divisible by the {num_ranks} devices",
-              file=sys.stderr)
+    setup = train_moe.expert_parallel_setup(args)
+    if setup is None:
         return 2
-    mesh = train_moe.make_mesh(devices)
-    buffer = jax_ep.Buffer(mesh, "ep") if on_gpu else None
+    devices, mesh, buffer = setup
+    num_ranks = len(devices)
     TinyMoELM = train_moe.build_model_classes()
     model = TinyMoELM(seq=targs.seq, dim=targs.dim, heads=targs.heads, ffn_hidden=targs.ffn,
                       num_experts=targs.experts, top_k=targs.top_k, mesh=mesh,

@@ -199,9 +199,20 @@ def place_on_mesh(mesh, *objs):
             else jax.device_put(a, replicated), state))
 
 
-def make_mesh(devices):
+def expert_parallel_setup(args):
+    """Devices, an "ep" mesh over them and (on GPUs) a jax_ep.Buffer; None (after saying
+    why) when ``args.batch`` does not split over the devices."""
     import numpy as np
-    return jax.sharding.Mesh(np.array(devices), ("ep",))
+    devices = jax.devices()
+    on_gpu = devices[0].platform == "gpu"
+    if not on_gpu:
+        devices = devices[: args.devices]
+    if args.batch % len(devices):
+        print(f"--batch={args.batch} must be divisible by the {len(devices)} devices",
+              file=sys.stderr)
+        return None
+    mesh = jax.sharding.Mesh(np.array(devices), ("ep",))
+    return devices, mesh, (jax_ep.Buffer(mesh, "ep") if on_gpu else None)
 
 
 def main(argv=None) -> int:
@@ -210,17 +221,11 @@ def main(argv=None) -> int:
     _imports()
     import numpy as np
 
-    devices = jax.devices()
-    on_gpu = devices[0].platform == "gpu"
-    if not on_gpu:
-        devices = devices[: args.devices]
-    num_ranks = len(devices)
-    if args.batch % num_ranks:
-        print(f"--batch={args.batch} must be divisible by the {num_ranks} devices",
-              file=sys.stderr)
+    setup = expert_parallel_setup(args)
+    if setup is None:
         return 2
-    mesh = make_mesh(devices)
-    buffer = jax_ep.Buffer(mesh, "ep") if on_gpu else None
+    devices, mesh, buffer = setup
+    num_ranks = len(devices)
     print(f"devices: {num_ranks} x {devices[0].device_kind} ({devices[0].platform}); "
           f"jax_ep backend: {buffer.backend if buffer else 'reference'}")
 
