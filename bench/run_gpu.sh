@@ -21,8 +21,19 @@ cp "$SITE_PKG"/_jax_ep_ffi*.so jax_ep/
 $PY -c "import jax, jax_ep; print(jax.__version__, jax.devices(), jax_ep.cuda_available())" 2>&1 | tee "$OUT/env.txt"
 
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
-  timeout ${TEST_TIMEOUT:-360} $PY -m pytest -x -q -m gpu -p no:cacheprovider tests/gpu "$@" 2>&1 | tee "$OUT/gpu_tests.log" | tail -30
+  timeout ${TEST_TIMEOUT:-360} $PY -m pytest ${PYTEST_STOP:--x} -q -m gpu -p no:cacheprovider tests/gpu "$@" 2>&1 | tee "$OUT/gpu_tests.log" | tail -30
 fi
 if [ "${SKIP_BENCH:-0}" != "1" ]; then
   timeout ${BENCH_TIMEOUT:-200} $PY bench/normal.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -12
+fi
+if [ "${LL_BENCH:-0}" = "1" ]; then
+  timeout ${BENCH_TIMEOUT:-200} $PY bench/low_latency.py --out "$OUT" 2>&1 | tee "$OUT/bench_low_latency.log" | tail -12
+fi
+if [ "${MOE_BENCH:-0}" = "1" ]; then
+  timeout ${MOE_TIMEOUT:-240} $PY bench/moe_layer.py --platform gpu --impls ${MOE_IMPLS:-jax_ep_cf,a2a_cf} \
+    --iters 20 --warmup 1 --out "$OUT" 2>&1 | tee "$OUT/bench_moe_layer.log" | tail -12
+fi
+# The device tool brings back at most 8 files: bundle everything when asked.
+if [ "${BUNDLE:-0}" = "1" ]; then
+  (cd "$OUT" && tar czf /tmp/results.tgz . && find . -mindepth 1 -delete && mv /tmp/results.tgz .)
 fi
