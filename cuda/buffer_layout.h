@@ -44,8 +44,12 @@ struct Workspace {
 };
 
 // Every rank's communication buffer as mapped on the calling GPU (base[me] = local).
+// A peer publishes XLA buffer addresses of its own address space; adding ptr_delta[r]
+// turns them into addresses of the caller's (0 in one process; in one process per GPU,
+// where the peer's XLA memory pool is IPC-mapped: mapped pool base - peer's pool base).
 struct PeerBases {
   char* base[kMaxRanks];
+  int64_t ptr_delta[kMaxRanks];
 };
 
 constexpr size_t align_up(size_t n, size_t a) { return (n + a - 1) / a * a; }

@@ -93,7 +93,10 @@ __device__ __forceinline__ void load_peer_pointers(const PeerBases& peers, int m
   if (r < num_ranks) {
     BufferHeader* h = header_of(peers.base[r]);
     wait_at_least(&h->ptr_seq, seq, op, "published pointers", me, r);
-    for (int i = 0; i < count; ++i) ptrs[r][i] = h->published[i];
+    for (int i = 0; i < count; ++i) {
+      const uint64_t v = h->published[i];  // 0 = nothing published in this slot
+      ptrs[r][i] = v == 0 ? 0 : v + uint64_t(peers.ptr_delta[r]);
+    }
   }
   __syncthreads();
 }

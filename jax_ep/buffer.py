@@ -30,6 +30,10 @@ class Buffer:
       backend: ``"auto"`` (CUDA when built and the mesh is on GPUs), ``"cuda"`` or
         ``"reference"``.
 
+    One process per GPU (``jax.distributed.initialize``) works the same way: create the
+    Buffer for the global mesh on every process, in the same order (creation and
+    :meth:`close` are collective there; README "Multi-process and multi-host").
+
     Example::
 
         mesh = jax.make_mesh((4,), ("ep",))
@@ -54,6 +58,7 @@ class Buffer:
         self.num_ranks = int(mesh.shape[axis_name])
         self.num_sms = num_sms
         self.buffer_id: Optional[int] = None
+        self.multi_process = False  # the EP axis spans several processes (set on allocation)
         on_gpu = all(d.platform == "gpu" for d in mesh.devices.flat)
         if backend == "cuda" and not (_native.cuda_available() and on_gpu):
             raise RuntimeError("Buffer(backend='cuda') needs the jax_ep CUDA extension and a "
@@ -93,7 +98,7 @@ class Buffer:
             _cuda_module().check_fits(self, cfg, payload)
 
     def close(self) -> None:
-        """Frees the GPU memory (safe to call twice)."""
+        """Frees the GPU memory (safe to call twice; collective across processes)."""
         if self.buffer_id is not None:
             _cuda_module().free_buffer(self)
             self.buffer_id = None

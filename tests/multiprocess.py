@@ -2,7 +2,10 @@
 
 ``launch("tests.mp_bodies:dispatch_roundtrip", num_processes=4)`` starts N Python
 processes that each call ``jax.distributed.initialize`` over loopback, run the
-body, and print its JSON-able result. The launcher returns every rank's result,
+body, and print its JSON-able result. With ``platform="gpu"`` rank i drives GPU i
+(``local_device_ids=[i]``; every process sees all GPUs, as CUDA IPC between them needs),
+and XLA preallocates 15% of that GPU (``XLA_PYTHON_CLIENT_MEM_FRACTION``; the pytest
+process itself may hold most of the memory already). The launcher returns every rank's result,
 or fails with each failing rank's traceback; a rank that hangs fails the test
 at ``timeout`` instead of hanging the run, and one rank's failure stops the
 others at once.
@@ -54,8 +57,8 @@ def launch(body: str, num_processes: int, *, timeout: float = 240.0,
         if platform == "cpu":
             child_env["JAX_PLATFORMS"] = "cpu"
             child_env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-        else:  # one GPU per process
-            child_env["CUDA_VISIBLE_DEVICES"] = str(rank)
+        else:  # one GPU per process; every process sees all GPUs (CUDA IPC needs that)
+            child_env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.15")
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "tests.multiprocess"], env=child_env, cwd=ROOT,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
@@ -103,10 +106,13 @@ def _child() -> None:
 
     if os.environ["JAX_EP_MP_PLATFORM"] == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    rank = int(os.environ["JAX_EP_MP_RANK"])
+    gpu = os.environ["JAX_EP_MP_PLATFORM"] == "gpu"
     jax.distributed.initialize(
         coordinator_address=os.environ["JAX_EP_MP_COORDINATOR"],
         num_processes=int(os.environ["JAX_EP_MP_NUM_PROCESSES"]),
-        process_id=int(os.environ["JAX_EP_MP_RANK"]),
+        process_id=rank,
+        local_device_ids=[rank] if gpu else None,
         initialization_timeout=60)
     module, func = os.environ["JAX_EP_MP_BODY"].split(":")
     result = getattr(importlib.import_module(module), func)(

@@ -1,9 +1,13 @@
 #include "xla_ffi/buffer_registry.h"
 
 #include <cuda_runtime.h>
+#include <unistd.h>
 
+#include <cstring>
+#include <functional>
 #include <map>
 #include <mutex>
+#include <tuple>
 #include <utility>
 
 namespace jax_ep {
@@ -23,6 +27,112 @@ struct DeviceGuard {
   DeviceGuard() { cudaGetDevice(&saved); }
   ~DeviceGuard() { cudaSetDevice(saved); }
 };
+
+// ---------------------------------------------------------------- multi-process state
+// What one process tells its peers about its GPU (travels as bytes through the
+// jax.distributed key-value store, so it is plain data).
+constexpr uint64_t kBlobMagic = 0x31305f70655f786aull;  // "jx_ep_01"
+struct IpcBlob {
+  uint64_t magic;
+  int64_t pid;
+  uint64_t host;  // hash of the host name: pid alone does not identify a process
+  int32_t device;
+  int32_t pad;
+  uint64_t num_bytes;
+  uint64_t comm_ptr;   // the buffer, in the exporter's address space
+  uint64_t pool_base;  // XLA's memory pool, in the exporter's address space
+  uint64_t pool_size;
+  cudaIpcMemHandle_t comm_handle;
+  cudaIpcMemHandle_t pool_handle;
+};
+
+struct Exported {
+  char* ptr = nullptr;
+  size_t num_bytes = 0;
+  uint64_t pool_base = 0, pool_size = 0;
+};
+
+// One opened peer XLA pool, shared by every buffer of this process (a handle may be
+// opened only once per process and device).
+using PoolKey = std::tuple<int64_t, uint64_t, int32_t, uint64_t>;  // pid, host, device, base
+struct OpenedPool {
+  char* mapped = nullptr;
+  int refs = 0;
+};
+
+struct Mappings {  // what import_peers opened for one (buffer id, device)
+  std::vector<char*> comm;
+  std::vector<PoolKey> pools;
+};
+
+std::map<std::pair<int64_t, int>, Exported> g_exported;
+std::map<PoolKey, OpenedPool> g_pools;
+std::map<std::pair<int64_t, int>, Mappings> g_mappings;
+
+uint64_t host_hash() {
+  char name[256] = {};
+  gethostname(name, sizeof(name) - 1);
+  return std::hash<std::string>{}(name);
+}
+
+// The allocation containing `ptr` (cuMemGetAddressRange), looked up through the runtime's
+// driver entry point so that the module links no libcuda and imports without a driver.
+std::string allocation_range(uint64_t ptr, uint64_t* base, uint64_t* size) {
+  using Fn = int (*)(unsigned long long*, size_t*, unsigned long long);
+  static Fn fn = nullptr;
+  if (fn == nullptr) {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    cudaError_t err = cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &f, 12000,
+                                                       cudaEnableDefault, &found);
+    if (err != cudaSuccess || found != cudaDriverEntryPointSuccess || f == nullptr)
+      return "jax_ep.Buffer: cannot find cuMemGetAddressRange in the CUDA driver";
+    fn = reinterpret_cast<Fn>(f);
+  }
+  unsigned long long b = 0;
+  size_t n = 0;
+  if (fn(&b, &n, ptr) != 0)
+    return "jax_ep.Buffer: the XLA buffer at " + std::to_string(ptr) +
+           " is not device memory this process can query";
+  *base = b;
+  *size = n;
+  return "";
+}
+
+// Lock held. Opens (or shares) a peer's XLA pool on the current device.
+std::string open_pool(const IpcBlob& b, int device, char** mapped, PoolKey* key) {
+  *key = PoolKey{b.pid, b.host, b.device, b.pool_base};
+  OpenedPool& p = g_pools[*key];
+  if (p.mapped == nullptr) {
+    void* m = nullptr;
+    cudaError_t err = cudaIpcOpenMemHandle(&m, b.pool_handle, cudaIpcMemLazyEnablePeerAccess);
+    if (err != cudaSuccess) {
+      g_pools.erase(*key);
+      cudaGetLastError();
+      return cuda_error("opening the XLA memory pool of the process on GPU " +
+                        std::to_string(b.device) + " (IPC)", device, err);
+    }
+    p.mapped = static_cast<char*>(m);
+  }
+  ++p.refs;
+  *mapped = p.mapped;
+  return "";
+}
+
+// Lock held; current device = the importing device.
+void close_mappings(Mappings& m) {
+  for (char* c : m.comm) cudaIpcCloseMemHandle(c);
+  for (const PoolKey& k : m.pools) {
+    auto it = g_pools.find(k);
+    if (it != g_pools.end() && --it->second.refs == 0) {
+      cudaIpcCloseMemHandle(it->second.mapped);
+      g_pools.erase(it);
+    }
+  }
+  m.comm.clear();
+  m.pools.clear();
+  cudaGetLastError();
+}
 
 }  // namespace
 
@@ -91,14 +201,171 @@ std::string create_buffer(int64_t buffer_id, const std::vector<int>& devices, si
   return "";
 }
 
+std::string export_buffer(int64_t buffer_id, int device, uint64_t xla_ptr, size_t num_bytes,
+                          std::string* blob) {
+  {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    if (g_buffers.count({buffer_id, device}) || g_exported.count({buffer_id, device}))
+      return "jax_ep.Buffer: buffer id " + std::to_string(buffer_id) + " already exists";
+  }
+  DeviceGuard guard;
+  cudaError_t err = cudaSetDevice(device);
+  if (err != cudaSuccess) return cuda_error("cudaSetDevice", device, err);
+  IpcBlob b{};
+  b.magic = kBlobMagic;
+  b.pid = int64_t(getpid());
+  b.host = host_hash();
+  b.device = device;
+  b.num_bytes = num_bytes;
+  std::string why = allocation_range(xla_ptr, &b.pool_base, &b.pool_size);
+  if (!why.empty()) return why;
+  err = cudaIpcGetMemHandle(&b.pool_handle, reinterpret_cast<void*>(b.pool_base));
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    return cuda_error("exporting XLA's memory pool (IPC)", device, err) +
+           ". One process per GPU needs XLA's default preallocated BFC pool "
+           "(XLA_PYTHON_CLIENT_PREALLOCATE unset or true, XLA_PYTHON_CLIENT_ALLOCATOR unset)";
+  }
+  char* ptr = nullptr;
+  err = cudaMalloc(&ptr, num_bytes);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    return cuda_error("allocating " + std::to_string(num_bytes) + " bytes", device, err) +
+           " (lower XLA_PYTHON_CLIENT_MEM_FRACTION or num_nvl_bytes)";
+  }
+  err = cudaMemset(ptr, 0, num_bytes);  // sequence numbers start at 0 on every rank
+  if (err == cudaSuccess) err = cudaDeviceSynchronize();
+  if (err == cudaSuccess) err = cudaIpcGetMemHandle(&b.comm_handle, ptr);
+  if (err != cudaSuccess) {
+    cudaFree(ptr);
+    cudaGetLastError();
+    return cuda_error("preparing the buffer for IPC", device, err);
+  }
+  b.comm_ptr = reinterpret_cast<uint64_t>(ptr);
+  blob->assign(reinterpret_cast<const char*>(&b), sizeof(b));
+  std::lock_guard<std::mutex> lock(g_mutex);
+  g_exported[{buffer_id, device}] = Exported{ptr, num_bytes, b.pool_base, b.pool_size};
+  return "";
+}
+
+std::string import_peers(int64_t buffer_id, int device, int rank,
+                         const std::vector<std::string>& blobs) {
+  const int n = int(blobs.size());
+  if (n < 1 || n > kMaxRanks)
+    return "jax_ep.Buffer: the EP group must have 1 to " + std::to_string(kMaxRanks) +
+           " GPUs, got " + std::to_string(n);
+  if (rank < 0 || rank >= n) return "jax_ep.Buffer: rank out of range";
+  std::vector<IpcBlob> b(n);
+  for (int r = 0; r < n; ++r) {
+    if (blobs[r].size() != sizeof(IpcBlob))
+      return "jax_ep.Buffer: rank " + std::to_string(r) + " sent a malformed buffer export (" +
+             std::to_string(blobs[r].size()) + " bytes); are all processes running the same "
+             "jax_ep build?";
+    std::memcpy(&b[r], blobs[r].data(), sizeof(IpcBlob));
+    if (b[r].magic != kBlobMagic)
+      return "jax_ep.Buffer: rank " + std::to_string(r) + " sent an export of another jax_ep "
+             "version";
+    if (b[r].num_bytes != b[rank].num_bytes)
+      return "jax_ep.Buffer: ranks disagree on num_nvl_bytes (" +
+             std::to_string(b[r].num_bytes) + " on rank " + std::to_string(r) + " vs " +
+             std::to_string(b[rank].num_bytes) + " here); pass the same value everywhere";
+  }
+  DeviceGuard guard;
+  cudaError_t err = cudaSetDevice(device);
+  if (err != cudaSuccess) return cuda_error("cudaSetDevice", device, err);
+  const int64_t my_pid = int64_t(getpid());
+  const uint64_t my_host = host_hash();
+
+  std::lock_guard<std::mutex> lock(g_mutex);
+  auto ex = g_exported.find({buffer_id, device});
+  if (ex == g_exported.end())
+    return "jax_ep.Buffer: import_peers before export_buffer for id " + std::to_string(buffer_id);
+  BufferState s;
+  s.rank = rank;
+  s.num_ranks = n;
+  s.device = device;
+  s.num_bytes = ex->second.num_bytes;
+  s.multi_process = true;
+  s.pool_lo = ex->second.pool_base;
+  s.pool_hi = ex->second.pool_base + ex->second.pool_size;
+  Mappings m;
+  for (int r = 0; r < n; ++r) {
+    if (r == rank) {
+      s.peers[r] = ex->second.ptr;
+      continue;
+    }
+    if (b[r].host != my_host) {
+      close_mappings(m);
+      return "jax_ep.Buffer: EP rank " + std::to_string(r) + " is on another host; the "
+             "intranode kernels need every rank of the EP group in one NVLink domain";
+    }
+    if (b[r].pid == my_pid) {  // a GPU of this process: plain peer access
+      s.peers[r] = reinterpret_cast<char*>(b[r].comm_ptr);
+      err = cudaDeviceEnablePeerAccess(b[r].device, 0);
+      if (err == cudaErrorPeerAccessAlreadyEnabled) err = cudaSuccess;
+      cudaGetLastError();
+      if (err != cudaSuccess) {
+        close_mappings(m);
+        return cuda_error("enabling peer access to GPU " + std::to_string(b[r].device), device,
+                          err);
+      }
+      continue;
+    }
+    void* c = nullptr;
+    err = cudaIpcOpenMemHandle(&c, b[r].comm_handle, cudaIpcMemLazyEnablePeerAccess);
+    if (err != cudaSuccess) {
+      cudaGetLastError();
+      close_mappings(m);
+      return cuda_error("opening the buffer of EP rank " + std::to_string(r) + " (IPC; is there "
+                        "NVLink/P2P between the GPUs?)", device, err);
+    }
+    m.comm.push_back(static_cast<char*>(c));
+    s.peers[r] = static_cast<char*>(c);
+    char* pool = nullptr;
+    PoolKey key;
+    std::string why = open_pool(b[r], device, &pool, &key);
+    if (!why.empty()) {
+      close_mappings(m);
+      return why;
+    }
+    m.pools.push_back(key);
+    s.ptr_delta[r] = int64_t(reinterpret_cast<uint64_t>(pool) - b[r].pool_base);
+  }
+  g_mappings[{buffer_id, device}] = std::move(m);
+  g_buffers[{buffer_id, device}] = s;
+  return "";
+}
+
+void unmap_peers(int64_t buffer_id) {
+  DeviceGuard guard;
+  std::lock_guard<std::mutex> lock(g_mutex);
+  for (auto it = g_mappings.begin(); it != g_mappings.end();) {
+    if (it->first.first != buffer_id) { ++it; continue; }
+    cudaSetDevice(it->first.second);
+    cudaDeviceSynchronize();  // our kernels may still read peers' memory
+    close_mappings(it->second);
+    it = g_mappings.erase(it);
+  }
+}
+
 void destroy_buffer(int64_t buffer_id) {
+  unmap_peers(buffer_id);  // no-op in one process, or when the caller already did it
   std::vector<BufferState> gone;
+  std::vector<std::pair<int, char*>> exported;
   {
     std::lock_guard<std::mutex> lock(g_mutex);
     for (auto it = g_buffers.begin(); it != g_buffers.end();) {
       if (it->first.first == buffer_id) {
         gone.push_back(it->second);
         it = g_buffers.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    for (auto it = g_exported.begin(); it != g_exported.end();) {
+      if (it->first.first == buffer_id) {
+        exported.push_back({it->first.second, it->second.ptr});
+        it = g_exported.erase(it);
       } else {
         ++it;
       }
@@ -110,8 +377,14 @@ void destroy_buffer(int64_t buffer_id) {
     cudaDeviceSynchronize();
   }
   for (const BufferState& s : gone) {
+    if (s.multi_process) continue;  // freed below, from the export record
     cudaSetDevice(s.device);
     cudaFree(s.peers[s.rank]);
+  }
+  for (const auto& e : exported) {
+    cudaSetDevice(e.first);
+    cudaDeviceSynchronize();
+    cudaFree(e.second);
   }
 }
 

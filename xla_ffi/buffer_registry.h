@@ -3,8 +3,14 @@
 //
 // Single-process mode (one process drives all local GPUs): the buffers are plain
 // cudaMalloc allocations and peers reach each other through CUDA peer access, so the
-// "mapping" of a peer's buffer is its raw pointer. A multi-process mode fills the same
-// entries with IPC-opened pointers (one entry per local device of the process).
+// "mapping" of a peer's buffer is its raw pointer.
+//
+// Multi-process mode (one process per GPU, jax.distributed): each process allocates its
+// GPU's buffer and exports an IPC handle of it and of XLA's preallocated memory pool
+// (export_buffer); the blobs travel through jax.distributed's key-value store; then each
+// process opens its peers' handles (import_peers). Mapping the peer's whole XLA pool lets
+// the kernels keep moving rows straight between XLA buffers: a peer's published address
+// plus ptr_delta[peer] is the same memory in this process.
 #pragma once
 
 #include <cstddef>
@@ -22,11 +28,31 @@ struct BufferState {
   int device = -1;      // CUDA device ordinal (= XLA's local device ordinal)
   size_t num_bytes = 0;
   char* peers[kMaxRanks] = {};  // peers[rank] is the local buffer
+  int64_t ptr_delta[kMaxRanks] = {};  // see PeerBases::ptr_delta
+  // Multi-process: XLA's pool on this GPU; every address this rank publishes must lie in
+  // it, since peers can only reach memory through the mapped pool.
+  uint64_t pool_lo = 0, pool_hi = 0;
+  bool multi_process = false;
 };
 
 // Allocates `num_bytes` on each device (devices[r] is EP rank r), zeroes it, enables
 // peer access between every pair and registers the buffers. Returns "" or an error.
 std::string create_buffer(int64_t buffer_id, const std::vector<int>& devices, size_t num_bytes);
+
+// Multi-process, step 1: allocates and zeroes this process's buffer on `device`, and
+// fills `blob` with what peers need to map it and the XLA pool that holds `xla_ptr` (any
+// live XLA buffer on that device). Returns "" or an error.
+std::string export_buffer(int64_t buffer_id, int device, uint64_t xla_ptr, size_t num_bytes,
+                          std::string* blob);
+
+// Multi-process, step 2: blobs[r] is EP rank r's export (ours at `rank`); opens every
+// peer's buffer and pool and registers the buffer. Returns "" or an error.
+std::string import_peers(int64_t buffer_id, int device, int rank,
+                         const std::vector<std::string>& blobs);
+
+// Multi-process teardown, step 1 (before a cross-process barrier): waits for this
+// process's GPUs and closes the mappings of peers' buffers. destroy_buffer then frees.
+void unmap_peers(int64_t buffer_id);
 
 // Waits for each device to go idle, then frees. Unknown ids are ignored.
 void destroy_buffer(int64_t buffer_id);

@@ -43,8 +43,25 @@ ffi::ErrorOr<const BufferState*> lookup(int64_t buffer_id, int32_t device, const
 
 PeerBases peer_bases(const BufferState& s) {
   PeerBases p{};
-  for (int r = 0; r < s.num_ranks; ++r) p.base[r] = s.peers[r];
+  for (int r = 0; r < s.num_ranks; ++r) {
+    p.base[r] = s.peers[r];
+    p.ptr_delta[r] = s.ptr_delta[r];
+  }
   return p;
+}
+
+// One process per GPU: peers reach this rank's XLA buffers only through the XLA pool
+// they mapped at Buffer creation, so every published address must lie inside it.
+ffi::Error check_published(const BufferState& s, const uint64_t* publish, int n, const char* op) {
+  if (!s.multi_process) return ffi::Error::Success();
+  for (int i = 0; i < n; ++i) {
+    if (publish[i] != 0 && (publish[i] < s.pool_lo || publish[i] >= s.pool_hi))
+      return invalid(std::string(op) + ": an XLA buffer of this op lies outside the XLA memory "
+                     "pool that was shared with the other processes when the jax_ep.Buffer was "
+                     "created. One process per GPU needs XLA's preallocated pool: leave "
+                     "XLA_PYTHON_CLIENT_PREALLOCATE and XLA_PYTHON_CLIENT_ALLOCATOR unset");
+  }
+  return ffi::Error::Success();
 }
 
 int num_blocks_of(int64_t num_sms) {
@@ -169,6 +186,7 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S3
   n.publish[5] = addr(a.recv_src_token);
   n.publish[6] = addr(a.recv_src_slot);
   n.num_publish = 7;
+  if (auto e = check_published(s, n.publish, n.num_publish, "dispatch"); e.failure()) return e;
   n.num_recv = num_recv->typed_data();
   n.num_overflow = num_overflow->typed_data();
   n.recv_per_expert = a.recv_per_expert;
@@ -200,6 +218,7 @@ ffi::Error CachedDispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffe
   a.out = static_cast<char*>(out->untyped_data());
   a.num_blocks = num_blocks_of(num_sms);
   const uint64_t publish[1] = {addr(x.untyped_data())};
+  if (auto e = check_published(s, publish, 1, "cached_dispatch"); e.failure()) return e;
   cudaError_t err = launch_begin_op(s.peers[s.rank], publish, 1, stream);
   if (err != cudaSuccess) return check_launch(err, "cached_dispatch (begin)");
   return check_launch(launch_cached_dispatch(a, stream), "cached_dispatch");
@@ -242,6 +261,7 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
   const uint64_t publish[5] = {addr(y.untyped_data()), addr(weights.typed_data()),
                                addr(recv_src_rank.typed_data()), addr(recv_src_token.typed_data()),
                                addr(recv_src_slot.typed_data())};
+  if (auto e = check_published(s, publish, 5, "combine"); e.failure()) return e;
   cudaError_t err = launch_begin_op(s.peers[s.rank], publish, 5, stream);
   if (err != cudaSuccess) return check_launch(err, "combine (begin)");
   return check_launch(launch_intranode_combine(a, stream), "combine");

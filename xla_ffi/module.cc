@@ -1,6 +1,7 @@
 // The nanobind module jax_ep._jax_ep_ffi: FFI handler capsules (registered by
 // jax_ep/_native.py) and, when built with CUDA, communication-buffer management.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
@@ -12,6 +13,8 @@
 #include "xla_ffi/low_latency_handlers.h"
 
 #ifdef JAX_EP_WITH_CUDA
+#include <cuda_runtime.h>
+
 #include "cuda/buffer_layout.h"
 #include "xla_ffi/buffer_registry.h"
 #endif
@@ -86,5 +89,53 @@ NB_MODULE(_jax_ep_ffi, m) {
         jax_ep::destroy_buffer(buffer_id);
       },
       nb::arg("buffer_id"), "Frees every device's buffer of this id (waits for the GPUs).");
+  m.def(
+      "export_buffer",
+      [](int64_t buffer_id, int device, uint64_t xla_ptr, int64_t num_bytes) {
+        std::string blob, err;
+        {
+          nb::gil_scoped_release release;
+          err = jax_ep::export_buffer(buffer_id, device, xla_ptr, size_t(num_bytes), &blob);
+        }
+        if (!err.empty()) throw std::runtime_error(err);
+        return nb::bytes(blob.data(), blob.size());
+      },
+      nb::arg("buffer_id"), nb::arg("device"), nb::arg("xla_ptr"), nb::arg("num_bytes"),
+      "Multi-process: allocates this GPU's buffer; returns the bytes peers need to map it "
+      "and the XLA pool holding xla_ptr.");
+  m.def(
+      "import_peers",
+      [](int64_t buffer_id, int device, int rank, const std::vector<nb::bytes>& blobs) {
+        std::vector<std::string> b;
+        for (const nb::bytes& x : blobs) b.emplace_back(x.c_str(), x.size());
+        std::string err;
+        {
+          nb::gil_scoped_release release;
+          err = jax_ep::import_peers(buffer_id, device, rank, b);
+        }
+        if (!err.empty()) throw std::runtime_error(err);
+      },
+      nb::arg("buffer_id"), nb::arg("device"), nb::arg("rank"), nb::arg("blobs"),
+      "Multi-process: maps every EP rank's buffer (blobs[r] from rank r's export_buffer).");
+  m.def(
+      "unmap_peers",
+      [](int64_t buffer_id) {
+        nb::gil_scoped_release release;
+        jax_ep::unmap_peers(buffer_id);
+      },
+      nb::arg("buffer_id"), "Multi-process teardown step 1: closes the peers' mappings.");
+  m.def(
+      "device_memory_info",
+      [](int device) {
+        size_t free_b = 0, total_b = 0;
+        int saved = 0;
+        cudaGetDevice(&saved);
+        cudaSetDevice(device);
+        cudaError_t err = cudaMemGetInfo(&free_b, &total_b);
+        cudaSetDevice(saved);
+        if (err != cudaSuccess) throw std::runtime_error(cudaGetErrorString(err));
+        return std::make_pair(int64_t(free_b), int64_t(total_b));
+      },
+      nb::arg("device"), "(free, total) bytes of a GPU (cudaMemGetInfo), for leak checks.");
 #endif
 }

@@ -8,15 +8,19 @@ handlers from ``(buffer_id, device ordinal)``.
 
 Rows move directly between the GPUs' XLA buffers (dispatch pushes into the receivers'
 outputs, combine pulls from every rank's ``y``), so the communication buffer holds only
-counts, flags and published pointers (bench/results/NOTES.md has the design). This needs
-all GPUs of the EP axis in one process (CUDA peer access); one process per GPU raises
-``NotImplementedError`` in :func:`allocate_buffer`.
+counts, flags and published pointers (bench/results/NOTES.md has the design). In one
+process the GPUs reach each other's memory through CUDA peer access; with one process per
+GPU (``jax.distributed``) each process maps its peers' buffers and their whole XLA memory
+pool through CUDA IPC handles exchanged over the key-value store, so the same kernels run
+unchanged (a published address plus a per-peer offset).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import threading
+import warnings
 from typing import Optional, Tuple
 
 import jax
@@ -121,7 +125,8 @@ def _ep_groups(mesh, axis_name: str):
 
 def allocate_buffer(buffer) -> None:
     """Allocates and peer-maps the NVLink buffer of every GPU of ``buffer.mesh``; sets
-    ``buffer.buffer_id``."""
+    ``buffer.buffer_id``. Collective when the EP axis spans several processes: every
+    process must create its Buffers in the same order."""
     ext = _ext()
     if not ext.with_cuda:
         raise RuntimeError("jax_ep.Buffer: the extension was built without CUDA")
@@ -131,27 +136,92 @@ def allocate_buffer(buffer) -> None:
         raise ValueError(f"jax_ep.Buffer: the intranode kernels support up to {_MAX_RANKS} ranks "
                          f"on the EP axis, got {groups.shape[1]}")
     me = jax.process_index()
-    if any(d.process_index != me for d in groups.flat):
-        raise NotImplementedError(
-            "jax_ep.Buffer(backend='cuda'): the EP axis spans several processes; this version "
-            "maps buffers between the GPUs of one process only (multi-process mapping is a "
-            "separate issue); use backend='reference'")
+    multi_process = any(d.process_index != me for d in groups.flat)
     with _id_lock:
         buffer_id = next(_next_buffer_id)
-    created = False
+    if multi_process:
+        _allocate_multi_process(ext, buffer_id, groups, num_bytes)
+    else:
+        created = False
+        try:
+            for group in groups:
+                ext.create_buffer(buffer_id, [int(d.local_hardware_id) for d in group],
+                                  num_bytes)
+                created = True
+        except Exception:
+            if created:
+                ext.destroy_buffer(buffer_id)
+            raise
+    buffer.buffer_id = buffer_id
+    buffer.multi_process = multi_process
+
+
+def _exchange(key: str, error: str, data: dict) -> dict:
+    """All-gathers ``data`` (str -> bytes) and fails on every process if any reported an error."""
+    from jax_ep import distributed
+
+    payload = json.dumps({"error": error, "data": {k: v.hex() for k, v in data.items()}})
+    gathered = [json.loads(b) for b in distributed.all_gather_bytes(key, payload.encode())]
+    errors = [f"process {p}: {g['error']}" for p, g in enumerate(gathered) if g["error"]]
+    if errors:
+        raise RuntimeError("jax_ep.Buffer: creating the buffer failed on " + "; ".join(errors))
+    return {k: bytes.fromhex(v) for g in gathered for k, v in g["data"].items()}
+
+
+def _allocate_multi_process(ext, buffer_id: int, groups, num_bytes: int) -> None:
+    """One process per GPU (or per host): export, exchange, import; see module docstring."""
+    me = jax.process_index()
+    local = [d for d in groups.flat if d.process_index == me]
+    exports, error = {}, ""
+    try:
+        for d in local:
+            # Any live XLA buffer on the device tells which allocation is XLA's pool.
+            probe = jax.device_put(np.zeros(256, np.uint8), d)
+            exports[str(d.id)] = ext.export_buffer(buffer_id, int(d.local_hardware_id),
+                                                   probe.unsafe_buffer_pointer(), num_bytes)
+    except Exception as err:  # published so that peers fail with it instead of timing out
+        error = str(err)
+    try:
+        blobs = _exchange(f"buffer/{buffer_id}/export", error, exports)
+    except Exception:
+        ext.destroy_buffer(buffer_id)
+        raise
+    error = ""
     try:
         for group in groups:
-            ext.create_buffer(buffer_id, [int(d.local_hardware_id) for d in group], num_bytes)
-            created = True
+            for rank, d in enumerate(group):
+                if d.process_index == me:
+                    ext.import_peers(buffer_id, int(d.local_hardware_id), rank,
+                                     [blobs[str(x.id)] for x in group])
+    except Exception as err:
+        error = str(err)
+    try:
+        _exchange(f"buffer/{buffer_id}/import", error, {})
     except Exception:
-        if created:
-            ext.destroy_buffer(buffer_id)
+        _free_multi_process(ext, buffer_id)
         raise
-    buffer.buffer_id = buffer_id
+
+
+def _free_multi_process(ext, buffer_id: int) -> None:
+    """Close the peers' mappings everywhere before anyone frees what others mapped."""
+    from jax_ep import distributed
+
+    ext.unmap_peers(buffer_id)
+    try:
+        distributed.all_gather_bytes(f"buffer/{buffer_id}/unmapped", b"", timeout_ms=60_000)
+    except TimeoutError as err:  # a dead peer maps nothing any more: freeing is safe
+        warnings.warn(f"jax_ep.Buffer.close: {err}; freeing this process's buffer anyway")
+    finally:
+        ext.destroy_buffer(buffer_id)
 
 
 def free_buffer(buffer) -> None:
-    if buffer.buffer_id is not None:
+    """Frees the buffer (collective when it spans several processes)."""
+    if buffer.buffer_id is None:
+        return
+    if getattr(buffer, "multi_process", False):
+        _free_multi_process(_ext(), int(buffer.buffer_id))
+    else:
         _ext().destroy_buffer(int(buffer.buffer_id))
 
 
