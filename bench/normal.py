@@ -44,6 +44,8 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--compare-copy", action="store_true",
                     help="also time dispatch with per-lane and with bulk (TMA) row copies")
+    ap.add_argument("--sms-sweep", default="",
+                    help="comma-separated SM counts: also time dispatch BF16 and combine at each")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                   "results"))
     a = ap.parse_args()
@@ -74,23 +76,24 @@ def main():
                      for r in range(R)]
     rows = statistics.mean(rows_per_rank)
 
-    def dispatch_chain(n, fp8):
+    def dispatch_chain(n, fp8, num_sms=a.num_sms):
         def body(x, i, w):
             x, i, w = x[0], i[0], w[0]
             payload = jax_ep.fp8.per_token_cast(x) if fp8 else x
             keep = []
             for _ in range(n):  # side-effecting calls: none is merged or dropped
                 r = jax_ep.dispatch(payload, i, w, num_experts=E, axis_name=AXIS, buffer=buf,
-                                    backend="cuda", num_sms=a.num_sms)
+                                    backend="cuda", num_sms=num_sms)
                 keep.append(r.num_recv_tokens)
             return jnp.stack(keep)[None] if keep else jnp.zeros((1, 0), jnp.int32)
         return smap(body)
 
-    def combine_chain(n):
+    def combine_chain(n, num_sms=a.num_sms):
         def body(x, i, w):
             x, i, w = x[0], i[0], w[0]
+            # combine runs with the SM count its handle's dispatch had
             r = jax_ep.dispatch(x, i, w, num_experts=E, axis_name=AXIS, buffer=buf,
-                                backend="cuda", num_sms=a.num_sms)
+                                backend="cuda", num_sms=num_sms)
             outs = [jax_ep.combine(r.recv_x, r.handle) for _ in range(n)]
             return jnp.stack([o[0, :8] for o in outs])[None] if outs else r.recv_x[:1, :8][None]
         return smap(body)
@@ -141,6 +144,28 @@ def main():
                 variants[f"dispatch_{'fp8' if fp8 else 'bf16'}_{mode}_us"] = round(us, 1)
         os.environ.pop("JAX_EP_DISPATCH_COPY")
 
+    sweep = {}
+    for sms in [int(v) for v in a.sms_sweep.split(",") if v]:
+        d_us = per_call_us(lambda n: dispatch_chain(n, False, sms), (x_d, idx_d, w_d), n_short,
+                           n_long, a.reps)
+        c_us = per_call_us(lambda n: combine_chain(n, sms), (x_d, idx_d, w_d), n_short, n_long,
+                           a.reps)
+        sweep[str(sms)] = dict(
+            dispatch_bf16_us=round(d_us, 1),
+            dispatch_bf16_GBps=round(rows * bf16_row / (d_us * 1e-6) / 1e9, 1),
+            combine_bf16_us=round(c_us, 1),
+            combine_bf16_GBps=round(rows * bf16_row / (c_us * 1e-6) / 1e9, 1))
+
+    # Targets of the tuning issue (../shared/ANCHORS.md, EP4 with <= 24 SMs).
+    targets = {"dispatch_bf16": ("jax_ep_GBps", ">=", 450.0),
+               "dispatch_fp8": ("jax_ep_us", "<=", 250.0),
+               "combine_bf16": ("jax_ep_GBps", ">=", 500.0)}
+    for name, (key, op, bound) in targets.items():
+        v = results[name][key]
+        results[name]["target"] = f"{key} {op} {bound:g}"
+        results[name]["target_met"] = bool(v >= bound if op == ">=" else v <= bound)
+        results[name]["target_1.5x_all_to_all_met"] = bool(results[name]["speedup"] >= 1.5)
+
     kind = devices[0].device_kind.replace(" ", "-")
     device = f"{R}x{kind}"
     report = dict(device=device, command=" ".join(["python3"] + sys.argv), num_ranks=R, tokens=T, hidden=H, topk=K, experts=E,
@@ -148,7 +173,7 @@ def main():
                   jax=jax.__version__, date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                   method=f"median of {a.reps}; per-call = (jit of {n_long} calls - jit of "
                          f"{n_short}) / {n_long - n_short}; layout='rank'",
-                  results=results, copy_path_variants=variants)
+                  results=results, copy_path_variants=variants, sms_sweep=sweep)
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, f"normal-{device}.json")
     with open(path, "w") as f:
@@ -158,7 +183,12 @@ def main():
     print(f"{'op':<15}{'jax_ep us':>11}{'GB/s':>8}{'all_to_all us':>15}{'GB/s':>8}{'speedup':>9}")
     for name, r in results.items():
         print(f"{name:<15}{r['jax_ep_us']:>11.1f}{r['jax_ep_GBps']:>8.1f}"
-              f"{r['all_to_all_us']:>15.1f}{r['all_to_all_GBps']:>8.1f}{r['speedup']:>9.2f}")
+              f"{r['all_to_all_us']:>15.1f}{r['all_to_all_GBps']:>8.1f}{r['speedup']:>9.2f}"
+              f"  target {r['target']}: {'PASS' if r['target_met'] else 'FAIL'}")
+    for sms, r in sweep.items():
+        print(f"  {sms:>3} SMs: dispatch bf16 {r['dispatch_bf16_us']} us "
+              f"({r['dispatch_bf16_GBps']} GB/s), combine {r['combine_bf16_us']} us "
+              f"({r['combine_bf16_GBps']} GB/s)")
     for name, us in variants.items():
         print(f"  variant {name}: {us} us")
     print(f"saved {path}")
