@@ -11,6 +11,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_readme_api_snippets_run():
     text = (ROOT / "README.md").read_text()
     api = text[text.index("## API"):]
+    api = api[:api.index("\n## ", 1)] if "\n## " in api[1:] else api  # the API section only
     blocks = re.findall(r"```python\n(.*?)```", api, flags=re.S)
     assert len(blocks) >= 8, "README's API section lost its snippets"
     script = "\n".join(blocks) + "\nprint('README snippets OK')\n"
