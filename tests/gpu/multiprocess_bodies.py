@@ -87,6 +87,19 @@ def dispatch_combine(seed: int, layout: str, fp8: bool, tokens: int = 96, hidden
             "num_recv": int(np.asarray(rc.num_recv_tokens))}
 
 
+def dispatch_combine_variants(seed: int):
+    """Every layout x dtype variant in one launch (a launch costs ~20 s of start-up)."""
+    out = {}
+    for layout in ("rank", "expert"):
+        for fp8 in (False, True):
+            out[f"{layout}-{'fp8' if fp8 else 'bf16'}"] = dispatch_combine(seed, layout, fp8)
+    return out
+
+
+def low_latency_variants(seed: int):
+    return {f"{'fp8' if fp8 else 'bf16'}": low_latency(seed, fp8) for fp8 in (False, True)}
+
+
 def low_latency(seed: int, fp8: bool, tokens: int = 16, hidden: int = 1024, topk: int = 4,
                 experts_per_rank: int = 4):
     """low-latency dispatch + combine, CUDA vs reference on the rows that carry data."""
