@@ -17,6 +17,32 @@ routing, inside ``jax.shard_map``; only the token exchange and expert batching d
   receiver sorts (token, slot) rows by local expert for ``ragged_dot``, weights and sums
   them per token, and sends ``[R, T, H]`` back.
 
+* ``no_comm``: a communication-free ceiling: the ``jax_ep_cf`` layer with dispatch and
+  combine replaced by local work of the same shapes. Each rank sends its own (token, slot)
+  rows to *its own* local expert ``e % (E/R)`` (so each local expert receives about
+  ``R * T * K / E`` rows, as with EP): a local gather builds the same expert-layout
+  ``[ceil(cf * T * K), H]`` buffer ``jax_ep.dispatch`` returns, then the layer's own code
+  (``jax_ep.flax``'s expert-slot gather, batched SwiGLU and scatter back) runs unchanged,
+  and a local gather-and-weighted-sum stands in for ``jax_ep.combine``. The backward
+  passes mirror jax_ep's (dispatch's backward is a combine, combine's a cached dispatch),
+  each a local gather. Same router, same expert matmul shapes, no cross-device traffic
+  (except the one-scalar ``psum`` of the dropped count). If ``1.5 * no_comm > a2a_cf``,
+  jax_ep cannot be 1.5x faster than ``a2a_cf`` at this shape, however fast its
+  communication is (without changing the expert computation itself).
+
+``--breakdown`` then times the pieces of the layer separately (each forward and
+forward+backward, inside the same ``shard_map``): ``router`` (scores, top-k, weights),
+``jax_ep_dispatch_combine`` / ``a2a_dispatch_combine`` / ``local_dispatch_combine``
+(the token exchange of ``jax_ep_cf`` / ``a2a_cf`` / ``no_comm`` with identity experts),
+``expert_slots`` (``jax_ep_cf``'s gather of the expert layout into ``[E/R, C, H]`` slots
+and scatter back, without matmuls), ``expert_ffn`` (the layer's batched SwiGLU alone on
+``[E/R, C, H]``), and two proposed changes that the layer does not make today:
+``expert_slots_gather`` (the same slots built and undone by gathers only, forward and
+backward) and ``expert_ffn_bf16`` (the same matmuls with bf16 outputs, so that the
+backward matmuls take bf16 operands instead of f32 ones). ``--breakdown-only`` skips the
+whole-layer implementations. ``a2a_cf_bf16`` and ``no_comm_bf16`` (not in the default
+``--impls``) are ``a2a_cf`` and ``no_comm`` with those bf16-output expert matmuls.
+
 Default shape is DeepSeek-like (T=4096 tokens per rank, H=7168, E=256, K=8, expert FFN
 2048, bf16); ``--small`` shrinks it to run on simulated CPU devices. Each result is the
 median of ``--iters`` (>= 20) timed calls after ``--warmup``; the JSON (and a PNG bar plot
@@ -27,6 +53,7 @@ Run::
     PYTHONPATH=. python3 bench/moe_layer.py --small             # CPU, 8 simulated devices
     PYTHONPATH=. python3 bench/moe_layer.py                     # GPUs, DeepSeek-like shape
     PYTHONPATH=. python3 bench/moe_layer.py --tokens 1024 --impls jax_ep,a2a_peer
+    PYTHONPATH=. python3 bench/moe_layer.py --impls jax_ep_cf,a2a_cf,no_comm --breakdown
 """
 
 from __future__ import annotations
@@ -43,8 +70,14 @@ import statistics
 import sys
 import time
 
-IMPLS = ("jax_ep", "jax_ep_cf", "a2a_cf", "a2a_peer")
+DEFAULT_IMPLS = ("jax_ep", "jax_ep_cf", "a2a_cf", "a2a_peer", "no_comm")
+IMPLS = DEFAULT_IMPLS + ("a2a_cf_bf16", "no_comm_bf16")
+PARTS = ("router", "jax_ep_dispatch_combine", "a2a_dispatch_combine",
+         "local_dispatch_combine", "expert_slots", "expert_slots_gather", "expert_ffn",
+         "expert_ffn_bf16")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# run from a checkout without PYTHONPATH=.: an installed jax_ep still comes first
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parse_args(argv=None):
@@ -59,7 +92,15 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="default bf16 (f32 small)")
     p.add_argument("--score-func", choices=("softmax", "sigmoid"), default="sigmoid")
     p.add_argument("--capacity-factor", type=float, default=1.25)
-    p.add_argument("--impls", default=",".join(IMPLS), help=f"subset of {IMPLS}")
+    p.add_argument("--expert-capacity-factor", type=float,
+                   help="rows per expert of jax_ep_cf and no_comm as a factor of the mean "
+                        "R*T*K/E (default: R * ceil(cf * T * K / E), a2a_cf's rows)")
+    p.add_argument("--impls", default=",".join(DEFAULT_IMPLS), help=f"subset of {IMPLS}")
+    p.add_argument("--breakdown", action="store_true",
+                   help=f"also time the layer's parts separately: {', '.join(PARTS)}")
+    p.add_argument("--breakdown-only", action="store_true",
+                   help="time the parts only (no whole-layer --impls)")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"subset of {PARTS}")
     p.add_argument("--iters", type=int, default=20, help="timed calls (>= 20)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--devices", type=int, default=8,
@@ -80,6 +121,14 @@ def parse_args(argv=None):
     bad = [i for i in args.impls if i not in IMPLS]
     if bad:
         p.error(f"unknown --impls {bad}; choose from {IMPLS}")
+    args.parts = [i.strip() for i in args.parts.split(",") if i.strip()]
+    bad = [i for i in args.parts if i not in PARTS]
+    if bad:
+        p.error(f"unknown --parts {bad}; choose from {PARTS}")
+    if args.breakdown_only:
+        args.breakdown, args.impls = True, []
+    if not args.breakdown:
+        args.parts = []
     if args.iters < 20:
         p.error("--iters must be >= 20 (the medians are of at least 20 calls)")
     return args
@@ -95,6 +144,51 @@ def setup_platform(args):
                 f"{flags} --xla_force_host_platform_device_count={args.devices}").strip()
 
 
+def local_ops(jax, jnp):
+    """The communication-free stand-ins for ``jax_ep.dispatch`` / ``jax_ep.combine`` of
+    ``no_comm`` (expert layout, one rank): each a gather, with custom VJPs that mirror
+    jax_ep's (dispatch's backward is a combine, combine's a cached dispatch), so that no
+    backward pass becomes a scatter-add.
+
+    ``src_token [cap]``: the local token of each expert-layout row (T on padding rows,
+    which read a zero row); ``row_of_slot [T, K]``: the row of each (token, slot)."""
+    f32 = jnp.float32
+
+    def pad_row(a):
+        return jnp.concatenate([a, jnp.zeros((1,) + a.shape[1:], a.dtype)])
+
+    @jax.custom_vjp
+    def dispatch(x, src_token, row_of_slot):
+        return pad_row(x)[src_token]
+
+    def dispatch_fwd(x, src_token, row_of_slot):
+        return dispatch(x, src_token, row_of_slot), (src_token, row_of_slot)
+
+    def dispatch_bwd(res, g):  # the unweighted combine of the rows' gradients
+        _, row_of_slot = res
+        return jnp.sum(g[row_of_slot].astype(f32), axis=1).astype(g.dtype), None, None
+
+    dispatch.defvjp(dispatch_fwd, dispatch_bwd)
+
+    @jax.custom_vjp
+    def combine(y, w_rows, src_token, row_of_slot):
+        rows = y[row_of_slot].astype(f32)  # [T, K, H]
+        return jnp.sum(rows * w_rows[row_of_slot][..., None], axis=1).astype(y.dtype)
+
+    def combine_fwd(y, w_rows, src_token, row_of_slot):
+        return combine(y, w_rows, src_token, row_of_slot), (y, w_rows, src_token, row_of_slot)
+
+    def combine_bwd(res, g):  # as jax_ep's: a cached dispatch of g, then the weights
+        y, w_rows, src_token, _ = res
+        rows = pad_row(g)[src_token].astype(f32)
+        dy = (rows * w_rows[:, None]).astype(y.dtype)
+        dw = jnp.sum(rows * y.astype(f32), axis=1)
+        return dy, dw, None, None
+
+    combine.defvjp(combine_fwd, combine_bwd)
+    return dispatch, combine
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_platform(args)
@@ -105,7 +199,9 @@ def main(argv=None) -> int:
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     import jax_ep
-    from jax_ep.flax import MoE, route
+    # the layer's own expert code: no_comm and the parts run exactly what jax_ep_cf runs
+    from jax_ep.flax import (MoE, _batched_swiglu, _from_expert_slots, _to_expert_slots,
+                             route)
 
     if args.ragged_dot == "triton":
         jax.config.update("jax_ragged_dot_use_gpu_pallas_triton_lowering", True)
@@ -117,6 +213,7 @@ def main(argv=None) -> int:
     T, H, E, K, F = args.tokens, args.hidden, args.experts, args.top_k, args.ffn
     L = E // R
     dtype = jnp.dtype(args.dtype)
+    f32 = jnp.float32
     cf = args.capacity_factor
     if E % R:
         print(f"--experts={E} must be divisible by the {R} devices", file=sys.stderr)
@@ -136,10 +233,15 @@ def main(argv=None) -> int:
     layer = make_layer(None)
     graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
     ep_cap = math.ceil(cf * T * K)
-    # same rows per expert as a2a_cf (R source ranks x C each): dense batched expert matmuls
-    ep_expert_cap = R * max(1, math.ceil(cf * T * K / E))
+    a2a_C = max(1, math.ceil(cf * T * K / E))  # a2a_cf rows per (source rank, expert)
+    if args.expert_capacity_factor is None:
+        # same rows per expert as a2a_cf (R source ranks x C each): dense batched matmuls
+        ep_expert_cap = R * a2a_C
+    else:
+        ep_expert_cap = max(1, math.ceil(args.expert_capacity_factor * R * T * K / E))
     graphdef_cf, _, _ = nnx.split(make_layer(ep_cap, ep_expert_cap), nnx.Param, ...)
     bias = layer.expert_bias[...]
+    nc_cap = max(ep_cap, T * K)  # no_comm keeps every row (it has no dispatch capacity)
 
     key = jax.random.key(args.seed + 1)
     kx, kc = jax.random.split(key)
@@ -167,14 +269,22 @@ def main(argv=None) -> int:
         h = (jax.nn.silu(g) * u).astype(rows.dtype)
         return jnp.einsum("lnf,lfh->lnh", h, wd, preferred_element_type=f32)
 
+    def swiglu_batched_bf16_out(rows, wg, wu, wd):
+        """Proposed: matmuls output the input dtype (the GEMMs still accumulate in f32),
+        so their transposes (the backward matmuls) take bf16 operands; silu * up in f32."""
+        g = jnp.einsum("lnh,lhf->lnf", rows, wg)
+        u = jnp.einsum("lnh,lhf->lnf", rows, wu)
+        h = (jax.nn.silu(g.astype(f32)) * u.astype(f32)).astype(rows.dtype)
+        return jnp.einsum("lnf,lfh->lnh", h, wd)
+
     def a2a(v):
         return jax.lax.all_to_all(v, "ep", 0, 0, tiled=False)
 
-    def a2a_cf_rank(xl, router, wg, wu, wd):
-        """GShard: [E, C, H] per rank, C = ceil(cf*T*K/E) rows per expert."""
-        C = max(1, math.ceil(cf * T * K / E))
-        r = routing(xl, router)
-        flat_e = r.topk_idx.reshape(-1)
+    def a2a_cf_core(xl, topk_idx, topk_weights, expert_fn):
+        """GShard: [E, C, H] per rank, C = ceil(cf*T*K/E) rows per expert; expert_fn maps
+        the received [E/R, R*C, H] rows to outputs of the same shape."""
+        C = a2a_C
+        flat_e = topk_idx.reshape(-1)
         onehot = jax.nn.one_hot(flat_e, E, dtype=jnp.int32)
         pos = jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=1)
         keep = pos < C
@@ -183,13 +293,18 @@ def main(argv=None) -> int:
         send = jnp.zeros((E * C, H), dtype).at[slot].set(xl[tok], mode="drop")
         recv = a2a(send.reshape(R, L * C, H))  # [src rank, L*C, H]
         rows = recv.reshape(R, L, C, H).transpose(1, 0, 2, 3).reshape(L, R * C, H)
-        y = swiglu_batched(rows, wg, wu, wd).astype(dtype)
+        y = expert_fn(rows).astype(dtype)
         back = a2a(y.reshape(L, R, C, H).transpose(1, 0, 2, 3).reshape(R, L * C, H))
         got = jnp.take(back.reshape(E * C, H), slot, axis=0, mode="fill", fill_value=0)
-        w = jnp.where(keep, r.topk_weights.reshape(-1), 0.0)
+        w = jnp.where(keep, topk_weights.reshape(-1), 0.0)
         out = jnp.sum((got.astype(jnp.float32) * w[:, None]).reshape(T, K, H), axis=1)
         dropped = jax.lax.psum(jnp.sum(~keep, dtype=jnp.int32), "ep")
         return out.astype(dtype), dropped
+
+    def a2a_cf_rank(xl, router, wg, wu, wd):
+        r = routing(xl, router)
+        return a2a_cf_core(xl, r.topk_idx, r.topk_weights,
+                           lambda rows: swiglu_batched(rows, wg, wu, wd))
 
     def a2a_peer_rank(xl, router, wg, wu, wd):
         """Capacity T per peer: [R, T, H] slabs, receiver sorts rows for ragged_dot."""
@@ -214,6 +329,82 @@ def main(argv=None) -> int:
         out = jnp.sum(back.astype(jnp.float32), axis=0)
         return out.astype(dtype), jnp.zeros((), jnp.int32)
 
+    local_dispatch, local_combine = local_ops(jax, jnp)
+
+    def pad_row(a):
+        return jnp.concatenate([a, jnp.zeros((1,) + a.shape[1:], a.dtype)])
+
+    @jax.custom_vjp
+    def gather_rows(a, idx, inv):
+        """pad_row(a)[idx] for a one-to-one row map (out-of-range = zero row) whose inverse
+        is inv: the backward is the gather pad_row(g)[inv], not a scatter-add."""
+        return pad_row(a)[idx]
+
+    gather_rows.defvjp(lambda a, idx, inv: (gather_rows(a, idx, inv), (idx, inv)),
+                       lambda res, g: (pad_row(g)[res[1]], None, None))
+
+    def slots_by_gathers(recv_x, group_sizes, expert_capacity):
+        """Proposed _to_expert_slots/_from_expert_slots: the same [L, C, H] slots, but the
+        way back is a gather by each row's slot (not a scatter), and both backward passes
+        are gathers too. Returns (slots, back) where back(y_slots) -> [cap, H]."""
+        cap, C = recv_x.shape[0], expert_capacity
+        end = jnp.cumsum(group_sizes)
+        start = end - group_sizes
+        col = jnp.arange(C, dtype=jnp.int32)
+        src = jnp.where(col[None, :] < group_sizes[:, None], start[:, None] + col[None, :],
+                        cap).reshape(-1)  # row of each slot, cap = empty (zero row)
+        row = jnp.arange(cap, dtype=jnp.int32)
+        grp = jnp.searchsorted(end, row, side="right").astype(jnp.int32)  # L past the end
+        pos = row - jnp.take(start, jnp.minimum(grp, L - 1))
+        slot = jnp.where((grp < L) & (pos < C), grp * C + pos, L * C)  # L*C = no slot
+        slots = gather_rows(recv_x, src, slot).reshape(L, C, recv_x.shape[1])
+
+        def back(y_slots):
+            return gather_rows(y_slots.reshape(L * C, -1), slot, src)
+        return slots, back
+
+    def local_layout(topk_idx):
+        """no_comm's expert layout of this rank's own rows: expert e -> local e % (E/R),
+        rows grouped by local expert in token order, padded with zero rows to nc_cap."""
+        n = T * K
+        flat = (topk_idx % L).reshape(-1)
+        order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+        group_sizes = jnp.zeros((L,), jnp.int32).at[flat].add(1)
+        src_token = jnp.concatenate([order // K, jnp.full((nc_cap - n,), T, jnp.int32)])
+        row_of_slot = jnp.zeros((n,), jnp.int32).at[order].set(
+            jnp.arange(n, dtype=jnp.int32)).reshape(T, K)
+        return order, group_sizes, src_token, row_of_slot
+
+    def no_comm_core(xl, topk_idx, topk_weights, expert_fn):
+        """expert_fn(recv_x [nc_cap, H], group_sizes [L]) -> (y [nc_cap, H], dropped)."""
+        order, group_sizes, src_token, row_of_slot = local_layout(topk_idx)
+        w_rows = jnp.concatenate([topk_weights.reshape(-1)[order],
+                                  jnp.zeros((nc_cap - T * K,), jnp.float32)])
+        recv_x = local_dispatch(xl, src_token, row_of_slot)
+        y, lost = expert_fn(recv_x, group_sizes)
+        out = local_combine(y, w_rows, src_token, row_of_slot)
+        return out, jax.lax.psum(lost, "ep")
+
+    def slots_swiglu(recv_x, group_sizes, wg, wu, wd, swiglu=_batched_swiglu):
+        """Exactly jax_ep_cf's expert step (jax_ep/flax.py, expert_capacity path)."""
+        slots, src, lost = _to_expert_slots(recv_x, group_sizes, group_sizes, ep_expert_cap)
+        y = _from_expert_slots(swiglu(slots, wg, wu, wd).astype(recv_x.dtype), src,
+                               recv_x.shape[0])
+        return y, lost
+
+    def no_comm_rank(xl, router, wg, wu, wd, swiglu=_batched_swiglu):
+        r = routing(xl, router)
+        return no_comm_core(xl, r.topk_idx, r.topk_weights,
+                            lambda rx, gs: slots_swiglu(rx, gs, wg, wu, wd, swiglu))
+
+    def no_comm_bf16_rank(xl, router, wg, wu, wd):
+        return no_comm_rank(xl, router, wg, wu, wd, swiglu_batched_bf16_out)
+
+    def a2a_cf_bf16_rank(xl, router, wg, wu, wd):
+        r = routing(xl, router)
+        return a2a_cf_core(xl, r.topk_idx, r.topk_weights,
+                           lambda rows: swiglu_batched_bf16_out(rows, wg, wu, wd))
+
     def baseline(fn):
         spec_e = P("ep", None, None)
         sm = jax.shard_map(fn, mesh=mesh, in_specs=(P("ep", None), P(None, None), spec_e,
@@ -232,7 +423,38 @@ def main(argv=None) -> int:
         return fwd
 
     forwards = {"jax_ep": layer_fwd(graphdef), "jax_ep_cf": layer_fwd(graphdef_cf),
-                "a2a_cf": baseline(a2a_cf_rank), "a2a_peer": baseline(a2a_peer_rank)}
+                "a2a_cf": baseline(a2a_cf_rank), "a2a_peer": baseline(a2a_peer_rank),
+                "no_comm": baseline(no_comm_rank),
+                "a2a_cf_bf16": baseline(a2a_cf_bf16_rank),
+                "no_comm_bf16": baseline(no_comm_bf16_rank)}
+    method = {
+        "timing": f"median of {args.iters} timed calls after {args.warmup} warm-up calls of "
+                  "a jitted forward (fwd) and of jax.value_and_grad of sum(out * cot) with "
+                  "respect to all parameters and x (fwd_bwd); wall time to block_until_ready",
+        "jax_ep": "jax_ep.flax.MoE, default capacity (never drops), ragged_dot experts",
+        "jax_ep_cf": f"jax_ep.flax.MoE(capacity={ep_cap}, expert_capacity={ep_expert_cap}): "
+                     "jax_ep dispatch (expert layout) -> gather into [E/R, C, H] slots -> "
+                     "batched SwiGLU einsums -> scatter back -> jax_ep.combine",
+        "a2a_cf": f"GShard style: pack [E, C={a2a_C}, H] per rank, jax.lax.all_to_all, "
+                  "batched SwiGLU on [E/R, R*C, H], all_to_all back, weighted sum",
+        "a2a_peer": "[R, T, H] slabs per peer over all_to_all, ragged_dot experts",
+        "no_comm": "communication-free ceiling of jax_ep_cf: the same router, the same "
+                   "expert code (jax_ep.flax _to_expert_slots/_batched_swiglu/"
+                   f"_from_expert_slots, {ep_expert_cap} rows per local expert), but each "
+                   "rank sends its own (token, slot) rows to its own local expert e % (E/R) "
+                   f"through a local gather into the same [{nc_cap}, H] expert-layout buffer "
+                   "jax_ep.dispatch returns, and a local gather-and-weighted-sum replaces "
+                   "jax_ep.combine (backward: gathers mirroring jax_ep's VJPs). Nothing "
+                   "crosses devices but the psum of the dropped-row count. It bounds what "
+                   "any token exchange can achieve with this expert computation: if "
+                   "1.5 * no_comm > a2a_cf, a 1.5x speed-up over a2a_cf is out of reach by "
+                   "faster communication alone.",
+        "a2a_cf_bf16": "a2a_cf with the expert matmuls outputting bf16 (f32 accumulation in "
+                       "the GEMM; silu*up in f32), so the backward matmuls take bf16 "
+                       "operands instead of f32 (the proposed expert-FFN change)",
+        "no_comm_bf16": "no_comm with the same bf16-output expert matmuls as a2a_cf_bf16: "
+                        "the communication-free ceiling after that change",
+    }
 
     def timed(fn, *a):
         for _ in range(args.warmup):
@@ -248,9 +470,9 @@ def main(argv=None) -> int:
     for name in args.impls:
         fwd = forwards[name]
 
-        def loss(p, x, fwd=fwd):
+        def loss(p, x, c, fwd=fwd):  # c: the cotangent, an argument (not an HLO constant)
             out, dropped = fwd(p, x)
-            return jnp.sum(out.astype(jnp.float32) * cot.astype(jnp.float32)), (out, dropped)
+            return jnp.sum(out.astype(jnp.float32) * c.astype(jnp.float32)), (out, dropped)
 
         fwd_jit = jax.jit(fwd)
         grad_jit = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
@@ -259,9 +481,12 @@ def main(argv=None) -> int:
             out, dropped = jax.block_until_ready(fwd_jit(params, x))
             compile_s = time.perf_counter() - t0
             fwd_times = timed(fwd_jit, params, x)
-            fb_times = timed(grad_jit, params, x)
+            t0 = time.perf_counter()
+            jax.block_until_ready(grad_jit(params, x, cot))
+            compile_bwd_s = time.perf_counter() - t0
+            fb_times = timed(grad_jit, params, x, cot)
         except Exception as err:  # e.g. out of memory at the full shape: record, go on
-            print(f"  {name:10s} FAILED: {type(err).__name__}: {str(err)[:300]}", flush=True)
+            print(f"  {name:12s} FAILED: {type(err).__name__}: {str(err)[:300]}", flush=True)
             results[name] = {"error": f"{type(err).__name__}: {str(err)[:2000]}"}
             continue
         outputs[name] = np.asarray(out.astype(jnp.float32))
@@ -273,9 +498,10 @@ def main(argv=None) -> int:
             "dropped_rows": int(dropped),
             "dropped_fraction": int(dropped) / (R * T * K),
             "first_call_s": compile_s,
+            "first_call_fwd_bwd_s": compile_bwd_s,
             "iters": args.iters,
         }
-        print(f"  {name:10s} fwd+bwd {results[name]['fwd_bwd_ms_median']:9.2f} ms   "
+        print(f"  {name:12s} fwd+bwd {results[name]['fwd_bwd_ms_median']:9.2f} ms   "
               f"fwd {results[name]['fwd_ms_median']:9.2f} ms   dropped "
               f"{int(dropped)}/{R * T * K} rows", flush=True)
         del out
@@ -284,6 +510,8 @@ def main(argv=None) -> int:
         ref = outputs["jax_ep"]
         scale = float(np.max(np.abs(ref))) or 1.0
         for name, out in outputs.items():
+            if name.startswith("no_comm"):  # a different function (experts remapped)
+                continue
             diff = float(np.max(np.abs(out - ref))) / scale
             results[name]["max_rel_diff_vs_jax_ep"] = diff
             if results[name]["dropped_rows"] == 0 and name != "jax_ep":
@@ -291,6 +519,172 @@ def main(argv=None) -> int:
                 status = "ok" if diff <= tol else "MISMATCH"
                 print(f"  {name} vs jax_ep: max rel diff {diff:.2e} ({status})")
                 results[name]["matches_jax_ep"] = diff <= tol
+    for base_name, nc_name in (("a2a_cf", "no_comm"), ("a2a_cf_bf16", "no_comm_bf16"),
+                               ("a2a_cf", "no_comm_bf16")):
+        if "fwd_bwd_ms_median" in results.get(nc_name, {}) and \
+                "fwd_bwd_ms_median" in results.get(base_name, {}):
+            nc = results[nc_name]["fwd_bwd_ms_median"]
+            base = results[base_name]["fwd_bwd_ms_median"]
+            verdict = "out of reach" if 1.5 * nc > base else "not excluded"
+            print(f"  ceiling: {base_name} / {nc_name} = {base / nc:.2f}x (fwd+bwd): 1.5x "
+                  f"over {base_name} is {verdict} by faster communication alone")
+            results[nc_name][f"{base_name}_over_{nc_name}"] = base / nc
+
+    # ------------------------------------------------------------------ breakdown
+    breakdown = {}
+    expert_rows = {"jax_ep_cf": L * ep_expert_cap, "no_comm": L * ep_expert_cap,
+                   "a2a_cf": L * R * a2a_C}
+    gflop_fwd = {k: 6.0 * n * H * F / 1e9 for k, n in expert_rows.items()}  # per rank
+    if args.parts:
+        espec = P("ep", None, None)
+
+        def sharded_random(k, shape, dt, spec):
+            return jax.jit(lambda k: jax.random.normal(k, shape, f32).astype(dt),
+                           out_shardings=NamedSharding(mesh, spec))(k)
+
+        # fixed routing of x (the layer's router and bias) for the exchange parts
+        route_sm = jax.jit(jax.shard_map(
+            lambda xl, rt: tuple(routing(xl, rt)[:2]), mesh=mesh,
+            in_specs=(P("ep", None), P(None, None)), out_specs=(P("ep", None),) * 2))
+        topk_idx, topk_w = route_sm(x, params["router"][...])
+        gs_sm = jax.jit(jax.shard_map(lambda i: local_layout(i)[1], mesh=mesh,
+                                      in_specs=P("ep", None), out_specs=P("ep")))
+        group_sizes = gs_sm(topk_idx)  # [R * L], the no_comm grouping (same statistics)
+        kk = jax.random.split(jax.random.key(args.seed + 2), 4)
+        recv_x = sharded_random(kk[0], (R * nc_cap, H), dtype, P("ep", None))
+        slots = sharded_random(kk[1], (R * L, ep_expert_cap, H), dtype, espec)
+        w_params = (params["w_gate"][...], params["w_up"][...], params["w_down"][...])
+
+        def identity_rows(rows):  # the barrier keeps XLA from cancelling a2a's transposes
+            return jax.lax.optimization_barrier(rows)
+
+        def jax_ep_dc(xl, w, idx):
+            d = jax_ep.dispatch(xl, idx, w, num_experts=E, axis_name="ep", layout="expert",
+                                max_recv_tokens=ep_cap, buffer=buffer, backend="auto")
+            return jax_ep.combine(identity_rows(d.recv_x), d.handle, d.recv_topk_weights)
+
+        def a2a_dc(xl, w, idx):
+            return a2a_cf_core(xl, idx, w, identity_rows)[0]
+
+        def local_dc(xl, w, idx):
+            return no_comm_core(xl, idx, w,
+                                lambda rx, gs: (identity_rows(rx), jnp.zeros((), jnp.int32)))[0]
+
+        def expert_slots(rx, gs):  # jax_ep_cf's slot gather + scatter, identity experts
+            s, src, _ = _to_expert_slots(rx, gs, gs, ep_expert_cap)
+            return _from_expert_slots(identity_rows(s), src, rx.shape[0])
+
+        def expert_slots_gather(rx, gs):  # proposed: gathers only, identity experts
+            s, back = slots_by_gathers(rx, gs, ep_expert_cap)
+            return back(identity_rows(s))
+
+        def router_part(xl, rt):
+            r = routing(xl, rt)
+            return r.topk_weights
+
+        tok, w_spec = P("ep", None), P("ep", None)
+        # name: (per-rank fn, differentiated args, their specs, constant args, their specs,
+        #        out spec, what it is)
+        exchange = ((x, topk_w), (tok, w_spec), (topk_idx,), (P("ep", None),), tok)
+        part_defs = {
+            "router": (router_part, (x, params["router"][...]), (tok, P(None, None)), (), (),
+                       w_spec, "logits = x @ router (f32), sigmoid/softmax scores, top-k "
+                       "with the bias, normalised weights; the loss uses the weights"),
+            "jax_ep_dispatch_combine": (jax_ep_dc,) + exchange + (
+                f"jax_ep.dispatch(layout='expert', max_recv_tokens={ep_cap}) then "
+                "jax_ep.combine(recv_x, handle, recv_topk_weights): jax_ep_cf's exchange "
+                "with identity experts, fixed routing of x",),
+            "a2a_dispatch_combine": (a2a_dc,) + exchange + (
+                "a2a_cf's pack, all_to_all, [E/R, R*C, H] transposes, all_to_all back and "
+                "weighted sum, with identity experts",),
+            "local_dispatch_combine": (local_dc,) + exchange + (
+                "no_comm's local stand-in for dispatch and combine, identity experts",),
+            "expert_slots": (expert_slots, (recv_x,), (tok,), (group_sizes,), (P("ep"),), tok,
+                             f"jax_ep_cf's gather of the [{nc_cap}, H] expert layout into "
+                             f"[E/R, {ep_expert_cap}, H] slots and scatter back (no matmuls)"),
+            "expert_slots_gather": (
+                expert_slots_gather, (recv_x,), (tok,), (group_sizes,), (P("ep"),), tok,
+                "proposed replacement of expert_slots: the same slots, but every step "
+                "(forward and backward) a gather (custom VJP), no scatter"),
+            "expert_ffn": (_batched_swiglu, (slots,) + w_params, (espec,) * 4, (), (), espec,
+                           f"the layer's batched SwiGLU on [E/R={L}, {ep_expert_cap}, H] "
+                           "(jax_ep.flax._batched_swiglu: f32 matmul outputs)"),
+            "expert_ffn_bf16": (lambda *a: swiglu_batched_bf16_out(*a).astype(dtype),
+                                (slots,) + w_params, (espec,) * 4, (), (), espec,
+                                "proposed: the same matmuls with bf16 outputs (f32 "
+                                "accumulation in the GEMM), silu*up in f32; backward "
+                                "matmuls then run on bf16 operands"),
+        }
+        print(f"breakdown (per-rank work inside shard_map; {args.iters} calls each):",
+              flush=True)
+        for name in args.parts:
+            fn, diff, dspecs, const, cspecs, ospec, what = part_defs[name]
+            method[f"part:{name}"] = what
+            sm = jax.shard_map(fn, mesh=mesh, in_specs=tuple(dspecs) + tuple(cspecs),
+                               out_specs=ospec)
+            try:
+                shape = jax.eval_shape(sm, *diff, *const)
+                c = sharded_random(kk[3], shape.shape, shape.dtype, ospec)
+
+                def part_loss(d, cst, c, sm=sm):
+                    out = sm(*d, *cst)
+                    return jnp.sum(out.astype(f32) * c.astype(f32))
+
+                fwd_jit = jax.jit(sm)
+                grad_jit = jax.jit(jax.value_and_grad(part_loss))
+                t0 = time.perf_counter()
+                out = jax.block_until_ready(fwd_jit(*diff, *const))
+                first = time.perf_counter() - t0
+                fwd_times = timed(fwd_jit, *diff, *const)
+                fb_times = timed(grad_jit, diff, const, c)
+            except Exception as err:
+                print(f"  {name:24s} FAILED: {type(err).__name__}: {str(err)[:300]}",
+                      flush=True)
+                breakdown[name] = {"error": f"{type(err).__name__}: {str(err)[:2000]}"}
+                continue
+            rec = {"fwd_ms_median": statistics.median(fwd_times),
+                   "fwd_bwd_ms_median": statistics.median(fb_times),
+                   "fwd_bwd_ms_min": min(fb_times), "first_call_s": first}
+            extra = ""
+            if name.startswith("expert_ffn"):
+                gf = gflop_fwd["jax_ep_cf"]
+                rec["gflop_fwd_per_rank"] = gf
+                rec["tflops_fwd"] = gf / rec["fwd_ms_median"]
+                rec["tflops_fwd_bwd"] = 3 * gf / rec["fwd_bwd_ms_median"]
+                extra = (f"   {rec['tflops_fwd']:.4g} / {rec['tflops_fwd_bwd']:.4g} "
+                         "TFLOP/s per GPU (fwd / fwd+bwd)")
+            if name.endswith("dispatch_combine"):  # identity experts: out = x * sum(w)
+                ref = np.asarray(x.astype(f32)) * np.asarray(topk_w).sum(1, keepdims=True)
+                got = np.asarray(out.astype(f32))
+                rec["identity_max_rel_diff"] = float(np.max(np.abs(got - ref)) /
+                                                     (np.max(np.abs(ref)) or 1.0))
+                extra = f"   out vs x*sum(w): max rel diff {rec['identity_max_rel_diff']:.1e}"
+                if name.startswith("a2a"):
+                    extra += " (a2a_cf drops rows past C)"
+            breakdown[name] = rec
+            print(f"  {name:24s} fwd+bwd {rec['fwd_bwd_ms_median']:9.3f} ms   fwd "
+                  f"{rec['fwd_ms_median']:9.3f} ms{extra}", flush=True)
+            del out
+
+        def total(names):
+            if all("fwd_bwd_ms_median" in breakdown.get(n, {}) for n in names):
+                return {k: sum(breakdown[n][k] for n in names)
+                        for k in ("fwd_ms_median", "fwd_bwd_ms_median")}
+            return None
+
+        sums = {"jax_ep_cf": ("router", "jax_ep_dispatch_combine", "expert_slots",
+                              "expert_ffn"),
+                "a2a_cf": ("router", "a2a_dispatch_combine", "expert_ffn"),
+                "no_comm": ("router", "local_dispatch_combine", "expert_slots", "expert_ffn")}
+        for impl, names in sums.items():
+            s = total(names)
+            if s is None:
+                continue
+            breakdown[f"sum_for_{impl}"] = dict(s, parts=list(names))
+            whole = results.get(impl, {}).get("fwd_bwd_ms_median")
+            print(f"  sum of parts for {impl:9s} fwd+bwd {s['fwd_bwd_ms_median']:9.3f} ms   "
+                  f"fwd {s['fwd_ms_median']:9.3f} ms"
+                  + (f"   (whole layer {whole:.3f} ms)" if whole else ""), flush=True)
 
     now = datetime.datetime.now(datetime.timezone.utc)
     record = {
@@ -308,10 +702,16 @@ def main(argv=None) -> int:
                   "dtype": dtype.name, "score_func": args.score_func},
         "ragged_dot_lowering": args.ragged_dot,
         "capacity_factor": cf,
+        "expert_capacity_factor": args.expert_capacity_factor,
         "jax_ep_cf_capacity_rows": ep_cap,
         "jax_ep_cf_rows_per_expert": ep_expert_cap,
-        "a2a_cf_rows_per_expert": max(1, math.ceil(cf * T * K / E)),
+        "a2a_cf_rows_per_expert": a2a_C,
+        "no_comm_capacity_rows": nc_cap,
+        "expert_rows_per_rank": expert_rows,
+        "expert_gflop_fwd_per_rank": gflop_fwd,
+        "method": method,
         "results": results,
+        "breakdown": breakdown,
     }
     os.makedirs(args.out, exist_ok=True)
     tag = "".join(c if c.isalnum() else "_" for c in devices[0].device_kind.lower())
@@ -326,19 +726,43 @@ def main(argv=None) -> int:
     except ImportError:
         plt = None
     ok = [n for n in args.impls if "fwd_bwd_ms_median" in results.get(n, {})]
-    if plt is not None and ok:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        vals = [results[n]["fwd_bwd_ms_median"] for n in ok]
-        bars = ax.bar(ok, vals, color=["tab:green" if n.startswith("jax_ep") else "tab:gray"
-                                       for n in ok])
-        ax.bar_label(bars, fmt="%.1f")
-        ax.set_ylabel("fwd+bwd ms (median)")
-        ax.set_title(f"MoE layer, {R}x {devices[0].device_kind}, T={T} H={H} E={E} K={K}",
-                     fontsize=9)
+    parts_ok = [n for n in args.parts if "fwd_bwd_ms_median" in breakdown.get(n, {})]
+    if plt is not None and (ok or parts_ok):
+        panels = [p for p in (ok, parts_ok) if p]
+        fig, axes = plt.subplots(1, len(panels), squeeze=False,
+                                 figsize=(6 if len(panels) == 1 else 12, 3.8))
+        axes = axes[0]
+        i = 0
+        if ok:
+            ax = axes[i]
+            i += 1
+            vals = [results[n]["fwd_bwd_ms_median"] for n in ok]
+            colors = ["tab:green" if n.startswith("jax_ep") else
+                      "tab:blue" if n.startswith("no_comm") else "tab:gray" for n in ok]
+            bars = ax.bar(ok, vals, color=colors)
+            ax.bar_label(bars, fmt="%.1f")
+            ax.set_ylabel("fwd+bwd ms (median)")
+            ax.set_title(f"MoE layer, {R}x {devices[0].device_kind}, T={T} H={H} E={E} "
+                         f"K={K}", fontsize=9)
+        if parts_ok:
+            ax = axes[i]
+            fb = [breakdown[n]["fwd_bwd_ms_median"] for n in parts_ok]
+            fw = [breakdown[n]["fwd_ms_median"] for n in parts_ok]
+            ys = np.arange(len(parts_ok))
+            ax.barh(ys, fb, color="tab:orange", label="fwd+bwd")
+            ax.barh(ys, fw, color="tab:olive", label="fwd", height=0.4)
+            for y_, v in zip(ys, fb):
+                ax.text(v, y_, f" {v:.2f}", va="center", fontsize=7)
+            ax.set_yticks(ys, parts_ok, fontsize=7)
+            ax.invert_yaxis()
+            ax.set_xlabel("ms (median)")
+            ax.legend(fontsize=7)
+            ax.set_title("parts (per rank)", fontsize=9)
         fig.tight_layout()
         fig.savefig(stem + ".png", dpi=120)
         print(f"wrote {stem}.png")
-    return 0 if all("error" not in r for r in results.values()) else 1
+    bad = [r for r in list(results.values()) + list(breakdown.values()) if "error" in r]
+    return 0 if not bad else 1
 
 
 if __name__ == "__main__":
