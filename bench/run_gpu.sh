@@ -18,6 +18,7 @@ if [ $rc -ne 0 ]; then tail -40 "$OUT/build.log"; exit $rc; fi
 # Tests and bench import jax_ep from the source tree: put the built extension there too.
 SITE_PKG=$(cd /tmp && $PY -c "import jax_ep, os; print(os.path.dirname(jax_ep.__file__))")
 cp "$SITE_PKG"/_jax_ep_ffi*.so jax_ep/
+cp "$SITE_PKG"/_jax_ep_nvshmem*.so jax_ep/ 2>/dev/null || echo "built without NVSHMEM" | tee -a "$OUT/build.log"
 $PY -c "import jax, jax_ep; print(jax.__version__, jax.devices(), jax_ep.cuda_available())" 2>&1 | tee "$OUT/env.txt"
 
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
