@@ -264,7 +264,8 @@ __global__ void __launch_bounds__(kDispatchThreads) cached_dispatch_kernel(Cache
 
 }  // namespace
 
-cudaError_t launch_intranode_dispatch(const DispatchArgs& args, cudaStream_t stream) {
+cudaError_t launch_intranode_dispatch(const DispatchArgs& args, cudaStream_t stream,
+                                      const StagedCopy* staged) {
   // Per device (the attribute belongs to each GPU's context); cheap, no stream work.
   const cudaError_t attr_err = cudaFuncSetAttribute(
       intranode_dispatch_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kDispatchSmem));
@@ -272,6 +273,7 @@ cudaError_t launch_intranode_dispatch(const DispatchArgs& args, cudaStream_t str
   intranode_dispatch_kernel<<<args.num_blocks, kDispatchThreads, kDispatchSmem, stream>>>(args);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
+  if (staged != nullptr && (err = launch_staged_copy(*staged, stream)) != cudaSuccess) return err;
   const int L = args.num_experts / args.num_ranks;
   const size_t smem = args.layout == Layout::kRank ? sizeof(int) * L : 0;
   const int finalize_blocks = args.num_blocks * 8 < 512 ? args.num_blocks * 8 : 512;

@@ -70,7 +70,21 @@ struct DispatchArgs {
   // memory; rows that are not a multiple of 16 bytes always take the per-lane path.
   int min_bulk_row_bytes;  // rows at least this large use bulk copies
 };
-cudaError_t launch_intranode_dispatch(const DispatchArgs& args, cudaStream_t stream);
+// ---- staging.cu: one process per GPU; rows travel through the staging area.
+struct StagedCopy {
+  const char* src[kMaxPublished];
+  char* dst[kMaxPublished];
+  int row_bytes[kMaxPublished];
+  int num;                       // slots in use (0: nothing to copy)
+  const int* num_rows;           // rows to copy, read on the device (nullptr: fixed_rows)
+  int fixed_rows;
+};
+cudaError_t launch_staged_copy(const StagedCopy& c, cudaStream_t stream);
+
+// `staged` (one process per GPU, else nullptr): copies the received rows from the staging
+// area into the outputs between the communication and the finalize kernels.
+cudaError_t launch_intranode_dispatch(const DispatchArgs& args, cudaStream_t stream,
+                                      const StagedCopy* staged = nullptr);
 
 // Cached dispatch: out[row] = x of (recv_src_rank[row], recv_src_token[row]), zeros
 // where recv_src_rank < 0. Pulls rows from the peers' x.

@@ -27,6 +27,9 @@ class Buffer:
       num_nvl_bytes: NVLink buffer bytes per GPU (default:
         :meth:`get_dispatch_size_hint` for 4096 tokens of hidden 7168).
       num_sms: default SM count of the CUDA kernels (a per-call ``num_sms`` overrides it).
+      num_staging_bytes: one process per GPU only: the staging area per GPU that rows
+        travel through (default: :meth:`get_staging_size_hint` for 4096 tokens of hidden
+        7168 at the rank layout's default capacity).
       backend: ``"auto"`` (CUDA when built and the mesh is on GPUs), ``"cuda"`` or
         ``"reference"``.
 
@@ -44,7 +47,8 @@ class Buffer:
     """
 
     def __init__(self, mesh, axis_name: str, *, num_nvl_bytes: Optional[int] = None,
-                 num_sms: int = DEFAULT_NUM_SMS, backend: str = "auto"):
+                 num_sms: int = DEFAULT_NUM_SMS, backend: str = "auto",
+                 num_staging_bytes: Optional[int] = None):
         if axis_name not in mesh.shape:
             raise ValueError(f"Buffer: axis_name {axis_name!r} is not an axis of the mesh "
                              f"(axes: {tuple(mesh.shape)})")
@@ -67,6 +71,7 @@ class Buffer:
                                          _native.cuda_available())
         self.backend = "cuda" if use_cuda else "reference"
         self.num_nvl_bytes = num_nvl_bytes
+        self.num_staging_bytes = num_staging_bytes
         if use_cuda:
             if num_nvl_bytes is None:
                 self.num_nvl_bytes = self.get_dispatch_size_hint(4096, 7168, self.num_ranks)
@@ -77,6 +82,15 @@ class Buffer:
                                dtype_bytes: int = 2) -> int:
         """NVLink bytes per GPU that a normal dispatch/combine of this size needs."""
         return int(_cuda_module().nvl_bytes_hint(num_tokens, hidden, num_ranks, dtype_bytes))
+
+    @staticmethod
+    def get_staging_size_hint(num_tokens: int, hidden: int, num_ranks: int,
+                              dtype_bytes: int = 2, num_topk: int = 8) -> int:
+        """Staging bytes per GPU (one process per GPU only) for rank-layout dispatch and
+        combine of ``num_tokens`` per rank at the default capacity; an expert-layout call
+        needs about ``max_recv_tokens / (R*T)`` times that."""
+        return int(_cuda_module().staging_bytes_hint(num_tokens, hidden, num_ranks,
+                                                     dtype_bytes, num_topk))
 
     @staticmethod
     def get_low_latency_size_hint(max_tokens_per_rank: int, hidden: int, num_experts: int,

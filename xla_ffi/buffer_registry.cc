@@ -7,7 +7,6 @@
 #include <functional>
 #include <map>
 #include <mutex>
-#include <tuple>
 #include <utility>
 
 namespace jax_ep {
@@ -31,7 +30,7 @@ struct DeviceGuard {
 // ---------------------------------------------------------------- multi-process state
 // What one process tells its peers about its GPU (travels as bytes through the
 // jax.distributed key-value store, so it is plain data).
-constexpr uint64_t kBlobMagic = 0x31305f70655f786aull;  // "jx_ep_01"
+constexpr uint64_t kBlobMagic = 0x32305f70655f786aull;  // "jx_ep_02"
 struct IpcBlob {
   uint64_t magic;
   int64_t pid;
@@ -39,35 +38,21 @@ struct IpcBlob {
   int32_t device;
   int32_t pad;
   uint64_t num_bytes;
-  uint64_t comm_ptr;   // the buffer, in the exporter's address space
-  uint64_t pool_base;  // XLA's memory pool, in the exporter's address space
-  uint64_t pool_size;
+  uint64_t staging_bytes;
+  uint64_t comm_ptr;     // the buffer, in the exporter's address space
+  uint64_t staging_ptr;  // its staging area, likewise
   cudaIpcMemHandle_t comm_handle;
-  cudaIpcMemHandle_t pool_handle;
+  cudaIpcMemHandle_t staging_handle;
 };
 
 struct Exported {
   char* ptr = nullptr;
-  size_t num_bytes = 0;
-  uint64_t pool_base = 0, pool_size = 0;
-};
-
-// One opened peer XLA pool, shared by every buffer of this process (a handle may be
-// opened only once per process and device).
-using PoolKey = std::tuple<int64_t, uint64_t, int32_t, uint64_t>;  // pid, host, device, base
-struct OpenedPool {
-  char* mapped = nullptr;
-  int refs = 0;
-};
-
-struct Mappings {  // what import_peers opened for one (buffer id, device)
-  std::vector<char*> comm;
-  std::vector<PoolKey> pools;
+  char* staging = nullptr;
+  size_t num_bytes = 0, staging_bytes = 0;
 };
 
 std::map<std::pair<int64_t, int>, Exported> g_exported;
-std::map<PoolKey, OpenedPool> g_pools;
-std::map<std::pair<int64_t, int>, Mappings> g_mappings;
+std::map<std::pair<int64_t, int>, std::vector<char*>> g_mappings;  // IPC-opened peers
 
 uint64_t host_hash() {
   char name[256] = {};
@@ -75,62 +60,10 @@ uint64_t host_hash() {
   return std::hash<std::string>{}(name);
 }
 
-// The allocation containing `ptr` (cuMemGetAddressRange), looked up through the runtime's
-// driver entry point so that the module links no libcuda and imports without a driver.
-std::string allocation_range(uint64_t ptr, uint64_t* base, uint64_t* size) {
-  using Fn = int (*)(unsigned long long*, size_t*, unsigned long long);
-  static Fn fn = nullptr;
-  if (fn == nullptr) {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    cudaError_t err = cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &f, 12000,
-                                                       cudaEnableDefault, &found);
-    if (err != cudaSuccess || found != cudaDriverEntryPointSuccess || f == nullptr)
-      return "jax_ep.Buffer: cannot find cuMemGetAddressRange in the CUDA driver";
-    fn = reinterpret_cast<Fn>(f);
-  }
-  unsigned long long b = 0;
-  size_t n = 0;
-  if (fn(&b, &n, ptr) != 0)
-    return "jax_ep.Buffer: the XLA buffer at " + std::to_string(ptr) +
-           " is not device memory this process can query";
-  *base = b;
-  *size = n;
-  return "";
-}
-
-// Lock held. Opens (or shares) a peer's XLA pool on the current device.
-std::string open_pool(const IpcBlob& b, int device, char** mapped, PoolKey* key) {
-  *key = PoolKey{b.pid, b.host, b.device, b.pool_base};
-  OpenedPool& p = g_pools[*key];
-  if (p.mapped == nullptr) {
-    void* m = nullptr;
-    cudaError_t err = cudaIpcOpenMemHandle(&m, b.pool_handle, cudaIpcMemLazyEnablePeerAccess);
-    if (err != cudaSuccess) {
-      g_pools.erase(*key);
-      cudaGetLastError();
-      return cuda_error("opening the XLA memory pool of the process on GPU " +
-                        std::to_string(b.device) + " (IPC)", device, err);
-    }
-    p.mapped = static_cast<char*>(m);
-  }
-  ++p.refs;
-  *mapped = p.mapped;
-  return "";
-}
-
-// Lock held; current device = the importing device.
-void close_mappings(Mappings& m) {
-  for (char* c : m.comm) cudaIpcCloseMemHandle(c);
-  for (const PoolKey& k : m.pools) {
-    auto it = g_pools.find(k);
-    if (it != g_pools.end() && --it->second.refs == 0) {
-      cudaIpcCloseMemHandle(it->second.mapped);
-      g_pools.erase(it);
-    }
-  }
-  m.comm.clear();
-  m.pools.clear();
+// Current device = the importing device.
+void close_mappings(std::vector<char*>& opened) {
+  for (char* c : opened) cudaIpcCloseMemHandle(c);
+  opened.clear();
   cudaGetLastError();
 }
 
@@ -201,8 +134,8 @@ std::string create_buffer(int64_t buffer_id, const std::vector<int>& devices, si
   return "";
 }
 
-std::string export_buffer(int64_t buffer_id, int device, uint64_t xla_ptr, size_t num_bytes,
-                          std::string* blob) {
+std::string export_buffer(int64_t buffer_id, int device, size_t num_bytes,
+                          size_t staging_bytes, std::string* blob) {
   {
     std::lock_guard<std::mutex> lock(g_mutex);
     if (g_buffers.count({buffer_id, device}) || g_exported.count({buffer_id, device}))
@@ -217,34 +150,38 @@ std::string export_buffer(int64_t buffer_id, int device, uint64_t xla_ptr, size_
   b.host = host_hash();
   b.device = device;
   b.num_bytes = num_bytes;
-  std::string why = allocation_range(xla_ptr, &b.pool_base, &b.pool_size);
-  if (!why.empty()) return why;
-  err = cudaIpcGetMemHandle(&b.pool_handle, reinterpret_cast<void*>(b.pool_base));
-  if (err != cudaSuccess) {
-    cudaGetLastError();
-    return cuda_error("exporting XLA's memory pool (IPC)", device, err) +
-           ". One process per GPU needs XLA's default preallocated BFC pool "
-           "(XLA_PYTHON_CLIENT_PREALLOCATE unset or true, XLA_PYTHON_CLIENT_ALLOCATOR unset)";
-  }
+  b.staging_bytes = staging_bytes;
   char* ptr = nullptr;
+  char* staging = nullptr;
+  auto fail = [&](const std::string& what, cudaError_t e) {
+    if (ptr) cudaFree(ptr);
+    if (staging) cudaFree(staging);
+    cudaGetLastError();
+    return cuda_error(what, device, e);
+  };
   err = cudaMalloc(&ptr, num_bytes);
   if (err != cudaSuccess) {
-    cudaGetLastError();
-    return cuda_error("allocating " + std::to_string(num_bytes) + " bytes", device, err) +
+    ptr = nullptr;
+    return fail("allocating " + std::to_string(num_bytes) + " bytes", err) +
            " (lower XLA_PYTHON_CLIENT_MEM_FRACTION or num_nvl_bytes)";
+  }
+  err = cudaMalloc(&staging, staging_bytes);
+  if (err != cudaSuccess) {
+    staging = nullptr;
+    return fail("allocating the " + std::to_string(staging_bytes) + "-byte staging area", err) +
+           " (lower XLA_PYTHON_CLIENT_MEM_FRACTION or num_staging_bytes)";
   }
   err = cudaMemset(ptr, 0, num_bytes);  // sequence numbers start at 0 on every rank
   if (err == cudaSuccess) err = cudaDeviceSynchronize();
-  if (err == cudaSuccess) err = cudaIpcGetMemHandle(&b.comm_handle, ptr);
-  if (err != cudaSuccess) {
-    cudaFree(ptr);
-    cudaGetLastError();
-    return cuda_error("preparing the buffer for IPC", device, err);
-  }
+  if (err != cudaSuccess) return fail("clearing the buffer", err);
+  err = cudaIpcGetMemHandle(&b.comm_handle, ptr);
+  if (err == cudaSuccess) err = cudaIpcGetMemHandle(&b.staging_handle, staging);
+  if (err != cudaSuccess) return fail("exporting the buffer (IPC)", err);
   b.comm_ptr = reinterpret_cast<uint64_t>(ptr);
+  b.staging_ptr = reinterpret_cast<uint64_t>(staging);
   blob->assign(reinterpret_cast<const char*>(&b), sizeof(b));
   std::lock_guard<std::mutex> lock(g_mutex);
-  g_exported[{buffer_id, device}] = Exported{ptr, num_bytes, b.pool_base, b.pool_size};
+  g_exported[{buffer_id, device}] = Exported{ptr, staging, num_bytes, staging_bytes};
   return "";
 }
 
@@ -286,16 +223,29 @@ std::string import_peers(int64_t buffer_id, int device, int rank,
   s.device = device;
   s.num_bytes = ex->second.num_bytes;
   s.multi_process = true;
-  s.pool_lo = ex->second.pool_base;
-  s.pool_hi = ex->second.pool_base + ex->second.pool_size;
-  Mappings m;
+  s.staging = ex->second.staging;
+  s.staging_bytes = ex->second.staging_bytes;
+  std::vector<char*> opened;
+  auto open = [&](const cudaIpcMemHandle_t& h, int r, const char* what, char** out) {
+    void* m = nullptr;
+    cudaError_t e = cudaIpcOpenMemHandle(&m, h, cudaIpcMemLazyEnablePeerAccess);
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      close_mappings(opened);
+      return cuda_error(std::string("opening the ") + what + " of EP rank " + std::to_string(r) +
+                        " (IPC; is there NVLink/P2P between the GPUs?)", device, e);
+    }
+    opened.push_back(static_cast<char*>(m));
+    *out = static_cast<char*>(m);
+    return std::string();
+  };
   for (int r = 0; r < n; ++r) {
     if (r == rank) {
       s.peers[r] = ex->second.ptr;
       continue;
     }
     if (b[r].host != my_host) {
-      close_mappings(m);
+      close_mappings(opened);
       return "jax_ep.Buffer: EP rank " + std::to_string(r) + " is on another host; the "
              "intranode kernels need every rank of the EP group in one NVLink domain";
     }
@@ -305,33 +255,20 @@ std::string import_peers(int64_t buffer_id, int device, int rank,
       if (err == cudaErrorPeerAccessAlreadyEnabled) err = cudaSuccess;
       cudaGetLastError();
       if (err != cudaSuccess) {
-        close_mappings(m);
+        close_mappings(opened);
         return cuda_error("enabling peer access to GPU " + std::to_string(b[r].device), device,
                           err);
       }
-      continue;
+      continue;  // same address space: ptr_delta stays 0
     }
-    void* c = nullptr;
-    err = cudaIpcOpenMemHandle(&c, b[r].comm_handle, cudaIpcMemLazyEnablePeerAccess);
-    if (err != cudaSuccess) {
-      cudaGetLastError();
-      close_mappings(m);
-      return cuda_error("opening the buffer of EP rank " + std::to_string(r) + " (IPC; is there "
-                        "NVLink/P2P between the GPUs?)", device, err);
-    }
-    m.comm.push_back(static_cast<char*>(c));
-    s.peers[r] = static_cast<char*>(c);
-    char* pool = nullptr;
-    PoolKey key;
-    std::string why = open_pool(b[r], device, &pool, &key);
-    if (!why.empty()) {
-      close_mappings(m);
-      return why;
-    }
-    m.pools.push_back(key);
-    s.ptr_delta[r] = int64_t(reinterpret_cast<uint64_t>(pool) - b[r].pool_base);
+    std::string why = open(b[r].comm_handle, r, "buffer", &s.peers[r]);
+    if (!why.empty()) return why;
+    char* staging = nullptr;
+    why = open(b[r].staging_handle, r, "staging area", &staging);
+    if (!why.empty()) return why;
+    s.ptr_delta[r] = int64_t(reinterpret_cast<uint64_t>(staging) - b[r].staging_ptr);
   }
-  g_mappings[{buffer_id, device}] = std::move(m);
+  g_mappings[{buffer_id, device}] = std::move(opened);
   g_buffers[{buffer_id, device}] = s;
   return "";
 }
@@ -351,7 +288,7 @@ void unmap_peers(int64_t buffer_id) {
 void destroy_buffer(int64_t buffer_id) {
   unmap_peers(buffer_id);  // no-op in one process, or when the caller already did it
   std::vector<BufferState> gone;
-  std::vector<std::pair<int, char*>> exported;
+  std::vector<std::pair<int, Exported>> exported;
   {
     std::lock_guard<std::mutex> lock(g_mutex);
     for (auto it = g_buffers.begin(); it != g_buffers.end();) {
@@ -364,7 +301,7 @@ void destroy_buffer(int64_t buffer_id) {
     }
     for (auto it = g_exported.begin(); it != g_exported.end();) {
       if (it->first.first == buffer_id) {
-        exported.push_back({it->first.second, it->second.ptr});
+        exported.push_back({it->first.second, it->second});
         it = g_exported.erase(it);
       } else {
         ++it;
@@ -384,7 +321,8 @@ void destroy_buffer(int64_t buffer_id) {
   for (const auto& e : exported) {
     cudaSetDevice(e.first);
     cudaDeviceSynchronize();
-    cudaFree(e.second);
+    cudaFree(e.second.ptr);
+    cudaFree(e.second.staging);
   }
 }
 

@@ -6,11 +6,12 @@
 // "mapping" of a peer's buffer is its raw pointer.
 //
 // Multi-process mode (one process per GPU, jax.distributed): each process allocates its
-// GPU's buffer and exports an IPC handle of it and of XLA's preallocated memory pool
-// (export_buffer); the blobs travel through jax.distributed's key-value store; then each
-// process opens its peers' handles (import_peers). Mapping the peer's whole XLA pool lets
-// the kernels keep moving rows straight between XLA buffers: a peer's published address
-// plus ptr_delta[peer] is the same memory in this process.
+// GPU's buffer and a staging area and exports CUDA IPC handles of both (export_buffer);
+// the blobs travel through jax.distributed's key-value store; then each process opens its
+// peers' handles (import_peers). XLA's own memory cannot be shared between processes (its
+// allocations refuse IPC export), so an op publishes addresses in its staging area
+// instead of its XLA buffers, and copies between the two locally; a peer's published
+// address plus ptr_delta[peer] is the same memory mapped in this process.
 #pragma once
 
 #include <cstddef>
@@ -29,9 +30,9 @@ struct BufferState {
   size_t num_bytes = 0;
   char* peers[kMaxRanks] = {};  // peers[rank] is the local buffer
   int64_t ptr_delta[kMaxRanks] = {};  // see PeerBases::ptr_delta
-  // Multi-process: XLA's pool on this GPU; every address this rank publishes must lie in
-  // it, since peers can only reach memory through the mapped pool.
-  uint64_t pool_lo = 0, pool_hi = 0;
+  // Multi-process: this GPU's staging area, where every address it publishes lies.
+  char* staging = nullptr;
+  size_t staging_bytes = 0;
   bool multi_process = false;
 };
 
@@ -39,14 +40,13 @@ struct BufferState {
 // peer access between every pair and registers the buffers. Returns "" or an error.
 std::string create_buffer(int64_t buffer_id, const std::vector<int>& devices, size_t num_bytes);
 
-// Multi-process, step 1: allocates and zeroes this process's buffer on `device`, and
-// fills `blob` with what peers need to map it and the XLA pool that holds `xla_ptr` (any
-// live XLA buffer on that device). Returns "" or an error.
-std::string export_buffer(int64_t buffer_id, int device, uint64_t xla_ptr, size_t num_bytes,
-                          std::string* blob);
+// Multi-process, step 1: allocates and zeroes this process's buffer and staging area on
+// `device`, and fills `blob` with what peers need to map them. Returns "" or an error.
+std::string export_buffer(int64_t buffer_id, int device, size_t num_bytes,
+                          size_t staging_bytes, std::string* blob);
 
 // Multi-process, step 2: blobs[r] is EP rank r's export (ours at `rank`); opens every
-// peer's buffer and pool and registers the buffer. Returns "" or an error.
+// peer's buffer and staging area and registers the buffer. Returns "" or an error.
 std::string import_peers(int64_t buffer_id, int device, int rank,
                          const std::vector<std::string>& blobs);
 

@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdlib>
 #include <string>
 
@@ -50,16 +51,40 @@ PeerBases peer_bases(const BufferState& s) {
   return p;
 }
 
-// One process per GPU: peers reach this rank's XLA buffers only through the XLA pool
-// they mapped at Buffer creation, so every published address must lie inside it.
-ffi::Error check_published(const BufferState& s, const uint64_t* publish, int n, const char* op) {
-  if (!s.multi_process) return ffi::Error::Success();
+// One process per GPU: peers can map only the staging area (CUDA IPC cannot export XLA's
+// memory), so an op publishes addresses there and copies to/from its XLA buffers locally.
+// Slots are carved in publish order, 256-byte aligned.
+struct StagingSlots {
+  const BufferState& s;
+  size_t used = 0;
+  char* take(size_t bytes) {
+    char* p = s.staging + used;
+    used = align_up(used + bytes, 256);
+    return p;
+  }
+  ffi::Error check(const char* op) const {
+    if (used <= s.staging_bytes) return ffi::Error::Success();
+    return invalid(std::string(op) + ": with one process per GPU the rows travel through the "
+                   "Buffer's staging area, which holds " + std::to_string(s.staging_bytes) +
+                   " bytes; this call needs " + std::to_string(used) + ". Create the "
+                   "jax_ep.Buffer with num_staging_bytes>=" + std::to_string(used) +
+                   " (see Buffer.get_staging_size_hint) or lower max_recv_tokens");
+  }
+};
+
+// Copies `n` XLA buffers into staging slots (before the op publishes them).
+ffi::Error stage_inputs(const BufferState& s, const void* const* src, const size_t* bytes, int n,
+                        uint64_t* publish, cudaStream_t stream, const char* op) {
+  StagingSlots slots{s};
+  char* dst[kMaxPublished];
+  for (int i = 0; i < n; ++i) dst[i] = slots.take(bytes[i]);
+  if (auto e = slots.check(op); e.failure()) return e;
   for (int i = 0; i < n; ++i) {
-    if (publish[i] != 0 && (publish[i] < s.pool_lo || publish[i] >= s.pool_hi))
-      return invalid(std::string(op) + ": an XLA buffer of this op lies outside the XLA memory "
-                     "pool that was shared with the other processes when the jax_ep.Buffer was "
-                     "created. One process per GPU needs XLA's preallocated pool: leave "
-                     "XLA_PYTHON_CLIENT_PREALLOCATE and XLA_PYTHON_CLIENT_ALLOCATOR unset");
+    publish[i] = 0;
+    if (bytes[i] == 0) continue;
+    cudaError_t err = cudaMemcpyAsync(dst[i], src[i], bytes[i], cudaMemcpyDeviceToDevice, stream);
+    if (err != cudaSuccess) return check_launch(err, op);
+    publish[i] = reinterpret_cast<uint64_t>(dst[i]);
   }
   return ffi::Error::Success();
 }
@@ -186,14 +211,40 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S3
   n.publish[5] = addr(a.recv_src_token);
   n.publish[6] = addr(a.recv_src_slot);
   n.num_publish = 7;
-  if (auto e = check_published(s, n.publish, n.num_publish, "dispatch"); e.failure()) return e;
+  StagedCopy staged{};
+  if (s.multi_process) {  // senders write into our staging area; we copy to the outputs
+    const size_t meta = size_t(a.layout == Layout::kRank ? K : 1) * 4;
+    const size_t row_bytes[7] = {size_t(a.payload_row_bytes[0]),
+                                 size_t(np > 1 ? a.payload_row_bytes[1] : 0), meta, meta, 4, 4, 4};
+    char* outs[7] = {a.recv_payload[0], np > 1 ? a.recv_payload[1] : nullptr,
+                     reinterpret_cast<char*>(a.recv_topk_idx),
+                     reinterpret_cast<char*>(a.recv_topk_weights),
+                     reinterpret_cast<char*>(a.recv_src_rank),
+                     reinterpret_cast<char*>(a.recv_src_token),
+                     reinterpret_cast<char*>(a.recv_src_slot)};
+    StagingSlots slots{s};
+    for (int i = 0; i < 7; ++i) {
+      n.publish[i] = 0;
+      if (outs[i] == nullptr) continue;
+      char* slot = slots.take(size_t(cap) * row_bytes[i]);
+      n.publish[i] = addr(slot);
+      staged.src[staged.num] = slot;
+      staged.dst[staged.num] = outs[i];
+      staged.row_bytes[staged.num] = int(row_bytes[i]);
+      ++staged.num;
+    }
+    if (auto e = slots.check("dispatch"); e.failure()) return e;
+    staged.num_rows = reinterpret_cast<const int*>(s.peers[s.rank] + kWorkspaceOffset +
+                                                   offsetof(Workspace, used_rows));
+  }
   n.num_recv = num_recv->typed_data();
   n.num_overflow = num_overflow->typed_data();
   n.recv_per_expert = a.recv_per_expert;
   n.group_sizes = a.group_sizes;
   err = launch_notify_dispatch(n, stream);
   if (err != cudaSuccess) return check_launch(err, "dispatch (notify)");
-  return check_launch(launch_intranode_dispatch(a, stream), "dispatch");
+  return check_launch(launch_intranode_dispatch(a, stream, s.multi_process ? &staged : nullptr),
+                      "dispatch");
 }
 
 // ------------------------------------------------------------------ cached dispatch
@@ -217,8 +268,13 @@ ffi::Error CachedDispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffe
   a.recv_src_token = recv_src_token.typed_data();
   a.out = static_cast<char*>(out->untyped_data());
   a.num_blocks = num_blocks_of(num_sms);
-  const uint64_t publish[1] = {addr(x.untyped_data())};
-  if (auto e = check_published(s, publish, 1, "cached_dispatch"); e.failure()) return e;
+  uint64_t publish[1] = {addr(x.untyped_data())};
+  if (s.multi_process) {  // receivers pull our rows from the staging area
+    const void* src[1] = {x.untyped_data()};
+    const size_t bytes[1] = {x.size_bytes()};
+    if (auto e = stage_inputs(s, src, bytes, 1, publish, stream, "cached_dispatch"); e.failure())
+      return e;
+  }
   cudaError_t err = launch_begin_op(s.peers[s.rank], publish, 1, stream);
   if (err != cudaSuccess) return check_launch(err, "cached_dispatch (begin)");
   return check_launch(launch_cached_dispatch(a, stream), "cached_dispatch");
@@ -258,10 +314,16 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
   a.out = out->untyped_data();
   a.num_blocks = num_blocks_of(num_sms);
   // Slot order must match intranode_combine.cu's CombineSlot.
-  const uint64_t publish[5] = {addr(y.untyped_data()), addr(weights.typed_data()),
-                               addr(recv_src_rank.typed_data()), addr(recv_src_token.typed_data()),
-                               addr(recv_src_slot.typed_data())};
-  if (auto e = check_published(s, publish, 5, "combine"); e.failure()) return e;
+  uint64_t publish[5] = {addr(y.untyped_data()), addr(weights.typed_data()),
+                         addr(recv_src_rank.typed_data()), addr(recv_src_token.typed_data()),
+                         addr(recv_src_slot.typed_data())};
+  if (s.multi_process) {  // peers pull our rows from the staging area
+    const void* src[5] = {y.untyped_data(), weights.typed_data(), recv_src_rank.typed_data(),
+                          recv_src_token.typed_data(), recv_src_slot.typed_data()};
+    const size_t bytes[5] = {y.size_bytes(), weights.size_bytes(), recv_src_rank.size_bytes(),
+                             recv_src_token.size_bytes(), recv_src_slot.size_bytes()};
+    if (auto e = stage_inputs(s, src, bytes, 5, publish, stream, "combine"); e.failure()) return e;
+  }
   cudaError_t err = launch_begin_op(s.peers[s.rank], publish, 5, stream);
   if (err != cudaSuccess) return check_launch(err, "combine (begin)");
   return check_launch(launch_intranode_combine(a, stream), "combine");

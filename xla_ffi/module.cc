@@ -91,18 +91,19 @@ NB_MODULE(_jax_ep_ffi, m) {
       nb::arg("buffer_id"), "Frees every device's buffer of this id (waits for the GPUs).");
   m.def(
       "export_buffer",
-      [](int64_t buffer_id, int device, uint64_t xla_ptr, int64_t num_bytes) {
+      [](int64_t buffer_id, int device, int64_t num_bytes, int64_t staging_bytes) {
         std::string blob, err;
         {
           nb::gil_scoped_release release;
-          err = jax_ep::export_buffer(buffer_id, device, xla_ptr, size_t(num_bytes), &blob);
+          err = jax_ep::export_buffer(buffer_id, device, size_t(num_bytes), size_t(staging_bytes),
+                                      &blob);
         }
         if (!err.empty()) throw std::runtime_error(err);
         return nb::bytes(blob.data(), blob.size());
       },
-      nb::arg("buffer_id"), nb::arg("device"), nb::arg("xla_ptr"), nb::arg("num_bytes"),
-      "Multi-process: allocates this GPU's buffer; returns the bytes peers need to map it "
-      "and the XLA pool holding xla_ptr.");
+      nb::arg("buffer_id"), nb::arg("device"), nb::arg("num_bytes"), nb::arg("staging_bytes"),
+      "Multi-process: allocates this GPU's buffer and staging area; returns the bytes peers "
+      "need to map them.");
   m.def(
       "import_peers",
       [](int64_t buffer_id, int device, int rank, const std::vector<nb::bytes>& blobs) {

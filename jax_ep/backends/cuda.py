@@ -9,10 +9,13 @@ handlers from ``(buffer_id, device ordinal)``.
 Rows move directly between the GPUs' XLA buffers (dispatch pushes into the receivers'
 outputs, combine pulls from every rank's ``y``), so the communication buffer holds only
 counts, flags and published pointers (bench/results/NOTES.md has the design). In one
-process the GPUs reach each other's memory through CUDA peer access; with one process per
-GPU (``jax.distributed``) each process maps its peers' buffers and their whole XLA memory
-pool through CUDA IPC handles exchanged over the key-value store, so the same kernels run
-unchanged (a published address plus a per-peer offset).
+process the GPUs reach each other's memory through CUDA peer access. With one process per
+GPU (``jax.distributed``) XLA's memory cannot be mapped by other processes (its
+allocations refuse CUDA IPC export), so each process also allocates a staging area; the
+buffers and staging areas are mapped through CUDA IPC handles exchanged over the
+key-value store, an op publishes staging addresses instead of its XLA buffers and copies
+between the two locally, and the kernels are the same (a published address plus a
+per-peer offset).
 """
 
 from __future__ import annotations
@@ -115,6 +118,27 @@ def nvl_bytes_hint(num_tokens: int, hidden: int, num_ranks: int, dtype_bytes: in
     return max(buffer_bytes_for_rows(2 * rows), 16 << 20)
 
 
+def _align256(n: int) -> int:
+    return (n + 255) // 256 * 256
+
+
+def staging_bytes_for_dispatch(capacity: int, payload_row_bytes, num_topk: int,
+                               layout: str) -> int:
+    """Staging bytes a dispatch needs with one process per GPU (xla_ffi/cuda_handlers.cc
+    carves the same slots): every received row's payloads and metadata."""
+    meta = 4 * (num_topk if layout == "rank" else 1)
+    rows = list(payload_row_bytes) + [meta, meta, 4, 4, 4]
+    return sum(_align256(capacity * b) for b in rows)
+
+
+def staging_bytes_hint(num_tokens: int, hidden: int, num_ranks: int, dtype_bytes: int = 2,
+                       num_topk: int = 8) -> int:
+    """Staging area per GPU (one process per GPU only) for rank-layout dispatch/combine of
+    ``num_tokens`` per rank at the never-overflowing capacity ``R*T``."""
+    cap = num_ranks * num_tokens
+    return staging_bytes_for_dispatch(cap, [hidden * dtype_bytes], num_topk, "rank") + (1 << 20)
+
+
 def _ep_groups(mesh, axis_name: str):
     """Device groups along ``axis_name`` (one per coordinate of the other axes), rank order."""
     devices = np.asarray(mesh.devices)
@@ -140,7 +164,11 @@ def allocate_buffer(buffer) -> None:
     with _id_lock:
         buffer_id = next(_next_buffer_id)
     if multi_process:
-        _allocate_multi_process(ext, buffer_id, groups, num_bytes)
+        staging = buffer.num_staging_bytes
+        if staging is None:
+            staging = staging_bytes_hint(4096, 7168, groups.shape[1])
+        buffer.num_staging_bytes = int(staging)
+        _allocate_multi_process(ext, buffer_id, groups, num_bytes, int(staging))
     else:
         created = False
         try:
@@ -168,17 +196,16 @@ def _exchange(key: str, error: str, data: dict) -> dict:
     return {k: bytes.fromhex(v) for g in gathered for k, v in g["data"].items()}
 
 
-def _allocate_multi_process(ext, buffer_id: int, groups, num_bytes: int) -> None:
+def _allocate_multi_process(ext, buffer_id: int, groups, num_bytes: int,
+                            staging_bytes: int) -> None:
     """One process per GPU (or per host): export, exchange, import; see module docstring."""
     me = jax.process_index()
     local = [d for d in groups.flat if d.process_index == me]
     exports, error = {}, ""
     try:
         for d in local:
-            # Any live XLA buffer on the device tells which allocation is XLA's pool.
-            probe = jax.device_put(np.zeros(256, np.uint8), d)
             exports[str(d.id)] = ext.export_buffer(buffer_id, int(d.local_hardware_id),
-                                                   probe.unsafe_buffer_pointer(), num_bytes)
+                                                   num_bytes, staging_bytes)
     except Exception as err:  # published so that peers fail with it instead of timing out
         error = str(err)
     try:
@@ -238,6 +265,17 @@ def check_fits(buffer, cfg: DispatchConfig, payload) -> None:
                          f"got {cfg.num_experts}")
     if cfg.num_ranks > _MAX_RANKS:
         raise ValueError(f"dispatch: the CUDA kernels support up to {_MAX_RANKS} ranks")
+    if getattr(buffer, "multi_process", False):
+        payloads = payload if isinstance(payload, (tuple, list)) else (payload,)
+        row_bytes = [int(np.prod(p.shape[1:])) * jnp.dtype(p.dtype).itemsize for p in payloads]
+        need = staging_bytes_for_dispatch(cfg.capacity, row_bytes, cfg.num_topk, cfg.layout)
+        if need > int(buffer.num_staging_bytes):
+            raise ValueError(
+                f"dispatch: with one process per GPU the rows travel through the Buffer's "
+                f"staging area; this call (layout={cfg.layout!r}, max_recv_tokens="
+                f"{cfg.capacity}) needs {need} bytes but the Buffer has "
+                f"{buffer.num_staging_bytes}; create it with num_staging_bytes>={need} (see "
+                "Buffer.get_staging_size_hint) or pass a smaller max_recv_tokens")
     needed = buffer_bytes_for_rows(cfg.capacity if cfg.layout == "expert" else 0)
     if needed > int(buffer.num_nvl_bytes):
         raise ValueError(
