@@ -2,7 +2,10 @@
 
 Every implementation computes the same layer (router → top-k → routed SwiGLU experts
 sharded over the ``"ep"`` mesh axis → weighted combine) with the same parameters and
-routing, inside ``jax.shard_map``; only the token exchange and expert batching differ:
+routing, inside ``jax.shard_map``; only the token exchange and expert batching differ.
+All run the layer's own SwiGLU code (``jax_ep.flax._batched_swiglu`` /
+``_ragged_swiglu``: matmul outputs in the activation dtype with f32 accumulation inside
+the GEMMs, ``silu * up`` in f32, so that the backward matmuls take bf16 operands):
 
 * ``jax_ep``: :class:`jax_ep.flax.MoE` (``jax_ep.dispatch(layout="expert")`` →
   ``jax.lax.ragged_dot`` → ``jax_ep.combine``), default capacity (never drops).
@@ -22,7 +25,7 @@ routing, inside ``jax.shard_map``; only the token exchange and expert batching d
   rows to *its own* local expert ``e % (E/R)`` (so each local expert receives about
   ``R * T * K / E`` rows, as with EP): a local gather builds the same expert-layout
   ``[ceil(cf * T * K), H]`` buffer ``jax_ep.dispatch`` returns, then the layer's own code
-  (``jax_ep.flax``'s expert-slot gather, batched SwiGLU and scatter back) runs unchanged,
+  (``jax_ep.flax``'s expert-slot gather, batched SwiGLU and gather back) runs unchanged,
   and a local gather-and-weighted-sum stands in for ``jax_ep.combine``. The backward
   passes mirror jax_ep's (dispatch's backward is a combine, combine's a cached dispatch),
   each a local gather. Same router, same expert matmul shapes, no cross-device traffic
@@ -35,13 +38,9 @@ forward+backward, inside the same ``shard_map``): ``router`` (scores, top-k, wei
 ``jax_ep_dispatch_combine`` / ``a2a_dispatch_combine`` / ``local_dispatch_combine``
 (the token exchange of ``jax_ep_cf`` / ``a2a_cf`` / ``no_comm`` with identity experts),
 ``expert_slots`` (``jax_ep_cf``'s gather of the expert layout into ``[E/R, C, H]`` slots
-and scatter back, without matmuls), ``expert_ffn`` (the layer's batched SwiGLU alone on
-``[E/R, C, H]``), and two proposed changes that the layer does not make today:
-``expert_slots_gather`` (the same slots built and undone by gathers only, forward and
-backward) and ``expert_ffn_bf16`` (the same matmuls with bf16 outputs, so that the
-backward matmuls take bf16 operands instead of f32 ones). ``--breakdown-only`` skips the
-whole-layer implementations. ``a2a_cf_bf16`` and ``no_comm_bf16`` (not in the default
-``--impls``) are ``a2a_cf`` and ``no_comm`` with those bf16-output expert matmuls.
+and gather back, without matmuls; forward and backward all gathers) and ``expert_ffn``
+(the layer's batched SwiGLU alone on ``[E/R, C, H]``). ``--breakdown-only`` skips the
+whole-layer implementations.
 
 Default shape is DeepSeek-like (T=4096 tokens per rank, H=7168, E=256, K=8, expert FFN
 2048, bf16); ``--small`` shrinks it to run on simulated CPU devices. Each result is the
@@ -71,10 +70,9 @@ import sys
 import time
 
 DEFAULT_IMPLS = ("jax_ep", "jax_ep_cf", "a2a_cf", "a2a_peer", "no_comm")
-IMPLS = DEFAULT_IMPLS + ("a2a_cf_bf16", "no_comm_bf16")
+IMPLS = DEFAULT_IMPLS
 PARTS = ("router", "jax_ep_dispatch_combine", "a2a_dispatch_combine",
-         "local_dispatch_combine", "expert_slots", "expert_slots_gather", "expert_ffn",
-         "expert_ffn_bf16")
+         "local_dispatch_combine", "expert_slots", "expert_ffn")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # run from a checkout without PYTHONPATH=.: an installed jax_ep still comes first
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -200,8 +198,8 @@ def main(argv=None) -> int:
 
     import jax_ep
     # the layer's own expert code: no_comm and the parts run exactly what jax_ep_cf runs
-    from jax_ep.flax import (MoE, _batched_swiglu, _from_expert_slots, _to_expert_slots,
-                             route)
+    from jax_ep.flax import (MoE, _batched_swiglu, _from_expert_slots, _ragged_swiglu,
+                             _to_expert_slots, route)
 
     if args.ragged_dot == "triton":
         jax.config.update("jax_ragged_dot_use_gpu_pallas_triton_lowering", True)
@@ -255,27 +253,11 @@ def main(argv=None) -> int:
         return route(logits, top_k=K, score_func=args.score_func, bias=bias,
                      normalize=layer.normalize_weights)
 
-    def swiglu_ragged(rows, wg, wu, wd, gs):
-        f32 = jnp.float32
-        g = jax.lax.ragged_dot(rows, wg, gs, preferred_element_type=f32)
-        u = jax.lax.ragged_dot(rows, wu, gs, preferred_element_type=f32)
-        h = (jax.nn.silu(g) * u).astype(rows.dtype)
-        return jax.lax.ragged_dot(h, wd, gs, preferred_element_type=f32)
-
-    def swiglu_batched(rows, wg, wu, wd):
-        f32 = jnp.float32
-        g = jnp.einsum("lnh,lhf->lnf", rows, wg, preferred_element_type=f32)
-        u = jnp.einsum("lnh,lhf->lnf", rows, wu, preferred_element_type=f32)
-        h = (jax.nn.silu(g) * u).astype(rows.dtype)
-        return jnp.einsum("lnf,lfh->lnh", h, wd, preferred_element_type=f32)
-
-    def swiglu_batched_bf16_out(rows, wg, wu, wd):
-        """Proposed: matmuls output the input dtype (the GEMMs still accumulate in f32),
-        so their transposes (the backward matmuls) take bf16 operands; silu * up in f32."""
-        g = jnp.einsum("lnh,lhf->lnf", rows, wg)
-        u = jnp.einsum("lnh,lhf->lnf", rows, wu)
-        h = (jax.nn.silu(g.astype(f32)) * u.astype(f32)).astype(rows.dtype)
-        return jnp.einsum("lnf,lfh->lnh", h, wd)
+    # Every implementation runs the layer's own expert FFN code (jax_ep.flax): the same
+    # matmuls (outputs in the activation dtype, f32 accumulation inside the GEMMs; silu *
+    # up in f32), so only the token exchange and the expert batching differ.
+    swiglu_ragged = _ragged_swiglu
+    swiglu_batched = _batched_swiglu
 
     def a2a(v):
         return jax.lax.all_to_all(v, "ep", 0, 0, tiled=False)
@@ -331,38 +313,6 @@ def main(argv=None) -> int:
 
     local_dispatch, local_combine = local_ops(jax, jnp)
 
-    def pad_row(a):
-        return jnp.concatenate([a, jnp.zeros((1,) + a.shape[1:], a.dtype)])
-
-    @jax.custom_vjp
-    def gather_rows(a, idx, inv):
-        """pad_row(a)[idx] for a one-to-one row map (out-of-range = zero row) whose inverse
-        is inv: the backward is the gather pad_row(g)[inv], not a scatter-add."""
-        return pad_row(a)[idx]
-
-    gather_rows.defvjp(lambda a, idx, inv: (gather_rows(a, idx, inv), (idx, inv)),
-                       lambda res, g: (pad_row(g)[res[1]], None, None))
-
-    def slots_by_gathers(recv_x, group_sizes, expert_capacity):
-        """Proposed _to_expert_slots/_from_expert_slots: the same [L, C, H] slots, but the
-        way back is a gather by each row's slot (not a scatter), and both backward passes
-        are gathers too. Returns (slots, back) where back(y_slots) -> [cap, H]."""
-        cap, C = recv_x.shape[0], expert_capacity
-        end = jnp.cumsum(group_sizes)
-        start = end - group_sizes
-        col = jnp.arange(C, dtype=jnp.int32)
-        src = jnp.where(col[None, :] < group_sizes[:, None], start[:, None] + col[None, :],
-                        cap).reshape(-1)  # row of each slot, cap = empty (zero row)
-        row = jnp.arange(cap, dtype=jnp.int32)
-        grp = jnp.searchsorted(end, row, side="right").astype(jnp.int32)  # L past the end
-        pos = row - jnp.take(start, jnp.minimum(grp, L - 1))
-        slot = jnp.where((grp < L) & (pos < C), grp * C + pos, L * C)  # L*C = no slot
-        slots = gather_rows(recv_x, src, slot).reshape(L, C, recv_x.shape[1])
-
-        def back(y_slots):
-            return gather_rows(y_slots.reshape(L * C, -1), slot, src)
-        return slots, back
-
     def local_layout(topk_idx):
         """no_comm's expert layout of this rank's own rows: expert e -> local e % (E/R),
         rows grouped by local expert in token order, padded with zero rows to nc_cap."""
@@ -385,25 +335,17 @@ def main(argv=None) -> int:
         out = local_combine(y, w_rows, src_token, row_of_slot)
         return out, jax.lax.psum(lost, "ep")
 
-    def slots_swiglu(recv_x, group_sizes, wg, wu, wd, swiglu=_batched_swiglu):
+    def slots_swiglu(recv_x, group_sizes, wg, wu, wd):
         """Exactly jax_ep_cf's expert step (jax_ep/flax.py, expert_capacity path)."""
-        slots, src, lost = _to_expert_slots(recv_x, group_sizes, group_sizes, ep_expert_cap)
-        y = _from_expert_slots(swiglu(slots, wg, wu, wd).astype(recv_x.dtype), src,
-                               recv_x.shape[0])
+        slots, slot_map, lost = _to_expert_slots(recv_x, group_sizes, group_sizes,
+                                                 ep_expert_cap)
+        y = _from_expert_slots(_batched_swiglu(slots, wg, wu, wd), slot_map)
         return y, lost
 
-    def no_comm_rank(xl, router, wg, wu, wd, swiglu=_batched_swiglu):
+    def no_comm_rank(xl, router, wg, wu, wd):
         r = routing(xl, router)
         return no_comm_core(xl, r.topk_idx, r.topk_weights,
-                            lambda rx, gs: slots_swiglu(rx, gs, wg, wu, wd, swiglu))
-
-    def no_comm_bf16_rank(xl, router, wg, wu, wd):
-        return no_comm_rank(xl, router, wg, wu, wd, swiglu_batched_bf16_out)
-
-    def a2a_cf_bf16_rank(xl, router, wg, wu, wd):
-        r = routing(xl, router)
-        return a2a_cf_core(xl, r.topk_idx, r.topk_weights,
-                           lambda rows: swiglu_batched_bf16_out(rows, wg, wu, wd))
+                            lambda rx, gs: slots_swiglu(rx, gs, wg, wu, wd))
 
     def baseline(fn):
         spec_e = P("ep", None, None)
@@ -424,9 +366,7 @@ def main(argv=None) -> int:
 
     forwards = {"jax_ep": layer_fwd(graphdef), "jax_ep_cf": layer_fwd(graphdef_cf),
                 "a2a_cf": baseline(a2a_cf_rank), "a2a_peer": baseline(a2a_peer_rank),
-                "no_comm": baseline(no_comm_rank),
-                "a2a_cf_bf16": baseline(a2a_cf_bf16_rank),
-                "no_comm_bf16": baseline(no_comm_bf16_rank)}
+                "no_comm": baseline(no_comm_rank)}
     method = {
         "timing": f"median of {args.iters} timed calls after {args.warmup} warm-up calls of "
                   "a jitted forward (fwd) and of jax.value_and_grad of sum(out * cot) with "
@@ -434,7 +374,11 @@ def main(argv=None) -> int:
         "jax_ep": "jax_ep.flax.MoE, default capacity (never drops), ragged_dot experts",
         "jax_ep_cf": f"jax_ep.flax.MoE(capacity={ep_cap}, expert_capacity={ep_expert_cap}): "
                      "jax_ep dispatch (expert layout) -> gather into [E/R, C, H] slots -> "
-                     "batched SwiGLU einsums -> scatter back -> jax_ep.combine",
+                     "batched SwiGLU einsums -> gather back -> jax_ep.combine",
+        "expert_ffn": "all implementations use jax_ep.flax's SwiGLU (_batched_swiglu / "
+                      "_ragged_swiglu): matmul outputs in the activation dtype (f32 "
+                      "accumulation inside the GEMMs), silu * up in f32, so the backward "
+                      "matmuls take bf16 operands at bf16",
         "a2a_cf": f"GShard style: pack [E, C={a2a_C}, H] per rank, jax.lax.all_to_all, "
                   "batched SwiGLU on [E/R, R*C, H], all_to_all back, weighted sum",
         "a2a_peer": "[R, T, H] slabs per peer over all_to_all, ragged_dot experts",
@@ -449,11 +393,6 @@ def main(argv=None) -> int:
                    "any token exchange can achieve with this expert computation: if "
                    "1.5 * no_comm > a2a_cf, a 1.5x speed-up over a2a_cf is out of reach by "
                    "faster communication alone.",
-        "a2a_cf_bf16": "a2a_cf with the expert matmuls outputting bf16 (f32 accumulation in "
-                       "the GEMM; silu*up in f32), so the backward matmuls take bf16 "
-                       "operands instead of f32 (the proposed expert-FFN change)",
-        "no_comm_bf16": "no_comm with the same bf16-output expert matmuls as a2a_cf_bf16: "
-                        "the communication-free ceiling after that change",
     }
 
     def timed(fn, *a):
@@ -519,8 +458,7 @@ def main(argv=None) -> int:
                 status = "ok" if diff <= tol else "MISMATCH"
                 print(f"  {name} vs jax_ep: max rel diff {diff:.2e} ({status})")
                 results[name]["matches_jax_ep"] = diff <= tol
-    for base_name, nc_name in (("a2a_cf", "no_comm"), ("a2a_cf_bf16", "no_comm_bf16"),
-                               ("a2a_cf", "no_comm_bf16")):
+    for base_name, nc_name in (("a2a_cf", "no_comm"),):
         if "fwd_bwd_ms_median" in results.get(nc_name, {}) and \
                 "fwd_bwd_ms_median" in results.get(base_name, {}):
             nc = results[nc_name]["fwd_bwd_ms_median"]
@@ -570,13 +508,9 @@ def main(argv=None) -> int:
             return no_comm_core(xl, idx, w,
                                 lambda rx, gs: (identity_rows(rx), jnp.zeros((), jnp.int32)))[0]
 
-        def expert_slots(rx, gs):  # jax_ep_cf's slot gather + scatter, identity experts
-            s, src, _ = _to_expert_slots(rx, gs, gs, ep_expert_cap)
-            return _from_expert_slots(identity_rows(s), src, rx.shape[0])
-
-        def expert_slots_gather(rx, gs):  # proposed: gathers only, identity experts
-            s, back = slots_by_gathers(rx, gs, ep_expert_cap)
-            return back(identity_rows(s))
+        def expert_slots(rx, gs):  # jax_ep_cf's slot gathers there and back, identity experts
+            s, slot_map, _ = _to_expert_slots(rx, gs, gs, ep_expert_cap)
+            return _from_expert_slots(identity_rows(s), slot_map)
 
         def router_part(xl, rt):
             r = routing(xl, rt)
@@ -601,19 +535,12 @@ def main(argv=None) -> int:
                 "no_comm's local stand-in for dispatch and combine, identity experts",),
             "expert_slots": (expert_slots, (recv_x,), (tok,), (group_sizes,), (P("ep"),), tok,
                              f"jax_ep_cf's gather of the [{nc_cap}, H] expert layout into "
-                             f"[E/R, {ep_expert_cap}, H] slots and scatter back (no matmuls)"),
-            "expert_slots_gather": (
-                expert_slots_gather, (recv_x,), (tok,), (group_sizes,), (P("ep"),), tok,
-                "proposed replacement of expert_slots: the same slots, but every step "
-                "(forward and backward) a gather (custom VJP), no scatter"),
+                             f"[E/R, {ep_expert_cap}, H] slots and gather back (no matmuls; "
+                             "both backward passes gathers too)"),
             "expert_ffn": (_batched_swiglu, (slots,) + w_params, (espec,) * 4, (), (), espec,
                            f"the layer's batched SwiGLU on [E/R={L}, {ep_expert_cap}, H] "
-                           "(jax_ep.flax._batched_swiglu: f32 matmul outputs)"),
-            "expert_ffn_bf16": (lambda *a: swiglu_batched_bf16_out(*a).astype(dtype),
-                                (slots,) + w_params, (espec,) * 4, (), (), espec,
-                                "proposed: the same matmuls with bf16 outputs (f32 "
-                                "accumulation in the GEMM), silu*up in f32; backward "
-                                "matmuls then run on bf16 operands"),
+                           "(jax_ep.flax._batched_swiglu: matmul outputs in the activation "
+                           "dtype, silu * up in f32)"),
         }
         print(f"breakdown (per-rank work inside shard_map; {args.iters} calls each):",
               flush=True)

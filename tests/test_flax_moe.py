@@ -304,3 +304,138 @@ def test_small_expert_capacity_reports_dropped_rows():
     assert int(stats.dropped) == int(np.maximum(load - 2, 0).sum()) > 0
     with pytest.raises(ValueError, match="expert_capacity must be None or a positive int"):
         _layer(expert_capacity=0)
+
+
+def _scatter_slots_reference(recv_x, group_sizes, real_sizes, C):
+    """The previous expert-slot code (gather in, scatter back), kept as the reference."""
+    cap = recv_x.shape[0]
+    start = jnp.cumsum(group_sizes) - group_sizes
+    col = jnp.arange(C, dtype=jnp.int32)
+    src = jnp.where(col[None, :] < group_sizes[:, None], start[:, None] + col[None, :], cap)
+    padded = jnp.concatenate([recv_x, jnp.zeros((1, recv_x.shape[1]), recv_x.dtype)])
+    dropped = jnp.sum(jnp.maximum(real_sizes - C, 0))
+
+    def back(y_slots):
+        flat = y_slots.reshape(-1, y_slots.shape[-1])
+        return jnp.zeros((cap, flat.shape[1]), flat.dtype).at[src.reshape(-1)].set(
+            flat, mode="drop")
+    return padded[src], back, dropped
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("sizes,C", [
+    ((5, 0, 9, 3), 6),     # one group over C (3 rows dropped), an empty group, padding
+    ((2, 4, 1, 0), 8),     # all fit, trailing padding rows
+    ((7, 7, 7, 3), 7),     # exactly full groups, no padding
+    ((0, 0, 24, 0), 5),    # one group holds every row, far over C
+    ((0, 0, 0, 0), 3),     # nothing received
+])
+def test_expert_slots_by_gathers_equal_scatter_version_exactly(sizes, C, dtype):
+    from jax_ep.flax import _from_expert_slots, _to_expert_slots
+    cap, hid = 24, 8
+    gs = jnp.asarray(sizes, jnp.int32)
+    real = jnp.maximum(gs - 1, 0)  # as if each group had one row of alignment padding
+    x = jax.random.normal(jax.random.key(0), (cap, hid), jnp.float32).astype(dtype)
+    g_back = jax.random.normal(jax.random.key(1), (cap, hid), jnp.float32).astype(dtype)
+    g_slots = jax.random.normal(jax.random.key(2), (len(sizes), C, hid),
+                                jnp.float32).astype(dtype)
+
+    def new(x, y):
+        slots, smap, dropped = _to_expert_slots(x, gs, real, C)
+        return slots, _from_expert_slots(y, smap), dropped
+
+    def old(x, y):
+        slots, back, dropped = _scatter_slots_reference(x, gs, real, C)
+        return slots, back(y), dropped
+
+    y = jax.random.normal(jax.random.key(3), (len(sizes), C, hid), jnp.float32).astype(dtype)
+    for fn in (new, old):
+        assert jax.jit(fn)(x, y)[0].shape == (len(sizes), C, hid)
+    got, want = jax.jit(new)(x, y), jax.jit(old)(x, y)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    assert int(got[2]) == int(np.maximum(np.asarray(real) - C, 0).sum())
+
+    def vjp(fn):
+        out, pullback = jax.vjp(lambda x, y: fn(x, y)[:2], x, y)
+        return pullback((g_slots, g_back))
+
+    for a, b in zip(jax.jit(lambda: vjp(new))(), jax.jit(lambda: vjp(old))()):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    # forward and backward are gathers only: no scatter(-add) in the program
+    assert "scatter" not in jax.jit(lambda: vjp(new)).lower().as_text()
+    assert "scatter" in jax.jit(lambda: vjp(old)).lower().as_text()
+    # rows past C or past the groups come back as zeros; the others round-trip
+    rt = np.asarray(jax.jit(lambda x: new(x, new(x, y)[0])[1])(x), np.float32)
+    starts = np.cumsum(sizes) - np.asarray(sizes)
+    keep = np.zeros(cap, bool)
+    for s0, n in zip(starts, sizes):
+        keep[s0:s0 + min(n, C)] = True
+    np.testing.assert_array_equal(rt[keep], np.asarray(x, np.float32)[keep])
+    assert not np.any(rt[~keep])
+
+
+def _dot_operand_dtypes(fn, *args):
+    """Dtypes of the operands of every matmul (dot_general / ragged_dot) in fn's jaxpr."""
+    from jax.extend.core import jaxprs_in_params
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if "dot" in eqn.primitive.name:
+                found.append((eqn.primitive.name,
+                              tuple(str(v.aval.dtype) for v in eqn.invars[:2])))
+            for sub in jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def test_bf16_expert_ffn_backward_matmuls_stay_bf16():
+    from jax_ep.flax import _batched_swiglu, _ragged_swiglu, swiglu
+    bf = jnp.bfloat16
+    ks = jax.random.split(jax.random.key(0), 4)
+    L, M, F_ = 2, 8, 16
+    x = jax.random.normal(ks[0], (L, M, H)).astype(bf)
+    wg = jax.random.normal(ks[1], (L, H, F_)).astype(bf)
+    wu = jax.random.normal(ks[2], (L, H, F_)).astype(bf)
+    wd = jax.random.normal(ks[3], (L, F_, H)).astype(bf)
+    gs = jnp.asarray([5, 11], jnp.int32)
+    cases = {
+        "batched": (lambda *a: _batched_swiglu(*a), (x, wg, wu, wd)),
+        "ragged": (lambda x, wg, wu, wd: _ragged_swiglu(x, wg, wu, wd, gs),
+                   (x.reshape(L * M, H), wg, wu, wd)),
+        "dense": (swiglu, (x[0], wg[0], wu[0], wd[0])),
+    }
+    for name, (fn, args) in cases.items():
+        assert fn(*args).dtype == bf, name
+
+        def loss(*a, fn=fn):
+            return jnp.sum(fn(*a).astype(jnp.float32))
+
+        dots = _dot_operand_dtypes(jax.grad(loss, argnums=(0, 1, 2, 3)), *args)
+        assert len(dots) >= 9, (name, dots)  # 3 forward + 6 backward matmuls
+        assert all(d == ("bfloat16", "bfloat16") for _, d in dots), (name, dots)
+        grads = jax.grad(loss, argnums=(0, 1, 2, 3))(*args)
+        assert all(g.dtype == bf and np.all(np.isfinite(np.asarray(g, np.float32)))
+                   for g in grads), name
+
+
+@pytest.mark.parametrize("expert_capacity", [None, 64])
+def test_bf16_layer_matmuls_are_bf16_except_the_router(expert_capacity):
+    moe = _layer(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                 expert_capacity=expert_capacity)
+    graphdef, params, rest = nnx.split(moe, nnx.Param, ...)
+
+    def loss(p, x):
+        return jnp.sum(nnx.merge(graphdef, p, rest)(x)[0].astype(jnp.float32))
+
+    dots = _dot_operand_dtypes(jax.grad(loss, argnums=(0, 1)), params,
+                               _tokens().astype(jnp.bfloat16))
+    f32_dots = [d for d in dots if d[1] != ("bfloat16", "bfloat16")]
+    # the router (f32 by design): logits forward, its x and router gradients
+    assert f32_dots == [("dot_general", ("float32", "float32"))] * 3, dots
+    assert len(dots) == 3 + 9 + 9  # + routed experts and shared expert, fwd and bwd
