@@ -202,6 +202,8 @@ std::string import_peers(int64_t buffer_id, int device, int rank,
     if (b[r].magic != kBlobMagic)
       return "jax_ep.Buffer: rank " + std::to_string(r) + " sent an export of another jax_ep "
              "version";
+  }
+  for (int r = 0; r < n; ++r) {  // every blob is decoded now
     if (b[r].num_bytes != b[rank].num_bytes)
       return "jax_ep.Buffer: ranks disagree on num_nvl_bytes (" +
              std::to_string(b[r].num_bytes) + " on rank " + std::to_string(r) + " vs " +
