@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from typing import Any, Dict, List, Optional
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -115,8 +116,16 @@ def _child() -> None:
         local_device_ids=[rank] if gpu else None,
         initialization_timeout=60)
     module, func = os.environ["JAX_EP_MP_BODY"].split(":")
-    result = getattr(importlib.import_module(module), func)(
-        **json.loads(os.environ["JAX_EP_MP_ARGS"]))
+    try:
+        result = getattr(importlib.import_module(module), func)(
+            **json.loads(os.environ["JAX_EP_MP_ARGS"]))
+    except BaseException:
+        # Exit at once: the normal exit runs jax.distributed's shutdown barrier, which
+        # waits minutes for the other ranks; the launcher must see this failure now.
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     print(RESULT_TAG + json.dumps(result), flush=True)
     jax.distributed.shutdown()
 
