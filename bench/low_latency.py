@@ -10,12 +10,24 @@ Timing: one jit holds n back-to-back calls of an op; the time per call is the di
 between n=N_LONG and n=N_SHORT runs over the difference in calls (launch and host overheads
 cancel); median over repetitions (>= 20, after a warm-up call).
 
-Usage: python bench/low_latency.py [--tokens 128] [--hidden 7168] [--num-sms 256] [--out DIR]
+dispatch_plus_combine is one decode step's communication: dispatch, then combine of a
+fixed bf16 expert output (the combine waits for the dispatch through its handle, the next
+dispatch for the combine through its tokens). It used to feed the combine
+``recv_x[0].astype(bf16)``: a conversion of the whole padded [E/R, R*M, H] output (705 MB
+of HBM traffic at the default size, ~150-200 us) that no real expert does and that made
+this row larger than the sum of the other two.
+
+Extra rows (no baseline): FP8 dispatch with zero_padding=True (what a differentiated
+dispatch costs), and the split forms (send then recv, nothing in between).
+
+Usage: python bench/low_latency.py [--tokens 128] [--hidden 7168] [--num-sms 128] [--out DIR]
+Set JAX_EP_LL_ONE_KERNEL=0 to time the fused ops as two launches (send kernel, recv kernel).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -61,6 +73,7 @@ def main():
     cfg_fp8 = LowLatencyConfig(num_experts=E, num_ranks=R, axis_name=AXIS, max_tokens_per_rank=M,
                                num_tokens=T, num_topk=K, hidden=H, use_fp8=True, backend="cuda",
                                buffer_id=buf.buffer_id)
+    cfg_fp8_zero = dataclasses.replace(cfg_fp8, zero_padding=True)
     kw = dict(num_sms=a.num_sms, num_warps=a.num_warps)
 
     rng = np.random.default_rng(0)
@@ -74,32 +87,58 @@ def main():
     def smap(body):
         return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS)))
 
-    def expert_rows(recv_x):  # what an FP8 expert reads, as the bf16 y of the combine
-        return recv_x[0].astype(jnp.bfloat16)
+    L = E // R
+
+    def expert_out(x):  # a fixed bf16 expert output [E/R, R*M, H] (made once per jit)
+        return jnp.broadcast_to(x[:1], (L * R * M, H)).reshape(L, R * M, H) * 0.5
 
     # ---------------------------------------------------------------- jax_ep chains
-    def dispatch_chain(n):
+    def dispatch_chain(n, cfg=cfg_fp8):
         def body(x, i, w):
             x, i = x[0], i[0]
-            keep = [cll.ll_dispatch(x, i, None, cfg_fp8, **kw)[1] for _ in range(n)]
+            keep = [cll.ll_dispatch(x, i, None, cfg, **kw)[1] for _ in range(n)]
             return jnp.stack(keep)[None]
         return smap(body)
 
-    def combine_chain(n):
+    def split_dispatch_chain(n):
+        def body(x, i, w):
+            x, i = x[0], i[0]
+            keep = []
+            for _ in range(n):
+                sent = cll.ll_dispatch_send(x, i, cfg_fp8, **kw)
+                keep.append(cll.ll_dispatch_recv(sent, cfg_fp8, x.dtype, **kw)[1])
+                i = jnp.where(keep[-1][0] >= 0, i, -1)  # chain the next send by data
+            return jnp.stack(keep)[None]
+        return smap(body)
+
+    def combine_chain(n, split=False):
         def body(x, i, w):
             x, i, w = x[0], i[0], w[0]
-            recv_x, _, handle = cll.ll_dispatch(x, i, None, cfg_fp8, **kw)
-            y = expert_rows(recv_x)
-            outs = [cll.ll_combine(y, i, w, handle, cfg_fp8, **kw) for _ in range(n)]
+            _, _, handle = cll.ll_dispatch(x, i, None, cfg_fp8, **kw)
+            y = expert_out(x)
+            outs = []
+            for _ in range(n):
+                if split:
+                    ticket = cll.ll_combine_send(y, handle, cfg_fp8, **kw)
+                    outs.append(cll.ll_combine_recv(ticket, i, w, handle, cfg_fp8, y.dtype, H,
+                                                    **kw))
+                    # The next send after this recv: a data dependency through the (tiny)
+                    # counts it reads.
+                    counts = handle.recv_count_per_rank
+                    handle = handle._replace(recv_count_per_rank=jnp.where(
+                        jnp.isfinite(outs[-1][0, 0]), counts, 0))
+                else:
+                    outs.append(cll.ll_combine(y, i, w, handle, cfg_fp8, **kw))
             return jnp.stack([o[0, :8] for o in outs])[None]
         return smap(body)
 
     def both_chain(n):  # decode steps: each dispatch depends on the previous combine
         def body(x, i, w):
             x, i, w = x[0], i[0], w[0]
+            y = expert_out(x)
             for _ in range(n):
-                recv_x, _, handle = cll.ll_dispatch(x, i, None, cfg_fp8, **kw)
-                x = cll.ll_combine(expert_rows(recv_x), i, w, handle, cfg_fp8, **kw)
+                _, _, handle = cll.ll_dispatch(x, i, None, cfg_fp8, **kw)
+                x = cll.ll_combine(y, i, w, handle, cfg_fp8, **kw)
             return x[:1, :8][None]
         return smap(body)
 
@@ -136,7 +175,7 @@ def main():
             return x[:1, :8][None]
         return smap(body)
 
-    n_short, n_long = 2, 12
+    n_short, n_long = 2, 42  # 40 calls of difference: 2 vs 12 was within host noise
     measured = {}
     for name, make in [("dispatch_fp8", dispatch_chain), ("combine_bf16", combine_chain),
                        ("dispatch_plus_combine", both_chain)]:
@@ -149,6 +188,12 @@ def main():
                           all_to_all_us=round(baseline[name], 1),
                           speedup=round(baseline[name] / measured[name], 3))
                for name in measured}
+    extra = {}
+    for name, make in [("dispatch_fp8_zero_padding",
+                        lambda n: dispatch_chain(n, cfg_fp8_zero)),
+                       ("dispatch_fp8_split", split_dispatch_chain),
+                       ("combine_bf16_split", lambda n: combine_chain(n, split=True))]:
+        extra[name] = round(per_call_us(make, args, n_short, n_long, a.reps), 1)
 
     kind = devices[0].device_kind.replace(" ", "-")
     device = f"{R}x{kind}"
@@ -157,12 +202,14 @@ def main():
                   buffer_bytes=int(buf.num_nvl_bytes), jax=jax.__version__,
                   date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                   command="python " + " ".join(sys.argv),
+                  one_kernel=os.environ.get("JAX_EP_LL_ONE_KERNEL", "1") != "0",
                   method=f"median of {a.reps} after warm-up; per-call = (jit of {n_long} calls "
                          f"- jit of {n_short}) / {n_long - n_short}; FP8 dispatch cast in the "
-                         "kernel, BF16 combine; baseline all_to_all with capacity T per peer "
-                         "(FP8 cast by jax_ep.fp8.per_token_cast outside the collective in "
-                         "dispatch_plus_combine, none in the dispatch-only chain)",
-                  results=results)
+                         "kernel, BF16 combine of a fixed expert output; baseline all_to_all "
+                         "with capacity T per peer (FP8 cast by jax_ep.fp8.per_token_cast "
+                         "outside the collective in dispatch_plus_combine, none in the "
+                         "dispatch-only chain)",
+                  results=results, extra_jax_ep_us=extra)
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, f"low_latency-{device}.json")
     with open(path, "w") as f:
@@ -171,6 +218,8 @@ def main():
     print(f"{'op':<24}{'jax_ep us':>11}{'all_to_all us':>15}{'speedup':>9}")
     for name, r in results.items():
         print(f"{name:<24}{r['jax_ep_us']:>11.1f}{r['all_to_all_us']:>15.1f}{r['speedup']:>9.2f}")
+    for name, us in extra.items():
+        print(f"{name:<24}{us:>11.1f}")
     print(f"saved {path}")
     buf.close()
 

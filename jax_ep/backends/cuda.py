@@ -8,7 +8,7 @@ handlers from ``(buffer_id, device ordinal)``.
 
 Rows move directly between the GPUs' XLA buffers (dispatch pushes into the receivers'
 outputs, combine pulls from every rank's ``y``), so the communication buffer holds only
-counts, flags and published pointers (bench/results/NOTES.md has the design). In one
+counts, flags and published pointers (bench/NOTES.md has the design). In one
 process the GPUs reach each other's memory through CUDA peer access. With one process per
 GPU (``jax.distributed``) XLA's memory cannot be mapped by other processes (its
 allocations refuse CUDA IPC export), so each process also allocates a staging area; the
