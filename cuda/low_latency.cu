@@ -1,22 +1,31 @@
 // Low-latency (decode) dispatch and combine over NVLink peer pointers.
 //
-// Every op is a send kernel then a recv kernel on XLA's stream (fused or split form):
+// One kernel per op and direction, run in phases (cuda/LOW_LATENCY.md has the numbers):
 //   send: write rows into the peers' receive slots (half = op parity), then release one
-//         flag per (destination block) tagged with the op number and the row count;
-//   recv: wait for every flag of this op, move/reduce the rows into XLA's outputs, and
-//         (last block) bump the local op counter.
+//         flag per destination block, tagged with the op number and the row count;
+//   recv: wait for this op's flags, move/reduce the rows into XLA's outputs, and (last
+//         block) bump the local op counter.
+// The fused ops run both phases in ONE cooperative launch (every block sends, then
+// receives; co-residency guaranteed, so a block spinning in its recv phase can never
+// keep another block of its grid from sending); the split ops run one phase per launch.
 // Why this is safe without any clean-up launch: a rank's send of op c+2 (same half)
-// runs after its recv of op c+1, which waited for every peer's send of op c+1, which
-// each peer ran after its recv of op c. So nobody overwrites a half that is still read.
-// This needs each *_send to be followed by its *_recv before the next *_send (checked).
+// runs after its recv of op c+1, which waited for at least one flag of op c+1 from every
+// peer, which each peer released after its recv of op c. So nobody overwrites a half (or
+// a flag) that is still read. This needs each send to be followed by its recv before the
+// next send (checked) and every recv to wait for a flag from every peer (it waits for all
+// of this op's flags).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
-#include "cuda/block_scan.cuh"
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <tuple>
+
 #include "cuda/device_sync.cuh"
 #include "cuda/low_latency.h"
-#include "cuda/row_copy.cuh"
 
 namespace jax_ep {
 namespace {
@@ -27,6 +36,11 @@ namespace {
 constexpr float kE4m3Max = 448.0f;
 constexpr float kAmaxFloor = 1e-4f;
 constexpr float kInvE4m3Max = 1.0f / 448.0f;
+// 16-byte loads in flight per thread in the block-wide copies.
+constexpr int kUnroll = 8;
+// Threads per block: at most 16 warps (the handlers clamp num_warps), so the compiler may
+// use up to 128 registers without spilling.
+constexpr int kLLMaxThreads = 512;
 
 __device__ __forceinline__ float div_full(float a, float b) {
   float r;  // XLA lowers f32 division with -nvptx-prec-divf32=1, i.e. div.full.f32
@@ -48,21 +62,18 @@ template <> struct Elem<__half> {
   static __device__ __forceinline__ __half from_f32(float v) { return __float2half_rn(v); }
 };
 
-// V elements of T moved as one 16-byte vector (V > 1) or one scalar (V == 1).
+// V elements of T as one 16-byte vector.
 template <typename T, int V>
 union Pack {
   int4 raw;
   T v[V];
   __device__ __forceinline__ Pack() {}
-  __device__ __forceinline__ void load(const T* p) {
-    if constexpr (V > 1) raw = *reinterpret_cast<const int4*>(p);
-    else v[0] = *p;
-  }
-  __device__ __forceinline__ void store(T* p) const {
-    if constexpr (V > 1) *reinterpret_cast<int4*>(p) = raw;
-    else *p = v[0];
-  }
 };
+
+// Loads: `nc` for XLA inputs (read-only while the kernel runs), `cg` (L2, coherent) for
+// receive slots that peers write while the kernel runs: never the non-coherent path.
+template <typename V> __device__ __forceinline__ V ld_nc(const V* p) { return __ldg(p); }
+template <typename V> __device__ __forceinline__ V ld_cg(const V* p) { return __ldcg(p); }
 
 // ------------------------------------------------------------------ shared helpers
 
@@ -103,6 +114,25 @@ __device__ __forceinline__ int wait_flag(const uint64_t* flag, uint64_t op, cons
   return int(uint32_t(v));
 }
 
+// Build with -DJAX_EP_LL_FULL_FENCES to add a system-scope fence in every sending thread
+// before the block's release (the heavier pattern of the first version, which passed the
+// GPU tests; a diagnostic switch should a memory-ordering problem ever be suspected).
+__device__ __forceinline__ void sender_fence() {
+#ifdef JAX_EP_LL_FULL_FENCES
+  __threadfence_system();
+#endif
+}
+
+// Counter add with acquire-release semantics at GPU scope: releases what the calling
+// block stored before its last barrier (cumulative through bar.sync), and acquires what
+// earlier adders released. (DeepEP's pattern; no thread-wide system fence.)
+__device__ __forceinline__ uint32_t atom_add_acq_rel_gpu(uint32_t* p, uint32_t v) {
+  uint32_t old;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v)
+               : "memory");
+  return old;
+}
+
 // Block-level start of a send: the op number (= ops done + 1); block 0 records it.
 __device__ __forceinline__ uint64_t begin_send(char* local, int* ticket, const char* name,
                                                int rank, uint64_t* s_op) {
@@ -136,14 +166,15 @@ __device__ __forceinline__ uint64_t begin_recv(char* local, const int* expect_ti
   return *s_op;
 }
 
-// Block-level end of a recv: the last block to finish marks the op done locally.
+// Block-level end of a recv: the last block to finish marks the op done locally. Every
+// block read seq before it arrives here, so no block of this op can see the new value.
 __device__ __forceinline__ void finish_recv(char* local, uint64_t op) {
   __syncthreads();
   if (threadIdx.x == 0) {
     LowLatencyHeader* h = ll_header(local);
     __threadfence();
     const unsigned prev = atomicAdd(&h->recv_arrivals, 1u);
-    if (prev + 1 == gridDim.x) {  // every block has read seq already
+    if (prev + 1 == gridDim.x) {
       h->recv_arrivals = 0;
       *reinterpret_cast<volatile uint64_t*>(&h->seq) = op;
       __threadfence();
@@ -151,31 +182,68 @@ __device__ __forceinline__ void finish_recv(char* local, uint64_t op) {
   }
 }
 
-// Sender side: release this block's rows to the peer (all threads call it).
-__device__ __forceinline__ void release_flag(uint64_t* flag, uint64_t value) {
-  __threadfence_system();
-  __syncthreads();
-  if (threadIdx.x == 0) st_release_sys(flag, value);
-}
-
-// Receiver side copies: the slots were written by peers during this kernel's lifetime, so
-// they are read with ordinary (coherent) loads, never the non-coherent path.
-__device__ __forceinline__ void warp_copy_coherent(const char* src, char* dst, int bytes,
-                                                   int lane) {
-  if ((bytes & 15) == 0) {
-    const int4* s = reinterpret_cast<const int4*>(src);
-    int4* d = reinterpret_cast<int4*>(dst);
-    for (int c = lane; c < bytes / 16; c += 32) d[c] = s[c];
-  } else if ((bytes & 3) == 0) {
-    const int* s = reinterpret_cast<const int*>(src);
-    int* d = reinterpret_cast<int*>(dst);
-    for (int c = lane; c < bytes / 4; c += 32) d[c] = s[c];
-  } else {
-    for (int c = lane; c < bytes; c += 32) dst[c] = src[c];
+// Block-wide copy of `rows` rows of `row_bytes` (a multiple of sizeof(Vec)) from src (rows
+// src_stride apart) to dst (rows dst_stride apart), flattened over (row, vector) so every
+// thread has up to kUnroll independent loads in flight before its stores.
+template <typename Vec, bool kCoherent>
+__device__ __forceinline__ void block_copy_rows(char* dst, size_t dst_stride, const char* src,
+                                                size_t src_stride, int rows, int row_bytes) {
+  const int per_row = row_bytes / int(sizeof(Vec));
+  const int total = rows * per_row;
+  for (int base = threadIdx.x; base < total; base += blockDim.x * kUnroll) {
+    Vec v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int idx = base + u * int(blockDim.x);
+      if (idx < total) {
+        const int i = idx / per_row, c = idx - i * per_row;
+        const Vec* p = reinterpret_cast<const Vec*>(src + size_t(i) * src_stride) + c;
+        v[u] = kCoherent ? ld_cg(p) : ld_nc(p);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int idx = base + u * int(blockDim.x);
+      if (idx < total) {
+        const int i = idx / per_row, c = idx - i * per_row;
+        reinterpret_cast<Vec*>(dst + size_t(i) * dst_stride)[c] = v[u];
+      }
+    }
   }
 }
 
-// ------------------------------------------------------------------ dispatch: rows
+// Block-wide zero of `bytes` contiguous bytes (dst aligned to, and bytes a multiple of, Vec).
+template <typename Vec>
+__device__ __forceinline__ void block_zero(char* dst, size_t bytes) {
+  Vec* d = reinterpret_cast<Vec*>(dst);
+  const Vec z{};
+  const size_t n = bytes / sizeof(Vec);
+  for (size_t c = threadIdx.x; c < n; c += blockDim.x) d[c] = z;
+}
+
+// ------------------------------------------------------------------ dispatch
+
+struct DispatchShared {
+  int ne[kMaxExperts];      // send: rows this rank sends to each expert (every block counts)
+  int rows[kMaxExperts];    // send: tokens of this block listed per expert
+  uint32_t unit_flag[kMaxExperts];  // recv: flag word (count, scaled bit) of each unit
+  int unit_row[kLLMaxTokensPerRank];      // recv: the current unit's source rows ...
+  float unit_scale[kLLMaxTokensPerRank];  //       ... and row scales
+  int te[kMaxTopk];         // send: the current token's expert ids
+  int before[kMaxTopk];     // send: tokens before it routed to te[k] (its row in e's list)
+  int before_rank[kMaxTopk];// send: tokens before it with an expert on te[k]'s rank
+  int dst_rank[kMaxTopk];   // send: the token's destination ranks (one row each) ...
+  int dst_row[kMaxTopk];    //       ... and its row there
+  int exp_e[kMaxTopk];      // send: the token's distinct experts (one list entry each) ...
+  int exp_pos[kMaxTopk];    //       ... the entry's position ...
+  int exp_row[kMaxTopk];    //       ... the row it points at ...
+  float exp_scale[kMaxTopk];//       ... and the row scale (slot_scale; 1 otherwise)
+  int num_dst, num_exp;
+  uint64_t op;
+};
+
+// Flag words carry the row count and, in bit 31, "rows scaled on receipt" (slot_scale).
+constexpr uint32_t kScaledBit = 0x80000000u;
 
 // Sum of the slot scales of token t on expert e, in slot order from 0 (as jnp.sum of a
 // masked row: zeros are exact, so only >= 3 slots on one expert could round differently).
@@ -188,307 +256,626 @@ __device__ __forceinline__ float slot_scale_sum(const LLDispatchArgs& a, int t, 
   return s;
 }
 
-// One warp writes one row into a peer slot: x, or x * scale rounded to x's dtype.
 template <typename T>
-__device__ __forceinline__ void write_plain_row(const T* src, bool scaled, float scale, char* dst,
-                                                int hidden, int lane) {
-  if (!scaled) {
-    warp_copy_row(reinterpret_cast<const char*>(src), dst, hidden * int(sizeof(T)), lane);
+__device__ __forceinline__ void load8(const T* p, float (&f)[8]) {
+  if constexpr (sizeof(T) == 2) {
+    Pack<T, 8> v;
+    v.raw = ld_nc(reinterpret_cast<const int4*>(p));
+#pragma unroll
+    for (int i = 0; i < 8; ++i) f[i] = Elem<T>::to_f32(v.v[i]);
+  } else {
+    Pack<T, 4> lo, hi;
+    lo.raw = ld_nc(reinterpret_cast<const int4*>(p));
+    hi.raw = ld_nc(reinterpret_cast<const int4*>(p) + 1);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      f[i] = lo.v[i];
+      f[4 + i] = hi.v[i];
+    }
+  }
+}
+
+// x * s rounded to x's dtype, on one 16-byte vector (the slot_scale rows of the grad path).
+template <typename T>
+__device__ __forceinline__ int4 scale_vec(int4 raw, float s) {
+  Pack<T, 16 / sizeof(T)> p;
+  p.raw = raw;
+#pragma unroll
+  for (int i = 0; i < int(16 / sizeof(T)); ++i)
+    p.v[i] = Elem<T>::from_f32(__fmul_rn(Elem<T>::to_f32(p.v[i]), s));
+  return p.raw;
+}
+
+// Stages token t's slot row in shared memory, once for all its destinations: FP8 (H e4m3
+// values, then H/128 f32 scales; a thread casts 8 channels, 16 threads share a scale) or
+// the raw row.
+template <typename Elt>
+__device__ __forceinline__ void stage_row(const LLDispatchArgs& a, int t, int4* s_row) {
+  const int H = a.hidden;
+  const Elt* src = static_cast<const Elt*>(a.x) + size_t(t) * H;
+  if (!a.use_fp8) {
+    const int n = H * int(sizeof(Elt)) / 16;
+    const int4* s = reinterpret_cast<const int4*>(src);
+    for (int c = threadIdx.x; c < n; c += blockDim.x) s_row[c] = ld_nc(s + c);
     return;
   }
-  T* d = reinterpret_cast<T*>(dst);
-  for (int j = lane; j < hidden; j += 32)
-    d[j] = Elem<T>::from_f32(__fmul_rn(Elem<T>::to_f32(src[j]), scale));
-}
-
-// One warp casts one row to e4m3 with one scale per 128 channels (lane: 4 channels).
-template <typename T>
-__device__ __forceinline__ void write_fp8_row(const T* src, bool scaled, float scale, char* dst,
-                                              int hidden, int lane) {
-  float* scales = reinterpret_cast<float*>(dst + hidden);
-  for (int c = 0; c < hidden / 128; ++c) {
-    const int base = c * 128 + lane * 4;
-    float v[4];
+  uint8_t* q = reinterpret_cast<uint8_t*>(s_row);
+  float* scales = reinterpret_cast<float*>(q + H);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
+  const int n8 = H / 8;  // a multiple of 16: a half-warp is one 128-channel group
+  for (int j0 = warp * 32; j0 < n8; j0 += num_warps * 32) {  // warp-uniform trip count
+    const int j = j0 + lane;
+    const bool ok = j < n8;
+    float f[8];
+    if (ok) {
+      load8<Elt>(src + size_t(j) * 8, f);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) f[i] = 0.0f;
+    }
     float amax = 0.0f;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      float f = Elem<T>::to_f32(src[base + j]);
-      if (scaled) f = Elem<T>::to_f32(Elem<T>::from_f32(__fmul_rn(f, scale)));
-      v[j] = f;
-      amax = fmaxf(amax, fabsf(f));
-    }
+    for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(f[i]));
 #pragma unroll
-    for (int d = 16; d > 0; d >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, d));
+    for (int d = 8; d > 0; d >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, d));
     amax = fmaxf(amax, kAmaxFloor);
     const float mul = div_full(kE4m3Max, amax);
-    uint32_t packed = 0;
+    uint32_t packed[2] = {0u, 0u};
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const __nv_fp8_storage_t q = __nv_cvt_float_to_fp8(__fmul_rn(v[j], mul), __NV_SATFINITE,
-                                                         __NV_E4M3);
-      packed |= uint32_t(q) << (8 * j);
+    for (int i = 0; i < 8; ++i) {
+      const __nv_fp8_storage_t v =
+          __nv_cvt_float_to_fp8(__fmul_rn(f[i], mul), __NV_SATFINITE, __NV_E4M3);
+      packed[i / 4] |= uint32_t(v) << (8 * (i % 4));
     }
-    *reinterpret_cast<uint32_t*>(dst + base) = packed;
-    if (lane == 0) scales[c] = __fmul_rn(amax, kInvE4m3Max);
+    if (ok) {
+      *reinterpret_cast<uint2*>(q + size_t(j) * 8) = make_uint2(packed[0], packed[1]);
+      if ((lane & 15) == 0) scales[j / 16] = __fmul_rn(amax, kInvE4m3Max);
+    }
   }
 }
 
-// ------------------------------------------------------------------ dispatch: send
-// Block per destination expert e: list this rank's tokens routed to e in token order
-// (block scan, no atomics), write each row once into slot [e % L, me, pos] on rank
-// e / L, record send_pos, then release the (e % L, me) flag with the count.
+// Send phase. Block b handles tokens b, b+G, ...: for each, counts over the tokens before
+// it give its row position at every destination rank and its position in every one of
+// its experts' lists (no scan, no atomics on the order: positions equal the reference's);
+// its row is staged once (FP8 cast here), then written once per destination rank with
+// 16-byte vectors by all warps, and one list entry (row index, token, scale) per distinct
+// expert. Each expert's flag is released by the block whose entries complete the expert's
+// count (a per-expert arrival counter); experts with no entry get an empty flag from
+// block e % G.
 template <typename Elt>
-__global__ void __launch_bounds__(1024) ll_dispatch_send_kernel(LLDispatchArgs a) {
-  __shared__ int s_tokens[kLLMaxTokensPerRank];
-  __shared__ ScanSmem s_scan;
-  __shared__ uint64_t s_op;
+__device__ __forceinline__ void dispatch_send(const LLDispatchArgs& a, uint64_t op,
+                                              DispatchShared& sm, int4* s_row) {
   const int R = a.num_ranks, E = a.num_experts, L = E / R, M = a.max_tokens;
   const int T = a.num_tokens, K = a.num_topk, H = a.hidden;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
-  const uint64_t op = begin_send(a.peers.base[a.me], a.ticket, "low_latency_dispatch", a.me, &s_op);
+  const int tid = threadIdx.x, nthr = blockDim.x, G = gridDim.x, b = blockIdx.x;
   const size_t stride = ll_dispatch_row_stride(H, sizeof(Elt), a.use_fp8);
-  const size_t tok_offset = ll_dispatch_token_offset(E, M, stride);
-  const bool scaled = a.slot_scale != nullptr;
+  const int chunks = int(stride / 16);
+  const size_t list_offset = ll_dispatch_list_offset(R, M, stride);
+  const size_t list_len = size_t(E) * M;
+  const bool scaled = a.slot_scale != nullptr && !a.use_fp8;
+  const uint32_t scaled_bit = scaled ? kScaledBit : 0u;
+  LowLatencyHeader* local_h = ll_header(a.peers.base[a.me]);
 
-  // Masked and out-of-range slots send nothing.
-  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < T * K; i += gridDim.x * blockDim.x) {
-    const int e = a.topk_idx[i];
-    if (e < 0 || e >= E) a.send_pos[i] = -1;
+  for (int e = tid; e < E; e += nthr) {
+    sm.ne[e] = 0;
+    sm.rows[e] = 0;
   }
-
-  for (int e = blockIdx.x; e < E; e += gridDim.x) {
-    int n = 0;
-    for (int t0 = 0; t0 < T; t0 += blockDim.x) {  // uniform trip count: the scan syncs
-      const int t = t0 + threadIdx.x;
-      bool routed = false;
-      if (t < T)
-        for (int k = 0; k < K; ++k) routed |= a.topk_idx[t * K + k] == e;
-      int total;
-      const int before = block_exclusive_count(routed, &total, s_scan);
-      if (routed) s_tokens[n + before] = t;
-      n += total;
+  bool first_pass = true;
+  for (int t = b; first_pass || t < T; t += G) {
+    const bool has_token = t < T;
+    if (tid < kMaxTopk) {
+      sm.before[tid] = 0;
+      sm.before_rank[tid] = 0;
+      sm.te[tid] = has_token && tid < K ? a.topk_idx[size_t(t) * K + tid] : -1;
     }
     __syncthreads();
-
-    // Every slot naming e (duplicates included) points at the token's one row.
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-      const int t = s_tokens[i];
-      for (int k = 0; k < K; ++k)
-        if (a.topk_idx[t * K + k] == e) a.send_pos[t * K + k] = a.me * M + i;
+    // Token rows tp < T (first pass: histogram of distinct experts) or tp < t (positions).
+    const int t_end = first_pass ? T : t;
+    for (int tp = tid; tp < t_end; tp += nthr) {
+      int row[kMaxTopk], row_rank[kMaxTopk];
+#pragma unroll
+      for (int k = 0; k < kMaxTopk; ++k) {
+        row[k] = k < K ? a.topk_idx[size_t(tp) * K + k] : -1;
+        row_rank[k] = row[k] >= 0 && row[k] < E ? row[k] / L : -1;
+      }
+      if (first_pass) {
+#pragma unroll
+        for (int k = 0; k < kMaxTopk; ++k) {
+          const int e = row[k];
+          bool first = row_rank[k] >= 0;
+#pragma unroll
+          for (int k2 = 0; k2 < k; ++k2) first &= row[k2] != e;
+          if (first) atomicAdd(&sm.ne[e], 1);
+        }
+      }
+      if (has_token && tp < t) {
+        for (int k = 0; k < K; ++k) {
+          const int e = sm.te[k];
+          if (e < 0 || e >= E) continue;
+          const int r = e / L;
+          bool hit = false, hit_rank = false;
+#pragma unroll
+          for (int k2 = 0; k2 < kMaxTopk; ++k2) {  // row[k2 >= K] = -1, row_rank -1
+            hit |= row[k2] == e;
+            hit_rank |= row_rank[k2] == r;
+          }
+          if (hit) atomicAdd(&sm.before[k], 1);
+          if (hit_rank) atomicAdd(&sm.before_rank[k], 1);
+        }
+      }
     }
-
-    const int dst_rank = e / L, l = e % L;
-    const size_t block = size_t(l) * R + a.me;  // (local expert, source rank) at dst_rank
-    char* half = ll_half(a.peers.base[dst_rank], op, a.half_bytes);
-    char* rows = half + block * M * stride;
-    int* tokens = reinterpret_cast<int*>(half + tok_offset) + block * M;
-    for (int i = warp; i < n; i += num_warps) {
-      const int t = s_tokens[i];
-      const Elt* src = static_cast<const Elt*>(a.x) + size_t(t) * H;
-      const float scale = scaled ? slot_scale_sum(a, t, e) : 1.0f;
-      if (a.use_fp8) write_fp8_row<Elt>(src, scaled, scale, rows + i * stride, H, lane);
-      else write_plain_row<Elt>(src, scaled, scale, rows + i * stride, H, lane);
-      if (lane == 0) tokens[i] = t;
+    if (has_token) stage_row<Elt>(a, t, s_row);  // independent of the counts: same phase
+    __syncthreads();
+    if (first_pass) {
+      first_pass = false;
+      // Experts this rank sends nothing to: an empty flag from their owner block.
+      for (int e = b + tid * G; e < E; e += nthr * G) {
+        if (sm.ne[e] == 0)
+          st_release_sys(&ll_header(a.peers.base[e / L])->flags[op & 1][(e % L) * R + a.me],
+                         flag_value(op, int(scaled_bit)));
+      }
     }
-    release_flag(&ll_header(a.peers.base[dst_rank])->flags[op & 1][block], flag_value(op, n));
-    __syncthreads();  // s_tokens is rewritten for the next expert
+    if (!has_token) break;
+    // The token's rows (one per destination rank), list entries (one per distinct
+    // expert) and send_pos (warp 0).
+    if (tid < 32) {
+      const int k = tid;
+      const int e = k < K ? sm.te[k] : -1;
+      const bool valid = e >= 0 && e < E;
+      const int r = valid ? e / L : -1;
+      bool first = valid, first_rank = valid;
+      for (int k2 = 0; k2 < k; ++k2) {
+        const int e2 = sm.te[k2];
+        first &= e2 != e;
+        first_rank &= !(e2 >= 0 && e2 < E && e2 / L == r);
+      }
+      const unsigned mask = __ballot_sync(0xffffffffu, first);
+      const unsigned mask_rank = __ballot_sync(0xffffffffu, first_rank);
+      const unsigned lower = (1u << k) - 1u;
+      // Every slot naming e (duplicates included) points at the token's one row of e.
+      if (k < K) a.send_pos[size_t(t) * K + k] = valid ? a.me * M + sm.before[k] : -1;
+      if (first_rank) {
+        const int d = __popc(mask_rank & lower);
+        sm.dst_rank[d] = r;
+        sm.dst_row[d] = sm.before_rank[k];
+      }
+      if (first) {
+        const int d = __popc(mask & lower);
+        sm.exp_e[d] = e;
+        sm.exp_pos[d] = sm.before[k];
+        sm.exp_row[d] = sm.before_rank[k];  // the same for every slot on rank r
+        sm.exp_scale[d] = scaled ? slot_scale_sum(a, t, e) : 1.0f;
+      }
+      if (k == 0) {
+        sm.num_dst = __popc(mask_rank);
+        sm.num_exp = __popc(mask);
+      }
+    }
+    __syncthreads();
+    const int num_dst = sm.num_dst, num_exp = sm.num_exp;
+    for (int d = 0; d < num_dst; ++d) {
+      char* half = ll_half(a.peers.base[sm.dst_rank[d]], op, a.half_bytes);
+      int4* dst = reinterpret_cast<int4*>(half + (size_t(a.me) * M + sm.dst_row[d]) * stride);
+      for (int c = tid; c < chunks; c += nthr) dst[c] = s_row[c];
+    }
+    if (tid < num_exp) {
+      const int e = sm.exp_e[tid];
+      char* lists = ll_half(a.peers.base[e / L], op, a.half_bytes) + list_offset;
+      const size_t at = (size_t(e % L) * R + a.me) * M + sm.exp_pos[tid];
+      reinterpret_cast<int*>(lists)[at] = sm.exp_row[tid];
+      reinterpret_cast<int*>(lists)[list_len + at] = t;
+      reinterpret_cast<float*>(lists)[2 * list_len + at] = sm.exp_scale[tid];
+      sm.rows[e] += 1;  // distinct experts: no two threads collide
+    }
+    __syncthreads();  // s_row, te, before* and the token's lists are rewritten next token
+  }
+
+  // Release (the memory-model chain, all cumulative through bar.sync): every store of
+  // this block -> barrier -> a thread's acq_rel add of the block's entries to the
+  // expert's counter (GPU scope: all adders run on this GPU) -> the add that completes
+  // the count (acquires every earlier add, and so every block's stores) -> its
+  // st.release.sys of the flag -> the receiver's ld.acquire.sys of the flag.
+  sender_fence();
+  __syncthreads();
+  for (int e = tid; e < E; e += nthr) {
+    const int r = sm.rows[e];
+    if (r == 0) continue;
+    const int prev = int(atom_add_acq_rel_gpu(&local_h->send_rows[e], uint32_t(r)));
+    if (prev + r == sm.ne[e]) {
+      local_h->send_rows[e] = 0;  // all of this op's adds are in; the next op is a later launch
+      st_release_sys(&ll_header(a.peers.base[e / L])->flags[op & 1][(e % L) * R + a.me],
+                     flag_value(op, int(uint32_t(sm.ne[e]) | scaled_bit)));
+    }
   }
 }
 
-// ------------------------------------------------------------------ dispatch: recv
-// Block per (local expert l, source rank s): wait for the flags of l from every rank,
-// copy the s block's n rows into recv_x[l, s*M + i], zero its other rows, fill the
-// handle arrays and the counts.
-__global__ void __launch_bounds__(1024) ll_dispatch_recv_kernel(LLDispatchArgs a, int elem_bytes) {
-  __shared__ int s_count[kMaxRanks];
-  __shared__ uint64_t s_op;
+// Copies the unit's n rows (source rows sm.unit_row[i] of `src`, `src_stride` apart, at
+// byte offset `offset`) into dst (rows `row_bytes` apart), kUnroll loads in flight per
+// thread; kScale: multiply by sm.unit_scale[i] in Elt (16-byte vectors only).
+template <typename Vec, typename Elt, bool kScale>
+__device__ __forceinline__ void gather_rows(char* dst, const char* src, size_t src_stride,
+                                            const DispatchShared& sm, int n, int row_bytes) {
+  const int per_row = row_bytes / int(sizeof(Vec));
+  const int total = n * per_row;
+  for (int base = threadIdx.x; base < total; base += blockDim.x * kUnroll) {
+    Vec v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int idx = base + u * int(blockDim.x);
+      if (idx < total) {
+        const int i = idx / per_row, c = idx - i * per_row;
+        v[u] = ld_cg(reinterpret_cast<const Vec*>(src + size_t(sm.unit_row[i]) * src_stride) + c);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int idx = base + u * int(blockDim.x);
+      if (idx < total) {
+        const int i = idx / per_row, c = idx - i * per_row;
+        Vec out = v[u];
+        if constexpr (kScale) out = scale_vec<Elt>(out, sm.unit_scale[i]);
+        reinterpret_cast<Vec*>(dst + size_t(i) * row_bytes)[c] = out;
+      }
+    }
+  }
+}
+
+// Recv phase. Block b handles the (local expert l, source rank s) units u = l*R + s = b,
+// b+G, ...: its threads wait for all of the block's flags at once; then per unit the
+// block reads the list (row index, token, scale of each of the n entries), copies source
+// s's rows into recv_x[l, s*M + i] (= row u*M + i; a row shared by several local experts
+// is read once per expert, from L2), fills recv_src_token (-1 past n),
+// recv_count_per_rank and recv_count, and zeroes rows n..M-1 only when asked.
+template <typename Elt>
+__device__ __forceinline__ void dispatch_recv(const LLDispatchArgs& a, uint64_t op,
+                                              DispatchShared& sm) {
   const int R = a.num_ranks, E = a.num_experts, L = E / R, M = a.max_tokens, H = a.hidden;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
+  const int tid = threadIdx.x, nthr = blockDim.x, G = gridDim.x, b = blockIdx.x;
   char* local = a.peers.base[a.me];
-  const uint64_t op = begin_recv(local, a.expect_ticket, "low_latency_dispatch", a.me, &s_op);
   LowLatencyHeader* h = ll_header(local);
-  const size_t stride = ll_dispatch_row_stride(H, size_t(elem_bytes), a.use_fp8);
+  const size_t stride = ll_dispatch_row_stride(H, sizeof(Elt), a.use_fp8);
   const char* half = ll_half(local, op, a.half_bytes);
-  const int* slot_tokens =
-      reinterpret_cast<const int*>(half + ll_dispatch_token_offset(E, M, stride));
-  const int value_bytes = a.use_fp8 ? H : H * elem_bytes;
-  const int scale_bytes = a.use_fp8 ? H / 128 * 4 : 0;
+  const size_t list_len = size_t(E) * M;
+  const int* list_row = reinterpret_cast<const int*>(half + ll_dispatch_list_offset(R, M, stride));
+  const int* list_token = list_row + list_len;
+  const float* list_scale = reinterpret_cast<const float*>(list_row + 2 * list_len);
+  const int value_bytes = a.use_fp8 ? H : H * int(sizeof(Elt));  // a multiple of 16
+  const int scale_bytes = a.use_fp8 ? H / 32 : 0;                // a multiple of 4
+  const int nu = b < E ? (E - 1 - b) / G + 1 : 0;
 
-  for (int pair = blockIdx.x; pair < E; pair += gridDim.x) {
-    const int l = pair / R, s = pair % R;
-    if (threadIdx.x < R) {
-      const int r = threadIdx.x;
-      const int n = wait_flag(&h->flags[op & 1][l * R + r], op, "low_latency_dispatch", a.me, r,
-                              a.me * L + l);
-      s_count[r] = n < M ? n : M;
+  for (int j = tid; j < nu; j += nthr) {
+    const int u = b + j * G;
+    sm.unit_flag[j] = uint32_t(wait_flag(&h->flags[op & 1][u], op, "low_latency_dispatch",
+                                         a.me, u % R, a.me * L + u / R));
+  }
+  __syncthreads();  // the acquires above order the peers' stores before every thread's loads
+  for (int j = 0; j < nu; ++j) {
+    const int u = b + j * G, s = u % R;
+    const uint32_t flag = sm.unit_flag[j];
+    const bool scaled = (flag & kScaledBit) != 0 && !a.use_fp8;
+    int n = int(flag & ~kScaledBit);
+    n = n < M ? n : M;
+    const size_t row0 = size_t(u) * M;
+    if (tid == 0) a.recv_count_per_rank[u] = n;
+    for (int i = tid; i < M; i += nthr) {
+      a.recv_src_token[row0 + i] = i < n ? ld_cg(list_token + row0 + i) : -1;
+      if (i < n) {
+        int row = ld_cg(list_row + row0 + i);
+        sm.unit_row[i] = row < 0 ? 0 : (row >= M ? M - 1 : row);
+        sm.unit_scale[i] = scaled ? ld_cg(list_scale + row0 + i) : 1.0f;
+      }
     }
     __syncthreads();
-    const int n = s_count[s];
-    if (threadIdx.x == 0) {
-      a.recv_count_per_rank[l * R + s] = n;
-      if (s == 0) {
-        int total = 0;
-        for (int r = 0; r < R; ++r) total += s_count[r];
-        a.recv_count[l] = total;
-      }
+    const char* rows = half + size_t(s) * M * stride;
+    char* values = static_cast<char*>(a.recv_x) + row0 * value_bytes;
+    if (scaled)
+      gather_rows<int4, Elt, true>(values, rows, stride, sm, n, value_bytes);
+    else
+      gather_rows<int4, Elt, false>(values, rows, stride, sm, n, value_bytes);
+    char* scales = nullptr;
+    if (scale_bytes) {
+      scales = reinterpret_cast<char*>(a.recv_scales) + row0 * scale_bytes;
+      if (scale_bytes % 16 == 0)
+        gather_rows<int4, Elt, false>(scales, rows + H, stride, sm, n, scale_bytes);
+      else
+        gather_rows<int, Elt, false>(scales, rows + H, stride, sm, n, scale_bytes);
     }
-    const size_t out_base = size_t(l) * R * M + size_t(s) * M;
-    for (int i = threadIdx.x; i < M; i += blockDim.x)
-      a.recv_src_token[out_base + i] = i < n ? slot_tokens[size_t(pair) * M + i] : -1;
-    const char* rows = half + size_t(pair) * M * stride;
-    for (int i = warp; i < M; i += num_warps) {
-      char* values = static_cast<char*>(a.recv_x) + (out_base + i) * value_bytes;
-      char* scales = reinterpret_cast<char*>(a.recv_scales) + (out_base + i) * scale_bytes;
-      if (i < n) {
-        warp_copy_coherent(rows + i * stride, values, value_bytes, lane);
-        if (scale_bytes) warp_copy_coherent(rows + i * stride + H, scales, scale_bytes, lane);
-      } else {
-        warp_zero_row(values, value_bytes, lane);
-        if (scale_bytes) warp_zero_row(scales, scale_bytes, lane);
-      }
+    if (a.zero_padding && n < M) {
+      block_zero<int4>(values + size_t(n) * value_bytes, size_t(M - n) * value_bytes);
+      if (scale_bytes) block_zero<int>(scales + size_t(n) * scale_bytes, size_t(M - n) * scale_bytes);
     }
-    __syncthreads();  // s_count is rewritten for the next pair
+    __syncthreads();  // unit_row / unit_scale are rewritten for the next unit
   }
-  finish_recv(local, op);
+  // recv_count[l], by the block of unit (l, 0): the other flags of l are in or nearly so.
+  for (int j = tid; j < nu; j += nthr) {
+    const int u = b + j * G;
+    if (u % R) continue;
+    const int l = u / R;
+    int total = 0;
+    for (int r = 0; r < R; ++r) {
+      int n = int(uint32_t(wait_flag(&h->flags[op & 1][l * R + r], op, "low_latency_dispatch",
+                                     a.me, r, a.me * L + l)) & ~kScaledBit);
+      total += n < M ? n : M;
+    }
+    a.recv_count[l] = total;
+  }
 }
 
-// ------------------------------------------------------------------ combine: send
-// Block per (local expert l, home rank s): the n rows y[l, s*M + i] go to slot
-// [me*L + l, i] of rank s, then the flag of expert me*L + l there.
-__global__ void __launch_bounds__(1024) ll_combine_send_kernel(LLCombineArgs a, int elem_bytes) {
-  __shared__ uint64_t s_op;
+template <typename Elt>
+__global__ void __launch_bounds__(kLLMaxThreads) ll_dispatch_kernel(LLDispatchArgs a, int phases) {
+  __shared__ DispatchShared sm;
+  extern __shared__ int4 s_row[];  // send: one staged slot row
+  char* local = a.peers.base[a.me];
+  const uint64_t op =
+      (phases & kLLSend) ? begin_send(local, a.ticket, "low_latency_dispatch", a.me, &sm.op)
+                         : begin_recv(local, a.expect_ticket, "low_latency_dispatch", a.me, &sm.op);
+  if (phases & kLLSend) dispatch_send<Elt>(a, op, sm, s_row);
+  if (phases & kLLRecv) {
+    __syncthreads();
+    dispatch_recv<Elt>(a, op, sm);
+    finish_recv(local, op);
+  }
+}
+
+// ------------------------------------------------------------------ combine
+
+struct CombineShared {
+  const char* row[kMaxTopk];
+  float w[kMaxTopk];
+  uint64_t op;
+};
+
+// Send phase. Block b handles the units u = l*R + s = b, b+G, ...: the n rows
+// y[l, s*M + i] (= row u*M + i) go to slot [me*L + l, i] of rank s; after all of the
+// block's rows one barrier, then one release per unit flag (expert me*L + l at rank s).
+template <typename T, typename Vec>
+__device__ __forceinline__ void combine_send(const LLCombineArgs& a, uint64_t op) {
   const int R = a.num_ranks, E = a.num_experts, L = E / R, M = a.max_tokens;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
-  const uint64_t op = begin_send(a.peers.base[a.me], a.ticket, "low_latency_combine", a.me, &s_op);
-  const int row_bytes = a.width * elem_bytes;
-  const size_t stride = ll_combine_row_stride(a.width, size_t(elem_bytes));
-  for (int pair = blockIdx.x; pair < E; pair += gridDim.x) {
-    const int l = pair / R, s = pair % R;
-    int n = a.recv_count_per_rank[l * R + s];
-    n = n < 0 ? 0 : (n > M ? M : n);
-    const int e = a.me * L + l;
-    char* dst = ll_half(a.peers.base[s], op, a.half_bytes) + size_t(e) * M * stride;
-    const char* src = static_cast<const char*>(a.y) + (size_t(l) * R * M + size_t(s) * M) * row_bytes;
-    for (int i = warp; i < n; i += num_warps)
-      warp_copy_row(src + size_t(i) * row_bytes, dst + size_t(i) * stride, row_bytes, lane);
-    release_flag(&ll_header(a.peers.base[s])->flags[op & 1][e], flag_value(op, n));
+  const int tid = threadIdx.x, nthr = blockDim.x, G = gridDim.x, b = blockIdx.x;
+  const int row_bytes = a.width * int(sizeof(T));
+  const size_t stride = ll_combine_row_stride(a.width, sizeof(T));
+  const int nu = b < E ? (E - 1 - b) / G + 1 : 0;
+  auto count_of = [&](int u) {
+    const int n = a.recv_count_per_rank[u];
+    return n < 0 ? 0 : (n > M ? M : n);
+  };
+  for (int j = 0; j < nu; ++j) {
+    const int u = b + j * G, l = u / R, s = u % R;
+    char* dst = ll_half(a.peers.base[s], op, a.half_bytes) + size_t(a.me * L + l) * M * stride;
+    const char* src = static_cast<const char*>(a.y) + size_t(u) * M * row_bytes;
+    block_copy_rows<Vec, false>(dst, stride, src, row_bytes, count_of(u), row_bytes);
+  }
+  sender_fence();
+  __syncthreads();  // the release below is cumulative over every store of the block
+  for (int j = tid; j < nu; j += nthr) {
+    const int u = b + j * G, l = u / R, s = u % R;
+    st_release_sys(&ll_header(a.peers.base[s])->flags[op & 1][a.me * L + l],
+                   flag_value(op, count_of(u)));
   }
 }
 
-// ------------------------------------------------------------------ combine: recv
-// Waits for every expert's flag, then block per token: out[t] = sum over k in slot order
-// of w[t,k] * row(e_k, pos), fp32, separate multiply and add (the reference's order: the
-// sum starts from the k = 0 term; masked slots add 0).
+// Recv phase. Block b handles tokens t = b, b+G, ...: thread k waits for the flag of slot
+// k's expert, then out[t] = sum over k in slot order of w[t,k] * row(e_k, pos), fp32,
+// separate multiply and add (the reference's order: the sum starts from the k = 0 term;
+// masked slots add 0). Then the block waits for the flags e = b, b+G, ... that no token
+// needed, so that every flag of this op has been seen before the op ends.
 template <typename T, int V>
-__global__ void __launch_bounds__(1024) ll_combine_recv_kernel(LLCombineArgs a) {
-  __shared__ const T* s_row[kMaxTopk];
-  __shared__ float s_w[kMaxTopk];
-  __shared__ uint64_t s_op;
+__device__ __forceinline__ void combine_recv(const LLCombineArgs& a, uint64_t op,
+                                             CombineShared& sm) {
   const int R = a.num_ranks, E = a.num_experts, L = E / R, M = a.max_tokens, K = a.num_topk;
   const int W = a.width;
+  const int tid = threadIdx.x, nthr = blockDim.x, G = gridDim.x, b = blockIdx.x;
   char* local = a.peers.base[a.me];
-  const uint64_t op = begin_recv(local, a.expect_ticket, "low_latency_combine", a.me, &s_op);
   LowLatencyHeader* h = ll_header(local);
   const size_t stride = ll_combine_row_stride(W, sizeof(T));
   const char* half = ll_half(local, op, a.half_bytes);
-  for (int e = threadIdx.x; e < E; e += blockDim.x)
-    wait_flag(&h->flags[op & 1][e], op, "low_latency_combine", a.me, e / L, e);
-  __syncthreads();
-
-  for (int t = blockIdx.x; t < a.num_tokens; t += gridDim.x) {
-    if (threadIdx.x < K) {
-      const int k = threadIdx.x;
-      const int pos = a.send_pos[t * K + k];
+  for (int t = b; t < a.num_tokens; t += G) {
+    if (tid < K) {
+      const int k = tid;
+      const int pos = a.send_pos[size_t(t) * K + k];
       if (pos >= 0) {
-        int e = a.topk_idx[t * K + k];
+        int e = a.topk_idx[size_t(t) * K + k];
         e = e < 0 ? 0 : (e >= E ? E - 1 : e);  // jnp gathers clamp, so does this
-        s_row[k] = reinterpret_cast<const T*>(half + (size_t(e) * M + pos % M) * stride);
-        s_w[k] = a.topk_weights[t * K + k];
+        wait_flag(&h->flags[op & 1][e], op, "low_latency_combine", a.me, e / L, e);
+        sm.row[k] = half + (size_t(e) * M + pos % M) * stride;
+        sm.w[k] = a.topk_weights[size_t(t) * K + k];
       } else {
-        s_row[k] = nullptr;
-        s_w[k] = 0.0f;
+        sm.row[k] = nullptr;
+        sm.w[k] = 0.0f;
       }
     }
     __syncthreads();
     T* out = static_cast<T*>(a.out) + size_t(t) * W;
-    for (int j = threadIdx.x * V; j < W; j += blockDim.x * V) {
+    for (int j = tid * V; j < W; j += nthr * V) {
       float acc[V];
-      for (int k = 0; k < K; ++k) {
-        Pack<T, V> in;
-        if (s_row[k] != nullptr) in.load(s_row[k] + j);
+      for (int k0 = 0; k0 < K; k0 += 8) {  // 8 rows' loads in flight, summed in slot order
+        Pack<T, V> in[8];
 #pragma unroll
-        for (int v = 0; v < V; ++v) {
-          const float term =
-              s_row[k] != nullptr ? __fmul_rn(Elem<T>::to_f32(in.v[v]), s_w[k]) : 0.0f;
-          acc[v] = k == 0 ? term : __fadd_rn(acc[v], term);
+        for (int u = 0; u < 8; ++u) {
+          const int k = k0 + u;
+          if (k < K && sm.row[k] != nullptr) {
+            const T* p = reinterpret_cast<const T*>(sm.row[k]) + j;
+            if constexpr (V > 1) in[u].raw = ld_cg(reinterpret_cast<const int4*>(p));
+            else in[u].v[0] = ld_cg(p);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          const int k = k0 + u;
+          if (k >= K) break;
+          const bool live = sm.row[k] != nullptr;
+#pragma unroll
+          for (int v = 0; v < V; ++v) {
+            const float term = live ? __fmul_rn(Elem<T>::to_f32(in[u].v[v]), sm.w[k]) : 0.0f;
+            acc[v] = k == 0 ? term : __fadd_rn(acc[v], term);
+          }
         }
       }
-      Pack<T, V> res;
+      if constexpr (V > 1) {
+        Pack<T, V> res;
 #pragma unroll
-      for (int v = 0; v < V; ++v) res.v[v] = Elem<T>::from_f32(acc[v]);
-      res.store(out + j);
+        for (int v = 0; v < V; ++v) res.v[v] = Elem<T>::from_f32(acc[v]);
+        *reinterpret_cast<int4*>(out + j) = res.raw;
+      } else {
+        out[j] = Elem<T>::from_f32(acc[0]);
+      }
     }
-    __syncthreads();  // s_row / s_w are rewritten for the next token
+    __syncthreads();  // sm.row / sm.w are rewritten for the next token
   }
-  finish_recv(local, op);
+  for (int e = b + tid * G; e < E; e += nthr * G)
+    wait_flag(&h->flags[op & 1][e], op, "low_latency_combine", a.me, e / L, e);
 }
 
-int elem_bytes_of(ElemType t) { return t == ElemType::kF32 ? 4 : 2; }
+template <typename T, int V, typename Vec>
+__global__ void __launch_bounds__(kLLMaxThreads) ll_combine_kernel(LLCombineArgs a, int phases) {
+  __shared__ CombineShared sm;
+  char* local = a.peers.base[a.me];
+  const uint64_t op =
+      (phases & kLLSend) ? begin_send(local, a.ticket, "low_latency_combine", a.me, &sm.op)
+                         : begin_recv(local, a.expect_ticket, "low_latency_combine", a.me, &sm.op);
+  if (phases & kLLSend) combine_send<T, Vec>(a, op);
+  if (phases & kLLRecv) {
+    __syncthreads();
+    combine_recv<T, V>(a, op, sm);
+    finish_recv(local, op);
+  }
+}
 
-int grid_of(int work, int num_blocks) {
+// ------------------------------------------------------------------ launches
+
+int clamp_grid(int work, int num_blocks) {
   int g = work < num_blocks ? work : num_blocks;
   return g < 1 ? 1 : g;
 }
 
-template <typename T, int V>
-cudaError_t launch_combine_recv_v(const LLCombineArgs& a, cudaStream_t stream) {
-  ll_combine_recv_kernel<T, V>
-      <<<grid_of(a.num_tokens, a.num_blocks), a.num_threads, 0, stream>>>(a);
-  return cudaGetLastError();
+// JAX_EP_LL_ONE_KERNEL=0 runs the fused ops as two launches (send kernel, recv kernel).
+bool one_kernel_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("JAX_EP_LL_ONE_KERNEL");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return on;
+}
+
+// Blocks of `kernel` that can all be resident at once on the current GPU (0 when the GPU
+// has no cooperative launch). Cached: the handlers run once per op and GPU.
+template <typename Args>
+int max_coresident(void (*kernel)(Args, int), int threads, size_t smem) {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  static std::mutex mu;
+  static std::map<std::tuple<int, const void*, int, size_t>, int> cache;
+  const auto key = std::make_tuple(device, reinterpret_cast<const void*>(kernel), threads, smem);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+  }
+  int coop = 0, sms = 0, per_sm = 0, result = 0;
+  if (cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device) == cudaSuccess &&
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess &&
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem) ==
+          cudaSuccess &&
+      coop)
+    result = per_sm * sms;
+  cudaGetLastError();  // a failed query must not look like a failed launch later
+  std::lock_guard<std::mutex> lock(mu);
+  cache[key] = result;
+  return result;
+}
+
+template <typename Args>
+cudaError_t launch_one(void (*kernel)(Args, int), const Args& a, int phases, int grid,
+                       size_t smem, bool cooperative, cudaStream_t stream) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(unsigned(grid));
+  cfg.blockDim = dim3(unsigned(a.num_threads));
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeCooperative;
+  attr[0].val.cooperative = 1;
+  cfg.attrs = cooperative ? attr : nullptr;
+  cfg.numAttrs = cooperative ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, a, phases);
+}
+
+// Runs `phases` of an op: both in one cooperative launch when it can hold a grid of
+// co-resident blocks (then a block spinning in its recv phase can never keep a block of
+// the same grid from sending), else one launch per phase.
+template <typename Args>
+cudaError_t run_phases(void (*kernel)(Args, int), const Args& a, int phases, int send_work,
+                       int recv_work, size_t send_smem, cudaStream_t stream) {
+  if (send_smem > 48 * 1024) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           int(send_smem));
+    if (err != cudaSuccess) return err;
+  }
+  if (phases == kLLBoth && one_kernel_enabled()) {
+    const int cap = max_coresident(kernel, a.num_threads, send_smem);
+    if (cap > 0) {
+      int grid = clamp_grid(send_work > recv_work ? send_work : recv_work, a.num_blocks);
+      if (grid > cap) grid = cap;
+      if (launch_one(kernel, a, kLLBoth, grid, send_smem, true, stream) == cudaSuccess)
+        return cudaSuccess;
+      cudaGetLastError();  // not launched: fall back to two launches
+    }
+  }
+  if (phases & kLLSend) {
+    cudaError_t err = launch_one(kernel, a, kLLSend, clamp_grid(send_work, a.num_blocks),
+                                 send_smem, false, stream);
+    if (err != cudaSuccess) return err;
+  }
+  if (phases & kLLRecv)
+    return launch_one(kernel, a, kLLRecv, clamp_grid(recv_work, a.num_blocks), 0, false, stream);
+  return cudaSuccess;
+}
+
+template <typename T, int V, typename Vec>
+cudaError_t launch_combine_v(const LLCombineArgs& a, int phases, cudaStream_t stream) {
+  return run_phases(ll_combine_kernel<T, V, Vec>, a, phases, a.num_experts,
+                    a.num_tokens > 0 ? a.num_tokens : 1, 0, stream);
 }
 
 template <typename T>
-cudaError_t launch_combine_recv_t(const LLCombineArgs& a, cudaStream_t stream) {
+cudaError_t launch_combine_t(const LLCombineArgs& a, int phases, cudaStream_t stream) {
   // 16-byte vectors when every row (and so every vector) is 16-byte aligned.
-  if ((size_t(a.width) * sizeof(T)) % 16 == 0) return launch_combine_recv_v<T, 16 / sizeof(T)>(a, stream);
-  return launch_combine_recv_v<T, 1>(a, stream);
+  const size_t row_bytes = size_t(a.width) * sizeof(T);
+  if (row_bytes % 16 == 0) return launch_combine_v<T, 16 / sizeof(T), int4>(a, phases, stream);
+  if (row_bytes % 4 == 0) return launch_combine_v<T, 1, int>(a, phases, stream);
+  return launch_combine_v<T, 1, unsigned short>(a, phases, stream);
 }
 
 }  // namespace
 
-cudaError_t launch_ll_dispatch_send(const LLDispatchArgs& a, cudaStream_t stream) {
-  const int grid = grid_of(a.num_experts, a.num_blocks);
+cudaError_t launch_ll_dispatch(const LLDispatchArgs& a, int phases, cudaStream_t stream) {
+  const int send_work = a.num_tokens > 0 ? a.num_tokens : 1;
+  const size_t smem = (phases & kLLSend)
+      ? align_up(ll_dispatch_row_stride(size_t(a.hidden),
+                                        a.x_type == ElemType::kF32 ? 4 : 2, a.use_fp8), 16)
+      : 0;
   switch (a.x_type) {
     case ElemType::kBF16:
-      ll_dispatch_send_kernel<__nv_bfloat16><<<grid, a.num_threads, 0, stream>>>(a);
-      break;
+      return run_phases(ll_dispatch_kernel<__nv_bfloat16>, a, phases, send_work, a.num_experts,
+                        smem, stream);
     case ElemType::kF16:
-      ll_dispatch_send_kernel<__half><<<grid, a.num_threads, 0, stream>>>(a);
-      break;
+      return run_phases(ll_dispatch_kernel<__half>, a, phases, send_work, a.num_experts, smem,
+                        stream);
     case ElemType::kF32:
-      ll_dispatch_send_kernel<float><<<grid, a.num_threads, 0, stream>>>(a);
-      break;
+      return run_phases(ll_dispatch_kernel<float>, a, phases, send_work, a.num_experts, smem,
+                        stream);
   }
-  return cudaGetLastError();
+  return cudaErrorInvalidValue;
 }
 
-cudaError_t launch_ll_dispatch_recv(const LLDispatchArgs& a, cudaStream_t stream) {
-  ll_dispatch_recv_kernel<<<grid_of(a.num_experts, a.num_blocks), a.num_threads, 0, stream>>>(
-      a, elem_bytes_of(a.x_type));
-  return cudaGetLastError();
-}
-
-cudaError_t launch_ll_combine_send(const LLCombineArgs& a, cudaStream_t stream) {
-  ll_combine_send_kernel<<<grid_of(a.num_experts, a.num_blocks), a.num_threads, 0, stream>>>(
-      a, elem_bytes_of(a.y_type));
-  return cudaGetLastError();
-}
-
-cudaError_t launch_ll_combine_recv(const LLCombineArgs& a, cudaStream_t stream) {
+cudaError_t launch_ll_combine(const LLCombineArgs& a, int phases, cudaStream_t stream) {
   switch (a.y_type) {
-    case ElemType::kBF16: return launch_combine_recv_t<__nv_bfloat16>(a, stream);
-    case ElemType::kF16: return launch_combine_recv_t<__half>(a, stream);
-    case ElemType::kF32: return launch_combine_recv_t<float>(a, stream);
+    case ElemType::kBF16: return launch_combine_t<__nv_bfloat16>(a, phases, stream);
+    case ElemType::kF16: return launch_combine_t<__half>(a, phases, stream);
+    case ElemType::kF32: return launch_combine_t<float>(a, phases, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -2,12 +2,17 @@
 // region of each GPU's communication buffer (plain C++: included by the FFI handlers).
 //
 // Region (at kLowLatencyOffset, past everything the normal kernels use):
-//   LowLatencyHeader                       op counter, arrival counter, flags
+//   LowLatencyHeader                       op counter, arrival counter, flags, send counters
 //   half 0 | half 1                        receive slots, alternating by op parity
-// Each half holds either a dispatch's slots  [E = L*R blocks (l, src rank), M, row]
-// followed by their source-token ids [E, M] int32, or a combine's slots [E, M, row]
-// (rows of this rank's tokens, back from the expert owners). Dispatch and combine share
-// one op counter, so consecutive low-latency ops always use different halves.
+// Each half holds either a dispatch's slots or a combine's:
+//   dispatch: rows [R (source rank), M, row], one per (token, destination rank) (a token
+//             crosses NVLink once per rank, whatever its number of experts there), then
+//             per (local expert l, source rank s) block u = l*R + s the i-th token's row
+//             index in the source's rows, its token id and its row scale:
+//             list_row, list_token [E, M] int32, list_scale [E, M] f32;
+//   combine:  rows [E, M, row] (rows of this rank's tokens, back from the expert owners).
+// Dispatch and combine share one op counter, so consecutive low-latency ops always use
+// different halves.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -36,9 +41,13 @@ struct alignas(128) LowLatencyHeader {
   // flags[parity][i], written by peers: (op << 32) | row count. Dispatch: i = l*R + src
   // rank; combine: i = global expert id.
   uint64_t flags[2][kMaxExperts];
+  // Dispatch send (local): rows of the running op written so far per destination expert,
+  // summed over the send blocks; the block that completes an expert's count releases its
+  // flag and resets the counter to 0 (the next op is a later launch).
+  uint32_t send_rows[kMaxExperts];
 };
 
-static_assert(sizeof(LowLatencyHeader) == 16512, "mirrored in jax_ep/backends/cuda_low_latency.py");
+static_assert(sizeof(LowLatencyHeader) == 20608, "mirrored in jax_ep/backends/cuda_low_latency.py");
 constexpr size_t kLLDataOffset = kLowLatencyOffset + align_up(sizeof(LowLatencyHeader), 4096);
 static_assert(kLowLatencyOffset >= buffer_bytes_for_rows(1 << 20),
               "the low-latency region must start past the normal kernels' region");
@@ -50,12 +59,13 @@ constexpr size_t ll_dispatch_row_stride(size_t hidden, size_t elem_bytes, bool u
 constexpr size_t ll_combine_row_stride(size_t width, size_t elem_bytes) {
   return align_up(width * elem_bytes, 16);
 }
-// Offset of the source-token ids inside a dispatch half.
-constexpr size_t ll_dispatch_token_offset(size_t experts, size_t max_tokens, size_t stride) {
-  return align_up(experts * max_tokens * stride, 256);
+// Offset of the lists (list_row, then list_token, then list_scale) inside a dispatch half.
+constexpr size_t ll_dispatch_list_offset(size_t ranks, size_t max_tokens, size_t stride) {
+  return align_up(ranks * max_tokens * stride, 256);
 }
-constexpr size_t ll_dispatch_half_bytes(size_t experts, size_t max_tokens, size_t stride) {
-  return ll_dispatch_token_offset(experts, max_tokens, stride) + experts * max_tokens * 4;
+constexpr size_t ll_dispatch_half_bytes(size_t experts, size_t ranks, size_t max_tokens,
+                                        size_t stride) {
+  return ll_dispatch_list_offset(ranks, max_tokens, stride) + 3 * experts * max_tokens * 4;
 }
 constexpr size_t ll_combine_half_bytes(size_t experts, size_t max_tokens, size_t stride) {
   return experts * max_tokens * stride;
@@ -69,16 +79,21 @@ constexpr size_t ll_half_bytes_available(size_t num_bytes) {
   return num_bytes <= kLLDataOffset ? 0 : (num_bytes - kLLDataOffset) / 2 / 4096 * 4096;
 }
 
+// Which phases one launch runs: the fused ops run both (one cooperative kernel, or a send
+// kernel then a recv kernel), the split ops one each.
+enum LLPhases : int { kLLSend = 1, kLLRecv = 2, kLLBoth = 3 };
+
 struct LLDispatchArgs {
   PeerBases peers;
   int me, num_ranks, num_experts, num_tokens, num_topk, max_tokens, hidden;
   ElemType x_type;
   bool use_fp8;
+  bool zero_padding;  // recv: zero the rows past each (expert, source rank) count
   size_t half_bytes;  // ll_half_bytes_available(buffer size): same on every rank
   // Sender.
-  const void* x;            // [T, H]
+  const void* x;            // [T, H], H * sizeof(x) % 16 == 0
   const int* topk_idx;      // [T, K]
-  const float* slot_scale;  // [T, K] or nullptr: row = x * (sum of its slots' scales)
+  const float* slot_scale;  // [T, K] or nullptr (not with use_fp8): row = x * (sum of its slots' scales)
   int* send_pos;            // [T, K] out
   int* ticket;              // [1] out (split form) or nullptr
   // Receiver.
@@ -90,8 +105,7 @@ struct LLDispatchArgs {
   const int* expect_ticket; // [1] from the send (split form) or nullptr
   int num_blocks, num_threads;
 };
-cudaError_t launch_ll_dispatch_send(const LLDispatchArgs& args, cudaStream_t stream);
-cudaError_t launch_ll_dispatch_recv(const LLDispatchArgs& args, cudaStream_t stream);
+cudaError_t launch_ll_dispatch(const LLDispatchArgs& args, int phases, cudaStream_t stream);
 
 struct LLCombineArgs {
   PeerBases peers;
@@ -110,7 +124,6 @@ struct LLCombineArgs {
   const int* expect_ticket;       // [1] or nullptr
   int num_blocks, num_threads;
 };
-cudaError_t launch_ll_combine_send(const LLCombineArgs& args, cudaStream_t stream);
-cudaError_t launch_ll_combine_recv(const LLCombineArgs& args, cudaStream_t stream);
+cudaError_t launch_ll_combine(const LLCombineArgs& args, int phases, cudaStream_t stream);
 
 }  // namespace jax_ep

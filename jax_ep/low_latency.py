@@ -4,14 +4,17 @@
 ``recv_x[local expert, source rank * M + i]`` (M = ``max_tokens_per_rank``), in
 source-token order, so the output shape never depends on the routing. A token
 that names the same expert in two slots sends one row; ``low_latency_combine``
-weights that row by each slot. The split forms return a pending state from
-``*_send`` that ``*_recv`` completes, so computation can sit in between.
+weights that row by each slot. Rows past each (expert, source rank) count are
+undefined on the CUDA backend unless ``zero_padding=True`` (always zero when
+differentiated; the reference backend writes zeros). The split forms return a pending
+state from ``*_send`` that ``*_recv`` completes (two custom calls on CUDA), so computation
+can sit in between.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +25,7 @@ from jax_ep.types import LowLatencyConfig, LowLatencyDispatchResult, LowLatencyH
 
 
 def _config(op, x, topk_idx, num_experts, max_tokens_per_rank, axis_name, use_fp8, buffer,
-            backend) -> LowLatencyConfig:
+            backend, zero_padding=False) -> LowLatencyConfig:
     num_ranks = v.axis_size(axis_name, op)
     v.check_array(op, "x", x, 2, v.FLOAT_DTYPES)
     v.check_hidden(op, "x", x)
@@ -40,7 +43,8 @@ def _config(op, x, topk_idx, num_experts, max_tokens_per_rank, axis_name, use_fp
         num_experts=num_experts, num_ranks=num_ranks, axis_name=axis_name,
         max_tokens_per_rank=max_tokens_per_rank, num_tokens=x.shape[0],
         num_topk=topk_idx.shape[1], hidden=x.shape[1], use_fp8=bool(use_fp8), backend=resolved,
-        buffer_id=getattr(buffer, "buffer_id", None) if resolved == "cuda" else None)
+        buffer_id=getattr(buffer, "buffer_id", None) if resolved == "cuda" else None,
+        zero_padding=bool(zero_padding))
     if resolved == "cuda":
         buffer.check_fits_low_latency(cfg, x.dtype)
     return cfg
@@ -48,7 +52,8 @@ def _config(op, x, topk_idx, num_experts, max_tokens_per_rank, axis_name, use_fp
 
 def low_latency_dispatch(x: jax.Array, topk_idx: jax.Array, *, num_experts: int,
                          max_tokens_per_rank: int, axis_name: str, use_fp8: bool = False,
-                         buffer=None, backend: str = "auto") -> LowLatencyDispatchResult:
+                         zero_padding: bool = False, buffer=None,
+                         backend: str = "auto") -> LowLatencyDispatchResult:
     """Dispatch for decoding: output ``[E/R, R*max_tokens_per_rank, H]`` whatever the routing.
 
     Args:
@@ -56,6 +61,11 @@ def low_latency_dispatch(x: jax.Array, topk_idx: jax.Array, *, num_experts: int,
       topk_idx: ``[T, K]`` int32 expert ids, -1 for an unused slot.
       use_fp8: cast rows to e4m3 with per-128-channel scales before sending;
         ``recv_x`` is then ``(values, scales [E/R, R*M, H/128])``. Not differentiable.
+      zero_padding: write zeros into the rows of ``recv_x`` past each (local expert,
+        source rank) count. By default the CUDA kernels leave those rows undefined (like
+        DeepEP; writing them costs about as much as the whole transfer) and no jax_ep op
+        reads them; the reference backend always writes zeros. Under differentiation the
+        rows are always zero (a NaN there would poison the expert weights' gradients).
 
     Returns :class:`LowLatencyDispatchResult` (``recv_x``, ``recv_count [E/R]``, ``handle``).
 
@@ -67,9 +77,13 @@ def low_latency_dispatch(x: jax.Array, topk_idx: jax.Array, *, num_experts: int,
         out = jax_ep.low_latency_combine(y, idx, weights, r.handle)
     """
     cfg = _config("low_latency_dispatch", x, topk_idx, num_experts, max_tokens_per_rank,
-                  axis_name, use_fp8, buffer, backend)
+                  axis_name, use_fp8, buffer, backend, zero_padding)
     recv_x, recv_count, harr = _ll_dispatch(cfg, x, topk_idx)
     return LowLatencyDispatchResult(recv_x, recv_count, LowLatencyHandle(harr, cfg))
+
+
+def _zero_padded(cfg: LowLatencyConfig) -> LowLatencyConfig:
+    return dataclasses.replace(cfg, zero_padding=True)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -78,7 +92,9 @@ def _ll_dispatch(cfg, x, topk_idx):
 
 
 def _ll_dispatch_fwd(cfg, x, topk_idx):
-    outs = _ll_dispatch(cfg, x, topk_idx)
+    # Differentiated: the expert weights' gradients read every row of recv_x, so the
+    # padding must be zeros (the primal path above may leave it undefined).
+    outs = backends.get(cfg.backend).ll_dispatch(x, topk_idx, None, _zero_padded(cfg))
     return outs, (topk_idx, outs[2])
 
 
@@ -130,7 +146,8 @@ def low_latency_combine(y: jax.Array, topk_idx: jax.Array, topk_weights: jax.Arr
                         handle: LowLatencyHandle) -> jax.Array:
     """Returns ``out[t] = sum_k topk_weights[t,k] * y[row of (t, topk_idx[t,k])]``, fp32
     accumulation, as ``[T, H]`` in ``y``'s dtype. ``y`` is ``[E/R, R*M, H]`` in the
-    layout of the dispatch's ``recv_x``; rows past the counts are never read.
+    layout of the dispatch's ``recv_x``; rows past the counts are never read (they may hold
+    anything, NaN included). Its VJP's ``dy`` has zeros there.
 
     Example::
 
@@ -153,11 +170,13 @@ def _ll_combine_fwd(cfg, y, topk_idx, topk_weights, handle):
 def _ll_combine_bwd(cfg, residuals, d_out):
     y, topk_idx, topk_weights, handle = residuals
     be = backends.get(cfg.backend)
-    grad_cfg = _grad_config(cfg)
-    # dy[row of (t, e)] = d_out[t] * (sum of t's weights on e): a weighted dispatch.
-    dy, _, _ = be.ll_dispatch(d_out.astype(y.dtype), topk_idx, topk_weights, grad_cfg)
-    # d_w[t, k] = <y[row of (t, e_k)], d_out[t]>: dot on the expert side, then each slot's value home.
-    sent, _, _ = be.ll_dispatch(d_out.astype(y.dtype), topk_idx, None, grad_cfg)
+    d_out = d_out.astype(y.dtype)
+    # dy[row of (t, e)] = d_out[t] * (sum of t's weights on e): a weighted dispatch. It
+    # feeds the expert weights' gradients, which read every row: zero padding.
+    dy, _, _ = be.ll_dispatch(d_out, topk_idx, topk_weights, _grad_config(cfg, d_out, True))
+    # d_w[t, k] = <y[row of (t, e_k)], d_out[t]>: dot on the expert side, then each slot's
+    # value home. Only the counted rows of `sent` are read: its padding may stay undefined.
+    sent, _, _ = be.ll_dispatch(d_out, topk_idx, None, _grad_config(cfg, d_out, False))
     dots = jnp.sum(sent.astype(jnp.float32) * y.astype(jnp.float32), axis=-1, keepdims=True)
     k = topk_idx.shape[1]
     d_w = jnp.concatenate(
@@ -170,30 +189,81 @@ def _ll_combine_bwd(cfg, residuals, d_out):
 _ll_combine.defvjp(_ll_combine_fwd, _ll_combine_bwd)
 
 
-def _grad_config(cfg: LowLatencyConfig) -> LowLatencyConfig:
-    import dataclasses
-    return dataclasses.replace(cfg, use_fp8=False)
+def _grad_config(cfg: LowLatencyConfig, d_out, zero_padding: bool) -> LowLatencyConfig:
+    """The config of a dispatch of the combine's cotangent ``d_out [T, W]``."""
+    return dataclasses.replace(cfg, use_fp8=False, hidden=int(d_out.shape[1]),
+                               zero_padding=zero_padding)
 
 
 # ----------------------------------------------------------------------------- split form
+#
+# CUDA: *_send is one custom call that pushes the rows into the peers' receive slots and
+# returns a one-int ticket; *_recv is a second custom call that takes the ticket (a data
+# dependency, so XLA runs it after the send) and waits for the peers' rows. XLA may
+# schedule independent work between them. On one Buffer every *_send must be followed by
+# its *_recv before the next low-latency op (the kernels trap otherwise); XLA orders
+# custom calls only along data dependencies, so chain consecutive low-latency ops by data
+# (the next dispatch's tokens come from the last combine in a decode loop).
+# The receive halves are custom VJPs: gradients flow from recv's outputs to send's inputs
+# (which the pending state carries), as through the fused ops. Reference backend: the
+# whole op runs in *_send (an all_to_all has nothing to overlap).
 
-class LowLatencyDispatchPending(NamedTuple):
-    """What :func:`low_latency_dispatch_send` returns: pass it to ``_recv``."""
-    result: LowLatencyDispatchResult
+def _cuda_ll():
+    from jax_ep.backends import cuda_low_latency
+    return cuda_low_latency
 
 
-class LowLatencyCombinePending(NamedTuple):
-    """What :func:`low_latency_combine_send` returns: pass it to ``_recv``."""
-    out: jax.Array
+def _no_grad(*trees):
+    return jax.tree.map(jax.lax.stop_gradient, trees)
+
+
+@jax.tree_util.register_pytree_node_class
+class LowLatencyDispatchPending:
+    """What :func:`low_latency_dispatch_send` returns: pass it to
+    :func:`low_latency_dispatch_recv` (once). A pytree (arrays plus the static config)."""
+
+    def __init__(self, arrays, config: LowLatencyConfig):
+        self.arrays = arrays
+        self.config = config
+
+    def tree_flatten(self):
+        return (self.arrays,), self.config
+
+    @classmethod
+    def tree_unflatten(cls, config, children):
+        return cls(children[0], config)
+
+    def __repr__(self):
+        return f"LowLatencyDispatchPending(backend={self.config.backend!r})"
+
+
+@jax.tree_util.register_pytree_node_class
+class LowLatencyCombinePending:
+    """What :func:`low_latency_combine_send` returns: pass it to
+    :func:`low_latency_combine_recv` (once)."""
+
+    def __init__(self, arrays, config: LowLatencyConfig):
+        self.arrays = arrays
+        self.config = config
+
+    def tree_flatten(self):
+        return (self.arrays,), self.config
+
+    @classmethod
+    def tree_unflatten(cls, config, children):
+        return cls(children[0], config)
+
+    def __repr__(self):
+        return f"LowLatencyCombinePending(backend={self.config.backend!r})"
 
 
 def low_latency_dispatch_send(x, topk_idx, *, num_experts: int, max_tokens_per_rank: int,
-                              axis_name: str, use_fp8: bool = False, buffer=None,
-                              backend: str = "auto") -> LowLatencyDispatchPending:
+                              axis_name: str, use_fp8: bool = False, zero_padding: bool = False,
+                              buffer=None, backend: str = "auto") -> LowLatencyDispatchPending:
     """First half of :func:`low_latency_dispatch`: issues the sends and returns at once.
 
     Put independent computation between this and :func:`low_latency_dispatch_recv`;
-    the result equals the fused op's.
+    the result equals the fused op's (same arguments, same padding rules).
 
     Example::
 
@@ -203,10 +273,12 @@ def low_latency_dispatch_send(x, topk_idx, *, num_experts: int, max_tokens_per_r
         r = jax_ep.low_latency_dispatch_recv(pending)
     """
     cfg = _config("low_latency_dispatch_send", x, topk_idx, num_experts, max_tokens_per_rank,
-                  axis_name, use_fp8, buffer, backend)
-    recv_x, recv_count, harr = _ll_dispatch(cfg, x, topk_idx)
-    return LowLatencyDispatchPending(
-        LowLatencyDispatchResult(recv_x, recv_count, LowLatencyHandle(harr, cfg)))
+                  axis_name, use_fp8, buffer, backend, zero_padding)
+    if cfg.backend != "cuda":
+        return LowLatencyDispatchPending(_ll_dispatch(cfg, x, topk_idx), cfg)
+    # No tangents into the send custom call (the recv's custom VJP carries the gradient).
+    sent = _cuda_ll().ll_dispatch_send(*_no_grad(x, topk_idx), cfg)
+    return LowLatencyDispatchPending((x, topk_idx, sent.send_pos, sent.ticket), cfg)
 
 
 def low_latency_dispatch_recv(pending: LowLatencyDispatchPending) -> LowLatencyDispatchResult:
@@ -214,13 +286,47 @@ def low_latency_dispatch_recv(pending: LowLatencyDispatchPending) -> LowLatencyD
     if not isinstance(pending, LowLatencyDispatchPending):
         raise TypeError("low_latency_dispatch_recv takes what low_latency_dispatch_send "
                         f"returned, got {type(pending).__name__}")
-    return pending.result
+    cfg = pending.config
+    if cfg.backend != "cuda":
+        recv_x, recv_count, harr = pending.arrays
+    else:
+        recv_x, recv_count, harr = _ll_dispatch_recv(cfg, *pending.arrays)
+    return LowLatencyDispatchResult(recv_x, recv_count, LowLatencyHandle(harr, cfg))
+
+
+def _dispatch_recv_call(cfg, x, send_pos, ticket):
+    cll = _cuda_ll()
+    return cll.ll_dispatch_recv(cll.DispatchSent(send_pos, ticket), cfg, x.dtype,
+                                hidden=x.shape[1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ll_dispatch_recv(cfg, x, topk_idx, send_pos, ticket):
+    del topk_idx  # carried for the VJP
+    return _dispatch_recv_call(cfg, x, send_pos, ticket)
+
+
+def _ll_dispatch_recv_fwd(cfg, x, topk_idx, send_pos, ticket):
+    outs = _dispatch_recv_call(_zero_padded(cfg), x, send_pos, ticket)
+    return outs, (topk_idx, outs[2])
+
+
+def _ll_dispatch_recv_bwd(cfg, residuals, cotangents):
+    dx, _ = _ll_dispatch_bwd(cfg, residuals, cotangents)
+    return dx, None, None, None
+
+
+_ll_dispatch_recv.defvjp(_ll_dispatch_recv_fwd, _ll_dispatch_recv_bwd)
 
 
 def low_latency_combine_send(y, topk_idx, topk_weights, handle) -> LowLatencyCombinePending:
     """First half of :func:`low_latency_combine`; see :func:`low_latency_dispatch_send`."""
     cfg = _check_combine_args("low_latency_combine_send", y, topk_idx, topk_weights, handle)
-    return LowLatencyCombinePending(_ll_combine(cfg, y, topk_idx, topk_weights, handle.arrays))
+    if cfg.backend != "cuda":
+        return LowLatencyCombinePending(
+            (_ll_combine(cfg, y, topk_idx, topk_weights, handle.arrays),), cfg)
+    ticket = _cuda_ll().ll_combine_send(*_no_grad(y, handle.arrays), cfg)
+    return LowLatencyCombinePending((y, topk_idx, topk_weights, handle.arrays, ticket), cfg)
 
 
 def low_latency_combine_recv(pending: LowLatencyCombinePending) -> jax.Array:
@@ -228,4 +334,25 @@ def low_latency_combine_recv(pending: LowLatencyCombinePending) -> jax.Array:
     if not isinstance(pending, LowLatencyCombinePending):
         raise TypeError("low_latency_combine_recv takes what low_latency_combine_send "
                         f"returned, got {type(pending).__name__}")
-    return pending.out
+    if pending.config.backend != "cuda":
+        return pending.arrays[0]
+    return _ll_combine_recv(pending.config, *pending.arrays)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ll_combine_recv(cfg, y, topk_idx, topk_weights, handle, ticket):
+    return _cuda_ll().ll_combine_recv(ticket, topk_idx, topk_weights, handle, cfg, y.dtype,
+                                      y.shape[2])
+
+
+def _ll_combine_recv_fwd(cfg, y, topk_idx, topk_weights, handle, ticket):
+    out = _ll_combine_recv(cfg, y, topk_idx, topk_weights, handle, ticket)
+    return out, (y, topk_idx, topk_weights, handle)
+
+
+def _ll_combine_recv_bwd(cfg, residuals, d_out):
+    dy, _, d_w, _ = _ll_combine_bwd(cfg, residuals, d_out)
+    return dy, None, d_w, None, None
+
+
+_ll_combine_recv.defvjp(_ll_combine_recv_fwd, _ll_combine_recv_bwd)

@@ -52,6 +52,10 @@ class LowLatencyConfig:
     use_fp8: bool
     backend: str
     buffer_id: Optional[int] = None
+    # Rows of recv_x past each (local expert, source rank) count: zeros when True; when
+    # False the CUDA kernels leave them undefined (never read by jax_ep's ops) and skip
+    # writing them. Differentiated dispatches, and the combine's VJP, always zero them.
+    zero_padding: bool = False
 
     @property
     def num_local_experts(self) -> int:
@@ -152,7 +156,9 @@ class LowLatencyDispatchResult(NamedTuple):
     recv_count ``[E/R]`` received (token, expert) rows per local expert; handle.
 
     Rows of expert e from source rank s sit at ``[e, s*M : s*M + n]`` in source
-    token order; other rows are zero."""
+    token order (n = ``handle.arrays.recv_count_per_rank[e, s]``). Other rows are
+    undefined on the CUDA backend unless ``zero_padding=True`` or the dispatch is
+    differentiated (then zero); the reference backend always writes zeros."""
 
     recv_x: Payload
     recv_count: Array

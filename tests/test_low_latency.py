@@ -1,4 +1,8 @@
-"""Low-latency ops on the reference backend against the NumPy oracle."""
+"""Low-latency ops on the reference backend against the NumPy oracle, and how the CUDA
+custom calls lower (split form = two calls tied by a ticket; zero padding only where
+promised), checked on CPU through the lowered StableHLO text."""
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -165,3 +169,156 @@ def test_fp8_low_latency_dispatch_is_not_differentiable():
 
     with pytest.raises(TypeError, match="use_fp8=True is not differentiable"):
         ep.run(lambda x, idx: jax.grad(lambda x: loss(x, idx)[0])(x), R, xs, idxs)
+
+
+def test_zero_padding_option_on_the_reference_backend():
+    """zero_padding=True is accepted everywhere; the reference writes zeros either way."""
+    R, E, T, K, M, H = 4, 8, 5, 2, 8, 32
+    xs, idxs, _ = _case(9, R, T, K, E, H=H)
+
+    def fn(x, idx):
+        a = jax_ep.low_latency_dispatch(x, idx, num_experts=E, max_tokens_per_rank=M,
+                                        axis_name=ep.AXIS)
+        b = jax_ep.low_latency_dispatch(x, idx, num_experts=E, max_tokens_per_rank=M,
+                                        axis_name=ep.AXIS, zero_padding=True)
+        p = jax_ep.low_latency_dispatch_send(x, idx, num_experts=E, max_tokens_per_rank=M,
+                                             axis_name=ep.AXIS, zero_padding=True)
+        c = jax_ep.low_latency_dispatch_recv(p)
+        return a.recv_x, b.recv_x, c.recv_x, a.handle.arrays.recv_count_per_rank
+    a, b, c, counts = ep.run(fn, R, xs, idxs)
+    for r in range(R):
+        np.testing.assert_array_equal(a[r], b[r])
+        np.testing.assert_array_equal(a[r], c[r])
+        rows = np.arange(R * M) % M  # row within its (expert, source rank) block
+        pad = rows[None, :] >= np.repeat(counts[r], M, axis=1)
+        assert not np.any(a[r][pad])
+
+
+def test_split_form_grads_equal_fused():
+    R, E, T, K, M, H = 4, 8, 5, 3, 8, 16
+    rng = np.random.default_rng(10)
+    x = np.concatenate(ep.random_tokens(rng, R, T, H))
+    idx = np.concatenate(ep.random_routing(rng, R, T, K, E, 0.2))
+    idx[0] = [1, 1, 5]
+    w = np.concatenate(ep.random_weights(rng, R, T, K))
+    m = ep.mesh(R)
+    sh = NamedSharding(m, P(ep.AXIS))
+    xs, idxs, ws = [jax.device_put(jnp.asarray(a), sh) for a in (x, idx, w)]
+
+    def fused(x, idx, w):
+        r = jax_ep.low_latency_dispatch(x, idx, num_experts=E, max_tokens_per_rank=M,
+                                        axis_name=ep.AXIS)
+        return jax_ep.low_latency_combine(jnp.sin(r.recv_x), idx, w, r.handle)
+
+    def split(x, idx, w):
+        p = jax_ep.low_latency_dispatch_send(x, idx, num_experts=E, max_tokens_per_rank=M,
+                                             axis_name=ep.AXIS)
+        r = jax_ep.low_latency_dispatch_recv(p)
+        c = jax_ep.low_latency_combine_send(jnp.sin(r.recv_x), idx, w, r.handle)
+        return jax_ep.low_latency_combine_recv(c)
+
+    def grads(body):
+        f = jax.shard_map(body, mesh=m, in_specs=P(ep.AXIS), out_specs=P(ep.AXIS))
+        return jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, idxs, w) ** 2), argnums=(0, 1)))(
+            xs, ws)
+
+    for a, b in zip(grads(fused), grads(split)):
+        np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------ CUDA lowering (no GPU needed)
+
+class _FakeCudaBuffer:
+    """Stands in for a CUDA jax_ep.Buffer so the CUDA custom calls can be lowered on CPU."""
+    buffer_id = 7
+    num_nvl_bytes = 1 << 40
+
+    def check_fits_low_latency(self, cfg, dtype):
+        pass
+
+
+@pytest.fixture
+def cuda_lowering(monkeypatch):
+    from jax_ep import backends
+    monkeypatch.setattr(backends, "resolve", lambda *a, **k: "cuda")
+    return _FakeCudaBuffer()
+
+
+def _lowered(fn, R, T, H, K, grad=False):
+    m = ep.mesh(R)
+    f = jax.shard_map(fn, mesh=m, in_specs=P(ep.AXIS), out_specs=P(ep.AXIS))
+    x = jnp.zeros((R * T, H), jnp.float32)
+    idx = jnp.zeros((R * T, K), jnp.int32)
+    w = jnp.ones((R * T, K), jnp.float32)
+    if grad:
+        g = jax.grad(lambda x, w: jnp.sum(f(x, idx, w)), argnums=(0, 1))
+        return jax.jit(g).lower(x, w).as_text()
+    return jax.jit(f).lower(x, idx, w).as_text()
+
+
+def _custom_calls(text):
+    """[(result name, target, operands, zero_padding attribute or None)] in program order."""
+    calls = []
+    for line in text.splitlines():
+        m = re.search(r"(%[\w#:]+) = stablehlo\.custom_call @(jax_ep_\w+)\(([^)]*)\)", line)
+        if m:
+            zp = re.search(r"zero_padding = (true|false)", line)
+            calls.append((m.group(1).split(":")[0], m.group(2),
+                          [o.strip() for o in m.group(3).split(",")],
+                          None if zp is None else zp.group(1) == "true"))
+    return calls
+
+
+def test_cuda_split_form_lowers_to_separate_send_and_recv_calls(cuda_lowering):
+    R, E, T, K, M, H = 4, 8, 4, 2, 8, 128
+    buf = cuda_lowering
+
+    def split(x, idx, w):
+        p = jax_ep.low_latency_dispatch_send(x, idx, num_experts=E, max_tokens_per_rank=M,
+                                             axis_name=ep.AXIS, buffer=buf, backend="cuda")
+        h = jnp.tanh(x)  # independent work XLA may place between the halves
+        r = jax_ep.low_latency_dispatch_recv(p)
+        c = jax_ep.low_latency_combine_send(r.recv_x * 2.0, idx, w, r.handle)
+        return jax_ep.low_latency_combine_recv(c) + h
+
+    calls = _custom_calls(_lowered(split, R, T, H, K))
+    names = [c[1] for c in calls]
+    assert names == ["jax_ep_ll_dispatch_send", "jax_ep_ll_dispatch_recv",
+                     "jax_ep_ll_combine_send", "jax_ep_ll_combine_recv"], names
+    (d_send, _, _, _), (_, _, d_recv_ops, zp), (c_send, _, _, _), (_, _, c_recv_ops, _) = calls
+    assert d_recv_ops == [d_send + "#1"]  # the recv consumes the send's ticket
+    assert c_recv_ops[0] == c_send        # likewise for combine
+    assert zp is False                    # inference: padding rows left undefined
+
+    # Differentiated: the recv zero-pads (its custom VJP's forward rule).
+    calls = _custom_calls(_lowered(split, R, T, H, K, grad=True))
+    recvs = [c for c in calls if c[1] == "jax_ep_ll_dispatch_recv"]
+    assert len(recvs) == 1 and recvs[0][3] is True
+
+
+def test_cuda_zero_padding_only_where_promised(cuda_lowering):
+    R, E, T, K, M, H = 4, 8, 4, 2, 8, 128
+    buf = cuda_lowering
+
+    def fused(zero_padding):
+        def f(x, idx, w):
+            r = jax_ep.low_latency_dispatch(x, idx, num_experts=E, max_tokens_per_rank=M,
+                                            axis_name=ep.AXIS, buffer=buf, backend="cuda",
+                                            zero_padding=zero_padding)
+            return jax_ep.low_latency_combine(jnp.sin(r.recv_x), idx, w, r.handle)
+        return f
+
+    calls = _custom_calls(_lowered(fused(False), R, T, H, K))
+    assert [(c[1], c[3]) for c in calls] == [("jax_ep_ll_dispatch", False),
+                                            ("jax_ep_ll_combine", None)]
+    calls = _custom_calls(_lowered(fused(True), R, T, H, K))
+    assert calls[0][3] is True
+    # Under jax.grad: the forward dispatch zero-pads; of the combine's VJP dispatches, the
+    # one that becomes dy (weighted: has_slot_scale) zero-pads, the one only dotted with y
+    # and read back at the counted rows does not.
+    text = _lowered(fused(False), R, T, H, K, grad=True)
+    dispatches = [line for line in text.splitlines()
+                  if "stablehlo.custom_call @jax_ep_ll_dispatch(" in line]
+    assert len(dispatches) == 3
+    flags = [(("has_slot_scale = true" in d), ("zero_padding = true" in d)) for d in dispatches]
+    assert sorted(flags) == [(False, False), (False, True), (True, True)], flags

@@ -1,5 +1,7 @@
-// XLA FFI handlers of the low-latency ops: fused (send + recv in one handler, two
-// launches on XLA's stream) and split (*_send / *_recv, tied by a one-int ticket).
+// XLA FFI handlers of the low-latency ops: fused (send and recv phases in one cooperative
+// launch on XLA's stream; two launches when JAX_EP_LL_ONE_KERNEL=0) and split (*_send /
+// *_recv, one launch each, tied by a one-int ticket). Every handler binds its arguments
+// through bind_common.
 // Shapes are static and nothing waits on the host (safe in lax.scan). The handlers are
 // deliberately not marked command-buffer compatible: inside a CUDA graph XLA orders nodes
 // by the buffers it knows, and two low-latency ops with no data dependency could then run
@@ -40,8 +42,9 @@ bool elem_type_of(ffi::DataType t, ElemType* out) {
 size_t elem_bytes(ElemType t) { return t == ElemType::kF32 ? 4 : 2; }
 
 int blocks_of(int64_t num_sms) { return num_sms < 1 ? 1 : (num_sms > 1024 ? 1024 : int(num_sms)); }
+// At most 16 warps: the kernels are compiled for 512 threads (up to 128 registers each).
 int threads_of(int64_t num_warps) {
-  return 32 * (num_warps < 1 ? 1 : (num_warps > 32 ? 32 : int(num_warps)));
+  return 32 * (num_warps < 1 ? 1 : (num_warps > 16 ? 16 : int(num_warps)));
 }
 
 // This GPU's buffer, checked to hold a low-latency half of `half_needed` bytes.
@@ -85,60 +88,19 @@ ffi::Error check_sizes(const std::string& op, int num_ranks, int64_t num_experts
   return ffi::Error::Success();
 }
 
-// ------------------------------------------------------------------ dispatch
-
-// Fills the receiver half of `a` from the payload results ([L, R*M, H] values, and
-// [L, R*M, H/128] f32 scales when use_fp8). Sets hidden and (non-FP8) x_type.
-ffi::Error bind_recv_outputs(const std::string& op, ffi::RemainingRets& payload, bool use_fp8,
-                             LLDispatchArgs& a) {
-  const size_t want = use_fp8 ? 2 : 1;
-  if (payload.size() != want)
-    return invalid(op, "expected " + std::to_string(want) + " payload results");
-  auto values = payload.get<ffi::AnyBuffer>(0);
-  if (values.has_error()) return values.error();
-  const auto d = values.value()->dimensions();
-  const int L = a.num_experts / a.num_ranks, RM = a.num_ranks * a.max_tokens;
-  if (d.size() != 3 || d[0] != L || d[1] != RM)
-    return invalid(op, "recv_x must have shape [num_local_experts, num_ranks * "
-                       "max_tokens_per_rank, hidden]");
-  a.hidden = int(d[2]);
-  a.recv_x = values.value()->untyped_data();
-  a.recv_scales = nullptr;
-  if (use_fp8) {
-    if (values.value()->element_type() != ffi::DataType::F8E4M3FN)
-      return invalid(op, "FP8 recv_x must be float8_e4m3fn");
-    if (a.hidden % 128) return invalid(op, "use_fp8 needs hidden % 128 == 0");
-    auto scales = payload.get<ffi::AnyBuffer>(1);
-    if (scales.has_error()) return scales.error();
-    if (scales.value()->element_type() != ffi::DataType::F32 ||
-        scales.value()->element_count() != size_t(L) * RM * (a.hidden / 128))
-      return invalid(op, "FP8 scales must be float32 [L, R*M, hidden/128]");
-    a.recv_scales = static_cast<float*>(scales.value()->untyped_data());
-  } else if (!elem_type_of(values.value()->element_type(), &a.x_type)) {
-    return invalid(op, "recv_x must be bfloat16, float16 or float32");
-  }
-  return ffi::Error::Success();
-}
-
-// Common setup of both halves; `x` (sender) may be absent on the recv-only path.
-ffi::Error begin_dispatch(const std::string& op, int32_t device, int64_t buffer_id,
-                          int64_t num_experts, int64_t max_tokens, bool use_fp8, int64_t num_sms,
-                          int64_t num_warps, int num_tokens, int num_topk, LLDispatchArgs& a) {
-  const BufferState* probe = find_buffer(buffer_id, device);
-  if (probe == nullptr) {
-    const BufferState* unused;
-    size_t unused_half;
-    return find_ll_buffer(op, buffer_id, device, 0, &unused, &unused_half);
-  }
-  ffi::Error err = check_sizes(op, probe->num_ranks, num_experts, max_tokens, num_tokens, num_topk);
+// The binding every low-latency handler shares (dispatch and combine, fused and split):
+// finds this GPU's buffer, checks the sizes and that a half of half_needed(num_ranks)
+// bytes fits, and fills the common fields of `a` (LLDispatchArgs or LLCombineArgs).
+template <typename Args, typename HalfNeeded>
+ffi::Error bind_common(const std::string& op, int32_t device, int64_t buffer_id,
+                       int64_t num_experts, int64_t max_tokens, int num_tokens, int num_topk,
+                       int64_t num_sms, int64_t num_warps, HalfNeeded half_needed, Args& a) {
+  const BufferState* s = find_buffer(buffer_id, device);
+  size_t half = 0;
+  if (s == nullptr) return find_ll_buffer(op, buffer_id, device, 0, &s, &half);  // the error
+  ffi::Error err = check_sizes(op, s->num_ranks, num_experts, max_tokens, num_tokens, num_topk);
   if (err.failure()) return err;
-  if (use_fp8 && a.hidden % 128) return invalid(op, "use_fp8 needs hidden % 128 == 0");
-  const size_t stride = ll_dispatch_row_stride(size_t(a.hidden), elem_bytes(a.x_type), use_fp8);
-  const BufferState* s;
-  size_t half;
-  err = find_ll_buffer(op, buffer_id, device,
-                       ll_dispatch_half_bytes(size_t(num_experts), size_t(max_tokens), stride), &s,
-                       &half);
+  err = find_ll_buffer(op, buffer_id, device, half_needed(s->num_ranks), &s, &half);
   if (err.failure()) return err;
   a.peers = peer_bases(*s);
   a.me = s->rank;
@@ -147,16 +109,90 @@ ffi::Error begin_dispatch(const std::string& op, int32_t device, int64_t buffer_
   a.num_tokens = num_tokens;
   a.num_topk = num_topk;
   a.max_tokens = int(max_tokens);
-  a.use_fp8 = use_fp8;
   a.half_bytes = half;
   a.num_blocks = blocks_of(num_sms);
   a.num_threads = threads_of(num_warps);
   return ffi::Error::Success();
 }
 
+// ------------------------------------------------------------------ dispatch
+
+// Bytes of a dispatch half, as a function of the number of ranks (bind_common's argument).
+auto dispatch_half_needed(int64_t num_experts, int64_t max_tokens, int hidden, ElemType type,
+                          bool use_fp8) {
+  const size_t stride = ll_dispatch_row_stride(size_t(hidden), elem_bytes(type), use_fp8);
+  return [=](int num_ranks) {
+    return ll_dispatch_half_bytes(size_t(num_experts), size_t(num_ranks), size_t(max_tokens),
+                                  stride);
+  };
+}
+
+ffi::Error check_row(const std::string& op, int hidden, ElemType type, bool use_fp8) {
+  if (hidden < 1) return invalid(op, "rows must not be empty");
+  if (use_fp8 && hidden % 128) return invalid(op, "use_fp8 needs hidden % 128 == 0");
+  if (!use_fp8 && (size_t(hidden) * elem_bytes(type)) % 16)
+    return invalid(op, "rows must be a multiple of 16 bytes (hidden * dtype size)");
+  return ffi::Error::Success();
+}
+
+// Hidden size and (non-FP8) dtype of the receive payload ([L, R*M, H] values, and
+// [L, R*M, H/128] f32 scales when use_fp8).
+ffi::Error recv_payload_type(const std::string& op, ffi::RemainingRets& payload, bool use_fp8,
+                             int* hidden, ElemType* type) {
+  const size_t want = use_fp8 ? 2 : 1;
+  if (payload.size() != want)
+    return invalid(op, "expected " + std::to_string(want) + " payload results");
+  auto values = payload.get<ffi::AnyBuffer>(0);
+  if (values.has_error()) return values.error();
+  const auto d = values.value()->dimensions();
+  if (d.size() != 3) return invalid(op, "recv_x must be [num_local_experts, R*M, hidden]");
+  *hidden = int(d[2]);
+  if (use_fp8) {
+    if (values.value()->element_type() != ffi::DataType::F8E4M3FN)
+      return invalid(op, "FP8 recv_x must be float8_e4m3fn");
+    *type = ElemType::kBF16;  // FP8 slots do not depend on x's dtype
+  } else if (!elem_type_of(values.value()->element_type(), type)) {
+    return invalid(op, "recv_x must be bfloat16, float16 or float32");
+  }
+  return ffi::Error::Success();
+}
+
+// Fills the receiver half of `a` (after bind_common) from the payload and count results.
+ffi::Error bind_recv_outputs(const std::string& op, ffi::RemainingRets& payload, bool use_fp8,
+                             ffi::Result<ffi::Buffer<ffi::S32>>& recv_count,
+                             ffi::Result<ffi::Buffer<ffi::S32>>& recv_src_token,
+                             ffi::Result<ffi::Buffer<ffi::S32>>& recv_count_per_rank,
+                             LLDispatchArgs& a) {
+  auto values = payload.get<ffi::AnyBuffer>(0);
+  if (values.has_error()) return values.error();
+  const auto d = values.value()->dimensions();
+  const int L = a.num_experts / a.num_ranks, RM = a.num_ranks * a.max_tokens;
+  if (d.size() != 3 || d[0] != L || d[1] != RM || d[2] != a.hidden)
+    return invalid(op, "recv_x must have shape [num_local_experts, num_ranks * "
+                       "max_tokens_per_rank, hidden]");
+  a.recv_x = values.value()->untyped_data();
+  a.recv_scales = nullptr;
+  if (use_fp8) {
+    auto scales = payload.get<ffi::AnyBuffer>(1);
+    if (scales.has_error()) return scales.error();
+    if (scales.value()->element_type() != ffi::DataType::F32 ||
+        scales.value()->element_count() != size_t(L) * RM * (a.hidden / 128))
+      return invalid(op, "FP8 scales must be float32 [L, R*M, hidden/128]");
+    a.recv_scales = static_cast<float*>(scales.value()->untyped_data());
+  }
+  if (recv_count->element_count() != size_t(L) || recv_src_token->element_count() != size_t(L) * RM ||
+      recv_count_per_rank->element_count() != size_t(L) * a.num_ranks)
+    return invalid(op, "recv_count [L], recv_src_token [L, R*M] and recv_count_per_rank [L, R] "
+                       "have the wrong sizes");
+  a.recv_count = recv_count->typed_data();
+  a.recv_src_token = recv_src_token->typed_data();
+  a.recv_count_per_rank = recv_count_per_rank->typed_data();
+  return ffi::Error::Success();
+}
+
 ffi::Error bind_sender(const std::string& op, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> topk_idx,
-                       ffi::Buffer<ffi::F32> slot_scale, bool has_slot_scale, int* send_pos,
-                       LLDispatchArgs& a) {
+                       ffi::Buffer<ffi::F32> slot_scale, bool has_slot_scale, bool use_fp8,
+                       int* send_pos, LLDispatchArgs& a) {
   const auto xd = x.dimensions();
   const auto id = topk_idx.dimensions();
   if (xd.size() != 2 || id.size() != 2 || id[0] != xd[0])
@@ -165,7 +201,11 @@ ffi::Error bind_sender(const std::string& op, ffi::AnyBuffer x, ffi::Buffer<ffi:
     return invalid(op, "x must be bfloat16, float16 or float32");
   if (has_slot_scale && slot_scale.element_count() != size_t(id[0]) * size_t(id[1]))
     return invalid(op, "slot_scale must be [T, K]");
+  if (has_slot_scale && use_fp8) return invalid(op, "slot_scale is not supported with use_fp8");
   a.hidden = int(xd[1]);
+  ffi::Error err = check_row(op, a.hidden, a.x_type, use_fp8);
+  if (err.failure()) return err;
+  a.use_fp8 = use_fp8;
   a.x = x.untyped_data();
   a.topk_idx = topk_idx.typed_data();
   a.slot_scale = has_slot_scale ? slot_scale.typed_data() : nullptr;
@@ -181,29 +221,30 @@ ffi::Error LLDispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
                           ffi::Result<ffi::Buffer<ffi::S32>> recv_count_per_rank,
                           ffi::RemainingRets payload, int64_t buffer_id, int64_t num_experts,
                           int64_t max_tokens_per_rank, bool use_fp8, bool has_slot_scale,
-                          int64_t num_sms, int64_t num_warps) {
+                          bool zero_padding, int64_t num_sms, int64_t num_warps) {
   const std::string op = "low_latency_dispatch";
   LLDispatchArgs a{};
-  ffi::Error err = bind_sender(op, x, topk_idx, slot_scale, has_slot_scale,
+  ffi::Error err = bind_sender(op, x, topk_idx, slot_scale, has_slot_scale, use_fp8,
                                send_pos->typed_data(), a);
   if (err.failure()) return err;
-  const auto id = topk_idx.dimensions();
-  err = begin_dispatch(op, device, buffer_id, num_experts, max_tokens_per_rank, use_fp8, num_sms,
-                       num_warps, int(id[0]), int(id[1]), a);
+  int hidden = 0;
+  ElemType recv_type;
+  err = recv_payload_type(op, payload, use_fp8, &hidden, &recv_type);
   if (err.failure()) return err;
-  const ElemType x_type = a.x_type;
-  const int hidden = a.hidden;
-  err = bind_recv_outputs(op, payload, use_fp8, a);  // sets hidden and (non-FP8) x_type
-  if (err.failure()) return err;
-  if (a.hidden != hidden || (!use_fp8 && a.x_type != x_type))
+  if (hidden != a.hidden || (!use_fp8 && recv_type != a.x_type))
     return invalid(op, "recv_x must be [L, R*M, H] in x's dtype (or float8_e4m3fn)");
-  a.x_type = x_type;
-  a.recv_count = recv_count->typed_data();
-  a.recv_src_token = recv_src_token->typed_data();
-  a.recv_count_per_rank = recv_count_per_rank->typed_data();
-  err = launched(launch_ll_dispatch_send(a, stream), op + " (send)");
+  const auto id = topk_idx.dimensions();
+  err = bind_common(op, device, buffer_id, num_experts, max_tokens_per_rank, int(id[0]),
+                    int(id[1]), num_sms, num_warps,
+                    dispatch_half_needed(num_experts, max_tokens_per_rank, a.hidden, a.x_type,
+                                         use_fp8),
+                    a);
   if (err.failure()) return err;
-  return launched(launch_ll_dispatch_recv(a, stream), op + " (recv)");
+  err = bind_recv_outputs(op, payload, use_fp8, recv_count, recv_src_token, recv_count_per_rank,
+                          a);
+  if (err.failure()) return err;
+  a.zero_padding = zero_padding;
+  return launched(launch_ll_dispatch(a, kLLBoth, stream), op);
 }
 
 ffi::Error LLDispatchSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
@@ -214,15 +255,18 @@ ffi::Error LLDispatchSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffe
                               bool has_slot_scale, int64_t num_sms, int64_t num_warps) {
   const std::string op = "low_latency_dispatch_send";
   LLDispatchArgs a{};
-  ffi::Error err = bind_sender(op, x, topk_idx, slot_scale, has_slot_scale,
+  ffi::Error err = bind_sender(op, x, topk_idx, slot_scale, has_slot_scale, use_fp8,
                                send_pos->typed_data(), a);
   if (err.failure()) return err;
   const auto id = topk_idx.dimensions();
-  err = begin_dispatch(op, device, buffer_id, num_experts, max_tokens_per_rank, use_fp8, num_sms,
-                       num_warps, int(id[0]), int(id[1]), a);
+  err = bind_common(op, device, buffer_id, num_experts, max_tokens_per_rank, int(id[0]),
+                    int(id[1]), num_sms, num_warps,
+                    dispatch_half_needed(num_experts, max_tokens_per_rank, a.hidden, a.x_type,
+                                         use_fp8),
+                    a);
   if (err.failure()) return err;
   a.ticket = ticket->typed_data();
-  return launched(launch_ll_dispatch_send(a, stream), op);
+  return launched(launch_ll_dispatch(a, kLLSend, stream), op);
 }
 
 ffi::Error LLDispatchRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32> ticket,
@@ -230,69 +274,41 @@ ffi::Error LLDispatchRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<f
                               ffi::Result<ffi::Buffer<ffi::S32>> recv_src_token,
                               ffi::Result<ffi::Buffer<ffi::S32>> recv_count_per_rank,
                               ffi::RemainingRets payload, int64_t buffer_id, int64_t num_experts,
-                              int64_t max_tokens_per_rank, bool use_fp8, int64_t num_sms,
-                              int64_t num_warps) {
+                              int64_t max_tokens_per_rank, bool use_fp8, bool zero_padding,
+                              int64_t num_sms, int64_t num_warps) {
   const std::string op = "low_latency_dispatch_recv";
   LLDispatchArgs a{};
-  const BufferState* probe = find_buffer(buffer_id, device);
-  if (probe == nullptr) {
-    const BufferState* unused;
-    size_t unused_half;
-    return find_ll_buffer(op, buffer_id, device, 0, &unused, &unused_half);
-  }
-  if (num_experts % probe->num_ranks) return invalid(op, "num_experts % num_ranks != 0");
-  a.num_ranks = probe->num_ranks;
-  a.num_experts = int(num_experts);
-  a.max_tokens = int(max_tokens_per_rank);
-  a.x_type = ElemType::kBF16;  // FP8 slots do not depend on x's dtype
-  ffi::Error err = bind_recv_outputs(op, payload, use_fp8, a);
+  ffi::Error err = recv_payload_type(op, payload, use_fp8, &a.hidden, &a.x_type);
   if (err.failure()) return err;
-  err = begin_dispatch(op, device, buffer_id, num_experts, max_tokens_per_rank, use_fp8, num_sms,
-                       num_warps, 0, 1, a);
+  err = check_row(op, a.hidden, a.x_type, use_fp8);
   if (err.failure()) return err;
-  a.recv_count = recv_count->typed_data();
-  a.recv_src_token = recv_src_token->typed_data();
-  a.recv_count_per_rank = recv_count_per_rank->typed_data();
+  a.use_fp8 = use_fp8;
+  err = bind_common(op, device, buffer_id, num_experts, max_tokens_per_rank, 0, 1, num_sms,
+                    num_warps,
+                    dispatch_half_needed(num_experts, max_tokens_per_rank, a.hidden, a.x_type,
+                                         use_fp8),
+                    a);
+  if (err.failure()) return err;
+  err = bind_recv_outputs(op, payload, use_fp8, recv_count, recv_src_token, recv_count_per_rank,
+                          a);
+  if (err.failure()) return err;
+  a.zero_padding = zero_padding;
   a.expect_ticket = ticket.typed_data();
-  return launched(launch_ll_dispatch_recv(a, stream), op);
+  return launched(launch_ll_dispatch(a, kLLRecv, stream), op);
 }
 
 // ------------------------------------------------------------------ combine
 
-// Common setup; `width` and `y_type` describe y's rows (= the output's).
-ffi::Error begin_combine(const std::string& op, int32_t device, int64_t buffer_id,
-                         int64_t num_experts, int64_t max_tokens, int64_t num_sms,
-                         int64_t num_warps, int num_tokens, int num_topk, int width,
-                         ffi::DataType dtype, LLCombineArgs& a) {
-  const BufferState* probe = find_buffer(buffer_id, device);
-  if (probe == nullptr) {
-    const BufferState* unused;
-    size_t unused_half;
-    return find_ll_buffer(op, buffer_id, device, 0, &unused, &unused_half);
-  }
-  ffi::Error err = check_sizes(op, probe->num_ranks, num_experts, max_tokens, num_tokens, num_topk);
-  if (err.failure()) return err;
-  if (!elem_type_of(dtype, &a.y_type)) return invalid(op, "y must be bfloat16, float16 or float32");
+// y's rows (= the output's): width and dtype.
+ffi::Error combine_row(const std::string& op, int width, ffi::DataType dtype, ElemType* type) {
+  if (!elem_type_of(dtype, type)) return invalid(op, "y must be bfloat16, float16 or float32");
   if (width < 1) return invalid(op, "y rows must not be empty");
-  const size_t stride = ll_combine_row_stride(size_t(width), elem_bytes(a.y_type));
-  const BufferState* s;
-  size_t half;
-  err = find_ll_buffer(op, buffer_id, device,
-                       ll_combine_half_bytes(size_t(num_experts), size_t(max_tokens), stride), &s,
-                       &half);
-  if (err.failure()) return err;
-  a.peers = peer_bases(*s);
-  a.me = s->rank;
-  a.num_ranks = s->num_ranks;
-  a.num_experts = int(num_experts);
-  a.num_tokens = num_tokens;
-  a.num_topk = num_topk;
-  a.max_tokens = int(max_tokens);
-  a.width = width;
-  a.half_bytes = half;
-  a.num_blocks = blocks_of(num_sms);
-  a.num_threads = threads_of(num_warps);
   return ffi::Error::Success();
+}
+
+size_t combine_half_needed(int64_t num_experts, int64_t max_tokens, int width, ElemType type) {
+  return ll_combine_half_bytes(size_t(num_experts), size_t(max_tokens),
+                               ll_combine_row_stride(size_t(width), elem_bytes(type)));
 }
 
 ffi::Error check_y(const std::string& op, ffi::AnyBuffer y, int num_ranks, int64_t num_experts,
@@ -301,6 +317,18 @@ ffi::Error check_y(const std::string& op, ffi::AnyBuffer y, int num_ranks, int64
   if (d.size() != 3 || d[0] != num_experts / num_ranks || d[1] != num_ranks * max_tokens)
     return invalid(op, "y must have shape [num_local_experts, num_ranks * max_tokens_per_rank, W]");
   return ffi::Error::Success();
+}
+
+ffi::Error bind_combine(const std::string& op, int32_t device, int64_t buffer_id,
+                        int64_t num_experts, int64_t max_tokens, int num_tokens, int num_topk,
+                        int width, ffi::DataType dtype, int64_t num_sms, int64_t num_warps,
+                        LLCombineArgs& a) {
+  ffi::Error err = combine_row(op, width, dtype, &a.y_type);
+  if (err.failure()) return err;
+  a.width = width;
+  const size_t half = combine_half_needed(num_experts, max_tokens, width, a.y_type);
+  return bind_common(op, device, buffer_id, num_experts, max_tokens, num_tokens, num_topk,
+                     num_sms, num_warps, [half](int) { return half; }, a);
 }
 
 ffi::Error LLCombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
@@ -314,9 +342,9 @@ ffi::Error LLCombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
   if (id.size() != 2) return invalid(op, "topk_idx must be [T, K]");
   LLCombineArgs a{};
   const auto yd = y.dimensions();
-  ffi::Error err = begin_combine(op, device, buffer_id, num_experts, max_tokens_per_rank, num_sms,
-                                 num_warps, int(id[0]), int(id[1]),
-                                 yd.size() == 3 ? int(yd[2]) : 0, y.element_type(), a);
+  ffi::Error err = bind_combine(op, device, buffer_id, num_experts, max_tokens_per_rank,
+                                int(id[0]), int(id[1]), yd.size() == 3 ? int(yd[2]) : 0,
+                                y.element_type(), num_sms, num_warps, a);
   if (err.failure()) return err;
   err = check_y(op, y, a.num_ranks, num_experts, max_tokens_per_rank);
   if (err.failure()) return err;
@@ -329,9 +357,7 @@ ffi::Error LLCombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
   a.topk_weights = topk_weights.typed_data();
   a.send_pos = send_pos.typed_data();
   a.out = out->untyped_data();
-  err = launched(launch_ll_combine_send(a, stream), op + " (send)");
-  if (err.failure()) return err;
-  return launched(launch_ll_combine_recv(a, stream), op + " (recv)");
+  return launched(launch_ll_combine(a, kLLBoth, stream), op);
 }
 
 ffi::Error LLCombineSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
@@ -342,16 +368,16 @@ ffi::Error LLCombineSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer
   const std::string op = "low_latency_combine_send";
   LLCombineArgs a{};
   const auto yd = y.dimensions();
-  ffi::Error err = begin_combine(op, device, buffer_id, num_experts, max_tokens_per_rank, num_sms,
-                                 num_warps, 0, 1, yd.size() == 3 ? int(yd[2]) : 0,
-                                 y.element_type(), a);
+  ffi::Error err = bind_combine(op, device, buffer_id, num_experts, max_tokens_per_rank, 0, 1,
+                                yd.size() == 3 ? int(yd[2]) : 0, y.element_type(), num_sms,
+                                num_warps, a);
   if (err.failure()) return err;
   err = check_y(op, y, a.num_ranks, num_experts, max_tokens_per_rank);
   if (err.failure()) return err;
   a.y = y.untyped_data();
   a.recv_count_per_rank = recv_count_per_rank.typed_data();
   a.ticket = ticket->typed_data();
-  return launched(launch_ll_combine_send(a, stream), op);
+  return launched(launch_ll_combine(a, kLLSend, stream), op);
 }
 
 ffi::Error LLCombineRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32> ticket,
@@ -365,16 +391,16 @@ ffi::Error LLCombineRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ff
   if (id.size() != 2 || od.size() != 2 || od[0] != id[0])
     return invalid(op, "topk_idx must be [T, K] and out [T, W]");
   LLCombineArgs a{};
-  ffi::Error err = begin_combine(op, device, buffer_id, num_experts, max_tokens_per_rank, num_sms,
-                                 num_warps, int(id[0]), int(id[1]), int(od[1]),
-                                 out->element_type(), a);
+  ffi::Error err = bind_combine(op, device, buffer_id, num_experts, max_tokens_per_rank,
+                                int(id[0]), int(id[1]), int(od[1]), out->element_type(), num_sms,
+                                num_warps, a);
   if (err.failure()) return err;
   a.topk_idx = topk_idx.typed_data();
   a.topk_weights = topk_weights.typed_data();
   a.send_pos = send_pos.typed_data();
   a.out = out->untyped_data();
   a.expect_ticket = ticket.typed_data();
-  return launched(launch_ll_combine_recv(a, stream), op);
+  return launched(launch_ll_combine(a, kLLRecv, stream), op);
 }
 
 }  // namespace
@@ -396,6 +422,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpLLDispatch, LLDispatchImpl,
                                   .Attr<int64_t>("max_tokens_per_rank")
                                   .Attr<bool>("use_fp8")
                                   .Attr<bool>("has_slot_scale")
+                                  .Attr<bool>("zero_padding")
                                   .Attr<int64_t>("num_sms")
                                   .Attr<int64_t>("num_warps"));
 
@@ -429,6 +456,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpLLDispatchRecv, LLDispatchRecvImpl,
                                   .Attr<int64_t>("num_experts")
                                   .Attr<int64_t>("max_tokens_per_rank")
                                   .Attr<bool>("use_fp8")
+                                  .Attr<bool>("zero_padding")
                                   .Attr<int64_t>("num_sms")
                                   .Attr<int64_t>("num_warps"));
 

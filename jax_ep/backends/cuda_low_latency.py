@@ -2,10 +2,12 @@
 
 ``ll_dispatch`` and ``ll_combine`` have the signatures and results of
 :mod:`jax_ep.backends.reference` (bitwise the same values, including the
-:class:`~jax_ep.types.LowLatencyHandleArrays`); each is one custom call that launches a
-send kernel and a receive kernel. The split form (``ll_dispatch_send`` /
-``ll_dispatch_recv``, ``ll_combine_send`` / ``ll_combine_recv``) is two custom calls tied
-by a one-int ticket, so independent work can sit between them.
+:class:`~jax_ep.types.LowLatencyHandleArrays`; dispatch rows past the per-(expert, source
+rank) counts are undefined unless ``cfg.zero_padding``, where the reference writes zeros);
+each is one custom call that runs the send and receive phases in one cooperative kernel.
+The split form (``ll_dispatch_send`` / ``ll_dispatch_recv``, ``ll_combine_send`` /
+``ll_combine_recv``) is two custom calls tied by a one-int ticket, so independent work can
+sit between them.
 
 Receive slots live in the low-latency region of each GPU's communication buffer (see
 ``cuda/low_latency.h``): create the ``jax_ep.Buffer`` with
@@ -33,10 +35,12 @@ F32 = jnp.float32
 MAX_TOKENS_PER_RANK = 1024
 _MAX_RANKS, _MAX_EXPERTS, _MAX_TOPK = 8, 1024, 16
 _LL_OFFSET = 64 << 20
-_LL_HEADER_BYTES = 20480  # align_up(sizeof(LowLatencyHeader) = 16512, 4096)
+_LL_HEADER_BYTES = 24576  # align_up(sizeof(LowLatencyHeader) = 20608, 4096)
 _LL_DATA_OFFSET = _LL_OFFSET + _LL_HEADER_BYTES
-# Default launch shape: up to one block per expert (or token), 16 warps per block.
-DEFAULT_NUM_SMS = 256
+# Default launch shape: up to 128 blocks (about one per SM of an H100/H200; the fused ops'
+# single cooperative kernel is also capped at what fits on the GPU at once), 16 warps each
+# (the most the kernels are compiled for).
+DEFAULT_NUM_SMS = 128
 DEFAULT_NUM_WARPS = 16
 
 _FLOAT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
@@ -46,9 +50,10 @@ def _align(n: int, a: int) -> int:
     return -(-int(n) // a) * a
 
 
-def _dispatch_half_bytes(E, M, H, elem_bytes, use_fp8) -> int:
+def _dispatch_half_bytes(E, R, M, H, elem_bytes, use_fp8) -> int:
+    # rows [R, M, stride] (one per (token, destination rank)), then three [E, M] lists
     stride = _align(H + H // 128 * 4 if use_fp8 else H * elem_bytes, 16)
-    return _align(E * M * stride, 256) + E * M * 4
+    return _align(R * M * stride, 256) + 3 * E * M * 4
 
 
 def _combine_half_bytes(E, M, W, elem_bytes) -> int:
@@ -66,10 +71,9 @@ def ll_bytes_hint(max_tokens_per_rank: int, hidden: int, num_experts: int, num_r
 
         buf = jax_ep.Buffer(mesh, "ep", num_nvl_bytes=ll_bytes_hint(128, 7168, 256, 8))
     """
-    del num_ranks  # the slots are [E, M] rows whatever the split of E over the ranks
-    E, M, H = int(num_experts), int(max_tokens_per_rank), int(hidden)
-    half = max(_dispatch_half_bytes(E, M, H, dtype_bytes, False),
-               _dispatch_half_bytes(E, M, H, dtype_bytes, H % 128 == 0),
+    E, R, M, H = int(num_experts), int(num_ranks), int(max_tokens_per_rank), int(hidden)
+    half = max(_dispatch_half_bytes(E, R, M, H, dtype_bytes, False),
+               _dispatch_half_bytes(E, R, M, H, dtype_bytes, H % 128 == 0),
                _combine_half_bytes(E, M, H, dtype_bytes))
     return _LL_DATA_OFFSET + 2 * _align(half, 4096)
 
@@ -82,9 +86,9 @@ def _half_available(num_bytes: int) -> int:
 
 def check_fits(buffer, cfg: LowLatencyConfig, dtype=jnp.bfloat16) -> None:
     """Raises at trace time when a low-latency call of ``cfg`` needs more than ``buffer``."""
-    E, M, H = cfg.num_experts, cfg.max_tokens_per_rank, cfg.hidden
+    E, R, M, H = cfg.num_experts, cfg.num_ranks, cfg.max_tokens_per_rank, cfg.hidden
     b = jnp.dtype(dtype).itemsize
-    half = max(_dispatch_half_bytes(E, M, H, b, cfg.use_fp8), _combine_half_bytes(E, M, H, b))
+    half = max(_dispatch_half_bytes(E, R, M, H, b, cfg.use_fp8), _combine_half_bytes(E, M, H, b))
     if half > _half_available(int(buffer.num_nvl_bytes)):
         need = _LL_DATA_OFFSET + 2 * _align(half, 4096)
         raise ValueError(
@@ -156,14 +160,23 @@ def _recv_results(cfg: LowLatencyConfig, hidden: int, dtype):
     return counts, payload
 
 
+def _check_row(op, hidden, dtype, use_fp8):
+    if use_fp8 and hidden % 128:
+        raise ValueError(f"{op}: use_fp8=True needs hidden % 128 == 0, got {hidden}")
+    if not use_fp8 and (hidden * jnp.dtype(dtype).itemsize) % 16:
+        raise ValueError(f"{op}: rows must be a multiple of 16 bytes, got hidden={hidden} in "
+                         f"{jnp.dtype(dtype).name}")
+
+
 def _sender_operands(op, x, topk_idx, slot_scale, cfg):
     _check_dtype(op, "x", x)
     if x.ndim != 2 or topk_idx.ndim != 2 or topk_idx.shape[0] != x.shape[0]:
         raise ValueError(f"{op}: x must be [T, H] and topk_idx [T, K], got {x.shape} and "
                          f"{topk_idx.shape}")
-    if cfg.use_fp8 and x.shape[1] % 128:
-        raise ValueError(f"{op}: use_fp8=True needs hidden % 128 == 0, got {x.shape[1]}")
+    _check_row(op, x.shape[1], x.dtype, cfg.use_fp8)
     has_scale = slot_scale is not None
+    if has_scale and cfg.use_fp8:
+        raise ValueError(f"{op}: slot_scale is not supported with use_fp8=True")
     scale = (slot_scale.astype(F32) if has_scale else jnp.zeros((1,), F32))
     return x, topk_idx.astype(I32), scale, has_scale
 
@@ -182,6 +195,7 @@ def ll_dispatch(x: jax.Array, topk_idx: jax.Array, slot_scale: Optional[jax.Arra
     results = [jax.ShapeDtypeStruct(idx.shape, I32)] + counts + payload  # send_pos first
     outs = _call("jax_ep_ll_dispatch", results, x, idx, scale, axis_name=cfg.axis_name,
                  use_fp8=bool(cfg.use_fp8), has_slot_scale=bool(has_scale),
+                 zero_padding=bool(cfg.zero_padding),
                  **_attrs(cfg, buffer_id, num_sms, num_warps))
     send_pos, recv_count, src_token, count_per_rank = outs[:4]
     recv_x = tuple(outs[4:]) if cfg.use_fp8 else outs[4]
@@ -214,13 +228,18 @@ def ll_dispatch_recv(sent: DispatchSent, cfg: LowLatencyConfig, dtype, *,
                      num_warps: Optional[int] = None):
     """Second half of :func:`ll_dispatch`: waits for the rows; ``dtype`` is x's dtype.
 
-    Returns ``(recv_x, recv_count, handle)`` exactly as the fused op."""
+    Returns ``(recv_x, recv_count, handle)`` exactly as the fused op (padding rows zeroed
+    when ``cfg.zero_padding``)."""
     op = "low_latency_dispatch_recv"
     buffer_id = _check(op, cfg, 0, 1)
     hidden = int(hidden if hidden is not None else cfg.hidden)
+    if jnp.dtype(dtype) not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: dtype must be bfloat16, float16 or float32, got {dtype}")
+    _check_row(op, hidden, dtype, cfg.use_fp8)
     counts, payload = _recv_results(cfg, hidden, jnp.dtype(dtype))
     outs = _call("jax_ep_ll_dispatch_recv", counts + payload, sent.ticket,
                  axis_name=cfg.axis_name, use_fp8=bool(cfg.use_fp8),
+                 zero_padding=bool(cfg.zero_padding),
                  **_attrs(cfg, buffer_id, num_sms, num_warps))
     recv_count, src_token, count_per_rank = outs[:3]
     recv_x = tuple(outs[3:]) if cfg.use_fp8 else outs[3]

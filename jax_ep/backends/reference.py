@@ -248,14 +248,17 @@ def ll_combine_exchange(y: jax.Array, cfg: LowLatencyConfig) -> jax.Array:
 def ll_combine_reduce(home: jax.Array, topk_idx: jax.Array, topk_weights: jax.Array,
                       handle: LowLatencyHandleArrays, cfg: LowLatencyConfig,
                       out_dtype) -> jax.Array:
-    """out[t] = sum_k w[t,k] * home[e_k, row of (t, e_k)], fp32 in slot order."""
+    """out[t] = sum_k w[t,k] * home[e_k, row of (t, e_k)], fp32 in slot order.
+
+    A masked slot adds an exact 0 (its gathered row is a placeholder that may hold
+    anything, NaN included: rows past the counts are never read)."""
     M = cfg.max_tokens_per_rank
     valid = handle.send_pos >= 0
     e = jnp.where(valid, topk_idx, 0)
     p = jnp.where(valid, handle.send_pos % M, 0)
     gathered = home[e, p].astype(jnp.float32)  # [T, K, W]
     w = jnp.where(valid, topk_weights.astype(jnp.float32), 0.0)
-    terms = gathered * w[..., None]
+    terms = jnp.where(valid[..., None], gathered * w[..., None], 0.0)
     return _sequential_sum(jnp.moveaxis(terms, 1, 0)).astype(out_dtype)
 
 

@@ -1,10 +1,13 @@
 """CUDA low-latency kernels == reference backend, on the real GPUs of this process.
 
 Dispatch outputs (recv_x, FP8 values and scales included, counts, handle arrays) must
-match bitwise; combine outputs must match value for value (``assert_array_equal``: the
-one allowed difference is the sign of an exact zero for a token whose every slot is
-masked, where the reference multiplies an arbitrary row by 0). Fresh random routing every
-run (seed printed; replay with JAX_EP_TEST_SEED).
+match bitwise: recv_x on the rows each (local expert, source rank) count covers (the rows
+past it are undefined on CUDA by default), and on every row (zeros) with
+``zero_padding=True`` or under differentiation. Combine outputs must match value for value
+(``assert_array_equal``: the one allowed difference is the sign of an exact zero for a
+token whose every slot is masked, where the reference multiplies an arbitrary row by 0).
+Fresh random routing every run (seed printed; replay with JAX_EP_TEST_SEED). Run the file
+a second time with JAX_EP_LL_ONE_KERNEL=0 to cover the two-launch form of the fused ops.
 """
 
 from __future__ import annotations
@@ -51,11 +54,11 @@ def _buffer(R):
     return _buffers[R]
 
 
-def _cfg(R, T, H, K, E, M, fp8, backend):
+def _cfg(R, T, H, K, E, M, fp8, backend, zero_padding=False):
     buf_id = _buffer(R).buffer_id if backend == "cuda" else None
     return LowLatencyConfig(num_experts=E, num_ranks=R, axis_name=h.AXIS, max_tokens_per_rank=M,
                             num_tokens=T, num_topk=K, hidden=H, use_fp8=fp8, backend=backend,
-                            buffer_id=buf_id)
+                            buffer_id=buf_id, zero_padding=zero_padding)
 
 
 def _backend(name):
@@ -111,22 +114,42 @@ def _routing(rng, R, T, K, E, case="random"):
     return idx, w
 
 
-def _dispatch_both(R, T, H, K, E, M, fp8, idx, x):
+def _dispatch_both(R, T, H, K, E, M, fp8, idx, x, zero_padding=False):
     outs = {}
     for backend in ("reference", "cuda"):
-        cfg = _cfg(R, T, H, K, E, M, fp8, backend)
+        cfg = _cfg(R, T, H, K, E, M, fp8, backend, zero_padding)
         fn = lambda x, i, cfg=cfg, backend=backend: _backend(backend).ll_dispatch(x, i, None, cfg)
         outs[backend] = h.run(fn, R, *h.shard((x, idx), R))
     return outs["cuda"], outs["reference"]
 
 
-def _compare_dispatch(got, want, fp8):
-    (gx, gcount, gh), (wx, wcount, wh) = got, want
-    if fp8:
-        _assert_bitwise("recv_x values (e4m3)", gx[0], wx[0])
-        _assert_bitwise("recv_x scales", gx[1], wx[1])
+def _valid_rows(count_per_rank, M):
+    """[..., L, R*M] bool: the rows each (local expert, source rank) count covers."""
+    count_per_rank = np.asarray(count_per_rank)
+    row = np.arange(count_per_rank.shape[-1] * M) % M
+    return row < np.repeat(count_per_rank, M, axis=-1)
+
+
+def _compare_rows(name, got, want, valid):
+    """Bitwise on the valid rows (valid=None: on every row)."""
+    got, want = np.asarray(got), np.asarray(want)
+    if valid is None:
+        _assert_bitwise(name, got, want)
     else:
-        _assert_bitwise("recv_x", gx, wx)
+        assert got.shape == want.shape and got.dtype == want.dtype, (name, got.shape, want.shape)
+        _assert_bitwise(name + " (counted rows)", got[valid], want[valid])
+
+
+def _compare_dispatch(got, want, fp8, zero_padding=False):
+    """recv_x bitwise on the counted rows, and on every row (zeros) when zero_padding."""
+    (gx, gcount, gh), (wx, wcount, wh) = got, want
+    M = np.asarray(wx[0] if fp8 else wx).shape[-2] // np.asarray(wh.recv_count_per_rank).shape[-1]
+    valid = None if zero_padding else _valid_rows(wh.recv_count_per_rank, M)
+    if fp8:
+        _compare_rows("recv_x values (e4m3)", gx[0], wx[0], valid)
+        _compare_rows("recv_x scales", gx[1], wx[1], valid)
+    else:
+        _compare_rows("recv_x", gx, wx, valid)
     _assert_bitwise("recv_count", gcount, wcount)
     for name in gh._fields:
         _assert_bitwise(f"handle.{name}", getattr(gh, name), getattr(wh, name))
@@ -134,15 +157,31 @@ def _compare_dispatch(got, want, fp8):
 
 # ----------------------------------------------------------------------------- dispatch
 
+@pytest.mark.parametrize("zero_padding", [False, True])
 @pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("T", [1, 8, 128])
-def test_dispatch_matches_reference(T, fp8):
+@pytest.mark.parametrize("T", [1, 8, 128])  # T=0: jax 0.11.2's shard_map (Shardy) rejects
+def test_dispatch_matches_reference(T, fp8, zero_padding):  # zero-size operands on GPU
     R, H, K, E, M = _ranks(), 512, 8, 64, 128
-    rng = _rng("dispatch", T, fp8)
+    rng = _rng("dispatch", T, fp8, zero_padding)
     idx, _ = _routing(rng, R, T, K, E)
     x = rng.standard_normal((R, T, H)).astype(jnp.bfloat16)
-    got, want = _dispatch_both(R, T, H, K, E, M, fp8, idx, x)
-    _compare_dispatch(got, want, fp8)
+    got, want = _dispatch_both(R, T, H, K, E, M, fp8, idx, x, zero_padding)
+    _compare_dispatch(got, want, fp8, zero_padding)
+
+
+def test_dispatch_zero_padding_after_garbage():
+    """The staging halves and XLA's memory hold earlier ops' rows: zero_padding=True must
+    still give exact zeros past the counts, and the default must still match on the rows
+    that count."""
+    R, T, H, K, E, M = _ranks(), 64, 512, 8, 64, 128
+    rng = _rng("garbage")
+    for step in range(3):
+        idx, _ = _routing(rng, R, T, K, E)
+        x = (rng.standard_normal((R, T, H)) * (step + 1)).astype(jnp.bfloat16)
+        for fp8 in (False, True):
+            for zp in (False, True):
+                got, want = _dispatch_both(R, T, H, K, E, M, fp8, idx, x, zp)
+                _compare_dispatch(got, want, fp8, zp)
 
 
 @pytest.mark.parametrize("case", ["one_expert", "all_masked", "out_of_range"])
@@ -152,8 +191,9 @@ def test_dispatch_edge_routing(case, fp8):
     rng = _rng("edge", case, fp8)
     idx, _ = _routing(rng, R, T, K, E, case)
     x = rng.standard_normal((R, T, H)).astype(jnp.bfloat16)
-    got, want = _dispatch_both(R, T, H, K, E, M, fp8, idx, x)
-    _compare_dispatch(got, want, fp8)
+    for zp in (False, True):
+        got, want = _dispatch_both(R, T, H, K, E, M, fp8, idx, x, zp)
+        _compare_dispatch(got, want, fp8, zp)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
@@ -233,6 +273,63 @@ def test_fp8_dispatch_then_bf16_combine():
     _assert_values("combine out", got, want)
 
 
+def test_combine_never_reads_padding_rows():
+    """Rows of y past the counts may hold anything (NaN here): the output must not change."""
+    R, T, H, K, E, M = _ranks(), 32, 512, 8, 64, 64
+    rng = _rng("combine-nan")
+    idx, w = _routing(rng, R, T, K, E)
+    x = rng.standard_normal((R, T, H)).astype(jnp.bfloat16)
+
+    def fn(backend, poison):
+        cfg = _cfg(R, T, H, K, E, M, False, backend)
+        be = _backend(backend)
+
+        def f(x, idx, w):
+            recv_x, _, handle = be.ll_dispatch(x, idx, None, cfg)
+            y = (recv_x.astype(jnp.float32) * 1.5 + 0.25).astype(x.dtype)
+            if poison:
+                row = jnp.arange(R * M) % M
+                valid = row[None, :] < jnp.repeat(handle.recv_count_per_rank, M, axis=1)
+                y = jnp.where(valid[..., None], y, jnp.asarray(jnp.nan, y.dtype))
+            return be.ll_combine(y, idx, w, handle, cfg)
+        return f
+
+    args = h.shard((x, idx, w), R)
+    want = h.run(fn("reference", False), R, *args)
+    got = h.run(fn("cuda", True), R, *args)
+    assert np.all(np.isfinite(np.asarray(got, np.float32)))
+    _assert_values("combine out (NaN padding in y)", got, want)
+
+
+def test_dispatch_under_vjp_zero_pads():
+    """The public op's custom-VJP forward rule zero-pads recv_x (the expert weights'
+    gradients read every row); its combine's VJP output dy is zero-padded too."""
+    _needs_integration()
+    R, T, H, K, E, M = _ranks(), 16, 256, 4, 32, 32
+    rng = _rng("vjp-zero")
+    idx, w = _routing(rng, R, T, K, E)
+    x = rng.standard_normal((R, T, H)).astype(jnp.bfloat16)
+    buf = _buffer(R)
+
+    def f(x, idx, w):
+        def disp(x):
+            return jax_ep.low_latency_dispatch(x, idx, num_experts=E, max_tokens_per_rank=M,
+                                               axis_name=h.AXIS, buffer=buf, backend="cuda")
+        r, _ = jax.vjp(disp, x)  # primal outputs of the custom VJP's forward rule
+        y = jnp.tanh(r.recv_x.astype(jnp.float32)).astype(x.dtype)
+        out, comb_vjp = jax.vjp(lambda y: jax_ep.low_latency_combine(y, idx, w, r.handle), y)
+        (dy,) = comb_vjp(out * 0 + 1)  # varying over the EP axis, like out
+        return r.recv_x, r.handle.arrays.recv_count_per_rank, dy
+
+    recv_x, counts, dy = h.run(f, R, *h.shard((x, idx, w), R))
+    pad = ~_valid_rows(counts, M)
+    assert pad.any()
+    _assert_bitwise("recv_x padding under vjp", np.asarray(recv_x)[pad],
+                    np.zeros_like(np.asarray(recv_x)[pad]))
+    _assert_bitwise("combine vjp dy padding", np.asarray(dy)[pad],
+                    np.zeros_like(np.asarray(dy)[pad]))
+
+
 # ----------------------------------------------------------------------------- split form
 
 @pytest.mark.parametrize("fp8", [False, True])
@@ -263,6 +360,75 @@ def test_split_equals_fused(fp8):
     fused, split, out_fused, out_split, _ = h.run(f, R, *h.shard((x, idx, w), R))
     _compare_dispatch(split, fused, fp8)
     _assert_bitwise("combine split vs fused", out_split, out_fused)
+
+
+@pytest.mark.parametrize("zero_padding", [False, True])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_public_split_api_equals_fused(fp8, zero_padding):
+    """jax_ep.low_latency_*_send/_recv (two custom calls each) == the fused public ops."""
+    _needs_integration()
+    R, T, H, K, E, M = _ranks(), 24, 512, 6, 32, 32
+    rng = _rng("public-split", fp8, zero_padding)
+    idx, w = _routing(rng, R, T, K, E)
+    x = rng.standard_normal((R, T, H)).astype(jnp.bfloat16)
+    buf = _buffer(R)
+    kw = dict(num_experts=E, max_tokens_per_rank=M, axis_name=h.AXIS, use_fp8=fp8,
+              zero_padding=zero_padding, buffer=buf, backend="cuda")
+
+    def expert(recv_x):
+        vals = recv_x[0] if fp8 else recv_x
+        return (vals.astype(jnp.float32) * 3.0).astype(jnp.bfloat16)
+
+    def fused(x, idx, w):
+        r = jax_ep.low_latency_dispatch(x, idx, **kw)
+        return r, jax_ep.low_latency_combine(expert(r.recv_x), idx, w, r.handle)
+
+    def split(x, idx, w):
+        p = jax_ep.low_latency_dispatch_send(x, idx, **kw)
+        other = jnp.tanh(x.astype(jnp.float32))  # independent work between the halves
+        r = jax_ep.low_latency_dispatch_recv(p)
+        c = jax_ep.low_latency_combine_send(expert(r.recv_x), idx, w, r.handle)
+        return r, jax_ep.low_latency_combine_recv(c), other[:1]
+
+    args = h.shard((x, idx, w), R)
+    rf, of = h.run(fused, R, *args)
+    rs, os_, _ = h.run(split, R, *args)
+    _compare_dispatch((rs.recv_x, rs.recv_count, rs.handle.arrays),
+                      (rf.recv_x, rf.recv_count, rf.handle.arrays), fp8, zero_padding)
+    _assert_bitwise("combine split vs fused", os_, of)
+
+
+def test_public_split_api_grads_equal_fused():
+    _needs_integration()
+    R, T, H, K, E, M = _ranks(), 16, 256, 4, 32, 16
+    rng = _rng("split-grads")
+    idx, w = _routing(rng, R, T, K, E)
+    x = rng.standard_normal((R, T, H)).astype(jnp.float32)
+    buf = _buffer(R)
+    mesh = h.mesh(R)
+    kw = dict(num_experts=E, max_tokens_per_rank=M, axis_name=h.AXIS, buffer=buf,
+              backend="cuda")
+
+    def fused(x, idx, w):
+        r = jax_ep.low_latency_dispatch(x, idx, **kw)
+        return jax_ep.low_latency_combine(jnp.tanh(r.recv_x), idx, w, r.handle)
+
+    def split(x, idx, w):
+        r = jax_ep.low_latency_dispatch_recv(jax_ep.low_latency_dispatch_send(x, idx, **kw))
+        return jax_ep.low_latency_combine_recv(
+            jax_ep.low_latency_combine_send(jnp.tanh(r.recv_x), idx, w, r.handle))
+
+    def grads(body):
+        def per_rank(x, idx, w):
+            return body(x[0], idx[0], w[0])[None]
+        f = jax.shard_map(per_rank, mesh=mesh, in_specs=P(h.AXIS), out_specs=P(h.AXIS))
+        loss = lambda x, w, idx: jnp.sum(f(x, idx, w) ** 2)
+        return jax.tree.map(np.asarray, jax.jit(jax.grad(loss, argnums=(0, 1)))(
+            *h.shard((x, w, idx), R)))
+
+    want, got = grads(fused), grads(split)
+    _assert_bitwise("d/dx split vs fused", got[0], want[0])
+    _assert_bitwise("d/dw split vs fused", got[1], want[1])
 
 
 # ----------------------------------------------------------------------------- decode loop
@@ -360,10 +526,14 @@ def test_buffer_too_small_is_a_clear_error():
         with pytest.raises(ValueError, match="ll_bytes_hint"):
             cll.check_fits(small, cfg)
         rng = _rng("small")
-        idx, _ = _routing(rng, R, T, K, E)
+        idx, w = _routing(rng, R, T, K, E)
         x = rng.standard_normal((R, T, H)).astype(jnp.bfloat16)
+
+        def f(x, i, w):  # the dispatch's slots fit (one row per token and rank); the
+            recv_x, _, handle = cll.ll_dispatch(x, i, None, cfg)  # combine's [E, M] do not
+            return cll.ll_combine(recv_x, i, w, handle, cfg)
         with pytest.raises(Exception, match="ll_bytes_hint"):
-            h.run(lambda x, i: cll.ll_dispatch(x, i, None, cfg)[1], R, *h.shard((x, idx), R))
+            h.run(f, R, *h.shard((x, idx, w), R))
     finally:
         small.close()
 
