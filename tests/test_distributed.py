@@ -30,3 +30,16 @@ def test_single_process_needs_no_store():
     import jax
     assert distributed.process_hosts() and len(distributed.process_hosts()) == 1
     assert distributed.nvlink_domains(jax.devices()[:2]) == [[0, 1]]
+
+
+def test_buffer_refuses_an_ep_axis_over_several_nodes(monkeypatch):
+    """Two logical nodes of 2 GPUs: the intranode kernels cannot serve that EP axis."""
+    import numpy as np
+
+    from jax_ep.backends import cuda
+
+    groups = np.array([_devices([0, 0, 0, 0])], dtype=object)
+    cuda._check_one_nvlink_domain(groups, buffer_id=0)  # one host, one domain: fine
+    monkeypatch.setenv(distributed.NODE_SIZE_ENV, "2")
+    with pytest.raises(NotImplementedError, match=r"spans 2 NVLink domains .*\[\[0, 1\], \[2, 3\]\]"):
+        cuda._check_one_nvlink_domain(groups, buffer_id=0)

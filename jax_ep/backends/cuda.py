@@ -163,6 +163,7 @@ def allocate_buffer(buffer) -> None:
     multi_process = any(d.process_index != me for d in groups.flat)
     with _id_lock:
         buffer_id = next(_next_buffer_id)
+    _check_one_nvlink_domain(groups, buffer_id)
     if multi_process:
         staging = buffer.num_staging_bytes
         if staging is None:
@@ -182,6 +183,22 @@ def allocate_buffer(buffer) -> None:
             raise
     buffer.buffer_id = buffer_id
     buffer.multi_process = multi_process
+
+
+def _check_one_nvlink_domain(groups, buffer_id: int) -> None:
+    """The intranode kernels need every rank of an EP group in one NVLink domain (a host,
+    or a logical node of JAX_EP_NODE_SIZE ranks); the internode kernels do not exist yet."""
+    from jax_ep import distributed
+
+    hosts = distributed.process_hosts(f"buffer/{buffer_id}/hosts")
+    for group in groups:
+        domains = distributed.nvlink_domains(list(group), hosts=hosts)
+        if len(domains) > 1:
+            raise NotImplementedError(
+                f"jax_ep.Buffer: the EP axis spans {len(domains)} NVLink domains (nodes) "
+                f"{domains}; this version has only the intranode (NVLink) kernels. Use an EP "
+                "axis inside one node, or backend='reference' (unset JAX_EP_NODE_SIZE if it "
+                "was set for testing)")
 
 
 def _exchange(key: str, error: str, data: dict) -> dict:
