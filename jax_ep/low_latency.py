@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from jax_ep import backends
 from jax_ep import validation as v
-from jax_ep.types import LowLatencyConfig, LowLatencyDispatchResult, LowLatencyHandle
+from jax_ep.types import LowLatencyConfig, LowLatencyDispatchResult, LowLatencyHandle, _Handle
 
 
 def _config(op, x, topk_idx, num_experts, max_tokens_per_rank, axis_name, use_fp8, buffer,
@@ -218,40 +218,18 @@ def _no_grad(*trees):
 
 
 @jax.tree_util.register_pytree_node_class
-class LowLatencyDispatchPending:
+class LowLatencyDispatchPending(_Handle):
     """What :func:`low_latency_dispatch_send` returns: pass it to
     :func:`low_latency_dispatch_recv` (once). A pytree (arrays plus the static config)."""
-
-    def __init__(self, arrays, config: LowLatencyConfig):
-        self.arrays = arrays
-        self.config = config
-
-    def tree_flatten(self):
-        return (self.arrays,), self.config
-
-    @classmethod
-    def tree_unflatten(cls, config, children):
-        return cls(children[0], config)
 
     def __repr__(self):
         return f"LowLatencyDispatchPending(backend={self.config.backend!r})"
 
 
 @jax.tree_util.register_pytree_node_class
-class LowLatencyCombinePending:
+class LowLatencyCombinePending(_Handle):
     """What :func:`low_latency_combine_send` returns: pass it to
     :func:`low_latency_combine_recv` (once)."""
-
-    def __init__(self, arrays, config: LowLatencyConfig):
-        self.arrays = arrays
-        self.config = config
-
-    def tree_flatten(self):
-        return (self.arrays,), self.config
-
-    @classmethod
-    def tree_unflatten(cls, config, children):
-        return cls(children[0], config)
 
     def __repr__(self):
         return f"LowLatencyCombinePending(backend={self.config.backend!r})"
