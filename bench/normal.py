@@ -46,6 +46,11 @@ def main():
                     help="also time dispatch with per-lane and with bulk (TMA) row copies")
     ap.add_argument("--sms-sweep", default="",
                     help="comma-separated SM counts: also time dispatch BF16 and combine at each")
+    ap.add_argument("--compare-combine", default="",
+                    help="comma-separated combine pipelines to A/B in this process: old, or "
+                         "deep[:stages[:stage_bytes[:warps]]] (e.g. old,deep:2,deep:3,deep:4:6144)")
+    ap.add_argument("--compare-combine-sms", default="",
+                    help="comma-separated SM counts for --compare-combine (default: --num-sms)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                   "results"))
     a = ap.parse_args()
@@ -143,6 +148,28 @@ def main():
                                  n_long, a.reps)
                 variants[f"dispatch_{'fp8' if fp8 else 'bf16'}_{mode}_us"] = round(us, 1)
         os.environ.pop("JAX_EP_DISPATCH_COPY")
+
+    # Same process, same routing: an A/B of combine pipelines (env read by the handler).
+    combine_keys = ("JAX_EP_COMBINE_PIPELINE", "JAX_EP_COMBINE_STAGES",
+                    "JAX_EP_COMBINE_STAGE_BYTES", "JAX_EP_COMBINE_WARPS")
+    saved_env = {k: os.environ.get(k) for k in combine_keys}
+    cmp_sms = [int(v) for v in (a.compare_combine_sms or str(a.num_sms)).split(",") if v]
+    for spec in [v for v in a.compare_combine.split(",") if v]:
+        parts = spec.split(":")
+        for k in combine_keys:
+            os.environ.pop(k, None)
+        os.environ["JAX_EP_COMBINE_PIPELINE"] = parts[0]
+        for k, v in zip(combine_keys[1:], parts[1:]):
+            os.environ[k] = v
+        for sms in cmp_sms:
+            us = per_call_us(lambda n: combine_chain(n, sms), (x_d, idx_d, w_d), n_short, n_long,
+                             a.reps)
+            variants[f"combine_bf16_{spec}_{sms}sms_us"] = round(us, 1)
+    for k, v in saved_env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
     sweep = {}
     for sms in [int(v) for v in a.sms_sweep.split(",") if v]:

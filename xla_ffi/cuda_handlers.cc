@@ -104,6 +104,31 @@ int min_bulk_row_bytes() {
   return kDefaultMinBulkRowBytes;
 }
 
+// Combine pipeline (benchmarks): the default (old) is the two-stage per-token pipeline;
+// JAX_EP_COMBINE_PIPELINE=deep keeps bulk loads in flight across tokens, with
+// JAX_EP_COMBINE_STAGES stages (default 3) of JAX_EP_COMBINE_STAGE_BYTES (default 8192)
+// per warp and JAX_EP_COMBINE_WARPS warps per block (default 8). Both are bitwise equal to
+// the reference; on 2xH200 deep was no faster (bench/NOTES.md), so it stays opt-in until
+// the 4-rank A/B.
+int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == 0) return fallback;
+  char* end = nullptr;
+  const long x = std::strtol(v, &end, 10);
+  return (end != nullptr && *end == 0 && x > 0 && x < (1 << 20)) ? int(x) : fallback;
+}
+
+void set_combine_pipeline(CombineArgs& a) {
+  const char* mode = std::getenv("JAX_EP_COMBINE_PIPELINE");
+  if (mode == nullptr || std::string(mode) != "deep") {
+    a.stages = 0;
+    return;
+  }
+  a.stages = env_int("JAX_EP_COMBINE_STAGES", 3);
+  a.stage_bytes = env_int("JAX_EP_COMBINE_STAGE_BYTES", 8192);
+  a.warps = env_int("JAX_EP_COMBINE_WARPS", 8);
+}
+
 // ------------------------------------------------------------------ get_dispatch_layout
 ffi::Error DispatchLayoutImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> topk_idx,
                               ffi::Result<ffi::Buffer<ffi::S32>> tokens_per_rank,
@@ -313,6 +338,7 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
   a.send_pos = send_pos.typed_data();
   a.out = out->untyped_data();
   a.num_blocks = num_blocks_of(num_sms);
+  set_combine_pipeline(a);
   // Slot order must match intranode_combine.cu's CombineSlot.
   uint64_t publish[5] = {addr(y.untyped_data()), addr(weights.typed_data()),
                          addr(recv_src_rank.typed_data()), addr(recv_src_token.typed_data()),

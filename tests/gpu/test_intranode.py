@@ -229,6 +229,26 @@ def test_combine_after_overflow(layout):
     assert_combine_close(got, want)
 
 
+@pytest.mark.parametrize("stages", ["2", "3"])
+@pytest.mark.parametrize("layout,weighted", [("rank", False), ("expert", True)])
+def test_deep_combine_pipeline_matches_reference(monkeypatch, stages, layout, weighted):
+    """The opt-in deep combine pipeline (JAX_EP_COMBINE_PIPELINE=deep, read by the handler
+    at every call) reduces in the same order as the default one."""
+    monkeypatch.setenv("JAX_EP_COMBINE_PIPELINE", "deep")
+    monkeypatch.setenv("JAX_EP_COMBINE_STAGES", stages)
+    R, T, H, K, E = _ranks(), 192, 7168, 8, 64
+    rng = _rng("combine_deep", stages, layout)
+    idx, w = h.routing(rng, R, T, K, E)
+    cap = jax_ep.default_capacity(T, R, K, E // R, layout, 1)
+    x = rng.standard_normal((R, T, H)).astype(jnp.bfloat16)
+    y = rng.standard_normal((R, cap, H)).astype(jnp.bfloat16)
+    row_w = rng.random((R, cap)).astype(np.float32)
+    args = h.shard((x, idx, w, y, row_w), R)
+    got = h.run(_combine_fn("cuda", R, E, layout, None, 1, weighted), R, *args)
+    want = h.run(_combine_fn("reference", R, E, layout, None, 1, weighted), R, *args)
+    assert_combine_close(got, want)
+
+
 # ----------------------------------------------------------------------------- gradients
 
 def _loss_grad_fn(backend, R, E, layout):
