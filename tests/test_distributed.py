@@ -43,3 +43,31 @@ def test_buffer_refuses_an_ep_axis_over_several_nodes(monkeypatch):
     monkeypatch.setenv(distributed.NODE_SIZE_ENV, "2")
     with pytest.raises(NotImplementedError, match=r"spans 2 NVLink domains .*\[\[0, 1\], \[2, 3\]\]"):
         cuda._check_one_nvlink_domain(groups, buffer_id=0)
+
+
+def test_one_process_per_gpu_staging_is_checked_at_trace_time():
+    """With one process per GPU rows travel through the staging area: a call that does not
+    fit is refused before it runs, naming the bytes it needs and the fix."""
+    import jax
+    import jax.numpy as jnp
+
+    from jax_ep.backends import cuda
+    from jax_ep.types import DispatchConfig
+
+    R, T, H, K = 4, 4096, 7168, 8
+    hint = cuda.staging_bytes_hint(T, H, R)
+    buf = types.SimpleNamespace(num_ranks=R, multi_process=True, num_staging_bytes=hint,
+                                num_nvl_bytes=1 << 30)
+    x = jax.ShapeDtypeStruct((T, H), jnp.bfloat16)
+    rank_cfg = DispatchConfig(num_experts=256, num_ranks=R, axis_name="ep", layout="rank",
+                              capacity=R * T, expert_alignment=1, num_tokens=T, num_topk=K,
+                              backend="cuda")
+    cuda.check_fits(buf, rank_cfg, x)  # the hint covers the rank layout's default capacity
+    expert_cfg = DispatchConfig(num_experts=256, num_ranks=R, axis_name="ep", layout="expert",
+                                capacity=R * T * K, expert_alignment=1, num_tokens=T,
+                                num_topk=K, backend="cuda")
+    need = cuda.staging_bytes_for_dispatch(R * T * K, [2 * H], K, "expert")
+    with pytest.raises(ValueError, match=f"needs {need} bytes .* num_staging_bytes>={need}"):
+        cuda.check_fits(buf, expert_cfg, x)
+    buf.multi_process = False  # one process: rows never touch the staging area
+    cuda.check_fits(buf, expert_cfg, x)
