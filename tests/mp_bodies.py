@@ -93,3 +93,17 @@ def exchange_with_missing_rank():
         return {"rank": 1}
     distributed.all_gather_bytes("test/missing", b"x", timeout_ms=2000)
     return {"rank": 0}
+
+
+def buffer_exchange(fail_rank: int = -1):
+    """The exchange behind multi-process Buffer creation: every process gets every export,
+    or, when one process failed, every process raises with that process's error."""
+    from jax_ep.backends import cuda
+
+    me = jax.process_index()
+    error = f"planted export failure on {me}" if me == fail_rank else ""
+    try:
+        got = cuda._exchange(f"test/exchange/{fail_rank}", error, {str(me): bytes([me]) * 3})
+    except RuntimeError as err:
+        return {"rank": me, "error": str(err)}
+    return {"rank": me, "data": {k: v.hex() for k, v in sorted(got.items())}}

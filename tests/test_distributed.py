@@ -71,3 +71,17 @@ def test_one_process_per_gpu_staging_is_checked_at_trace_time():
         cuda.check_fits(buf, expert_cfg, x)
     buf.multi_process = False  # one process: rows never touch the staging area
     cuda.check_fits(buf, expert_cfg, x)
+
+
+def test_malformed_buffer_exports_are_refused_before_any_gpu_call():
+    from jax_ep import _native
+
+    ext = _native.extension()
+    if not getattr(ext, "with_cuda", False):
+        pytest.skip("extension built without CUDA")
+    with pytest.raises(RuntimeError, match="rank 0 sent a malformed buffer export"):
+        ext.import_peers(12345, 0, 0, [b"x"])
+    with pytest.raises(RuntimeError, match="rank 0 sent an export of another jax_ep version"):
+        ext.import_peers(12345, 0, 0, [bytes(192), bytes(192)])
+    with pytest.raises(RuntimeError, match="rank out of range"):
+        ext.import_peers(12345, 0, 2, [bytes(192), bytes(192)])

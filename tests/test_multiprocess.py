@@ -36,3 +36,11 @@ def test_key_value_exchange_and_nvlink_domains():
 def test_exchange_names_the_process_that_never_published():
     with pytest.raises(RankFailure, match="waited 2000 ms for process 1 to publish 'test/missing'"):
         launch("tests.mp_bodies:exchange_with_missing_rank", 2, timeout=60)
+
+
+def test_buffer_exchange_shares_exports_or_everyone_fails_with_the_cause():
+    ok = launch("tests.mp_bodies:buffer_exchange", 3)
+    assert all(r["data"] == {"0": "000000", "1": "010101", "2": "020202"} for r in ok)
+    failed = launch("tests.mp_bodies:buffer_exchange", 3, args={"fail_rank": 2})
+    for r in failed:  # no process hangs waiting, each names the process and its error
+        assert "failed on process 2: planted export failure on 2" in r["error"], r
