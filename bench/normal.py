@@ -34,6 +34,21 @@ from timing import per_call_us  # noqa: E402  (bench/timing.py)
 AXIS = "ep"
 
 
+def spawn_processes(n: int) -> int:
+    """Runs this script as n processes on this machine (rank i on GPU i); worst exit code."""
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = [a for a in sys.argv[1:]]
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv,
+                               "--process-id", str(i), "--coordinator", f"127.0.0.1:{port}"])
+             for i in range(n)]
+    return max(p.wait() for p in procs)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=4096)
@@ -51,9 +66,20 @@ def main():
                          "deep[:stages[:stage_bytes[:warps]]] (e.g. old,deep:2,deep:3,deep:4:6144)")
     ap.add_argument("--compare-combine-sms", default="",
                     help="comma-separated SM counts for --compare-combine (default: --num-sms)")
+    ap.add_argument("--processes", type=int, default=0,
+                    help="run as this many processes, one GPU each (jax.distributed; the "
+                         "buffers are IPC-mapped and rows go through the staging areas)")
+    ap.add_argument("--process-id", type=int, help=argparse.SUPPRESS)  # set for the children
+    ap.add_argument("--coordinator", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                   "results"))
     a = ap.parse_args()
+    if a.processes and a.process_id is None:
+        sys.exit(spawn_processes(a.processes))
+    if a.process_id is not None:
+        jax.distributed.initialize(coordinator_address=a.coordinator, num_processes=a.processes,
+                                   process_id=a.process_id, local_device_ids=[a.process_id])
+    lead = jax.process_index() == 0  # the process that prints and writes the result
     T, H, K, E = a.tokens, a.hidden, a.topk, a.experts
     devices = [d for d in jax.devices() if d.platform == "gpu"]
     if not devices or not jax_ep.cuda_available():
@@ -68,7 +94,8 @@ def main():
     idx = np.argsort(-scores, axis=-1)[..., :K].astype(np.int32)
     w = rng.random((R, T, K)).astype(np.float32)
     x = rng.standard_normal((R, T, H)).astype(jnp.bfloat16)
-    put = lambda v: jax.device_put(jnp.asarray(v), sharding)
+    # Every process builds the same host arrays and keeps its own devices' blocks.
+    put = lambda v: jax.make_array_from_callback(v.shape, sharding, lambda i: v[i])
     x_d, idx_d, w_d = put(x), put(idx), put(w)
 
     def smap(body, out_specs=P(AXIS)):
@@ -194,13 +221,16 @@ def main():
         results[name]["target_1.5x_all_to_all_met"] = bool(results[name]["speedup"] >= 1.5)
 
     kind = devices[0].device_kind.replace(" ", "-")
-    device = f"{R}x{kind}"
+    device = f"{R}x{kind}" + (f"-{a.processes}proc" if a.processes else "")
     report = dict(device=device, command=" ".join(["python3"] + sys.argv), num_ranks=R, tokens=T, hidden=H, topk=K, experts=E,
                   num_sms=a.num_sms, rows_received_per_rank=rows_per_rank,
                   jax=jax.__version__, date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                   method=f"median of {a.reps}; per-call = (jit of {n_long} calls - jit of "
                          f"{n_short}) / {n_long - n_short}; layout='rank'",
                   results=results, copy_path_variants=variants, sms_sweep=sweep)
+    if not lead:
+        buf.close()  # collective across the processes
+        return
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, f"normal-{device}.json")
     with open(path, "w") as f:
