@@ -40,6 +40,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import jax_ep  # noqa: E402
+import processes  # noqa: E402  (bench/processes.py)
 from timing import per_call_us  # noqa: E402  (bench/timing.py)
 from jax_ep.backends import cuda_low_latency as cll  # noqa: E402
 from jax_ep.types import LowLatencyConfig  # noqa: E402
@@ -57,9 +58,12 @@ def main():
                     help="most blocks per LL kernel (one per expert at the default)")
     ap.add_argument("--num-warps", type=int, default=cll.DEFAULT_NUM_WARPS)
     ap.add_argument("--reps", type=int, default=20)
+    processes.add_arguments(ap)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                   "results"))
     a = ap.parse_args()
+    processes.start(a, __file__)
+    lead = jax.process_index() == 0  # the process that prints and writes the result
     T, H, K, E = a.tokens, a.hidden, a.topk, a.experts
     M = T
     devices = [d for d in jax.devices() if d.platform == "gpu"]
@@ -81,7 +85,8 @@ def main():
     idx = np.argsort(-scores, axis=-1)[..., :K].astype(np.int32)
     w = rng.random((R, T, K)).astype(np.float32)
     x = rng.standard_normal((R, T, H)).astype(jnp.bfloat16)
-    put = lambda v: jax.device_put(jnp.asarray(v), sharding)
+    # Every process builds the same host arrays and keeps its own devices' blocks.
+    put = lambda v: jax.make_array_from_callback(v.shape, sharding, lambda i: v[i])
     args = (put(x), put(idx), put(w))
 
     def smap(body):
@@ -201,7 +206,7 @@ def main():
         extra[name] = round(per_call_us(make, args, n_short, n_long, a.reps), 1)
 
     kind = devices[0].device_kind.replace(" ", "-")
-    device = f"{R}x{kind}"
+    device = f"{R}x{kind}" + processes.tag(a)
     report = dict(device=device, num_ranks=R, tokens=T, hidden=H, topk=K, experts=E,
                   max_tokens_per_rank=M, num_sms=a.num_sms, num_warps=a.num_warps,
                   buffer_bytes=int(buf.num_nvl_bytes), jax=jax.__version__,
@@ -215,6 +220,9 @@ def main():
                          "outside the collective in dispatch_plus_combine, none in the "
                          "dispatch-only chain)",
                   results=results, extra_jax_ep_us=extra)
+    if not lead:
+        buf.close()  # collective across the processes
+        return
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, f"low_latency-{device}.json")
     with open(path, "w") as f:

@@ -29,24 +29,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import jax_ep  # noqa: E402
+import processes  # noqa: E402  (bench/processes.py)
 from timing import per_call_us  # noqa: E402  (bench/timing.py)
 
 AXIS = "ep"
-
-
-def spawn_processes(n: int) -> int:
-    """Runs this script as n processes on this machine (rank i on GPU i); worst exit code."""
-    import socket
-    import subprocess
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    argv = [a for a in sys.argv[1:]]
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv,
-                               "--process-id", str(i), "--coordinator", f"127.0.0.1:{port}"])
-             for i in range(n)]
-    return max(p.wait() for p in procs)
 
 
 def main():
@@ -66,19 +52,11 @@ def main():
                          "deep[:stages[:stage_bytes[:warps]]] (e.g. old,deep:2,deep:3,deep:4:6144)")
     ap.add_argument("--compare-combine-sms", default="",
                     help="comma-separated SM counts for --compare-combine (default: --num-sms)")
-    ap.add_argument("--processes", type=int, default=0,
-                    help="run as this many processes, one GPU each (jax.distributed; the "
-                         "buffers are IPC-mapped and rows go through the staging areas)")
-    ap.add_argument("--process-id", type=int, help=argparse.SUPPRESS)  # set for the children
-    ap.add_argument("--coordinator", help=argparse.SUPPRESS)
+    processes.add_arguments(ap)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                   "results"))
     a = ap.parse_args()
-    if a.processes and a.process_id is None:
-        sys.exit(spawn_processes(a.processes))
-    if a.process_id is not None:
-        jax.distributed.initialize(coordinator_address=a.coordinator, num_processes=a.processes,
-                                   process_id=a.process_id, local_device_ids=[a.process_id])
+    processes.start(a, __file__)
     lead = jax.process_index() == 0  # the process that prints and writes the result
     T, H, K, E = a.tokens, a.hidden, a.topk, a.experts
     devices = [d for d in jax.devices() if d.platform == "gpu"]
@@ -221,7 +199,7 @@ def main():
         results[name]["target_1.5x_all_to_all_met"] = bool(results[name]["speedup"] >= 1.5)
 
     kind = devices[0].device_kind.replace(" ", "-")
-    device = f"{R}x{kind}" + (f"-{a.processes}proc" if a.processes else "")
+    device = f"{R}x{kind}" + processes.tag(a)
     report = dict(device=device, command=" ".join(["python3"] + sys.argv), num_ranks=R, tokens=T, hidden=H, topk=K, experts=E,
                   num_sms=a.num_sms, rows_received_per_rank=rows_per_rank,
                   jax=jax.__version__, date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
