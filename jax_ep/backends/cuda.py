@@ -263,7 +263,7 @@ def free_buffer(buffer) -> None:
     """Frees the buffer (collective when it spans several processes)."""
     if buffer.buffer_id is None:
         return
-    if getattr(buffer, "multi_process", False):
+    if buffer.multi_process:
         _free_multi_process(_ext(), int(buffer.buffer_id))
     else:
         _ext().destroy_buffer(int(buffer.buffer_id))
@@ -282,7 +282,7 @@ def check_fits(buffer, cfg: DispatchConfig, payload) -> None:
                          f"got {cfg.num_experts}")
     if cfg.num_ranks > _MAX_RANKS:
         raise ValueError(f"dispatch: the CUDA kernels support up to {_MAX_RANKS} ranks")
-    if getattr(buffer, "multi_process", False):
+    if buffer.multi_process:
         payloads = payload if isinstance(payload, (tuple, list)) else (payload,)
         row_bytes = [int(np.prod(p.shape[1:])) * jnp.dtype(p.dtype).itemsize for p in payloads]
         need = staging_bytes_for_dispatch(cfg.capacity, row_bytes, cfg.num_topk, cfg.layout)

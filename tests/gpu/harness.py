@@ -57,6 +57,14 @@ def routing(rng, num_ranks, num_tokens, num_topk, num_experts, mask_prob=0.1):
     return idx, weights
 
 
+def bits(a):
+    """Floats (bf16/f8 included) as unsigned ints of the same width: bitwise comparisons."""
+    a = np.asarray(a)
+    if a.dtype.kind == "f" or a.dtype.name.startswith(("float8", "bfloat16")):
+        return a.view(np.dtype(f"u{a.dtype.itemsize}"))
+    return a
+
+
 def rel_err(a, b) -> float:
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)

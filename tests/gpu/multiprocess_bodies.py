@@ -12,7 +12,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jax_ep
-from tests.gpu.harness import routing
+from tests.gpu.harness import bits, routing
 
 AXIS = "ep"
 
@@ -36,13 +36,6 @@ def _run(mesh, fn, *per_rank_args):
     f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS)))
     out = f(*[_global(mesh, a) for a in per_rank_args])
     return jax.tree.map(lambda a: np.asarray(a.addressable_shards[0].data)[0], out)
-
-
-def _bits(a):
-    a = np.asarray(a)
-    if a.dtype.kind == "f" or a.dtype.name.startswith(("float8", "bfloat16")):
-        return a.view(np.dtype(f"u{a.dtype.itemsize}"))
-    return a
 
 
 def _inputs(seed, R, T, H, K, E):
@@ -78,7 +71,7 @@ def dispatch_combine(seed: int, layout: str, fp8: bool, tokens: int = 96, hidden
     (rc, out_c) = _run(mesh, fn("cuda"), x, idx, w)
     (rr, out_r) = _run(mesh, fn("reference"), x, idx, w)
     mismatched = [i for i, (a, b) in enumerate(zip(jax.tree.leaves(rc), jax.tree.leaves(rr)))
-                  if not np.array_equal(_bits(a), _bits(b))]
+                  if not np.array_equal(bits(a), bits(b))]
     diff = np.abs(np.asarray(out_c, np.float32) - np.asarray(out_r, np.float32))
     scale = float(np.max(np.abs(np.asarray(out_r, np.float32)))) or 1.0
     buf.close()
@@ -127,7 +120,7 @@ def low_latency(seed: int, fp8: bool, tokens: int = 16, hidden: int = 1024, topk
     valid = np.asarray(hr.recv_src_token) >= 0  # [L, R*T]: rows that carry data
     leaves_c = xc if isinstance(xc, tuple) else (xc,)
     leaves_r = xr if isinstance(xr, tuple) else (xr,)
-    rows_equal = all(np.array_equal(_bits(a)[valid], _bits(b)[valid])
+    rows_equal = all(np.array_equal(bits(a)[valid], bits(b)[valid])
                      for a, b in zip(leaves_c, leaves_r))
     handle_equal = all(np.array_equal(a, b) for a, b in zip(hc, hr))
     diff = np.abs(np.asarray(oc, np.float32) - np.asarray(orf, np.float32))

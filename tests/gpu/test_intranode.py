@@ -36,13 +36,6 @@ def _ranks():
     return h.ep_size()
 
 
-def _bits(a):
-    a = np.asarray(a)
-    if a.dtype.kind == "f" or a.dtype.name.startswith(("float8", "bfloat16")):
-        return a.view(np.dtype(f"u{a.dtype.itemsize}"))
-    return a
-
-
 def _dispatch_fn(backend, R, E, layout, cap, align, fp8):
     buf = h.buffer(R)
 
@@ -79,8 +72,8 @@ def compare_dispatch(R, T, H, K, E, layout="rank", cap=None, align=1, fp8=False,
     names = ["recv_x"] * (2 if fp8 else 1) + list(got._fields[1:7]) + list(got.handle._fields)
     for name, a, b in zip(names, flat_got, flat_want):
         assert a.shape == b.shape and a.dtype == b.dtype, name
-        if not np.array_equal(_bits(a), _bits(b)):
-            bad = np.argwhere(_bits(a) != _bits(b))
+        if not np.array_equal(h.bits(a), h.bits(b)):
+            bad = np.argwhere(h.bits(a) != h.bits(b))
             raise AssertionError(f"{name} differs at {len(bad)} places, first {bad[:5].tolist()}"
                                  f" (seed {SEED})")
     return got, args, (x, idx, w)
@@ -180,19 +173,25 @@ def _combine_fn(backend, R, E, layout, cap, align, weighted):
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_combine_matches_reference(R, layout, weighted, dtype):
     _need(R)
-    T, H, K, E = 256, 1024, 8, 64
     rng = _rng("combine", R, layout, weighted, str(dtype))
-    idx, w = h.routing(rng, R, T, K, E)
     align = 4 if layout == "expert" else 1
-    cap = jax_ep.default_capacity(T, R, K, E // R, layout, align)
-    x = rng.standard_normal((R, T, H)).astype(dtype)
-    y = rng.standard_normal((R, cap, H)).astype(dtype)
-    row_w = rng.random((R, cap)).astype(np.float32)
-    args = h.shard((x, idx, w, y, row_w), R)
-    got = h.run(_combine_fn("cuda", R, E, layout, None, align, weighted), R, *args)
-    want = h.run(_combine_fn("reference", R, E, layout, None, align, weighted), R, *args)
-    assert got.dtype == want.dtype and got.shape == want.shape == (R, T, H)
+    got, want = _combine_both(rng, R, 256, 1024, 8, 64, layout, None, align, weighted, dtype)
+    assert got.dtype == want.dtype and got.shape == want.shape == (R, 256, 1024)
     assert_combine_close(got, want)
+
+
+def _combine_both(rng, R, T, H, K, E, layout, cap, align, weighted, dtype):
+    """CUDA and reference combine of the same random rows (``cap=None``: the default
+    capacity); returns (got, want) as host ``[R, T, H]``."""
+    idx, w = h.routing(rng, R, T, K, E)
+    rows = cap if cap is not None else jax_ep.default_capacity(T, R, K, E // R, layout, align)
+    x = rng.standard_normal((R, T, H)).astype(dtype)
+    y = rng.standard_normal((R, rows, H)).astype(dtype)
+    row_w = rng.random((R, rows)).astype(np.float32)
+    args = h.shard((x, idx, w, y, row_w), R)
+    got = h.run(_combine_fn("cuda", R, E, layout, cap, align, weighted), R, *args)
+    want = h.run(_combine_fn("reference", R, E, layout, cap, align, weighted), R, *args)
+    return got, want
 
 
 def assert_combine_close(got, want):
@@ -216,16 +215,9 @@ def assert_combine_close(got, want):
 
 @pytest.mark.parametrize("layout", ["rank", "expert"])
 def test_combine_after_overflow(layout):
-    R, T, H, K, E = _ranks(), 128, 512, 4, 32
+    R, T = _ranks(), 128
     rng = _rng("combine_overflow", layout)
-    idx, w = h.routing(rng, R, T, K, E)
-    cap = T
-    x = rng.standard_normal((R, T, H)).astype(jnp.bfloat16)
-    y = rng.standard_normal((R, cap, H)).astype(jnp.bfloat16)
-    row_w = rng.random((R, cap)).astype(np.float32)
-    args = h.shard((x, idx, w, y, row_w), R)
-    got = h.run(_combine_fn("cuda", R, E, layout, cap, 1, True), R, *args)
-    want = h.run(_combine_fn("reference", R, E, layout, cap, 1, True), R, *args)
+    got, want = _combine_both(rng, R, T, 512, 4, 32, layout, T, 1, True, jnp.bfloat16)
     assert_combine_close(got, want)
 
 
@@ -236,16 +228,9 @@ def test_deep_combine_pipeline_matches_reference(monkeypatch, stages, layout, we
     at every call) reduces in the same order as the default one."""
     monkeypatch.setenv("JAX_EP_COMBINE_PIPELINE", "deep")
     monkeypatch.setenv("JAX_EP_COMBINE_STAGES", stages)
-    R, T, H, K, E = _ranks(), 192, 7168, 8, 64
     rng = _rng("combine_deep", stages, layout)
-    idx, w = h.routing(rng, R, T, K, E)
-    cap = jax_ep.default_capacity(T, R, K, E // R, layout, 1)
-    x = rng.standard_normal((R, T, H)).astype(jnp.bfloat16)
-    y = rng.standard_normal((R, cap, H)).astype(jnp.bfloat16)
-    row_w = rng.random((R, cap)).astype(np.float32)
-    args = h.shard((x, idx, w, y, row_w), R)
-    got = h.run(_combine_fn("cuda", R, E, layout, None, 1, weighted), R, *args)
-    want = h.run(_combine_fn("reference", R, E, layout, None, 1, weighted), R, *args)
+    got, want = _combine_both(rng, _ranks(), 192, 7168, 8, 64, layout, None, 1, weighted,
+                              jnp.bfloat16)
     assert_combine_close(got, want)
 
 

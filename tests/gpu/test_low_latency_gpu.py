@@ -65,18 +65,12 @@ def _backend(name):
     return cll if name == "cuda" else ref
 
 
-def _bits(a):
-    a = np.asarray(a)
-    if a.dtype.kind == "f" or a.dtype.name.startswith(("float8", "bfloat16")):
-        return a.view(np.dtype(f"u{a.dtype.itemsize}"))
-    return a
-
 
 def _assert_bitwise(name, got, want):
     got, want = np.asarray(got), np.asarray(want)
     assert got.shape == want.shape and got.dtype == want.dtype, (name, got.shape, want.shape)
-    if not np.array_equal(_bits(got), _bits(want)):
-        bad = np.argwhere(_bits(got) != _bits(want))
+    if not np.array_equal(h.bits(got), h.bits(want)):
+        bad = np.argwhere(h.bits(got) != h.bits(want))
         detail = ""
         if got.dtype.kind == "f" or "float" in got.dtype.name:
             g = got.astype(np.float32)[tuple(bad.T)]
