@@ -36,11 +36,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import jax_ep  # noqa: E402
 import processes  # noqa: E402  (bench/processes.py)
+from inputs import deepep_inputs, put_global  # noqa: E402  (bench/inputs.py)
 from timing import per_call_us  # noqa: E402  (bench/timing.py)
 from jax_ep.backends import cuda_low_latency as cll  # noqa: E402
 from jax_ep.types import LowLatencyConfig  # noqa: E402
@@ -71,7 +72,6 @@ def main():
         sys.exit("bench/low_latency.py needs CUDA GPUs and the jax_ep CUDA extension")
     R = len(devices)
     mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
-    sharding = NamedSharding(mesh, P(AXIS))
     buf = jax_ep.Buffer(mesh, AXIS, backend="cuda",
                         num_nvl_bytes=cll.ll_bytes_hint(M, H, E, R))
     cfg_fp8 = LowLatencyConfig(num_experts=E, num_ranks=R, axis_name=AXIS, max_tokens_per_rank=M,
@@ -80,14 +80,8 @@ def main():
     cfg_fp8_zero = dataclasses.replace(cfg_fp8, zero_padding=True)
     kw = dict(num_sms=a.num_sms, num_warps=a.num_warps)
 
-    rng = np.random.default_rng(0)
-    scores = np.abs(rng.standard_normal((R, T, E))) + 1
-    idx = np.argsort(-scores, axis=-1)[..., :K].astype(np.int32)
-    w = rng.random((R, T, K)).astype(np.float32)
-    x = rng.standard_normal((R, T, H)).astype(jnp.bfloat16)
-    # Every process builds the same host arrays and keeps its own devices' blocks.
-    put = lambda v: jax.make_array_from_callback(v.shape, sharding, lambda i: v[i])
-    args = (put(x), put(idx), put(w))
+    x, idx, w = deepep_inputs(R, T, H, K, E)
+    args = put_global(mesh, AXIS, x, idx, w)
 
     def smap(body):
         return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS)))

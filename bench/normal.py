@@ -25,11 +25,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import jax_ep  # noqa: E402
 import processes  # noqa: E402  (bench/processes.py)
+from inputs import deepep_inputs, put_global  # noqa: E402  (bench/inputs.py)
 from timing import per_call_us  # noqa: E402  (bench/timing.py)
 
 AXIS = "ep"
@@ -64,17 +65,10 @@ def main():
         sys.exit("bench/normal.py needs CUDA GPUs and the jax_ep CUDA extension")
     R = len(devices)
     mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
-    sharding = NamedSharding(mesh, P(AXIS))
     buf = jax_ep.Buffer(mesh, AXIS, backend="cuda", num_sms=a.num_sms)
 
-    rng = np.random.default_rng(0)
-    scores = np.abs(rng.standard_normal((R, T, E))) + 1
-    idx = np.argsort(-scores, axis=-1)[..., :K].astype(np.int32)
-    w = rng.random((R, T, K)).astype(np.float32)
-    x = rng.standard_normal((R, T, H)).astype(jnp.bfloat16)
-    # Every process builds the same host arrays and keeps its own devices' blocks.
-    put = lambda v: jax.make_array_from_callback(v.shape, sharding, lambda i: v[i])
-    x_d, idx_d, w_d = put(x), put(idx), put(w)
+    x, idx, w = deepep_inputs(R, T, H, K, E)
+    x_d, idx_d, w_d = put_global(mesh, AXIS, x, idx, w)
 
     def smap(body, out_specs=P(AXIS)):
         return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(AXIS), out_specs=out_specs))
