@@ -72,17 +72,19 @@ struct StagingSlots {
   }
 };
 
-// Copies `n` XLA buffers into staging slots (before the op publishes them).
-ffi::Error stage_inputs(const BufferState& s, const void* const* src, const size_t* bytes, int n,
-                        uint64_t* publish, cudaStream_t stream, const char* op) {
+// Copies the `n` XLA buffers an op is about to publish (publish[i], bytes[i]) into staging
+// slots and publishes the slots instead (0 for an empty buffer).
+ffi::Error stage_inputs(const BufferState& s, uint64_t* publish, const size_t* bytes, int n,
+                        cudaStream_t stream, const char* op) {
   StagingSlots slots{s};
   char* dst[kMaxPublished];
   for (int i = 0; i < n; ++i) dst[i] = slots.take(bytes[i]);
   if (auto e = slots.check(op); e.failure()) return e;
   for (int i = 0; i < n; ++i) {
+    const void* src = reinterpret_cast<const void*>(publish[i]);
     publish[i] = 0;
     if (bytes[i] == 0) continue;
-    cudaError_t err = cudaMemcpyAsync(dst[i], src[i], bytes[i], cudaMemcpyDeviceToDevice, stream);
+    cudaError_t err = cudaMemcpyAsync(dst[i], src, bytes[i], cudaMemcpyDeviceToDevice, stream);
     if (err != cudaSuccess) return check_launch(err, op);
     publish[i] = reinterpret_cast<uint64_t>(dst[i]);
   }
@@ -241,20 +243,14 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S3
     const size_t meta = size_t(a.layout == Layout::kRank ? K : 1) * 4;
     const size_t row_bytes[7] = {size_t(a.payload_row_bytes[0]),
                                  size_t(np > 1 ? a.payload_row_bytes[1] : 0), meta, meta, 4, 4, 4};
-    char* outs[7] = {a.recv_payload[0], np > 1 ? a.recv_payload[1] : nullptr,
-                     reinterpret_cast<char*>(a.recv_topk_idx),
-                     reinterpret_cast<char*>(a.recv_topk_weights),
-                     reinterpret_cast<char*>(a.recv_src_rank),
-                     reinterpret_cast<char*>(a.recv_src_token),
-                     reinterpret_cast<char*>(a.recv_src_slot)};
     StagingSlots slots{s};
-    for (int i = 0; i < 7; ++i) {
-      n.publish[i] = 0;
-      if (outs[i] == nullptr) continue;
+    for (int i = 0; i < 7; ++i) {  // n.publish holds our outputs (0: none): stage each
+      char* out = reinterpret_cast<char*>(n.publish[i]);
+      if (out == nullptr) continue;
       char* slot = slots.take(size_t(cap) * row_bytes[i]);
       n.publish[i] = addr(slot);
       staged.src[staged.num] = slot;
-      staged.dst[staged.num] = outs[i];
+      staged.dst[staged.num] = out;
       staged.row_bytes[staged.num] = int(row_bytes[i]);
       ++staged.num;
     }
@@ -295,9 +291,8 @@ ffi::Error CachedDispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffe
   a.num_blocks = num_blocks_of(num_sms);
   uint64_t publish[1] = {addr(x.untyped_data())};
   if (s.multi_process) {  // receivers pull our rows from the staging area
-    const void* src[1] = {x.untyped_data()};
     const size_t bytes[1] = {x.size_bytes()};
-    if (auto e = stage_inputs(s, src, bytes, 1, publish, stream, "cached_dispatch"); e.failure())
+    if (auto e = stage_inputs(s, publish, bytes, 1, stream, "cached_dispatch"); e.failure())
       return e;
   }
   cudaError_t err = launch_begin_op(s.peers[s.rank], publish, 1, stream);
@@ -344,11 +339,9 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
                          addr(recv_src_rank.typed_data()), addr(recv_src_token.typed_data()),
                          addr(recv_src_slot.typed_data())};
   if (s.multi_process) {  // peers pull our rows from the staging area
-    const void* src[5] = {y.untyped_data(), weights.typed_data(), recv_src_rank.typed_data(),
-                          recv_src_token.typed_data(), recv_src_slot.typed_data()};
     const size_t bytes[5] = {y.size_bytes(), weights.size_bytes(), recv_src_rank.size_bytes(),
                              recv_src_token.size_bytes(), recv_src_slot.size_bytes()};
-    if (auto e = stage_inputs(s, src, bytes, 5, publish, stream, "combine"); e.failure()) return e;
+    if (auto e = stage_inputs(s, publish, bytes, 5, stream, "combine"); e.failure()) return e;
   }
   cudaError_t err = launch_begin_op(s.peers[s.rank], publish, 5, stream);
   if (err != cudaSuccess) return check_launch(err, "combine (begin)");
