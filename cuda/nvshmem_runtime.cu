@@ -17,6 +17,7 @@
 #include <set>
 #include <string>
 
+#include "cuda/device_sync.cuh"
 #include "xla_ffi/nvshmem_bootstrap.h"
 
 namespace jax_ep::nvshmem {
@@ -65,7 +66,19 @@ __global__ void ring_kernel(uint8_t* sym, uint64_t* sig, int* id, size_t n, uint
   }
   __syncthreads();
   nvshmemx_putmem_signal_nbi_block(recv, send, n, sig, round, NVSHMEM_SIGNAL_SET, next);
-  if (threadIdx.x == 0) nvshmem_signal_wait_until(sig, NVSHMEM_CMP_EQ, round);
+  if (threadIdx.x == 0) {
+    // Poll with a timeout (a dead peer must not hang the GPU), then let the wait give the
+    // ordering guarantee for the signalled data (it returns at once).
+    const uint64_t start = global_timer_ns();
+    while (nvshmem_signal_fetch(sig) != round) {
+      if (global_timer_ns() - start > kTimeoutNs) {
+        printf("jax_ep.nvshmem ring_test: PE %d timed out waiting for PE %d (round %llu)\n", me,
+               prev, (unsigned long long)round);
+        asm volatile("trap;");
+      }
+    }
+    nvshmem_signal_wait_until(sig, NVSHMEM_CMP_EQ, round);
+  }
   __syncthreads();
   unsigned long long bad = 0;
   for (size_t i = threadIdx.x; i < n; i += blockDim.x) bad += (recv[i] != pattern(prev, i, round));
