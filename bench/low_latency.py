@@ -41,6 +41,7 @@ from jax.sharding import PartitionSpec as P
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import jax_ep  # noqa: E402
 import processes  # noqa: E402  (bench/processes.py)
+import trace_summary  # noqa: E402  (bench/trace_summary.py)
 from inputs import deepep_inputs, put_global  # noqa: E402  (bench/inputs.py)
 from timing import per_call_us  # noqa: E402  (bench/timing.py)
 from jax_ep.backends import cuda_low_latency as cll  # noqa: E402
@@ -59,6 +60,9 @@ def main():
                     help="most blocks per LL kernel (one per expert at the default)")
     ap.add_argument("--num-warps", type=int, default=cll.DEFAULT_NUM_WARPS)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile the long chains (kernel durations, gaps, GPU skew: "
+                         "bench/trace_summary.py) into --out")
     processes.add_arguments(ap)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                   "results"))
@@ -198,6 +202,16 @@ def main():
                        ("dispatch_fp8_split", split_dispatch_chain),
                        ("combine_bf16_split", lambda n: combine_chain(n, split=True))]:
         extra[name] = round(per_call_us(make, args, n_short, n_long, a.reps), 1)
+    if a.profile:
+        tag = "" if jax.process_count() == 1 else f"_p{jax.process_index()}"
+        for label, make, match in [("ll_dispatch", dispatch_chain, "dispatch"),
+                                   ("ll_combine", combine_chain, "combine"),
+                                   ("a2a_dispatch", a2a_dispatch_chain, "nccl"),
+                                   ("a2a_combine", a2a_combine_chain, "nccl")]:
+            summary = trace_summary.profile(make(n_long), args, a.out, f"{label}_x{n_long}{tag}",
+                                            match=match)
+            if lead:
+                trace_summary.print_summary(summary)
 
     kind = devices[0].device_kind.replace(" ", "-")
     device = f"{R}x{kind}" + processes.tag(a)

@@ -76,6 +76,8 @@ PARTS = ("router", "jax_ep_dispatch_combine", "a2a_dispatch_combine",
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # run from a checkout without PYTHONPATH=.: an installed jax_ep still comes first
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/trace_summary.py
+import trace_summary  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -108,6 +110,9 @@ def parse_args(argv=None):
                    help="GPU lowering of jax.lax.ragged_dot: XLA's (default) or the Pallas "
                         "Triton kernel (jax_ragged_dot_use_gpu_pallas_triton_lowering)")
     p.add_argument("--out", default=RESULTS, help="output directory")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one fwd+bwd call per impl (kernel totals per GPU: "
+                        "bench/trace_summary.py) into --out")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     small = dict(tokens=64, hidden=128, experts=16, top_k=4, ffn=64, dtype="float32")
@@ -424,6 +429,9 @@ def main(argv=None) -> int:
             jax.block_until_ready(grad_jit(params, x, cot))
             compile_bwd_s = time.perf_counter() - t0
             fb_times = timed(grad_jit, params, x, cot)
+            if args.profile:
+                trace_summary.print_summary(trace_summary.profile(
+                    grad_jit, (params, x, cot), args.out, f"moe_{name}_fwd_bwd"))
         except Exception as err:  # e.g. out of memory at the full shape: record, go on
             print(f"  {name:12s} FAILED: {type(err).__name__}: {str(err)[:300]}", flush=True)
             results[name] = {"error": f"{type(err).__name__}: {str(err)[:2000]}"}

@@ -1,0 +1,139 @@
+"""Where the GPU time of a jitted call goes: run it under ``jax.profiler`` and summarise the
+kernels each GPU ran (from the profile's xplane, parsed by ``jax.profiler.ProfileData``).
+
+The benchmarks time whole chains of calls; this says whether a chain is bound by the GPU
+(kernels back to back: busy ~ span) or by the host (gaps between kernels), how long each
+kernel ran, and how far apart the GPUs started the same kernel (the skew a cross-GPU wait
+absorbs). Usage from a benchmark::
+
+    summary = trace_summary.profile(fn, args, out_dir, "ll_dispatch_x42", match="ll_")
+
+``match`` picks the kernels whose per-call numbers are reported (substring of the name).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import statistics
+import tempfile
+
+import jax
+
+
+def _gpu_planes(profile_data):
+    return [p for p in profile_data.planes if p.name.startswith("/device:GPU")]
+
+
+def _kernels(plane):
+    """(name, start_ns, duration_ns) of every event on the plane's stream lines."""
+    out = []
+    for line in plane.lines:
+        if not line.name.startswith("Stream"):
+            continue
+        for e in line.events:
+            out.append((e.name, float(e.start_ns), float(e.duration_ns)))
+    out.sort(key=lambda k: k[1])
+    return out
+
+
+CATEGORIES = (("jax_ep", ("jax_ep",)), ("nccl", ("nccl",)),
+              ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "wgmma")),
+              ("copy", ("memcpy", "memset", "copy")))
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "xla_fusion_or_other"
+
+
+def summarize(xplane_path: str, match: str | None = None, top: int = 12) -> dict:
+    """Per GPU: span (first start to last end), busy (kernel time, overlaps merged), the
+    kernels with the most total time; for kernels whose name contains ``match``: count,
+    median duration, median start-to-start gap, and across GPUs the median start skew of
+    the i-th such kernel."""
+    from jax.profiler import ProfileData  # jax >= 0.4.30
+
+    data = ProfileData.from_file(xplane_path)
+    gpus = {}
+    matched_starts = []
+    for plane in _gpu_planes(data):
+        ks = _kernels(plane)
+        if not ks:
+            continue
+        span = max(s + d for _, s, d in ks) - ks[0][1]
+        busy, end = 0.0, float("-inf")  # union of [start, start + duration)
+        for _, s, d in ks:
+            if s + d > end:
+                busy += s + d - max(s, end)
+                end = s + d
+        by_name = {}
+        for name, _, d in ks:
+            by_name.setdefault(name, []).append(d)
+        heavy = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
+        cats = {}
+        for name, _, d in ks:
+            cats[category(name)] = cats.get(category(name), 0.0) + d
+        rec = dict(kernels=len(ks), span_us=round(span / 1e3, 1), busy_us=round(busy / 1e3, 1),
+                   category_us={c: round(v / 1e3, 1) for c, v in sorted(cats.items())},
+                   top=[dict(name=n[:120], count=len(v), total_us=round(sum(v) / 1e3, 1),
+                             median_us=round(statistics.median(v) / 1e3, 2)) for n, v in heavy])
+        if match:
+            sel = [(s, d) for name, s, d in ks if match in name]
+            if sel:
+                starts = [s for s, _ in sel]
+                gaps = [b - a for a, b in zip(starts, starts[1:])]
+                rec["matched"] = dict(
+                    count=len(sel), median_us=round(statistics.median(d for _, d in sel) / 1e3, 2),
+                    median_start_gap_us=round(statistics.median(gaps) / 1e3, 2) if gaps else None)
+                matched_starts.append(starts)
+        gpus[plane.name] = rec
+    summary = dict(gpus=gpus)
+    if len(matched_starts) > 1:
+        n = min(len(s) for s in matched_starts)
+        skews = [max(s[i] for s in matched_starts) - min(s[i] for s in matched_starts)
+                 for i in range(n)]
+        summary["matched_start_skew_us"] = dict(median=round(statistics.median(skews) / 1e3, 2),
+                                                max=round(max(skews) / 1e3, 2))
+    return summary
+
+
+def profile(fn, args, out_dir: str, label: str, match: str | None = None) -> dict:
+    """Runs ``fn(*args)`` once to warm up, once under the profiler; writes
+    ``{out_dir}/profile_{label}.json`` and returns the summary (an ``error`` entry when
+    the profile could not be taken or read)."""
+    jax.block_until_ready(fn(*args))
+    trace_dir = tempfile.mkdtemp(prefix=f"jax_ep_trace_{label}_")
+    try:
+        with jax.profiler.trace(trace_dir):
+            jax.block_until_ready(fn(*args))
+        paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+        if not paths:
+            raise RuntimeError(f"no .xplane.pb under {trace_dir}")
+        summary = summarize(paths[0], match)
+    except Exception as err:  # a diagnostic: report, do not fail the benchmark
+        summary = dict(error=f"{type(err).__name__}: {err}")
+    summary["label"] = label
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"profile_{label}.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    if "error" in summary:
+        print(f"profile {summary['label']}: {summary['error']}")
+        return
+    print(f"profile {summary['label']}: skew {summary.get('matched_start_skew_us')}")
+    for name, g in summary["gpus"].items():
+        print(f"  {name}: {g['kernels']} kernels, span {g['span_us']} us, busy {g['busy_us']} us,"
+              f" {g['category_us']}, matched {g.get('matched')}")
+    first = next(iter(summary["gpus"].values()), None)
+    if first:
+        for k in first["top"][:8]:
+            print(f"    {k['total_us']:>9.1f} us  x{k['count']:<4} {k['median_us']:>8.2f} us  "
+                  f"{k['name'][:80]}")
