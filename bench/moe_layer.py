@@ -12,6 +12,9 @@ the GEMMs, ``silu * up`` in f32, so that the backward matmuls take bf16 operands
 * ``jax_ep_cf``: the same with ``capacity = ceil(cf * T * K)`` received rows per rank and
   ``expert_capacity = R * ceil(cf * T * K / E)`` rows per expert (dense batched expert
   matmuls, the same rows per expert as ``a2a_cf``); drops rows past either.
+* ``jax_ep_cf_expert``: ``jax_ep_cf`` with ``exchange="expert"`` (``layout="expert"``:
+  one row per (token, local expert) in combine and both backward exchanges, where
+  ``jax_ep_cf``'s default ``exchange="rank"`` moves one row per (token, rank)).
 * ``a2a_cf``: GShard/MaxText "dropping" style: each rank packs ``C = ceil(cf * T * K / E)``
   rows per expert into ``[E, C, H]``, ``all_to_all``, dense batched expert matmuls,
   ``all_to_all`` back (drops rows past ``C``).
@@ -69,7 +72,7 @@ import statistics
 import sys
 import time
 
-DEFAULT_IMPLS = ("jax_ep", "jax_ep_cf", "a2a_cf", "a2a_peer", "no_comm")
+DEFAULT_IMPLS = ("jax_ep", "jax_ep_cf", "jax_ep_cf_expert", "a2a_cf", "a2a_peer", "no_comm")
 IMPLS = DEFAULT_IMPLS
 PARTS = ("router", "jax_ep_dispatch_combine", "a2a_dispatch_combine",
          "local_dispatch_combine", "expert_slots", "expert_ffn")
@@ -227,10 +230,10 @@ def main(argv=None) -> int:
     print(f"{R} x {devices[0].device_kind}: T={T}/rank H={H} E={E} K={K} F={F} {dtype.name}, "
           f"jax_ep backend {backend}", flush=True)
 
-    def make_layer(capacity, expert_capacity=None):
+    def make_layer(capacity, expert_capacity=None, exchange="auto"):
         return MoE(hidden=H, ffn_hidden=F, num_experts=E, top_k=K, mesh=mesh,
                    score_func=args.score_func, capacity=capacity,
-                   expert_capacity=expert_capacity, buffer=buffer,
+                   expert_capacity=expert_capacity, exchange=exchange, buffer=buffer,
                    backend="auto", dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(args.seed))
 
     layer = make_layer(None)
@@ -243,6 +246,7 @@ def main(argv=None) -> int:
     else:
         ep_expert_cap = max(1, math.ceil(args.expert_capacity_factor * R * T * K / E))
     graphdef_cf, _, _ = nnx.split(make_layer(ep_cap, ep_expert_cap), nnx.Param, ...)
+    graphdef_cfx, _, _ = nnx.split(make_layer(ep_cap, ep_expert_cap, "expert"), nnx.Param, ...)
     bias = layer.expert_bias[...]
     nc_cap = max(ep_cap, T * K)  # no_comm keeps every row (it has no dispatch capacity)
 
@@ -370,6 +374,7 @@ def main(argv=None) -> int:
         return fwd
 
     forwards = {"jax_ep": layer_fwd(graphdef), "jax_ep_cf": layer_fwd(graphdef_cf),
+                "jax_ep_cf_expert": layer_fwd(graphdef_cfx),
                 "a2a_cf": baseline(a2a_cf_rank), "a2a_peer": baseline(a2a_peer_rank),
                 "no_comm": baseline(no_comm_rank)}
     method = {
@@ -377,9 +382,16 @@ def main(argv=None) -> int:
                   "a jitted forward (fwd) and of jax.value_and_grad of sum(out * cot) with "
                   "respect to all parameters and x (fwd_bwd); wall time to block_until_ready",
         "jax_ep": "jax_ep.flax.MoE, default capacity (never drops), ragged_dot experts",
-        "jax_ep_cf": f"jax_ep.flax.MoE(capacity={ep_cap}, expert_capacity={ep_expert_cap}): "
-                     "jax_ep dispatch (expert layout) -> gather into [E/R, C, H] slots -> "
-                     "batched SwiGLU einsums -> gather back -> jax_ep.combine",
+        "jax_ep_cf": f"jax_ep.flax.MoE(capacity={ep_cap}, expert_capacity={ep_expert_cap}) "
+                     "with its default exchange='rank': jax_ep dispatch (rank layout, one "
+                     "row per (token, rank); never more than R*T rows) -> copy each row into "
+                     "its local experts' [E/R, C, H] slots -> batched SwiGLU einsums -> "
+                     "weighted sum of each row's local expert outputs -> jax_ep.combine "
+                     "(one row per (token, rank))",
+        "jax_ep_cf_expert": f"the same layer with exchange='expert': jax_ep dispatch (expert "
+                            "layout, one row per (token, local expert)) -> gather into "
+                            "[E/R, C, H] slots -> batched SwiGLU -> gather back -> "
+                            "jax_ep.combine with the routing weights",
         "expert_ffn": "all implementations use jax_ep.flax's SwiGLU (_batched_swiglu / "
                       "_ragged_swiglu): matmul outputs in the activation dtype (f32 "
                       "accumulation inside the GEMMs), silu * up in f32, so the backward "
@@ -478,7 +490,8 @@ def main(argv=None) -> int:
 
     # ------------------------------------------------------------------ breakdown
     breakdown = {}
-    expert_rows = {"jax_ep_cf": L * ep_expert_cap, "no_comm": L * ep_expert_cap,
+    expert_rows = {"jax_ep_cf": L * ep_expert_cap, "jax_ep_cf_expert": L * ep_expert_cap,
+                   "no_comm": L * ep_expert_cap,
                    "a2a_cf": L * R * a2a_C}
     gflop_fwd = {k: 6.0 * n * H * F / 1e9 for k, n in expert_rows.items()}  # per rank
     if args.parts:

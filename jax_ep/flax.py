@@ -9,7 +9,11 @@ The forward pass routes every token, moves it with
 ``jax_ep.dispatch(layout="expert")`` to the ranks holding its experts, runs the
 local experts with one ``jax.lax.ragged_dot`` per projection over the received
 rows (grouped by local expert), and brings the results home with
-``jax_ep.combine(y, handle, recv_topk_weights)``. Everything from routing to
+``jax_ep.combine(y, handle, recv_topk_weights)``. With a fixed ``expert_capacity`` it
+exchanges one row per (token, rank) instead (``layout="rank"``, DeepEP's normal mode):
+rows are copied into their local experts' slots on arrival and each row's expert outputs
+are weighted and summed before ``jax_ep.combine``, which halves the bytes of combine and
+of both backward exchanges. Everything from routing to
 combine runs inside ``jax.shard_map`` over the EP axis: tokens are sharded over
 that axis and each rank holds ``num_experts / R`` experts.
 
@@ -49,6 +53,7 @@ import jax_ep
 __all__ = ["ExpertBias", "MoE", "MoEStats", "Routing", "linen_moe", "route", "swiglu"]
 
 SCORE_FUNCS = ("softmax", "sigmoid")
+EXCHANGES = ("auto", "rank", "expert")
 _VECTOR_BYTES = 16  # jax_ep moves rows in 16-byte vectors
 
 
@@ -223,6 +228,7 @@ class _Config:
     capacity: Optional[int]
     expert_capacity: Optional[int]
     expert_alignment: int
+    exchange: str
     buffer: Any
     backend: str
     has_shared: bool
@@ -318,6 +324,113 @@ def _from_expert_slots(y_slots, slot_map):
     return _gather_rows(flat, slot_map.slot, slot_map.src)
 
 
+class _RankSlots(NamedTuple):
+    """Pairs (received row j, top-k slot k) of the rank layout <-> expert slots
+    ``[E/R * C]`` (C rows per local expert), for the ``exchange="rank"`` path.
+
+    pair_slot: ``[cap, K]`` the slot of each pair (``E/R * C``: none, the pair's expert is
+        not local or the pair is past its expert's C rows).
+    slot_row: ``[E/R * C]`` the received row of each slot (``cap``: empty slot).
+    slot_pair: ``[E/R * C]`` the flat pair ``j * K + k`` of each slot (``cap * K``: empty).
+    """
+
+    pair_slot: jax.Array
+    slot_row: jax.Array
+    slot_pair: jax.Array
+
+
+def _rank_slots(recv_topk_idx, num_local, expert_capacity):
+    """Assigns the local (row, slot) pairs of a rank-layout dispatch to expert slots.
+
+    A local expert's slots take its pairs in received-row order (source rank, then
+    source token: the expert layout's order); pairs past ``expert_capacity`` get no
+    slot and are counted in the returned ``dropped``. Index arithmetic on
+    ``[cap * K]`` ints only (one sort)."""
+    cap, K = recv_topk_idx.shape
+    n, C = cap * K, expert_capacity
+    e = recv_topk_idx.reshape(-1).astype(jnp.int32)
+    key = jnp.where((e >= 0) & (e < num_local), e, num_local)  # num_local: not here
+    order = jnp.argsort(key, stable=True).astype(jnp.int32)  # by expert, then pair order
+    sorted_key = jnp.take(key, order)
+    # group bounds by binary search in the sorted keys (no scatter-add into few bins)
+    bounds = jnp.searchsorted(sorted_key, jnp.arange(num_local + 2, dtype=jnp.int32),
+                              side="left").astype(jnp.int32)
+    start, counts = bounds[:-1], bounds[1:] - bounds[:-1]
+    pos = jnp.arange(n, dtype=jnp.int32) - jnp.take(start, sorted_key)
+    none = num_local * C
+    slot_sorted = jnp.where((sorted_key < num_local) & (pos < C), sorted_key * C + pos, none)
+    pair_slot = jnp.zeros((n,), jnp.int32).at[order].set(slot_sorted).reshape(cap, K)
+    slot_pair = jnp.full((none,), n, jnp.int32).at[slot_sorted].set(order, mode="drop")
+    slot_row = jnp.where(slot_pair < n, slot_pair // K, cap)
+    dropped = jnp.sum(jnp.maximum(counts[:num_local] - C, 0))
+    return _RankSlots(pair_slot, slot_row, slot_pair), dropped
+
+
+@jax.custom_vjp
+def _fan_out(rows, slot_row, pair_slot):
+    """``slots[s] = rows[slot_row[s]]`` (a zero row for an empty slot): each received row
+    goes to the slot of every local expert it was sent for.
+
+    The backward pass sums each row's slot gradients (``pair_slot``, K gathers): gathers
+    only, no scatter-add."""
+    return jnp.take(rows, slot_row, axis=0, mode="fill", fill_value=0)
+
+
+def _fan_out_fwd(rows, slot_row, pair_slot):
+    return _fan_out(rows, slot_row, pair_slot), (slot_row, pair_slot)
+
+
+def _fan_out_bwd(res, g):
+    slot_row, pair_slot = res
+    acc = None
+    for k in range(pair_slot.shape[1]):  # k order, f32
+        term = jnp.take(g, pair_slot[:, k], axis=0, mode="fill", fill_value=0)
+        acc = term.astype(jnp.float32) if acc is None else acc + term.astype(jnp.float32)
+    return acc.astype(g.dtype), None, None
+
+
+_fan_out.defvjp(_fan_out_fwd, _fan_out_bwd)
+
+
+@jax.custom_vjp
+def _reduce_to_rows(y_slots, weights, pair_slot, slot_pair):
+    """``rows[j] = sum_k weights[j, k] * y_slots[pair_slot[j, k]]`` in f32 (k order),
+    returned in ``y_slots``' dtype: each received row's local experts, weighted and summed
+    on the expert's rank, so that combine moves one row per (token, rank).
+
+    ``y_slots [E/R * C, H]``; ``weights [cap, K]`` f32 (pairs without a slot add nothing).
+    Backward: ``d_y[s] = w[pair(s)] * g[row(s)]`` and ``d_w[j, k] = <g[j], y[slot(j, k)]>``
+    (computed per slot, then gathered to the pairs): gathers only."""
+    acc = None
+    for k in range(pair_slot.shape[1]):
+        y = jnp.take(y_slots, pair_slot[:, k], axis=0, mode="fill", fill_value=0)
+        term = weights[:, k, None] * y.astype(jnp.float32)
+        acc = term if acc is None else acc + term
+    return acc.astype(y_slots.dtype)
+
+
+def _reduce_to_rows_fwd(y_slots, weights, pair_slot, slot_pair):
+    return _reduce_to_rows(y_slots, weights, pair_slot, slot_pair), (y_slots, weights, pair_slot,
+                                                                      slot_pair)
+
+
+def _reduce_to_rows_bwd(res, g):
+    y_slots, weights, pair_slot, slot_pair = res
+    cap, K = weights.shape
+    n = cap * K
+    # per slot: its row's gradient (a zero row for an empty slot) and its pair's weight
+    g_slot = jnp.take(g, jnp.where(slot_pair < n, slot_pair // K, cap), axis=0, mode="fill",
+                      fill_value=0).astype(jnp.float32)
+    w_slot = jnp.take(weights.reshape(-1), slot_pair, mode="fill", fill_value=0)
+    d_y = (w_slot[:, None] * g_slot).astype(y_slots.dtype)
+    d_w_slot = jnp.sum(g_slot * y_slots.astype(jnp.float32), axis=1)
+    d_w = jnp.take(d_w_slot, pair_slot, mode="fill", fill_value=0)
+    return d_y, d_w, None, None
+
+
+_reduce_to_rows.defvjp(_reduce_to_rows_fwd, _reduce_to_rows_bwd)
+
+
 def _per_rank(cfg: _Config, x, router, bias, w_gate, w_up, w_down, shared):
     """One rank's MoE: x ``[T, H]`` local tokens, expert weights ``[E/R, ...]`` local."""
     ax = cfg.axis_name
@@ -333,6 +446,20 @@ def _per_rank(cfg: _Config, x, router, bias, w_gate, w_up, w_down, shared):
         y = _batched_swiglu(d.recv_x, w_gate, w_up, w_down)
         out = jax_ep.low_latency_combine(y, r.topk_idx, r.topk_weights, d.handle)
         dropped = jnp.zeros((), jnp.int32)
+    elif cfg.exchange == "rank":  # one row per (token, rank) both ways; slots built here
+        d = jax_ep.dispatch(x, r.topk_idx, r.topk_weights, num_experts=E, axis_name=ax,
+                            layout="rank", max_recv_tokens=cfg.capacity, buffer=cfg.buffer,
+                            backend=cfg.backend)
+        num_local = w_gate.shape[0]
+        plan, lost = _rank_slots(d.recv_topk_idx, num_local, cfg.expert_capacity)
+        slots = _fan_out(d.recv_x, plan.slot_row, plan.pair_slot)
+        y = _batched_swiglu(slots.reshape(num_local, cfg.expert_capacity, -1),
+                            w_gate, w_up, w_down)
+        weights = jnp.where(d.recv_topk_idx >= 0, d.recv_topk_weights, 0.0)
+        rows = _reduce_to_rows(y.reshape(num_local * cfg.expert_capacity, -1), weights,
+                               plan.pair_slot, plan.slot_pair)
+        out = jax_ep.combine(rows, d.handle)
+        dropped = jax.lax.psum(d.num_overflow + lost, all_axes)
     else:
         d = jax_ep.dispatch(x, r.topk_idx, r.topk_weights, num_experts=E, axis_name=ax,
                             layout="expert", max_recv_tokens=cfg.capacity,
@@ -456,7 +583,20 @@ class MoE(nnx.Module):
       backend: ``"auto"``, ``"cuda"`` or ``"reference"``.
       normalize_weights: renormalise top-k weights (default: True for sigmoid).
       routed_scaling: multiplies the routed weights.
-      expert_alignment: pad each local expert group of the dispatch to this multiple.
+      expert_alignment: pad each local expert group of the dispatch to this multiple
+        (``exchange="expert"`` only).
+      exchange: how tokens travel. ``"expert"``: ``jax_ep.dispatch(layout="expert")``,
+        one row per (token, local expert) each way; combine applies the weights on the
+        token's rank. ``"rank"`` (needs ``expert_capacity``): ``layout="rank"``, one row
+        per (token, rank) each way, as DeepEP's normal mode: the received row is copied
+        into the slots of each of its local experts here, and each row's local expert
+        outputs are weighted and summed (f32, rounded to the activation dtype) on the
+        expert's rank before the combine sums the ranks' rows. A token reaches about 3.6
+        of 4 ranks but 8 experts at K=8, so combine and both backward exchanges move
+        less than half the bytes; the extra rounding of the per-rank partial sums is the
+        numerical difference. ``"auto"`` (default): ``"rank"`` when ``expert_capacity``
+        is set and ``expert_alignment`` is 1, else ``"expert"``. ``capacity`` counts (token, rank) rows with
+        ``"rank"`` (at most ``R * T`` are ever needed).
       dtype: compute dtype of the experts (default: the input's dtype).
       param_dtype: dtype of the parameters.
       rngs: ``nnx.Rngs`` for initialisation.
@@ -483,8 +623,8 @@ class MoE(nnx.Module):
                  capacity: Optional[int] = None, expert_capacity: Optional[int] = None,
                  buffer=None, backend: str = "auto",
                  normalize_weights: Optional[bool] = None, routed_scaling: float = 1.0,
-                 expert_alignment: int = 1, dtype=None, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 expert_alignment: int = 1, exchange: str = "auto", dtype=None,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
         where = "MoE"
         for name, value in (("hidden", hidden), ("ffn_hidden", ffn_hidden),
                             ("num_experts", num_experts), ("expert_alignment",
@@ -521,6 +661,18 @@ class MoE(nnx.Module):
         if backend not in ("auto", "cuda", "reference"):
             raise ValueError(f"{where}: backend must be 'auto', 'cuda' or 'reference', got "
                              f"{backend!r}")
+        if exchange not in EXCHANGES:
+            raise ValueError(f"{where}: exchange must be one of {EXCHANGES}, got {exchange!r}")
+        if exchange == "auto":
+            exchange = "rank" if expert_capacity is not None and expert_alignment == 1 \
+                else "expert"
+        if exchange == "rank" and expert_capacity is None:
+            raise ValueError(f"{where}: exchange='rank' builds fixed expert slots: pass "
+                             "expert_capacity (rows per local expert) too, or use "
+                             "exchange='expert'")
+        if exchange == "rank" and expert_alignment != 1:
+            raise ValueError(f"{where}: expert_alignment pads the expert layout's groups; it "
+                             "does not apply to exchange='rank' (pass exchange='expert')")
         self._check_hidden(hidden, dtype if dtype is not None else param_dtype)
         self.hidden, self.ffn_hidden = hidden, ffn_hidden
         self.num_experts, self.top_k = num_experts, top_k
@@ -534,6 +686,7 @@ class MoE(nnx.Module):
         self.shared_ffn_hidden, self.capacity = shared_ffn_hidden, capacity
         self.expert_capacity = expert_capacity
         self.expert_alignment = expert_alignment
+        self.exchange = exchange
         self.buffer, self.backend = buffer, backend
         self.dtype, self.param_dtype = dtype, param_dtype
 
@@ -617,14 +770,18 @@ class MoE(nnx.Module):
                                  f"tokens per rank, got {max_tokens_per_rank!r}")
         elif max_tokens_per_rank is not None:
             raise ValueError("MoE: max_tokens_per_rank applies to low_latency=True only")
+        capacity = self.capacity
+        if capacity is not None and self.exchange == "rank":
+            # (token, rank) rows: more than every token of every rank is never needed
+            capacity = min(capacity, self.num_ranks * (n // self.token_shards))
         cfg = _Config(
             mesh=self.mesh, axis_name=self.axis_name, token_axes=self.token_axes,
             num_experts=self.num_experts,
             top_k=self.top_k, score_func=self.score_func, n_groups=self.n_groups,
             topk_groups=self.topk_groups, normalize=self.normalize_weights,
-            scaling=self.routed_scaling, capacity=self.capacity,
+            scaling=self.routed_scaling, capacity=capacity,
             expert_capacity=self.expert_capacity,
-            expert_alignment=self.expert_alignment, buffer=self.buffer, backend=self.backend,
+            expert_alignment=self.expert_alignment, exchange=self.exchange, buffer=self.buffer, backend=self.backend,
             has_shared=bool(self.shared_ffn_hidden), low_latency=bool(low_latency),
             max_tokens_per_rank=max_tokens_per_rank if low_latency else None)
         cast = lambda p: p[...].astype(dtype)  # noqa: E731

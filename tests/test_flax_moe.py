@@ -296,6 +296,59 @@ def test_expert_capacity_batched_path_matches_reference_and_gradients():
                                    atol=1e-6, err_msg=name)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_rank_exchange_matches_expert_exchange_and_reference(dtype):
+    # exchange="rank": one row per (token, rank) each way, slots filled on the expert's rank
+    rank = _layer(expert_capacity=64)
+    expert = _layer(expert_capacity=64, exchange="expert")
+    assert (rank.exchange, expert.exchange) == ("rank", "expert")
+    x = _tokens(seed=3).astype(dtype)
+    target = jax.random.normal(jax.random.key(9), x.shape, jnp.float32)
+    fwd = nnx.jit(lambda m, x: m(x))
+    out_r, st_r = fwd(rank, x)
+    out_e, st_e = fwd(expert, x)
+    assert out_r.dtype == dtype and int(st_r.dropped) == 0
+    np.testing.assert_array_equal(np.asarray(st_r.load), np.asarray(st_e.load))
+    ref = _dense_reference(_params(rank), x.astype(jnp.float32))
+    tol = 1e-5 if dtype == jnp.float32 else 3e-2  # bf16: the per-rank partial sums round
+    np.testing.assert_allclose(np.asarray(out_r, np.float32), np.asarray(ref), rtol=tol,
+                               atol=tol)
+    np.testing.assert_allclose(np.asarray(out_r, np.float32), np.asarray(out_e, np.float32),
+                               rtol=tol, atol=tol)
+
+    def loss(m, x):
+        return jnp.mean((m(x)[0].astype(jnp.float32) - target) ** 2)
+
+    grad = nnx.jit(nnx.grad(loss, argnums=(0, 1)))
+    (gm_r, gx_r), (gm_e, gx_e) = grad(rank, x), grad(expert, x)
+    gtol = 1e-4 if dtype == jnp.float32 else 5e-2
+    scale = float(jnp.max(jnp.abs(gx_e.astype(jnp.float32))))
+    np.testing.assert_allclose(np.asarray(gx_r, np.float32), np.asarray(gx_e, np.float32),
+                               rtol=gtol, atol=gtol * scale)
+    for name, g in gm_r.items():
+        ge = np.asarray(gm_e[name][...], np.float32)
+        assert np.any(ge != 0), name
+        np.testing.assert_allclose(np.asarray(g[...], np.float32), ge, rtol=gtol,
+                                   atol=gtol * float(np.max(np.abs(ge))), err_msg=name)
+
+
+def test_rank_exchange_counts_the_same_dropped_rows_as_expert_exchange():
+    x = _tokens(seed=4)
+    stats = [nnx.jit(lambda m, x: m(x))(_layer(expert_capacity=2, exchange=ex), x)[1]
+             for ex in ("rank", "expert")]
+    assert int(stats[0].dropped) > 0
+    assert int(stats[0].dropped) == int(stats[1].dropped)
+
+
+def test_rank_exchange_argument_errors():
+    with pytest.raises(ValueError, match="exchange must be one of"):
+        _layer(expert_capacity=8, exchange="ranks")
+    with pytest.raises(ValueError, match="pass expert_capacity"):
+        _layer(exchange="rank")
+    with pytest.raises(ValueError, match="expert_alignment"):
+        _layer(expert_capacity=8, expert_alignment=4, exchange="rank")
+
+
 def test_small_expert_capacity_reports_dropped_rows():
     moe = _layer(expert_capacity=2)
     x = _tokens()
