@@ -419,11 +419,13 @@ def _reduce_to_rows_bwd(res, g):
     cap, K = weights.shape
     n = cap * K
     # per slot: its row's gradient (a zero row for an empty slot) and its pair's weight
+    # g_slot stays in g's dtype: each consumer converts inside its fusion (an f32 copy of
+    # [E/R * C, H] would be the largest array of the backward pass)
     g_slot = jnp.take(g, jnp.where(slot_pair < n, slot_pair // K, cap), axis=0, mode="fill",
-                      fill_value=0).astype(jnp.float32)
+                      fill_value=0)
     w_slot = jnp.take(weights.reshape(-1), slot_pair, mode="fill", fill_value=0)
-    d_y = (w_slot[:, None] * g_slot).astype(y_slots.dtype)
-    d_w_slot = jnp.sum(g_slot * y_slots.astype(jnp.float32), axis=1)
+    d_y = (w_slot[:, None] * g_slot.astype(jnp.float32)).astype(y_slots.dtype)
+    d_w_slot = jnp.sum(g_slot.astype(jnp.float32) * y_slots.astype(jnp.float32), axis=1)
     d_w = jnp.take(d_w_slot, pair_slot, mode="fill", fill_value=0)
     return d_y, d_w, None, None
 
