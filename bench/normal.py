@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import jax_ep  # noqa: E402
+from jax_ep.backends import cuda as cuda_backend  # noqa: E402
 import processes  # noqa: E402  (bench/processes.py)
 from inputs import deepep_inputs, put_global  # noqa: E402  (bench/inputs.py)
 from timing import per_call_us  # noqa: E402  (bench/timing.py)
@@ -44,6 +45,9 @@ def main():
     ap.add_argument("--experts", type=int, default=256)
     ap.add_argument("--num-sms", type=int, default=24)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--compare-cached", action="store_true",
+                    help="also time the per-lane cached dispatch kernel (JAX_EP_CACHED_DISPATCH"
+                         "=lanes) beside the default bulk-copy one")
     ap.add_argument("--compare-copy", action="store_true",
                     help="also time dispatch with per-lane and with bulk (TMA) row copies")
     ap.add_argument("--sms-sweep", default="",
@@ -102,6 +106,17 @@ def main():
             return jnp.stack([o[0, :8] for o in outs])[None] if outs else r.recv_x[:1, :8][None]
         return smap(body)
 
+    def cached_dispatch_chain(n, num_sms=a.num_sms):
+        """combine's backward: rows back to the ranks of a dispatch's handle (pull)."""
+        def body(x, i, w):
+            x, i, w = x[0], i[0], w[0]
+            r = jax_ep.dispatch(x, i, w, num_experts=E, axis_name=AXIS, buffer=buf,
+                                backend="cuda", num_sms=num_sms)
+            cfg = r.handle.config
+            outs = [cuda_backend.cached_dispatch(x, r.handle.arrays, cfg) for _ in range(n)]
+            return jnp.stack([o[0, :8] for o in outs])[None] if outs else r.recv_x[:1, :8][None]
+        return smap(body)
+
     def a2a_chain(n, fp8):
         def body(x):
             slab = jnp.broadcast_to(x[0][None], (R, T, H))  # capacity T per peer
@@ -137,8 +152,15 @@ def main():
     record("dispatch_bf16", d_bf16, a2a_bf16, bf16_row)
     record("dispatch_fp8", d_fp8, a2a_fp8, fp8_row)
     record("combine_bf16", c_bf16, a2a_bf16, bf16_row)
+    cd_bf16 = per_call_us(cached_dispatch_chain, (x_d, idx_d, w_d), n_short, n_long, a.reps)
+    record("cached_dispatch_bf16", cd_bf16, a2a_bf16, bf16_row)
 
     variants = {}
+    if a.compare_cached:  # the per-lane cached dispatch kernel beside the bulk-copy one
+        os.environ["JAX_EP_CACHED_DISPATCH"] = "lanes"  # read by the launcher at each launch
+        us = per_call_us(cached_dispatch_chain, (x_d, idx_d, w_d), n_short, n_long, a.reps)
+        variants["cached_dispatch_bf16_lanes_us"] = round(us, 1)
+        os.environ.pop("JAX_EP_CACHED_DISPATCH")
     if a.compare_copy:  # same process, same routing: an A/B of the two copy paths
         for mode in ("warp", "tma"):
             os.environ["JAX_EP_DISPATCH_COPY"] = mode  # read by the handler at capture
@@ -209,11 +231,13 @@ def main():
         json.dump(report, f, indent=2)
     print(f"\n{device}, T={T} H={H} K={K} E={E}, {a.num_sms} SMs, "
           f"~{rows:.0f} rows received per rank")
-    print(f"{'op':<15}{'jax_ep us':>11}{'GB/s':>8}{'all_to_all us':>15}{'GB/s':>8}{'speedup':>9}")
+    print(f"{'op':<22}{'jax_ep us':>11}{'GB/s':>8}{'all_to_all us':>15}{'GB/s':>8}{'speedup':>9}")
     for name, r in results.items():
-        print(f"{name:<15}{r['jax_ep_us']:>11.1f}{r['jax_ep_GBps']:>8.1f}"
+        verdict = ("" if "target" not in r else
+                   f"  target {r['target']}: {'PASS' if r['target_met'] else 'FAIL'}")
+        print(f"{name:<22}{r['jax_ep_us']:>11.1f}{r['jax_ep_GBps']:>8.1f}"
               f"{r['all_to_all_us']:>15.1f}{r['all_to_all_GBps']:>8.1f}{r['speedup']:>9.2f}"
-              f"  target {r['target']}: {'PASS' if r['target_met'] else 'FAIL'}")
+              + verdict)
     for sms, r in sweep.items():
         print(f"  {sms:>3} SMs: dispatch bf16 {r['dispatch_bf16_us']} us "
               f"({r['dispatch_bf16_GBps']} GB/s), combine {r['combine_bf16_us']} us "

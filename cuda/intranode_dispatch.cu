@@ -355,13 +355,11 @@ __global__ void __launch_bounds__(kCachedWarps * 32)
   finish_op(a.peers, a.me, a.num_ranks, "cached_dispatch");
 }
 
-// JAX_EP_CACHED_DISPATCH=lanes selects the per-lane kernel (for A/B timing).
+// JAX_EP_CACHED_DISPATCH=lanes selects the per-lane kernel. Read at every launch (a
+// getenv, far below a launch's cost) so that one process can time both.
 bool cached_dispatch_bulk_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("JAX_EP_CACHED_DISPATCH");
-    return v == nullptr || std::strcmp(v, "lanes") != 0;
-  }();
-  return on;
+  const char* v = std::getenv("JAX_EP_CACHED_DISPATCH");
+  return v == nullptr || std::strcmp(v, "lanes") != 0;
 }
 
 }  // namespace
