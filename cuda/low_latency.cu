@@ -23,6 +23,7 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <utility>
 
 #include "cuda/device_sync.cuh"
 #include "cuda/low_latency.h"
@@ -182,6 +183,50 @@ __device__ __forceinline__ void finish_recv(char* local, uint64_t op) {
   }
 }
 
+// ------------------------------------------------------------------ phase timing
+
+// Clock pair at kernel entry (taken before the op number is known).
+struct LLStamp {
+  uint64_t ns, clk;
+};
+__device__ __forceinline__ LLStamp ll_stamp(const LLTimingRecord* ring) {
+  LLStamp s{0, 0};
+  if (ring != nullptr && threadIdx.x == 0) {
+    s.ns = global_timer_ns();
+    s.clk = uint64_t(clock64());
+  }
+  return s;
+}
+// Thread 0 records point `p` of this block in op's record (no-op when timing is off).
+__device__ __forceinline__ void ll_mark(LLTimingRecord* ring, uint64_t op, int p) {
+  if (ring == nullptr || threadIdx.x != 0 || blockIdx.x >= unsigned(kLLTimingMaxBlocks)) return;
+  LLTimingRecord& r = ring[op % kLLTimingRing];
+  r.ns[blockIdx.x][p] = global_timer_ns();
+  r.clk[blockIdx.x][p] = uint64_t(clock64());
+}
+// After begin_send / begin_recv: the entry stamp, the point "op known" (send launches) and,
+// from block 0, the record's header.
+__device__ __forceinline__ void ll_mark_begin(LLTimingRecord* ring, uint64_t op, int phases,
+                                              const LLStamp& entry, int kind, int variant) {
+  if (ring == nullptr || threadIdx.x != 0 || blockIdx.x >= unsigned(kLLTimingMaxBlocks)) return;
+  LLTimingRecord& r = ring[op % kLLTimingRing];
+  const int p = (phases & kLLSend) ? kLLTEntry : kLLTRecvEntry;
+  r.ns[blockIdx.x][p] = entry.ns;
+  r.clk[blockIdx.x][p] = entry.clk;
+  if (phases & kLLSend) ll_mark(ring, op, kLLTOp);
+  if (blockIdx.x == 0) {
+    r.op = op;
+    r.kind = uint64_t(kind);
+    if (phases & kLLSend) r.grid_send = gridDim.x;
+    if (phases & kLLRecv) r.grid_recv = gridDim.x;
+    r.variant = uint64_t(variant);
+  }
+}
+// Block-uniform: a barrier only when timing, so that a mark means "the whole block got here".
+__device__ __forceinline__ void ll_sync_if(const LLTimingRecord* ring) {
+  if (ring != nullptr) __syncthreads();
+}
+
 // Block-wide copy of `rows` rows of `row_bytes` (a multiple of sizeof(Vec)) from src (rows
 // src_stride apart) to dst (rows dst_stride apart), flattened over (row, vector) so every
 // thread has up to kUnroll independent loads in flight before its stores.
@@ -229,6 +274,7 @@ struct DispatchShared {
   uint32_t unit_flag[kMaxExperts];  // recv: flag word (count, scaled bit) of each unit
   int unit_row[kLLMaxTokensPerRank];      // recv: the current unit's source rows ...
   float unit_scale[kLLMaxTokensPerRank];  //       ... and row scales
+  int unit_dst[kLLMaxTokensPerRank];      // recv (merged units): the entry's row in recv_x
   int te[kMaxTopk];         // send: the current token's expert ids
   int before[kMaxTopk];     // send: tokens before it routed to te[k] (its row in e's list)
   int before_rank[kMaxTopk];// send: tokens before it with an expert on te[k]'s rank
@@ -406,6 +452,7 @@ __device__ __forceinline__ void dispatch_send(const LLDispatchArgs& a, uint64_t 
     }
     if (has_token) stage_row<Elt>(a, t, s_row);  // independent of the counts: same phase
     __syncthreads();
+    ll_mark(a.timing, op, kLLTStaged);
     if (first_pass) {
       first_pass = false;
       // Experts this rank sends nothing to: an empty flag from their owner block.
@@ -468,6 +515,8 @@ __device__ __forceinline__ void dispatch_send(const LLDispatchArgs& a, uint64_t 
       sm.rows[e] += 1;  // distinct experts: no two threads collide
     }
     __syncthreads();  // s_row, te, before* and the token's lists are rewritten next token
+    ll_mark(a.timing, op, kLLTRowsIssued);
+    ll_mark(a.timing, op, kLLTListsIssued);
   }
 
   // Release (the memory-model chain, all cumulative through bar.sync): every store of
@@ -487,6 +536,153 @@ __device__ __forceinline__ void dispatch_send(const LLDispatchArgs& a, uint64_t 
                      flag_value(op, int(uint32_t(sm.ne[e]) | scaled_bit)));
     }
   }
+  ll_sync_if(a.timing);
+  ll_mark(a.timing, op, kLLTReleased);
+}
+
+// Release of the send phase (both versions): see dispatch_send.
+__device__ __forceinline__ void dispatch_release(const LLDispatchArgs& a, uint64_t op,
+                                                 const DispatchShared& sm, uint32_t scaled_bit) {
+  const int R = a.num_ranks, L = a.num_experts / R;
+  LowLatencyHeader* local_h = ll_header(a.peers.base[a.me]);
+  sender_fence();
+  __syncthreads();
+  for (int e = threadIdx.x; e < a.num_experts; e += blockDim.x) {
+    const int r = sm.rows[e];
+    if (r == 0) continue;
+    const int prev = int(atom_add_acq_rel_gpu(&local_h->send_rows[e], uint32_t(r)));
+    if (prev + r == sm.ne[e]) {
+      local_h->send_rows[e] = 0;
+      st_release_sys(&ll_header(a.peers.base[e / L])->flags[op & 1][(e % L) * R + a.me],
+                     flag_value(op, int(uint32_t(sm.ne[e]) | scaled_bit)));
+    }
+  }
+  ll_sync_if(a.timing);
+  ll_mark(a.timing, op, kLLTReleased);
+}
+
+// Send phase, version 2 (kLLVarDispatchSend; same results bitwise). Differences:
+// - A token's row goes to slot rows[me, t] (t < T <= M) at each destination rank instead
+//   of rows[me, #{t' < t with an expert there}]; the list entry points at it. So the row
+//   stores need only the token's own top-k (every warp reduces its destination ranks from
+//   its lanes) and leave right after staging, before the counts over the earlier tokens.
+// - Those counts (list positions only; no per-rank counts any more) are warp ballots and
+//   one shared add per (warp, slot), not one shared atomic per (token, slot) on 8 hot
+//   addresses; the loop over the earlier tokens is warp-uniform.
+template <typename Elt>
+__device__ __forceinline__ void dispatch_send_v2(const LLDispatchArgs& a, uint64_t op,
+                                                 DispatchShared& sm, int4* s_row) {
+  const int R = a.num_ranks, E = a.num_experts, L = E / R, M = a.max_tokens;
+  const int T = a.num_tokens, K = a.num_topk, H = a.hidden;
+  const int tid = threadIdx.x, nthr = blockDim.x, G = gridDim.x, b = blockIdx.x;
+  const int lane = tid & 31, warp = tid >> 5, num_warps = nthr >> 5;
+  const size_t stride = ll_dispatch_row_stride(H, sizeof(Elt), a.use_fp8);
+  const int chunks = int(stride / 16);
+  const size_t list_offset = ll_dispatch_list_offset(R, M, stride);
+  const size_t list_len = size_t(E) * M;
+  const bool scaled = a.slot_scale != nullptr && !a.use_fp8;
+  const uint32_t scaled_bit = scaled ? kScaledBit : 0u;
+
+  for (int e = tid; e < E; e += nthr) {
+    sm.ne[e] = 0;
+    sm.rows[e] = 0;
+  }
+  bool first_pass = true;
+  for (int t = b; first_pass || t < T; t += G) {
+    const bool has_token = t < T;
+    // The token's experts in lanes k < K of every warp (threads < kMaxTopk: warp 0, whose
+    // lanes are the slots, also put them in shared memory for the counts).
+    const int my_e = has_token && lane < K ? ld_nc(a.topk_idx + size_t(t) * K + lane) : -1;
+    const bool my_valid = my_e >= 0 && my_e < E;
+    if (tid < kMaxTopk) {
+      sm.before[tid] = 0;
+      sm.te[tid] = my_e;
+    }
+    if (has_token) stage_row<Elt>(a, t, s_row);
+    const unsigned rank_mask = __reduce_or_sync(0xffffffffu, my_valid ? 1u << (my_e / L) : 0u);
+    __syncthreads();  // s_row, te, before; first pass: ne and rows zeroed
+    ll_mark(a.timing, op, kLLTStaged);
+    if (has_token) {
+      for (unsigned m = rank_mask; m != 0u; m &= m - 1u) {
+        const int r = __ffs(int(m)) - 1;
+        int4* dst = reinterpret_cast<int4*>(ll_half(a.peers.base[r], op, a.half_bytes) +
+                                            (size_t(a.me) * M + t) * stride);
+        for (int c = tid; c < chunks; c += nthr) dst[c] = s_row[c];
+      }
+    }
+    ll_mark(a.timing, op, kLLTRowsIssued);
+    // Tokens tp < T (first pass: histogram of distinct experts) or tp < t (positions).
+    const int t_end = first_pass ? T : t;
+    for (int base = warp * 32; base < t_end; base += num_warps * 32) {  // warp-uniform
+      const int tp = base + lane;
+      const bool in = tp < t_end;
+      int row[kMaxTopk];
+#pragma unroll
+      for (int k = 0; k < kMaxTopk; ++k) row[k] = in && k < K ? ld_nc(a.topk_idx + size_t(tp) * K + k) : -1;
+      if (first_pass) {
+#pragma unroll
+        for (int k = 0; k < kMaxTopk; ++k) {
+          const int e = row[k];
+          bool first = e >= 0 && e < E;
+#pragma unroll
+          for (int k2 = 0; k2 < k; ++k2) first &= row[k2] != e;
+          if (first) atomicAdd(&sm.ne[e], 1);
+        }
+      }
+      if (has_token) {
+        const bool earlier = in && tp < t;
+        for (int k = 0; k < K; ++k) {
+          const int e = sm.te[k];
+          bool hit = false;
+#pragma unroll
+          for (int k2 = 0; k2 < kMaxTopk; ++k2) hit |= row[k2] == e;
+          hit = hit && earlier && e >= 0 && e < E;
+          const int c = __popc(__ballot_sync(0xffffffffu, hit));
+          if (lane == 0 && c != 0) atomicAdd(&sm.before[k], c);
+        }
+      }
+    }
+    __syncthreads();
+    if (first_pass) {
+      first_pass = false;
+      // Experts this rank sends nothing to: an empty flag from their owner block.
+      for (int e = b + tid * G; e < E; e += nthr * G) {
+        if (sm.ne[e] == 0)
+          st_release_sys(&ll_header(a.peers.base[e / L])->flags[op & 1][(e % L) * R + a.me],
+                         flag_value(op, int(scaled_bit)));
+      }
+    }
+    if (!has_token) break;
+    if (warp == 0) {  // send_pos and the list entries (one per distinct expert)
+      const int k = lane;
+      const int e = k < K ? sm.te[k] : -1;
+      const bool valid = e >= 0 && e < E;
+      bool first = valid;
+      for (int k2 = 0; k2 < k && k2 < K; ++k2) first &= sm.te[k2] != e;
+      const unsigned mask = __ballot_sync(0xffffffffu, first);
+      if (k < K) a.send_pos[size_t(t) * K + k] = valid ? a.me * M + sm.before[k] : -1;
+      if (first) {
+        const int d = __popc(mask & ((1u << k) - 1u));
+        sm.exp_e[d] = e;
+        sm.exp_pos[d] = sm.before[k];
+        sm.exp_scale[d] = scaled ? slot_scale_sum(a, t, e) : 1.0f;
+      }
+      if (k == 0) sm.num_exp = __popc(mask);
+    }
+    __syncthreads();
+    if (tid < sm.num_exp) {
+      const int e = sm.exp_e[tid];
+      char* lists = ll_half(a.peers.base[e / L], op, a.half_bytes) + list_offset;
+      const size_t at = (size_t(e % L) * R + a.me) * M + sm.exp_pos[tid];
+      reinterpret_cast<int*>(lists)[at] = t;  // the row: slot [me, t]
+      reinterpret_cast<int*>(lists)[list_len + at] = t;
+      reinterpret_cast<float*>(lists)[2 * list_len + at] = sm.exp_scale[tid];
+      sm.rows[e] += 1;  // distinct experts: no two threads collide
+    }
+    __syncthreads();  // s_row, te, before and the token's entries are rewritten next token
+    ll_mark(a.timing, op, kLLTListsIssued);
+  }
+  dispatch_release(a, op, sm, scaled_bit);
 }
 
 // Copies the unit's n rows (source rows sm.unit_row[i] of `src`, `src_stride` apart, at
@@ -549,6 +745,7 @@ __device__ __forceinline__ void dispatch_recv(const LLDispatchArgs& a, uint64_t 
                                          a.me, u % R, a.me * L + u / R));
   }
   __syncthreads();  // the acquires above order the peers' stores before every thread's loads
+  ll_mark(a.timing, op, kLLTFlagsSeen);
   for (int j = 0; j < nu; ++j) {
     const int u = b + j * G, s = u % R;
     const uint32_t flag = sm.unit_flag[j];
@@ -586,6 +783,7 @@ __device__ __forceinline__ void dispatch_recv(const LLDispatchArgs& a, uint64_t 
     }
     __syncthreads();  // unit_row / unit_scale are rewritten for the next unit
   }
+  ll_mark(a.timing, op, kLLTRecvCopied);
   // recv_count[l], by the block of unit (l, 0): the other flags of l are in or nearly so.
   for (int j = tid; j < nu; j += nthr) {
     const int u = b + j * G;
@@ -599,21 +797,223 @@ __device__ __forceinline__ void dispatch_recv(const LLDispatchArgs& a, uint64_t 
     }
     a.recv_count[l] = total;
   }
+  ll_sync_if(a.timing);
+  ll_mark(a.timing, op, kLLTCounts);
+}
+
+// Copies `total` entries p of sm (source row sm.unit_row[p] of src, src_stride apart, to
+// row sm.unit_dst[p] of dst, dst_stride apart; row_bytes each), kUnroll loads in flight per
+// thread, flattened over (entry, vector) across all of a block's units.
+template <typename Vec, typename Elt, bool kScale>
+__device__ __forceinline__ void gather_entries(char* dst, size_t dst_stride, const char* src,
+                                               size_t src_stride, const DispatchShared& sm,
+                                               int total, int row_bytes) {
+  const int per_row = row_bytes / int(sizeof(Vec));
+  const int n = total * per_row;
+  for (int base = threadIdx.x; base < n; base += blockDim.x * kUnroll) {
+    Vec v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int idx = base + u * int(blockDim.x);
+      if (idx < n) {
+        const int p = idx / per_row, c = idx - p * per_row;
+        v[u] = ld_cg(reinterpret_cast<const Vec*>(src + size_t(sm.unit_row[p]) * src_stride) + c);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int idx = base + u * int(blockDim.x);
+      if (idx < n) {
+        const int p = idx / per_row, c = idx - p * per_row;
+        Vec out = v[u];
+        if constexpr (kScale) out = scale_vec<Elt>(out, sm.unit_scale[p]);
+        reinterpret_cast<Vec*>(dst + size_t(sm.unit_dst[p]) * dst_stride)[c] = out;
+      }
+    }
+  }
+}
+
+// Recv phase, version 2 (kLLVarDispatchRecv; same results bitwise). Differences:
+// - The lists of all of the block's units are read in one pass (one dependent round trip
+//   instead of one per unit) into one entry table, and all their rows (then all their
+//   scales) are gathered by one flattened copy; the old per-unit loop remains for blocks
+//   with more than kLLMaxTokensPerRank entries or mixed scaled / unscaled flags.
+// - recv_count: the R flag waits of each local expert run in parallel threads (integer
+//   sums: order-free), not R dependent system-scope loads in one thread.
+template <typename Elt>
+__device__ __forceinline__ void dispatch_recv_v2(const LLDispatchArgs& a, uint64_t op,
+                                                 DispatchShared& sm) {
+  const int R = a.num_ranks, E = a.num_experts, L = E / R, M = a.max_tokens, H = a.hidden;
+  const int tid = threadIdx.x, nthr = blockDim.x, G = gridDim.x, b = blockIdx.x;
+  char* local = a.peers.base[a.me];
+  LowLatencyHeader* h = ll_header(local);
+  const size_t stride = ll_dispatch_row_stride(H, sizeof(Elt), a.use_fp8);
+  const char* half = ll_half(local, op, a.half_bytes);
+  const size_t list_len = size_t(E) * M;
+  const int* list_row = reinterpret_cast<const int*>(half + ll_dispatch_list_offset(R, M, stride));
+  const int* list_token = list_row + list_len;
+  const float* list_scale = reinterpret_cast<const float*>(list_row + 2 * list_len);
+  const int value_bytes = a.use_fp8 ? H : H * int(sizeof(Elt));  // a multiple of 16
+  const int scale_bytes = a.use_fp8 ? H / 32 : 0;                // a multiple of 4
+  const int nu = b < E ? (E - 1 - b) / G + 1 : 0;
+
+  for (int j = tid; j < nu; j += nthr) {
+    const int u = b + j * G;
+    sm.rows[j] = 0;  // recv_count accumulator (send phase done with it)
+    sm.unit_flag[j] = uint32_t(wait_flag(&h->flags[op & 1][u], op, "low_latency_dispatch",
+                                         a.me, u % R, a.me * L + u / R));
+  }
+  __syncthreads();  // the acquires above order the peers' stores before every thread's loads
+  ll_mark(a.timing, op, kLLTFlagsSeen);
+  if (tid == 0) {  // entry offsets per unit (sm.ne: the send phase is done with it)
+    int total = 0, any_scaled = 0, all_scaled = 1;
+    for (int j = 0; j < nu; ++j) {
+      const uint32_t flag = sm.unit_flag[j];
+      const int scaled = (flag & kScaledBit) != 0 && !a.use_fp8;
+      const int n = int(flag & ~kScaledBit);
+      sm.ne[j] = total;
+      total += n < M ? n : M;
+      any_scaled |= scaled;
+      all_scaled &= scaled;
+    }
+    sm.num_dst = total;
+    sm.num_exp = any_scaled == 0 ? 0 : (all_scaled ? 1 : 2);  // 2: mixed
+  }
+  __syncthreads();
+  const int total = sm.num_dst, scaled_mode = sm.num_exp;
+  if (total <= kLLMaxTokensPerRank && scaled_mode != 2) {
+    for (int idx = tid; idx < nu * M; idx += nthr) {
+      const int j = idx / M, i = idx - j * M;
+      const int u = b + j * G, s = u % R;
+      const uint32_t flag = sm.unit_flag[j];
+      int n = int(flag & ~kScaledBit);
+      n = n < M ? n : M;
+      const size_t row0 = size_t(u) * M;
+      a.recv_src_token[row0 + i] = i < n ? ld_cg(list_token + row0 + i) : -1;
+      if (i == 0) a.recv_count_per_rank[u] = n;
+      if (i < n) {
+        const int p = sm.ne[j] + i;
+        int row = ld_cg(list_row + row0 + i);
+        row = row < 0 ? 0 : (row >= M ? M - 1 : row);
+        sm.unit_row[p] = s * M + row;
+        sm.unit_dst[p] = int(row0) + i;
+        sm.unit_scale[p] = scaled_mode ? ld_cg(list_scale + row0 + i) : 1.0f;
+      }
+    }
+    __syncthreads();
+    char* values = static_cast<char*>(a.recv_x);
+    if (scaled_mode)
+      gather_entries<int4, Elt, true>(values, value_bytes, half, stride, sm, total, value_bytes);
+    else
+      gather_entries<int4, Elt, false>(values, value_bytes, half, stride, sm, total, value_bytes);
+    char* scales = reinterpret_cast<char*>(a.recv_scales);
+    if (scale_bytes) {
+      if (scale_bytes % 16 == 0)
+        gather_entries<int4, Elt, false>(scales, scale_bytes, half + H, stride, sm, total,
+                                         scale_bytes);
+      else
+        gather_entries<int, Elt, false>(scales, scale_bytes, half + H, stride, sm, total,
+                                        scale_bytes);
+    }
+    if (a.zero_padding) {
+      for (int j = 0; j < nu; ++j) {
+        const int u = b + j * G;
+        int n = int(sm.unit_flag[j] & ~kScaledBit);
+        n = n < M ? n : M;
+        if (n >= M) continue;
+        const size_t row0 = size_t(u) * M;
+        block_zero<int4>(values + (row0 + n) * value_bytes, size_t(M - n) * value_bytes);
+        if (scale_bytes)
+          block_zero<int>(scales + (row0 + n) * scale_bytes, size_t(M - n) * scale_bytes);
+      }
+    }
+  } else {  // the per-unit loop (as dispatch_recv)
+    const int* lr = list_row;
+    for (int j = 0; j < nu; ++j) {
+      const int u = b + j * G, s = u % R;
+      const uint32_t flag = sm.unit_flag[j];
+      const bool scaled = (flag & kScaledBit) != 0 && !a.use_fp8;
+      int n = int(flag & ~kScaledBit);
+      n = n < M ? n : M;
+      const size_t row0 = size_t(u) * M;
+      if (tid == 0) a.recv_count_per_rank[u] = n;
+      for (int i = tid; i < M; i += nthr) {
+        a.recv_src_token[row0 + i] = i < n ? ld_cg(list_token + row0 + i) : -1;
+        if (i < n) {
+          int row = ld_cg(lr + row0 + i);
+          sm.unit_row[i] = row < 0 ? 0 : (row >= M ? M - 1 : row);
+          sm.unit_scale[i] = scaled ? ld_cg(list_scale + row0 + i) : 1.0f;
+        }
+      }
+      __syncthreads();
+      const char* rows = half + size_t(s) * M * stride;
+      char* values = static_cast<char*>(a.recv_x) + row0 * value_bytes;
+      if (scaled)
+        gather_rows<int4, Elt, true>(values, rows, stride, sm, n, value_bytes);
+      else
+        gather_rows<int4, Elt, false>(values, rows, stride, sm, n, value_bytes);
+      char* scales = nullptr;
+      if (scale_bytes) {
+        scales = reinterpret_cast<char*>(a.recv_scales) + row0 * scale_bytes;
+        if (scale_bytes % 16 == 0)
+          gather_rows<int4, Elt, false>(scales, rows + H, stride, sm, n, scale_bytes);
+        else
+          gather_rows<int, Elt, false>(scales, rows + H, stride, sm, n, scale_bytes);
+      }
+      if (a.zero_padding && n < M) {
+        block_zero<int4>(values + size_t(n) * value_bytes, size_t(M - n) * value_bytes);
+        if (scale_bytes)
+          block_zero<int>(scales + size_t(n) * scale_bytes, size_t(M - n) * scale_bytes);
+      }
+      __syncthreads();
+    }
+  }
+  ll_sync_if(a.timing);
+  ll_mark(a.timing, op, kLLTRecvCopied);
+  // recv_count[l] (l = u / R for the block's units with u % R == 0): one thread per flag.
+  for (int idx = tid; idx < nu * R; idx += nthr) {
+    const int j = idx / R, r = idx - j * R;
+    const int u = b + j * G;
+    if (u % R) continue;
+    const int l = u / R;
+    int n = int(uint32_t(wait_flag(&h->flags[op & 1][l * R + r], op, "low_latency_dispatch",
+                                   a.me, r, a.me * L + l)) & ~kScaledBit);
+    atomicAdd(&sm.rows[j], n < M ? n : M);
+  }
+  __syncthreads();
+  for (int j = tid; j < nu; j += nthr) {
+    const int u = b + j * G;
+    if (u % R == 0) a.recv_count[u / R] = sm.rows[j];
+  }
+  ll_sync_if(a.timing);
+  ll_mark(a.timing, op, kLLTCounts);
 }
 
 template <typename Elt>
 __global__ void __launch_bounds__(kLLMaxThreads) ll_dispatch_kernel(LLDispatchArgs a, int phases) {
   __shared__ DispatchShared sm;
   extern __shared__ int4 s_row[];  // send: one staged slot row
+  const LLStamp entry = ll_stamp(a.timing);
   char* local = a.peers.base[a.me];
   const uint64_t op =
       (phases & kLLSend) ? begin_send(local, a.ticket, "low_latency_dispatch", a.me, &sm.op)
                          : begin_recv(local, a.expect_ticket, "low_latency_dispatch", a.me, &sm.op);
-  if (phases & kLLSend) dispatch_send<Elt>(a, op, sm, s_row);
+  ll_mark_begin(a.timing, op, phases, entry, 1, a.variant);
+  if (phases & kLLSend) {
+    if (a.variant & kLLVarDispatchSend)
+      dispatch_send_v2<Elt>(a, op, sm, s_row);
+    else
+      dispatch_send<Elt>(a, op, sm, s_row);
+  }
   if (phases & kLLRecv) {
     __syncthreads();
-    dispatch_recv<Elt>(a, op, sm);
+    if (phases & kLLSend) ll_mark(a.timing, op, kLLTRecvEntry);
+    if (a.variant & kLLVarDispatchRecv)
+      dispatch_recv_v2<Elt>(a, op, sm);
+    else
+      dispatch_recv<Elt>(a, op, sm);
     finish_recv(local, op);
+    ll_mark(a.timing, op, kLLTExit);
   }
 }
 
@@ -628,8 +1028,16 @@ struct CombineShared {
 // Send phase. Block b handles the units u = l*R + s = b, b+G, ...: the n rows
 // y[l, s*M + i] (= row u*M + i) go to slot [me*L + l, i] of rank s; after all of the
 // block's rows one barrier, then one release per unit flag (expert me*L + l at rank s).
+// kLLVarCombineSend: when the block has at most kMaxFlatUnits units, one copy flattened
+// over (unit, row, vector), so the loads of every unit are in flight together (the
+// per-unit loop waits for one unit's loads before issuing the next unit's). skip_local
+// (fused op, kLLVarCombineLocal): the units of this rank (s == me) are not copied; the recv
+// phase reads them from y. Their flags are still released (every flag is awaited).
+constexpr int kMaxFlatUnits = 8;
+
 template <typename T, typename Vec>
-__device__ __forceinline__ void combine_send(const LLCombineArgs& a, uint64_t op) {
+__device__ __forceinline__ void combine_send(const LLCombineArgs& a, uint64_t op, bool flat,
+                                             bool skip_local) {
   const int R = a.num_ranks, E = a.num_experts, L = E / R, M = a.max_tokens;
   const int tid = threadIdx.x, nthr = blockDim.x, G = gridDim.x, b = blockIdx.x;
   const int row_bytes = a.width * int(sizeof(T));
@@ -639,12 +1047,60 @@ __device__ __forceinline__ void combine_send(const LLCombineArgs& a, uint64_t op
     const int n = a.recv_count_per_rank[u];
     return n < 0 ? 0 : (n > M ? M : n);
   };
-  for (int j = 0; j < nu; ++j) {
-    const int u = b + j * G, l = u / R, s = u % R;
-    char* dst = ll_half(a.peers.base[s], op, a.half_bytes) + size_t(a.me * L + l) * M * stride;
-    const char* src = static_cast<const char*>(a.y) + size_t(u) * M * row_bytes;
-    block_copy_rows<Vec, false>(dst, stride, src, row_bytes, count_of(u), row_bytes);
+  auto copied = [&](int u) { return skip_local && u % R == a.me ? 0 : count_of(u); };
+  if (flat && nu <= kMaxFlatUnits) {
+    // off[j]: rows of the block's units before unit j (every thread computes them).
+    int off[kMaxFlatUnits + 1];
+    off[0] = 0;
+#pragma unroll
+    for (int j = 0; j < kMaxFlatUnits; ++j) off[j + 1] = off[j] + (j < nu ? copied(b + j * G) : 0);
+    const int per_row = row_bytes / int(sizeof(Vec));
+    const int total = off[kMaxFlatUnits] * per_row;
+    const char* y = static_cast<const char*>(a.y);
+    for (int base = tid; base < total; base += nthr * kUnroll) {
+      Vec v[kUnroll];
+#pragma unroll
+      for (int q = 0; q < kUnroll; ++q) {
+        const int idx = base + q * nthr;
+        if (idx < total) {
+          const int rr = idx / per_row, c = idx - rr * per_row;
+          int j = 0, first = 0;  // unit of flattened row rr (registers only: no off[j])
+#pragma unroll
+          for (int x = 1; x < kMaxFlatUnits; ++x) {
+            j += rr >= off[x] ? 1 : 0;
+            first = rr >= off[x] ? off[x] : first;
+          }
+          const int u = b + j * G, i = rr - first;
+          v[q] = ld_nc(reinterpret_cast<const Vec*>(y + (size_t(u) * M + i) * row_bytes) + c);
+        }
+      }
+#pragma unroll
+      for (int q = 0; q < kUnroll; ++q) {
+        const int idx = base + q * nthr;
+        if (idx < total) {
+          const int rr = idx / per_row, c = idx - rr * per_row;
+          int j = 0, first = 0;
+#pragma unroll
+          for (int x = 1; x < kMaxFlatUnits; ++x) {
+            j += rr >= off[x] ? 1 : 0;
+            first = rr >= off[x] ? off[x] : first;
+          }
+          const int u = b + j * G, i = rr - first, l = u / R, s = u - l * R;
+          char* dst = ll_half(a.peers.base[s], op, a.half_bytes) +
+                      (size_t(a.me * L + l) * M + i) * stride;
+          reinterpret_cast<Vec*>(dst)[c] = v[q];
+        }
+      }
+    }
+  } else {
+    for (int j = 0; j < nu; ++j) {
+      const int u = b + j * G, l = u / R, s = u % R;
+      char* dst = ll_half(a.peers.base[s], op, a.half_bytes) + size_t(a.me * L + l) * M * stride;
+      const char* src = static_cast<const char*>(a.y) + size_t(u) * M * row_bytes;
+      block_copy_rows<Vec, false>(dst, stride, src, row_bytes, copied(u), row_bytes);
+    }
   }
+  ll_mark(a.timing, op, kLLTRowsIssued);
   sender_fence();
   __syncthreads();  // the release below is cumulative over every store of the block
   for (int j = tid; j < nu; j += nthr) {
@@ -652,6 +1108,8 @@ __device__ __forceinline__ void combine_send(const LLCombineArgs& a, uint64_t op
     st_release_sys(&ll_header(a.peers.base[s])->flags[op & 1][a.me * L + l],
                    flag_value(op, count_of(u)));
   }
+  ll_sync_if(a.timing);
+  ll_mark(a.timing, op, kLLTReleased);
 }
 
 // Recv phase. Block b handles tokens t = b, b+G, ...: thread k waits for the flag of slot
@@ -659,6 +1117,8 @@ __device__ __forceinline__ void combine_send(const LLCombineArgs& a, uint64_t op
 // separate multiply and add (the reference's order: the sum starts from the k = 0 term;
 // masked slots add 0). Then the block waits for the flags e = b, b+G, ... that no token
 // needed, so that every flag of this op has been seen before the op ends.
+// a.local_direct: a slot whose expert is on this rank reads y[l, me*M + pos % M] (the very
+// row the send would have copied) and waits for no flag.
 template <typename T, int V>
 __device__ __forceinline__ void combine_recv(const LLCombineArgs& a, uint64_t op,
                                              CombineShared& sm) {
@@ -676,8 +1136,14 @@ __device__ __forceinline__ void combine_recv(const LLCombineArgs& a, uint64_t op
       if (pos >= 0) {
         int e = a.topk_idx[size_t(t) * K + k];
         e = e < 0 ? 0 : (e >= E ? E - 1 : e);  // jnp gathers clamp, so does this
-        wait_flag(&h->flags[op & 1][e], op, "low_latency_combine", a.me, e / L, e);
-        sm.row[k] = half + (size_t(e) * M + pos % M) * stride;
+        if (a.local_direct && e / L == a.me) {
+          const int l = e - a.me * L;
+          sm.row[k] = static_cast<const char*>(a.y) +
+                      ((size_t(l) * R + a.me) * M + pos % M) * size_t(W) * sizeof(T);
+        } else {
+          wait_flag(&h->flags[op & 1][e], op, "low_latency_combine", a.me, e / L, e);
+          sm.row[k] = half + (size_t(e) * M + pos % M) * stride;
+        }
         sm.w[k] = a.topk_weights[size_t(t) * K + k];
       } else {
         sm.row[k] = nullptr;
@@ -685,6 +1151,7 @@ __device__ __forceinline__ void combine_recv(const LLCombineArgs& a, uint64_t op
       }
     }
     __syncthreads();
+    if (t == b) ll_mark(a.timing, op, kLLTFlagsSeen);
     T* out = static_cast<T*>(a.out) + size_t(t) * W;
     for (int j = tid * V; j < W; j += nthr * V) {
       float acc[V];
@@ -722,22 +1189,30 @@ __device__ __forceinline__ void combine_recv(const LLCombineArgs& a, uint64_t op
     }
     __syncthreads();  // sm.row / sm.w are rewritten for the next token
   }
+  ll_mark(a.timing, op, kLLTRecvCopied);
   for (int e = b + tid * G; e < E; e += nthr * G)
     wait_flag(&h->flags[op & 1][e], op, "low_latency_combine", a.me, e / L, e);
+  ll_sync_if(a.timing);
+  ll_mark(a.timing, op, kLLTCounts);
 }
 
 template <typename T, int V, typename Vec>
 __global__ void __launch_bounds__(kLLMaxThreads) ll_combine_kernel(LLCombineArgs a, int phases) {
   __shared__ CombineShared sm;
+  const LLStamp entry = ll_stamp(a.timing);
   char* local = a.peers.base[a.me];
   const uint64_t op =
       (phases & kLLSend) ? begin_send(local, a.ticket, "low_latency_combine", a.me, &sm.op)
                          : begin_recv(local, a.expect_ticket, "low_latency_combine", a.me, &sm.op);
-  if (phases & kLLSend) combine_send<T, Vec>(a, op);
+  ll_mark_begin(a.timing, op, phases, entry, 2, a.variant);
+  if (phases & kLLSend)
+    combine_send<T, Vec>(a, op, (a.variant & kLLVarCombineSend) != 0, a.local_direct);
   if (phases & kLLRecv) {
     __syncthreads();
+    if (phases & kLLSend) ll_mark(a.timing, op, kLLTRecvEntry);
     combine_recv<T, V>(a, op, sm);
     finish_recv(local, op);
+    ll_mark(a.timing, op, kLLTExit);
   }
 }
 
@@ -806,14 +1281,35 @@ cudaError_t launch_one(void (*kernel)(Args, int), const Args& a, int phases, int
 // Runs `phases` of an op: both in one cooperative launch when it can hold a grid of
 // co-resident blocks (then a block spinning in its recv phase can never keep a block of
 // the same grid from sending), else one launch per phase.
+// cudaFuncSetAttribute(MaxDynamicSharedMemorySize) once per (device, kernel) and size
+// (it was called on every launch; a host-side cost only).
+template <typename Args>
+cudaError_t ensure_smem(void (*kernel)(Args, int), size_t smem) {
+  if (smem <= 48 * 1024) return cudaSuccess;
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  static std::mutex mu;
+  static std::map<std::pair<int, const void*>, size_t> done;
+  const auto key = std::make_pair(device, reinterpret_cast<const void*>(kernel));
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = done.find(key);
+    if (it != done.end() && it->second >= smem) return cudaSuccess;
+  }
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  if (err != cudaSuccess) return err;
+  std::lock_guard<std::mutex> lock(mu);
+  size_t& v = done[key];
+  if (v < smem) v = smem;
+  return cudaSuccess;
+}
+
 template <typename Args>
 cudaError_t run_phases(void (*kernel)(Args, int), const Args& a, int phases, int send_work,
                        int recv_work, size_t send_smem, cudaStream_t stream) {
-  if (send_smem > 48 * 1024) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           int(send_smem));
-    if (err != cudaSuccess) return err;
-  }
+  cudaError_t serr = ensure_smem(kernel, send_smem);
+  if (serr != cudaSuccess) return serr;
   if (phases == kLLBoth && one_kernel_enabled()) {
     const int cap = max_coresident(kernel, a.num_threads, send_smem);
     if (cap > 0) {
@@ -871,7 +1367,12 @@ cudaError_t launch_ll_dispatch(const LLDispatchArgs& a, int phases, cudaStream_t
   return cudaErrorInvalidValue;
 }
 
-cudaError_t launch_ll_combine(const LLCombineArgs& a, int phases, cudaStream_t stream) {
+cudaError_t launch_ll_combine(const LLCombineArgs& args, int phases, cudaStream_t stream) {
+  LLCombineArgs a = args;
+  // Local rows straight from y: only when one handler call runs both phases (it has y and
+  // the recv side's inputs); the split recv has no y.
+  a.local_direct = (a.variant & kLLVarCombineLocal) != 0 && phases == kLLBoth &&
+                   a.y != nullptr && a.send_pos != nullptr;
   switch (a.y_type) {
     case ElemType::kBF16: return launch_combine_t<__nv_bfloat16>(a, phases, stream);
     case ElemType::kF16: return launch_combine_t<__half>(a, phases, stream);

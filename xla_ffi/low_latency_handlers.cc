@@ -8,6 +8,10 @@
 // concurrently, while they share the Buffer's op counter and must run one after the other.
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
 #include <string>
 
 #include "cuda/low_latency.h"
@@ -19,6 +23,48 @@ namespace ffi = xla::ffi;
 
 namespace jax_ep {
 namespace {
+
+// ------------------------------------------------------------------ variants, timing
+
+// JAX_EP_LL_VARIANT (LLVariantBits, decimal or 0x..; unset: kLLVariantDefault), read at
+// every call so that one process can time several variants one after the other.
+int ll_variant() {
+  const char* v = std::getenv("JAX_EP_LL_VARIANT");
+  if (v == nullptr || *v == '\0') return kLLVariantDefault;
+  return int(std::strtol(v, nullptr, 0)) & kLLVariantDefault;
+}
+
+bool ll_timing_on() {
+  const char* v = std::getenv("JAX_EP_LL_TIMING");
+  return v != nullptr && std::strcmp(v, "0") != 0 && *v != '\0';
+}
+
+// One debug ring of kLLTimingRing LLTimingRecords per GPU, allocated on first use with
+// JAX_EP_LL_TIMING set and kept for the life of the process.
+std::mutex g_timing_mu;
+std::map<int, LLTimingRecord*> g_timing;
+
+// Zeroed on `stream` (stream-ordered: no host wait while peers' kernels may be spinning).
+LLTimingRecord* timing_ring(int device, cudaStream_t stream) {
+  if (!ll_timing_on()) return nullptr;
+  std::lock_guard<std::mutex> lock(g_timing_mu);
+  auto it = g_timing.find(device);
+  if (it != g_timing.end()) return it->second;
+  int saved = 0;
+  if (cudaGetDevice(&saved) != cudaSuccess) saved = device;
+  LLTimingRecord* p = nullptr;
+  const size_t bytes = sizeof(LLTimingRecord) * kLLTimingRing;
+  if (cudaSetDevice(device) != cudaSuccess ||
+      cudaMalloc(reinterpret_cast<void**>(&p), bytes) != cudaSuccess ||
+      cudaMemsetAsync(p, 0, bytes, stream) != cudaSuccess) {
+    cudaGetLastError();  // timing is best effort: run without it
+    if (p != nullptr) cudaFree(p);
+    p = nullptr;
+  }
+  cudaSetDevice(saved);
+  g_timing[device] = p;
+  return p;
+}
 
 ffi::Error invalid(const std::string& op, const std::string& msg) {
   return ffi::Error(ffi::ErrorCode::kInvalidArgument, "jax_ep: " + op + ": " + msg);
@@ -92,7 +138,7 @@ ffi::Error check_sizes(const std::string& op, int num_ranks, int64_t num_experts
 // finds this GPU's buffer, checks the sizes and that a half of half_needed(num_ranks)
 // bytes fits, and fills the common fields of `a` (LLDispatchArgs or LLCombineArgs).
 template <typename Args, typename HalfNeeded>
-ffi::Error bind_common(const std::string& op, int32_t device, int64_t buffer_id,
+ffi::Error bind_common(cudaStream_t stream, const std::string& op, int32_t device, int64_t buffer_id,
                        int64_t num_experts, int64_t max_tokens, int num_tokens, int num_topk,
                        int64_t num_sms, int64_t num_warps, HalfNeeded half_needed, Args& a) {
   const BufferState* s = find_buffer(buffer_id, device);
@@ -112,6 +158,8 @@ ffi::Error bind_common(const std::string& op, int32_t device, int64_t buffer_id,
   a.half_bytes = half;
   a.num_blocks = blocks_of(num_sms);
   a.num_threads = threads_of(num_warps);
+  a.variant = ll_variant();
+  a.timing = timing_ring(device, stream);
   return ffi::Error::Success();
 }
 
@@ -234,7 +282,7 @@ ffi::Error LLDispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
   if (hidden != a.hidden || (!use_fp8 && recv_type != a.x_type))
     return invalid(op, "recv_x must be [L, R*M, H] in x's dtype (or float8_e4m3fn)");
   const auto id = topk_idx.dimensions();
-  err = bind_common(op, device, buffer_id, num_experts, max_tokens_per_rank, int(id[0]),
+  err = bind_common(stream, op, device, buffer_id, num_experts, max_tokens_per_rank, int(id[0]),
                     int(id[1]), num_sms, num_warps,
                     dispatch_half_needed(num_experts, max_tokens_per_rank, a.hidden, a.x_type,
                                          use_fp8),
@@ -259,7 +307,7 @@ ffi::Error LLDispatchSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffe
                                send_pos->typed_data(), a);
   if (err.failure()) return err;
   const auto id = topk_idx.dimensions();
-  err = bind_common(op, device, buffer_id, num_experts, max_tokens_per_rank, int(id[0]),
+  err = bind_common(stream, op, device, buffer_id, num_experts, max_tokens_per_rank, int(id[0]),
                     int(id[1]), num_sms, num_warps,
                     dispatch_half_needed(num_experts, max_tokens_per_rank, a.hidden, a.x_type,
                                          use_fp8),
@@ -283,7 +331,7 @@ ffi::Error LLDispatchRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<f
   err = check_row(op, a.hidden, a.x_type, use_fp8);
   if (err.failure()) return err;
   a.use_fp8 = use_fp8;
-  err = bind_common(op, device, buffer_id, num_experts, max_tokens_per_rank, 0, 1, num_sms,
+  err = bind_common(stream, op, device, buffer_id, num_experts, max_tokens_per_rank, 0, 1, num_sms,
                     num_warps,
                     dispatch_half_needed(num_experts, max_tokens_per_rank, a.hidden, a.x_type,
                                          use_fp8),
@@ -319,7 +367,7 @@ ffi::Error check_y(const std::string& op, ffi::AnyBuffer y, int num_ranks, int64
   return ffi::Error::Success();
 }
 
-ffi::Error bind_combine(const std::string& op, int32_t device, int64_t buffer_id,
+ffi::Error bind_combine(cudaStream_t stream, const std::string& op, int32_t device, int64_t buffer_id,
                         int64_t num_experts, int64_t max_tokens, int num_tokens, int num_topk,
                         int width, ffi::DataType dtype, int64_t num_sms, int64_t num_warps,
                         LLCombineArgs& a) {
@@ -327,7 +375,7 @@ ffi::Error bind_combine(const std::string& op, int32_t device, int64_t buffer_id
   if (err.failure()) return err;
   a.width = width;
   const size_t half = combine_half_needed(num_experts, max_tokens, width, a.y_type);
-  return bind_common(op, device, buffer_id, num_experts, max_tokens, num_tokens, num_topk,
+  return bind_common(stream, op, device, buffer_id, num_experts, max_tokens, num_tokens, num_topk,
                      num_sms, num_warps, [half](int) { return half; }, a);
 }
 
@@ -342,7 +390,7 @@ ffi::Error LLCombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
   if (id.size() != 2) return invalid(op, "topk_idx must be [T, K]");
   LLCombineArgs a{};
   const auto yd = y.dimensions();
-  ffi::Error err = bind_combine(op, device, buffer_id, num_experts, max_tokens_per_rank,
+  ffi::Error err = bind_combine(stream, op, device, buffer_id, num_experts, max_tokens_per_rank,
                                 int(id[0]), int(id[1]), yd.size() == 3 ? int(yd[2]) : 0,
                                 y.element_type(), num_sms, num_warps, a);
   if (err.failure()) return err;
@@ -368,7 +416,7 @@ ffi::Error LLCombineSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer
   const std::string op = "low_latency_combine_send";
   LLCombineArgs a{};
   const auto yd = y.dimensions();
-  ffi::Error err = bind_combine(op, device, buffer_id, num_experts, max_tokens_per_rank, 0, 1,
+  ffi::Error err = bind_combine(stream, op, device, buffer_id, num_experts, max_tokens_per_rank, 0, 1,
                                 yd.size() == 3 ? int(yd[2]) : 0, y.element_type(), num_sms,
                                 num_warps, a);
   if (err.failure()) return err;
@@ -391,7 +439,7 @@ ffi::Error LLCombineRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ff
   if (id.size() != 2 || od.size() != 2 || od[0] != id[0])
     return invalid(op, "topk_idx must be [T, K] and out [T, W]");
   LLCombineArgs a{};
-  ffi::Error err = bind_combine(op, device, buffer_id, num_experts, max_tokens_per_rank,
+  ffi::Error err = bind_combine(stream, op, device, buffer_id, num_experts, max_tokens_per_rank,
                                 int(id[0]), int(id[1]), int(od[1]), out->element_type(), num_sms,
                                 num_warps, a);
   if (err.failure()) return err;
@@ -404,6 +452,29 @@ ffi::Error LLCombineRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ff
 }
 
 }  // namespace
+
+std::string ll_timing_read(int device, std::string* out) {
+  LLTimingRecord* p = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(g_timing_mu);
+    auto it = g_timing.find(device);
+    if (it != g_timing.end()) p = it->second;
+  }
+  out->clear();
+  if (p == nullptr) return "";  // no timed op ran on this GPU (JAX_EP_LL_TIMING unset?)
+  int saved = 0;
+  if (cudaGetDevice(&saved) != cudaSuccess) saved = device;
+  out->resize(sizeof(LLTimingRecord) * kLLTimingRing);
+  cudaError_t err = cudaSetDevice(device);
+  if (err == cudaSuccess) err = cudaDeviceSynchronize();  // every stream of the GPU
+  if (err == cudaSuccess) err = cudaMemcpy(&(*out)[0], p, out->size(), cudaMemcpyDeviceToHost);
+  cudaSetDevice(saved);
+  if (err != cudaSuccess) {
+    out->clear();
+    return std::string("ll_timing: ") + cudaGetErrorString(err);
+  }
+  return "";
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpLLDispatch, LLDispatchImpl,
                               ffi::Ffi::Bind()

@@ -1,6 +1,8 @@
 // C symbols of the low-latency FFI handlers (registered from module.cc).
 #pragma once
 
+#include <string>
+
 #include "xla/ffi/api/c_api.h"
 
 extern "C" {
@@ -13,3 +15,12 @@ XLA_FFI_Error* JaxEpLLCombineSend(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* JaxEpLLCombineRecv(XLA_FFI_CallFrame* call_frame);
 #endif
 }
+
+#ifdef JAX_EP_WITH_CUDA
+namespace jax_ep {
+// Phase timing (JAX_EP_LL_TIMING=1): waits for every stream of `device`, then copies its
+// ring of kLLTimingRing LLTimingRecords (cuda/low_latency.h) into *out; *out is empty when
+// no timed op ran there. Returns an error message, or "" on success.
+std::string ll_timing_read(int device, std::string* out);
+}  // namespace jax_ep
+#endif

@@ -16,6 +16,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda/buffer_layout.h"
+#include "cuda/low_latency.h"
 #include "xla_ffi/buffer_registry.h"
 #endif
 
@@ -138,5 +139,32 @@ NB_MODULE(_jax_ep_ffi, m) {
         return std::make_pair(int64_t(free_b), int64_t(total_b));
       },
       nb::arg("device"), "(free, total) bytes of a GPU (cudaMemGetInfo), for leak checks.");
+  m.def(
+      "ll_timing",
+      [](int device) {
+        std::string blob, err;
+        {
+          nb::gil_scoped_release release;
+          err = jax_ep::ll_timing_read(device, &blob);
+        }
+        if (!err.empty()) throw std::runtime_error(err);
+        return nb::bytes(blob.data(), blob.size());
+      },
+      nb::arg("device"),
+      "Low-latency phase timing (ops run with JAX_EP_LL_TIMING=1): waits for the GPU, returns "
+      "its ring of records (layout: ll_timing_layout()); empty when none ran there.");
+  m.def(
+      "ll_timing_layout",
+      []() {
+        nb::dict d;
+        d["ring"] = jax_ep::kLLTimingRing;
+        d["max_blocks"] = jax_ep::kLLTimingMaxBlocks;
+        d["points"] = int(jax_ep::kLLTimingPoints);
+        d["header_words"] = 8;
+        d["record_bytes"] = int64_t(sizeof(jax_ep::LLTimingRecord));
+        return d;
+      },
+      "Layout of ll_timing's records: header (op, kind, grid_send, grid_recv, variant, 3 "
+      "pad) u64, then ns[max_blocks][points] u64, then clk[max_blocks][points] u64.");
 #endif
 }
