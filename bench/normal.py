@@ -45,9 +45,6 @@ def main():
     ap.add_argument("--experts", type=int, default=256)
     ap.add_argument("--num-sms", type=int, default=24)
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--compare-cached", action="store_true",
-                    help="also time the per-lane cached dispatch kernel (JAX_EP_CACHED_DISPATCH"
-                         "=lanes) beside the default bulk-copy one")
     ap.add_argument("--compare-copy", action="store_true",
                     help="also time dispatch with per-lane and with bulk (TMA) row copies")
     ap.add_argument("--sms-sweep", default="",
@@ -156,11 +153,6 @@ def main():
     record("cached_dispatch_bf16", cd_bf16, a2a_bf16, bf16_row)
 
     variants = {}
-    if a.compare_cached:  # the per-lane cached dispatch kernel beside the bulk-copy one
-        os.environ["JAX_EP_CACHED_DISPATCH"] = "lanes"  # read by the launcher at each launch
-        us = per_call_us(cached_dispatch_chain, (x_d, idx_d, w_d), n_short, n_long, a.reps)
-        variants["cached_dispatch_bf16_lanes_us"] = round(us, 1)
-        os.environ.pop("JAX_EP_CACHED_DISPATCH")
     if a.compare_copy:  # same process, same routing: an A/B of the two copy paths
         for mode in ("warp", "tma"):
             os.environ["JAX_EP_DISPATCH_COPY"] = mode  # read by the handler at capture

@@ -8,9 +8,6 @@
 // (dispatch_finalize_kernel), so no separate permute pass and no duplicate NVLink
 // traffic. Receivers clear the rows nobody writes (XLA outputs start uninitialised) in
 // the same local finalize kernel, which may use more SMs than the communication kernel.
-#include <cstdlib>
-#include <cstring>
-
 #include "cuda/device_sync.cuh"
 #include "cuda/kernels.h"
 #include "cuda/row_copy.cuh"
@@ -265,103 +262,6 @@ __global__ void __launch_bounds__(kDispatchThreads) cached_dispatch_kernel(Cache
   finish_op(a.peers, a.me, a.num_ranks, "cached_dispatch");
 }
 
-// ---- Cached dispatch through the bulk-copy (TMA) engine.
-// The kernel above gives each warp one row at a time and 8 loads of 16 bytes in flight
-// per lane: a 14 KB row is about 4 dependent NVLink round trips, and 24 SMs reached
-// about 190 GB/s (4xH200: 1.24 ms for 14,808 rows inside the MoE layer's backward, where
-// the push dispatch moves the same rows in 0.51 ms). Here lane 0 of each warp keeps a ring
-// of kCachedStages bulk loads (kCachedChunk bytes each) in flight over its whole sequence
-// of (row, chunk) jobs, and writes each landed chunk with one bulk store: the loads of the
-// next chunks overlap the waits of the earlier ones across row boundaries. Same bytes,
-// same destination rows: the output is bitwise the one of the lane kernel.
-constexpr int kCachedWarps = 8;
-constexpr int kCachedStages = 3;
-constexpr int kCachedChunk = 8192;
-constexpr size_t kCachedBarrierBytes = 256;
-constexpr size_t kCachedSmem =
-    kCachedBarrierBytes + size_t(kCachedWarps) * kCachedStages * kCachedChunk;
-static_assert(kCachedWarps * kCachedStages * sizeof(uint64_t) <= kCachedBarrierBytes,
-              "barrier area");
-
-__device__ __forceinline__ bool cached_row_valid(const CachedDispatchArgs& a, int row) {
-  const int s = a.recv_src_rank[row];
-  return s >= 0 && s < a.num_ranks;
-}
-
-// Next row of this warp (stride `step`) that has a source, or a.capacity.
-__device__ __forceinline__ int next_valid_row(const CachedDispatchArgs& a, int row, int step) {
-  while (row < a.capacity && !cached_row_valid(a, row)) row += step;
-  return row < a.capacity ? row : a.capacity;
-}
-
-__global__ void __launch_bounds__(kCachedWarps * 32)
-    cached_dispatch_bulk_kernel(CachedDispatchArgs a) {
-  __shared__ uint64_t s_ptr[kMaxRanks][kMaxPublished];
-  extern __shared__ __align__(128) char s_dyn[];
-  char* local = a.peers.base[a.me];
-  const uint64_t seq = header_of(local)->seq;  // set by the begin kernel
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  const int first = blockIdx.x * kCachedWarps + warp;
-  const int step = gridDim.x * kCachedWarps;
-  load_peer_pointers(a.peers, a.me, a.num_ranks, seq, 1, s_ptr, "cached_dispatch");
-  // Rows without a source (padding, dropped) are zeroed by the whole warp.
-  for (int row = first; row < a.capacity; row += step)
-    if (!cached_row_valid(a, row)) warp_zero_row(a.out + size_t(row) * a.row_bytes, a.row_bytes, lane);
-  if (lane == 0) {
-    uint64_t* bar = reinterpret_cast<uint64_t*>(s_dyn) + warp * kCachedStages;
-    char* stages = s_dyn + kCachedBarrierBytes + size_t(warp) * kCachedStages * kCachedChunk;
-    for (int s = 0; s < kCachedStages; ++s) mbar_init(&bar[s]);
-    const int chunks = (a.row_bytes + kCachedChunk - 1) / kCachedChunk;
-    // Two cursors over the same job sequence: loads run kCachedStages jobs ahead.
-    int load_row = next_valid_row(a, first, step), load_c = 0;
-    int store_row = load_row, store_c = 0;
-    auto advance = [&](int& row, int& c) {
-      if (++c == chunks) {
-        c = 0;
-        row = next_valid_row(a, row + step, step);
-      }
-    };
-    auto issue = [&](int s) {
-      const int src_rank = a.recv_src_rank[load_row];
-      const int t = a.recv_src_token[load_row];
-      const int off = load_c * kCachedChunk;
-      const char* src = reinterpret_cast<const char*>(s_ptr[src_rank][0]) +
-                        size_t(t) * a.row_bytes + off;
-      tma_load(stages + size_t(s) * kCachedChunk, src,
-               uint32_t(min(kCachedChunk, a.row_bytes - off)), &bar[s]);
-      advance(load_row, load_c);
-    };
-    for (int s = 0; s < kCachedStages && load_row < a.capacity; ++s) issue(s);
-    uint32_t phase = 0;
-    for (int job = 0; store_row < a.capacity; ++job) {
-      const int s = job % kCachedStages;
-      mbar_wait(&bar[s], (phase >> s) & 1u);
-      phase ^= 1u << s;
-      const int off = store_c * kCachedChunk;
-      tma_store(a.out + size_t(store_row) * a.row_bytes + off,
-                stages + size_t(s) * kCachedChunk,
-                uint32_t(min(kCachedChunk, a.row_bytes - off)));
-      bulk_commit();
-      advance(store_row, store_c);
-      if (load_row < a.capacity) {
-        bulk_wait_read<0>();  // the store above has read stage s: refill it
-        issue(s);
-      }
-    }
-    bulk_wait_all();
-  }
-  __syncwarp();
-  finish_op(a.peers, a.me, a.num_ranks, "cached_dispatch");
-}
-
-// JAX_EP_CACHED_DISPATCH=lanes selects the per-lane kernel. Read at every launch (a
-// getenv, far below a launch's cost) so that one process can time both.
-bool cached_dispatch_bulk_enabled() {
-  const char* v = std::getenv("JAX_EP_CACHED_DISPATCH");
-  return v == nullptr || std::strcmp(v, "lanes") != 0;
-}
-
 }  // namespace
 
 cudaError_t launch_intranode_dispatch(const DispatchArgs& args, cudaStream_t stream,
@@ -382,15 +282,6 @@ cudaError_t launch_intranode_dispatch(const DispatchArgs& args, cudaStream_t str
 }
 
 cudaError_t launch_cached_dispatch(const CachedDispatchArgs& args, cudaStream_t stream) {
-  if (args.row_bytes % 16 == 0 && cached_dispatch_bulk_enabled()) {  // bulk copies need 16 B
-    const cudaError_t attr_err = cudaFuncSetAttribute(
-        cached_dispatch_bulk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-        int(kCachedSmem));
-    if (attr_err != cudaSuccess) return attr_err;
-    cached_dispatch_bulk_kernel<<<args.num_blocks, kCachedWarps * 32, kCachedSmem, stream>>>(
-        args);
-    return cudaGetLastError();
-  }
   cached_dispatch_kernel<<<args.num_blocks, kDispatchThreads, 0, stream>>>(args);
   return cudaGetLastError();
 }
