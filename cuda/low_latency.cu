@@ -716,36 +716,17 @@ __device__ __forceinline__ void gather_rows(char* dst, const char* src, size_t s
   }
 }
 
-// Recv phase. Block b handles the (local expert l, source rank s) units u = l*R + s = b,
-// b+G, ...: its threads wait for all of the block's flags at once; then per unit the
-// block reads the list (row index, token, scale of each of the n entries), copies source
-// s's rows into recv_x[l, s*M + i] (= row u*M + i; a row shared by several local experts
-// is read once per expert, from L2), fills recv_src_token (-1 past n),
-// recv_count_per_rank and recv_count, and zeroes rows n..M-1 only when asked.
+// The block's units one at a time (flags already seen, in sm.unit_flag): per unit, its list
+// (row index, token, scale of each of the n entries) into shared memory, then the rows of
+// its source rank into recv_x[l, s*M + i], recv_src_token (-1 past n), recv_count_per_rank,
+// and zeroes rows n..M-1 only when asked. Used by both recv versions.
 template <typename Elt>
-__device__ __forceinline__ void dispatch_recv(const LLDispatchArgs& a, uint64_t op,
-                                              DispatchShared& sm) {
-  const int R = a.num_ranks, E = a.num_experts, L = E / R, M = a.max_tokens, H = a.hidden;
+__device__ __forceinline__ void recv_units_one_by_one(
+    const LLDispatchArgs& a, DispatchShared& sm, const char* half, size_t stride,
+    const int* list_row, const int* list_token, const float* list_scale, int nu,
+    int value_bytes, int scale_bytes) {
+  const int R = a.num_ranks, M = a.max_tokens, H = a.hidden;
   const int tid = threadIdx.x, nthr = blockDim.x, G = gridDim.x, b = blockIdx.x;
-  char* local = a.peers.base[a.me];
-  LowLatencyHeader* h = ll_header(local);
-  const size_t stride = ll_dispatch_row_stride(H, sizeof(Elt), a.use_fp8);
-  const char* half = ll_half(local, op, a.half_bytes);
-  const size_t list_len = size_t(E) * M;
-  const int* list_row = reinterpret_cast<const int*>(half + ll_dispatch_list_offset(R, M, stride));
-  const int* list_token = list_row + list_len;
-  const float* list_scale = reinterpret_cast<const float*>(list_row + 2 * list_len);
-  const int value_bytes = a.use_fp8 ? H : H * int(sizeof(Elt));  // a multiple of 16
-  const int scale_bytes = a.use_fp8 ? H / 32 : 0;                // a multiple of 4
-  const int nu = b < E ? (E - 1 - b) / G + 1 : 0;
-
-  for (int j = tid; j < nu; j += nthr) {
-    const int u = b + j * G;
-    sm.unit_flag[j] = uint32_t(wait_flag(&h->flags[op & 1][u], op, "low_latency_dispatch",
-                                         a.me, u % R, a.me * L + u / R));
-  }
-  __syncthreads();  // the acquires above order the peers' stores before every thread's loads
-  ll_mark(a.timing, op, kLLTFlagsSeen);
   for (int j = 0; j < nu; ++j) {
     const int u = b + j * G, s = u % R;
     const uint32_t flag = sm.unit_flag[j];
@@ -783,6 +764,40 @@ __device__ __forceinline__ void dispatch_recv(const LLDispatchArgs& a, uint64_t 
     }
     __syncthreads();  // unit_row / unit_scale are rewritten for the next unit
   }
+}
+
+// Recv phase. Block b handles the (local expert l, source rank s) units u = l*R + s = b,
+// b+G, ...: its threads wait for all of the block's flags at once; then per unit the
+// block reads the list (row index, token, scale of each of the n entries), copies source
+// s's rows into recv_x[l, s*M + i] (= row u*M + i; a row shared by several local experts
+// is read once per expert, from L2), fills recv_src_token (-1 past n),
+// recv_count_per_rank and recv_count, and zeroes rows n..M-1 only when asked.
+template <typename Elt>
+__device__ __forceinline__ void dispatch_recv(const LLDispatchArgs& a, uint64_t op,
+                                              DispatchShared& sm) {
+  const int R = a.num_ranks, E = a.num_experts, L = E / R, M = a.max_tokens, H = a.hidden;
+  const int tid = threadIdx.x, nthr = blockDim.x, G = gridDim.x, b = blockIdx.x;
+  char* local = a.peers.base[a.me];
+  LowLatencyHeader* h = ll_header(local);
+  const size_t stride = ll_dispatch_row_stride(H, sizeof(Elt), a.use_fp8);
+  const char* half = ll_half(local, op, a.half_bytes);
+  const size_t list_len = size_t(E) * M;
+  const int* list_row = reinterpret_cast<const int*>(half + ll_dispatch_list_offset(R, M, stride));
+  const int* list_token = list_row + list_len;
+  const float* list_scale = reinterpret_cast<const float*>(list_row + 2 * list_len);
+  const int value_bytes = a.use_fp8 ? H : H * int(sizeof(Elt));  // a multiple of 16
+  const int scale_bytes = a.use_fp8 ? H / 32 : 0;                // a multiple of 4
+  const int nu = b < E ? (E - 1 - b) / G + 1 : 0;
+
+  for (int j = tid; j < nu; j += nthr) {
+    const int u = b + j * G;
+    sm.unit_flag[j] = uint32_t(wait_flag(&h->flags[op & 1][u], op, "low_latency_dispatch",
+                                         a.me, u % R, a.me * L + u / R));
+  }
+  __syncthreads();  // the acquires above order the peers' stores before every thread's loads
+  ll_mark(a.timing, op, kLLTFlagsSeen);
+  recv_units_one_by_one<Elt>(a, sm, half, stride, list_row, list_token, list_scale, nu,
+                                 value_bytes, scale_bytes);
   ll_mark(a.timing, op, kLLTRecvCopied);
   // recv_count[l], by the block of unit (l, 0): the other flags of l are in or nearly so.
   for (int j = tid; j < nu; j += nthr) {
@@ -928,45 +943,8 @@ __device__ __forceinline__ void dispatch_recv_v2(const LLDispatchArgs& a, uint64
       }
     }
   } else {  // the per-unit loop (as dispatch_recv)
-    const int* lr = list_row;
-    for (int j = 0; j < nu; ++j) {
-      const int u = b + j * G, s = u % R;
-      const uint32_t flag = sm.unit_flag[j];
-      const bool scaled = (flag & kScaledBit) != 0 && !a.use_fp8;
-      int n = int(flag & ~kScaledBit);
-      n = n < M ? n : M;
-      const size_t row0 = size_t(u) * M;
-      if (tid == 0) a.recv_count_per_rank[u] = n;
-      for (int i = tid; i < M; i += nthr) {
-        a.recv_src_token[row0 + i] = i < n ? ld_cg(list_token + row0 + i) : -1;
-        if (i < n) {
-          int row = ld_cg(lr + row0 + i);
-          sm.unit_row[i] = row < 0 ? 0 : (row >= M ? M - 1 : row);
-          sm.unit_scale[i] = scaled ? ld_cg(list_scale + row0 + i) : 1.0f;
-        }
-      }
-      __syncthreads();
-      const char* rows = half + size_t(s) * M * stride;
-      char* values = static_cast<char*>(a.recv_x) + row0 * value_bytes;
-      if (scaled)
-        gather_rows<int4, Elt, true>(values, rows, stride, sm, n, value_bytes);
-      else
-        gather_rows<int4, Elt, false>(values, rows, stride, sm, n, value_bytes);
-      char* scales = nullptr;
-      if (scale_bytes) {
-        scales = reinterpret_cast<char*>(a.recv_scales) + row0 * scale_bytes;
-        if (scale_bytes % 16 == 0)
-          gather_rows<int4, Elt, false>(scales, rows + H, stride, sm, n, scale_bytes);
-        else
-          gather_rows<int, Elt, false>(scales, rows + H, stride, sm, n, scale_bytes);
-      }
-      if (a.zero_padding && n < M) {
-        block_zero<int4>(values + size_t(n) * value_bytes, size_t(M - n) * value_bytes);
-        if (scale_bytes)
-          block_zero<int>(scales + size_t(n) * scale_bytes, size_t(M - n) * scale_bytes);
-      }
-      __syncthreads();
-    }
+    recv_units_one_by_one<Elt>(a, sm, half, stride, list_row, list_token, list_scale, nu,
+                                   value_bytes, scale_bytes);
   }
   ll_sync_if(a.timing);
   ll_mark(a.timing, op, kLLTRecvCopied);
