@@ -492,3 +492,79 @@ def test_bf16_layer_matmuls_are_bf16_except_the_router(expert_capacity):
     # the router (f32 by design): logits forward, its x and router gradients
     assert f32_dots == [("dot_general", ("float32", "float32"))] * 3, dots
     assert len(dots) == 3 + 9 + 9  # + routed experts and shared expert, fwd and bwd
+
+
+def _rank_slots_oracle(idx, num_local, C):
+    """NumPy: pairs (j, k) of each local expert in (j, k) order take its first C slots."""
+    cap, K = idx.shape
+    pair_slot = np.full((cap, K), num_local * C, np.int64)
+    slot_pair = np.full((num_local * C,), cap * K, np.int64)
+    fill = np.zeros(num_local, np.int64)
+    dropped = 0
+    for j in range(cap):
+        for k in range(K):
+            e = idx[j, k]
+            if 0 <= e < num_local:
+                if fill[e] < C:
+                    s = e * C + fill[e]
+                    pair_slot[j, k], slot_pair[s] = s, j * K + k
+                else:
+                    dropped += 1
+                fill[e] += 1
+    return pair_slot, slot_pair, dropped
+
+
+@pytest.mark.parametrize("cap,K,L,C,mask", [
+    (13, 3, 4, 5, 0.3),   # some experts over C, masked pairs
+    (1, 2, 2, 1, 0.0),    # one received row
+    (6, 4, 3, 8, 1.0),    # every pair masked (-1): nothing to do
+    (20, 2, 1, 40, 0.1),  # one local expert, room for all
+])
+def test_rank_slots_fan_out_and_reduce_match_numpy(cap, K, L, C, mask):
+    from jax_ep.flax import _fan_out, _rank_slots, _reduce_to_rows
+    rng = np.random.default_rng(cap * 100 + K)
+    idx = rng.integers(0, L, (cap, K)).astype(np.int32)
+    idx[rng.random((cap, K)) < mask] = -1
+    plan, dropped = jax.jit(_rank_slots, static_argnums=(1, 2))(jnp.asarray(idx), L, C)
+    want_ps, want_sp, want_drop = _rank_slots_oracle(idx, L, C)
+    np.testing.assert_array_equal(np.asarray(plan.pair_slot), want_ps)
+    np.testing.assert_array_equal(np.asarray(plan.slot_pair), want_sp)
+    np.testing.assert_array_equal(np.asarray(plan.slot_row),
+                                  np.where(want_sp < cap * K, want_sp // K, cap))
+    assert int(dropped) == want_drop
+
+    hid = 8
+    rows = rng.standard_normal((cap, hid)).astype(np.float32)
+    w = rng.random((cap, K)).astype(np.float32)
+    y = rng.standard_normal((L * C, hid)).astype(np.float32)
+    g_slots = rng.standard_normal((L * C, hid)).astype(np.float32)
+    g_rows = rng.standard_normal((cap, hid)).astype(np.float32)
+    # forward: data movement is exact, the reduction is a k-ordered f32 sum
+    slots = np.asarray(_fan_out(jnp.asarray(rows), plan.slot_row, plan.pair_slot))
+    want_slots = np.zeros((L * C, hid), np.float32)
+    valid = want_sp < cap * K
+    want_slots[valid] = rows[want_sp[valid] // K]
+    np.testing.assert_array_equal(slots, want_slots)
+    red = np.asarray(_reduce_to_rows(jnp.asarray(y), jnp.asarray(w), plan.pair_slot,
+                                     plan.slot_pair))
+    has = want_ps < L * C
+    want_red = np.zeros((cap, hid), np.float32)
+    for k in range(K):
+        want_red += np.where(has[:, k, None], w[:, k, None] * y[np.minimum(want_ps[:, k],
+                                                                           L * C - 1)], 0)
+    np.testing.assert_allclose(red, want_red, rtol=1e-6, atol=1e-6)
+    # backward: the gather-only VJPs equal autodiff of the scatter formulation
+    _, vjp_fan = jax.vjp(lambda r: _fan_out(r, plan.slot_row, plan.pair_slot), jnp.asarray(rows))
+    (d_rows,) = vjp_fan(jnp.asarray(g_slots))
+    want_d_rows = np.zeros((cap, hid), np.float32)
+    np.add.at(want_d_rows, want_sp[valid] // K, g_slots[valid])
+    np.testing.assert_allclose(np.asarray(d_rows), want_d_rows, rtol=1e-6, atol=1e-6)
+    _, vjp_red = jax.vjp(lambda y, w: _reduce_to_rows(y, w, plan.pair_slot, plan.slot_pair),
+                         jnp.asarray(y), jnp.asarray(w))
+    d_y, d_w = vjp_red(jnp.asarray(g_rows))
+    want_d_y = np.zeros((L * C, hid), np.float32)
+    want_d_y[valid] = w.reshape(-1)[want_sp[valid], None] * g_rows[want_sp[valid] // K]
+    np.testing.assert_allclose(np.asarray(d_y), want_d_y, rtol=1e-6, atol=1e-6)
+    want_d_w = np.where(has, np.einsum("jh,jkh->jk", g_rows,
+                                       y[np.minimum(want_ps, L * C - 1)]), 0)
+    np.testing.assert_allclose(np.asarray(d_w), want_d_w, rtol=1e-5, atol=1e-5)
