@@ -26,8 +26,9 @@ a comparison of spans. 0 = the previous kernels, 15 = all changes (the default).
 Usage (4 GPUs, one process):
   python bench/ll_timing.py                      # variants 0 and 15, dispatch and combine
   python bench/ll_timing.py --variants 0,1,3,7,15 --calls 16 --reps 5 --out bench/results
-Globaltimer values of different GPUs are compared directly: their offsets are usually well
-below 1 us on one host, but are not guaranteed; the per-GPU columns show the skew.
+Globaltimer values of different GPUs are compared directly, and they need not agree: on
+2xH200 (2026-11-23) the two GPUs' clocks were ~244 us apart, which makes med/p90/max and
+"gpu max" meaningless there; "gpu min" (one GPU's own timeline) and blk(clk) stay valid.
 """
 
 from __future__ import annotations
