@@ -685,35 +685,47 @@ __device__ __forceinline__ void dispatch_send_v2(const LLDispatchArgs& a, uint64
   dispatch_release(a, op, sm, scaled_bit);
 }
 
-// Copies the unit's n rows (source rows sm.unit_row[i] of `src`, `src_stride` apart, at
-// byte offset `offset`) into dst (rows `row_bytes` apart), kUnroll loads in flight per
-// thread; kScale: multiply by sm.unit_scale[i] in Elt (16-byte vectors only).
-template <typename Vec, typename Elt, bool kScale>
-__device__ __forceinline__ void gather_rows(char* dst, const char* src, size_t src_stride,
-                                            const DispatchShared& sm, int n, int row_bytes) {
+// Copies `total` entries p of sm (source row sm.unit_row[p] of src, src_stride apart, to
+// row sm.unit_dst[p] of dst, or to row p when !kTable; dst_stride apart; row_bytes each),
+// kUnroll loads in flight per thread, flattened over (entry, vector); kScale: multiply by
+// sm.unit_scale[p] in Elt (16-byte vectors only).
+template <typename Vec, typename Elt, bool kScale, bool kTable = true>
+__device__ __forceinline__ void gather_entries(char* dst, size_t dst_stride, const char* src,
+                                               size_t src_stride, const DispatchShared& sm,
+                                               int total, int row_bytes) {
   const int per_row = row_bytes / int(sizeof(Vec));
-  const int total = n * per_row;
-  for (int base = threadIdx.x; base < total; base += blockDim.x * kUnroll) {
+  const int n = total * per_row;
+  for (int base = threadIdx.x; base < n; base += blockDim.x * kUnroll) {
     Vec v[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int idx = base + u * int(blockDim.x);
-      if (idx < total) {
-        const int i = idx / per_row, c = idx - i * per_row;
-        v[u] = ld_cg(reinterpret_cast<const Vec*>(src + size_t(sm.unit_row[i]) * src_stride) + c);
+      if (idx < n) {
+        const int p = idx / per_row, c = idx - p * per_row;
+        v[u] = ld_cg(reinterpret_cast<const Vec*>(src + size_t(sm.unit_row[p]) * src_stride) + c);
       }
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int idx = base + u * int(blockDim.x);
-      if (idx < total) {
-        const int i = idx / per_row, c = idx - i * per_row;
+      if (idx < n) {
+        const int p = idx / per_row, c = idx - p * per_row;
         Vec out = v[u];
-        if constexpr (kScale) out = scale_vec<Elt>(out, sm.unit_scale[i]);
-        reinterpret_cast<Vec*>(dst + size_t(i) * row_bytes)[c] = out;
+        if constexpr (kScale) out = scale_vec<Elt>(out, sm.unit_scale[p]);
+        const int row = kTable ? sm.unit_dst[p] : p;
+        reinterpret_cast<Vec*>(dst + size_t(row) * dst_stride)[c] = out;
       }
     }
   }
+}
+
+// One unit's n rows (source rows sm.unit_row[i] of `src`, `src_stride` apart) into dst
+// rows 0..n-1, `row_bytes` apart.
+template <typename Vec, typename Elt, bool kScale>
+__device__ __forceinline__ void gather_rows(char* dst, const char* src, size_t src_stride,
+                                            const DispatchShared& sm, int n, int row_bytes) {
+  gather_entries<Vec, Elt, kScale, false>(dst, size_t(row_bytes), src, src_stride, sm, n,
+                                          row_bytes);
 }
 
 // The block's units one at a time (flags already seen, in sm.unit_flag): per unit, its list
@@ -816,37 +828,6 @@ __device__ __forceinline__ void dispatch_recv(const LLDispatchArgs& a, uint64_t 
   ll_mark(a.timing, op, kLLTCounts);
 }
 
-// Copies `total` entries p of sm (source row sm.unit_row[p] of src, src_stride apart, to
-// row sm.unit_dst[p] of dst, dst_stride apart; row_bytes each), kUnroll loads in flight per
-// thread, flattened over (entry, vector) across all of a block's units.
-template <typename Vec, typename Elt, bool kScale>
-__device__ __forceinline__ void gather_entries(char* dst, size_t dst_stride, const char* src,
-                                               size_t src_stride, const DispatchShared& sm,
-                                               int total, int row_bytes) {
-  const int per_row = row_bytes / int(sizeof(Vec));
-  const int n = total * per_row;
-  for (int base = threadIdx.x; base < n; base += blockDim.x * kUnroll) {
-    Vec v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int idx = base + u * int(blockDim.x);
-      if (idx < n) {
-        const int p = idx / per_row, c = idx - p * per_row;
-        v[u] = ld_cg(reinterpret_cast<const Vec*>(src + size_t(sm.unit_row[p]) * src_stride) + c);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int idx = base + u * int(blockDim.x);
-      if (idx < n) {
-        const int p = idx / per_row, c = idx - p * per_row;
-        Vec out = v[u];
-        if constexpr (kScale) out = scale_vec<Elt>(out, sm.unit_scale[p]);
-        reinterpret_cast<Vec*>(dst + size_t(sm.unit_dst[p]) * dst_stride)[c] = out;
-      }
-    }
-  }
-}
 
 // Recv phase, version 2 (kLLVarDispatchRecv; same results bitwise). Differences:
 // - The lists of all of the block's units are read in one pass (one dependent round trip
