@@ -81,6 +81,26 @@ constexpr size_t kCombineSmem = kCombineBarrierBytes + size_t(kCombineWarps) * 2
 static_assert(kCombineWarps * 2 * sizeof(uint64_t) <= kCombineBarrierBytes, "barrier area");
 
 // kMaxPairs: most rows one token can have (R in the rank layout, K in the expert layout).
+// Expert layout: the rank holding row `row` of token t's slot `slot` is the one rank whose
+// handle says that row came from (me, t, slot); -1 if none does. All R lookups are issued
+// before any is compared (R independent loads in flight).
+__device__ __forceinline__ int expert_row_owner(const uint64_t (*s_ptr)[kMaxPublished], int R,
+                                                int me, int t, int slot, int row) {
+  int sr[kMaxRanks], st[kMaxRanks], ss[kMaxRanks];
+#pragma unroll
+  for (int r = 0; r < kMaxRanks; ++r) {
+    if (r >= R) continue;
+    sr[r] = reinterpret_cast<const int*>(s_ptr[r][kSrcRank])[row];
+    st[r] = reinterpret_cast<const int*>(s_ptr[r][kSrcToken])[row];
+    ss[r] = reinterpret_cast<const int*>(s_ptr[r][kSrcSlot])[row];
+  }
+  int owner = -1;
+#pragma unroll
+  for (int r = 0; r < kMaxRanks; ++r)
+    if (r < R && owner < 0 && sr[r] == me && st[r] == t && ss[r] == slot) owner = r;
+  return owner;
+}
+
 template <typename T, int kMaxPairs>
 __global__ void __launch_bounds__(kCombineThreads) intranode_combine_kernel(CombineArgs a) {
   __shared__ uint64_t s_ptr[kMaxRanks][kMaxPublished];
@@ -115,20 +135,7 @@ __global__ void __launch_bounds__(kCombineThreads) intranode_combine_kernel(Comb
       }
     } else if (lane < K) {
       my_row = a.send_pos[size_t(t) * K + lane];
-      if (my_row >= 0) {
-        // The row sits on the one rank whose handle says it came from (me, t, slot).
-        int sr[kMaxRanks], st[kMaxRanks], ss[kMaxRanks];
-#pragma unroll
-        for (int r = 0; r < kMaxRanks; ++r) {
-          if (r >= R) continue;
-          sr[r] = reinterpret_cast<const int*>(s_ptr[r][kSrcRank])[my_row];
-          st[r] = reinterpret_cast<const int*>(s_ptr[r][kSrcToken])[my_row];
-          ss[r] = reinterpret_cast<const int*>(s_ptr[r][kSrcSlot])[my_row];
-        }
-#pragma unroll
-        for (int r = 0; r < kMaxRanks; ++r)
-          if (r < R && my_rank < 0 && sr[r] == a.me && st[r] == t && ss[r] == lane) my_rank = r;
-      }
+      if (my_row >= 0) my_rank = expert_row_owner(s_ptr, R, a.me, t, lane, my_row);
     }
     const bool valid = my_rank >= 0;
     const long long key = valid ? (long long)my_rank * a.capacity + my_row : -1;
@@ -309,18 +316,7 @@ __global__ void __launch_bounds__(kCombineThreads, 1) intranode_combine_deep_ker
       if constexpr (rank_layout) {
         if (my_row >= 0) my_rank = lane;  // my_row = -1 on lanes >= R
       } else if (my_row >= 0) {
-        // The row sits on the one rank whose handle says it came from (me, t, slot).
-        int sr[kMaxRanks], st[kMaxRanks], ss[kMaxRanks];
-#pragma unroll
-        for (int r = 0; r < kMaxRanks; ++r) {
-          if (r >= R) continue;
-          sr[r] = reinterpret_cast<const int*>(s_ptr[r][kSrcRank])[my_row];
-          st[r] = reinterpret_cast<const int*>(s_ptr[r][kSrcToken])[my_row];
-          ss[r] = reinterpret_cast<const int*>(s_ptr[r][kSrcSlot])[my_row];
-        }
-#pragma unroll
-        for (int r = 0; r < kMaxRanks; ++r)
-          if (r < R && my_rank < 0 && sr[r] == a.me && st[r] == t && ss[r] == lane) my_rank = r;
+        my_rank = expert_row_owner(s_ptr, R, a.me, t, lane, my_row);
       }
       const bool valid = my_rank >= 0;
       const long long key = valid ? (long long)my_rank * a.capacity + my_row : -1;
