@@ -165,14 +165,19 @@ ffi::Error bind_common(cudaStream_t stream, const std::string& op, int32_t devic
 
 // ------------------------------------------------------------------ dispatch
 
-// Bytes of a dispatch half, as a function of the number of ranks (bind_common's argument).
-auto dispatch_half_needed(int64_t num_experts, int64_t max_tokens, int hidden, ElemType type,
-                          bool use_fp8) {
-  const size_t stride = ll_dispatch_row_stride(size_t(hidden), elem_bytes(type), use_fp8);
-  return [=](int num_ranks) {
+// bind_common for the dispatch handlers (a.hidden and a.x_type already set): a dispatch
+// half's bytes follow from the rows' stride and the number of ranks.
+ffi::Error bind_dispatch_common(cudaStream_t stream, const std::string& op, int32_t device,
+                                int64_t buffer_id, int64_t num_experts, int64_t max_tokens,
+                                int num_tokens, int num_topk, int64_t num_sms, int64_t num_warps,
+                                bool use_fp8, LLDispatchArgs& a) {
+  const size_t stride = ll_dispatch_row_stride(size_t(a.hidden), elem_bytes(a.x_type), use_fp8);
+  auto half_needed = [=](int num_ranks) {
     return ll_dispatch_half_bytes(size_t(num_experts), size_t(num_ranks), size_t(max_tokens),
                                   stride);
   };
+  return bind_common(stream, op, device, buffer_id, num_experts, max_tokens, num_tokens,
+                     num_topk, num_sms, num_warps, half_needed, a);
 }
 
 ffi::Error check_row(const std::string& op, int hidden, ElemType type, bool use_fp8) {
@@ -282,11 +287,8 @@ ffi::Error LLDispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
   if (hidden != a.hidden || (!use_fp8 && recv_type != a.x_type))
     return invalid(op, "recv_x must be [L, R*M, H] in x's dtype (or float8_e4m3fn)");
   const auto id = topk_idx.dimensions();
-  err = bind_common(stream, op, device, buffer_id, num_experts, max_tokens_per_rank, int(id[0]),
-                    int(id[1]), num_sms, num_warps,
-                    dispatch_half_needed(num_experts, max_tokens_per_rank, a.hidden, a.x_type,
-                                         use_fp8),
-                    a);
+  err = bind_dispatch_common(stream, op, device, buffer_id, num_experts, max_tokens_per_rank,
+                             int(id[0]), int(id[1]), num_sms, num_warps, use_fp8, a);
   if (err.failure()) return err;
   err = bind_recv_outputs(op, payload, use_fp8, recv_count, recv_src_token, recv_count_per_rank,
                           a);
@@ -307,11 +309,8 @@ ffi::Error LLDispatchSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffe
                                send_pos->typed_data(), a);
   if (err.failure()) return err;
   const auto id = topk_idx.dimensions();
-  err = bind_common(stream, op, device, buffer_id, num_experts, max_tokens_per_rank, int(id[0]),
-                    int(id[1]), num_sms, num_warps,
-                    dispatch_half_needed(num_experts, max_tokens_per_rank, a.hidden, a.x_type,
-                                         use_fp8),
-                    a);
+  err = bind_dispatch_common(stream, op, device, buffer_id, num_experts, max_tokens_per_rank,
+                             int(id[0]), int(id[1]), num_sms, num_warps, use_fp8, a);
   if (err.failure()) return err;
   a.ticket = ticket->typed_data();
   return launched(launch_ll_dispatch(a, kLLSend, stream), op);
@@ -331,11 +330,8 @@ ffi::Error LLDispatchRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<f
   err = check_row(op, a.hidden, a.x_type, use_fp8);
   if (err.failure()) return err;
   a.use_fp8 = use_fp8;
-  err = bind_common(stream, op, device, buffer_id, num_experts, max_tokens_per_rank, 0, 1, num_sms,
-                    num_warps,
-                    dispatch_half_needed(num_experts, max_tokens_per_rank, a.hidden, a.x_type,
-                                         use_fp8),
-                    a);
+  err = bind_dispatch_common(stream, op, device, buffer_id, num_experts, max_tokens_per_rank, 0,
+                             1, num_sms, num_warps, use_fp8, a);
   if (err.failure()) return err;
   err = bind_recv_outputs(op, payload, use_fp8, recv_count, recv_src_token, recv_count_per_rank,
                           a);
