@@ -61,8 +61,8 @@ def summarize(xplane_path: str, match: str | None = None, top: int = 12) -> dict
     data = ProfileData.from_file(xplane_path)
     gpus = {}
     matched_starts = []
-    for plane in _gpu_planes(data):
-        ks = _kernels(plane)
+    kernels = {plane.name: _kernels(plane) for plane in _gpu_planes(data)}  # parsed once
+    for plane_name, ks in kernels.items():
         if not ks:
             continue
         span = max(s + d for _, s, d in ks) - ks[0][1]
@@ -91,15 +91,15 @@ def summarize(xplane_path: str, match: str | None = None, top: int = 12) -> dict
                     count=len(sel), median_us=round(statistics.median(d for _, d in sel) / 1e3, 2),
                     median_start_gap_us=round(statistics.median(gaps) / 1e3, 2) if gaps else None)
                 matched_starts.append(starts)
-        gpus[plane.name] = rec
+        gpus[plane_name] = rec
     # Communication kernels on a common clock (CUPTI puts every GPU on the host's): where
     # one GPU waits for another, its kernel starts early and runs long.
-    t0 = min((k[1] for plane in _gpu_planes(data) for k in _kernels(plane)[:1]), default=0.0)
-    for plane in _gpu_planes(data):
-        if plane.name in gpus:
-            gpus[plane.name]["comm_timeline"] = [
+    t0 = min((ks[0][1] for ks in kernels.values() if ks), default=0.0)
+    for plane_name, ks in kernels.items():
+        if plane_name in gpus:
+            gpus[plane_name]["comm_timeline"] = [
                 (name[:60], round((s - t0) / 1e3, 1), round(d / 1e3, 1))
-                for name, s, d in _kernels(plane) if category(name) in ("jax_ep", "nccl")][:64]
+                for name, s, d in ks if category(name) in ("jax_ep", "nccl")][:64]
     summary = dict(gpus=gpus)
     if len(matched_starts) > 1:
         n = min(len(s) for s in matched_starts)
