@@ -81,6 +81,40 @@ constexpr size_t kCombineSmem = kCombineBarrierBytes + size_t(kCombineWarps) * 2
 static_assert(kCombineWarps * 2 * sizeof(uint64_t) <= kCombineBarrierBytes, "barrier area");
 
 // kMaxPairs: most rows one token can have (R in the rank layout, K in the expert layout).
+// One 16-byte vector of a token's output: the sum over its num_pairs staged rows (pair i at
+// stage + i * chunk) in the reference order: a partial per source rank (bit i of rank_start:
+// pair i opens the next rank's), the partials added in rank order; weighted rows as
+// __fmul_rn then __fadd_rn (no FMA: the reference's rounding). Shared by both pipelines.
+template <typename T, int kMaxPairs>
+__device__ __forceinline__ int4 reduce_vector(const char* stage, int chunk, int v, int num_pairs,
+                                              uint32_t rank_start,
+                                              const float (&pw)[kMaxPairs], bool has_weights) {
+  constexpr int kN = Pack<T>::kN;
+  float acc[kN], part[kN], f[kN];
+#pragma unroll
+  for (int j = 0; j < kN; ++j) acc[j] = 0.f, part[j] = 0.f;
+#pragma unroll
+  for (int i = 0; i < kMaxPairs; ++i) {
+    if (i >= num_pairs) break;
+    if ((rank_start >> i) & 1u) {  // next rank: close this rank's partial
+#pragma unroll
+      for (int j = 0; j < kN; ++j) acc[j] += part[j], part[j] = 0.f;
+    }
+    const int4 raw = *reinterpret_cast<const int4*>(stage + i * chunk + v * 16);
+    Pack<T>::to_float(raw, f);
+    if (has_weights) {
+#pragma unroll
+      for (int j = 0; j < kN; ++j) part[j] = __fadd_rn(part[j], __fmul_rn(f[j], pw[i]));
+    } else {
+#pragma unroll
+      for (int j = 0; j < kN; ++j) part[j] += f[j];
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kN; ++j) acc[j] += part[j];
+  return Pack<T>::from_float(acc);
+}
+
 // Expert layout: the rank holding row `row` of token t's slot `slot` is the one rank whose
 // handle says that row came from (me, t, slot); -1 if none does. All R lookups are issued
 // before any is compared (R independent loads in flight).
@@ -112,7 +146,6 @@ __global__ void __launch_bounds__(kCombineThreads) intranode_combine_kernel(Comb
   const int warp = threadIdx.x >> 5;
   const int warps = blockDim.x >> 5;
   const int row_bytes = a.width * int(sizeof(T));
-  constexpr int kN = Pack<T>::kN;
   uint64_t* bar = reinterpret_cast<uint64_t*>(s_dyn) + 2 * warp;
   char* stage[2];
   stage[0] = s_dyn + kCombineBarrierBytes + size_t(warp) * 2 * kCombineStage;
@@ -166,6 +199,10 @@ __global__ void __launch_bounds__(kCombineThreads) intranode_combine_kernel(Comb
                   : nullptr;
     }
 
+    uint32_t rank_start = 0;  // bit i: pair i's rank differs from pair i-1's
+#pragma unroll
+    for (int i = 1; i < kMaxPairs; ++i)
+      if (i < num_pairs && pr[i] != pr[i - 1]) rank_start |= 1u << i;
     char* out_row = reinterpret_cast<char*>(a.out) + size_t(t) * row_bytes;
     if (num_pairs == 0) {
       warp_zero_row(out_row, row_bytes, lane);
@@ -193,33 +230,9 @@ __global__ void __launch_bounds__(kCombineThreads) intranode_combine_kernel(Comb
       mbar_wait(&bar[s], (phase >> s) & 1u);
       phase ^= 1u << s;
       const int n_vec = min(chunk, row_bytes - off) / 16;
-      for (int v = lane; v < n_vec; v += 32) {
-        float acc[kN], part[kN], f[kN];
-#pragma unroll
-        for (int j = 0; j < kN; ++j) acc[j] = 0.f, part[j] = 0.f;
-        int cur = pr[0];
-#pragma unroll
-        for (int i = 0; i < kMaxPairs; ++i) {
-          if (i >= num_pairs) break;
-          if (pr[i] != cur) {  // next rank: close this rank's partial
-#pragma unroll
-            for (int j = 0; j < kN; ++j) acc[j] += part[j], part[j] = 0.f;
-            cur = pr[i];
-          }
-          const int4 raw = *reinterpret_cast<const int4*>(stage[s] + i * chunk + v * 16);
-          Pack<T>::to_float(raw, f);
-          if (a.has_weights) {
-#pragma unroll
-            for (int j = 0; j < kN; ++j) part[j] = __fadd_rn(part[j], __fmul_rn(f[j], pw[i]));  // no FMA: match the reference's rounding
-          } else {
-#pragma unroll
-            for (int j = 0; j < kN; ++j) part[j] += f[j];
-          }
-        }
-#pragma unroll
-        for (int j = 0; j < kN; ++j) acc[j] += part[j];
-        *reinterpret_cast<int4*>(out_row + off + v * 16) = Pack<T>::from_float(acc);
-      }
+      for (int v = lane; v < n_vec; v += 32)
+        *reinterpret_cast<int4*>(out_row + off + v * 16) = reduce_vector<T, kMaxPairs>(
+            stage[s], chunk, v, num_pairs, rank_start, pw, a.has_weights);
       __syncwarp();  // every lane is done with this stage before it is refilled
     }
   }
@@ -277,7 +290,6 @@ __global__ void __launch_bounds__(kCombineThreads, 1) intranode_combine_deep_ker
   const int warps = blockDim.x >> 5;
   const int S = a.stages, stage_bytes = a.stage_bytes;
   const int row_bytes = a.width * int(sizeof(T));
-  constexpr int kN = Pack<T>::kN;
   uint64_t* bar = reinterpret_cast<uint64_t*>(s_dyn) + warp * S;
   StageMeta* meta = reinterpret_cast<StageMeta*>(s_dyn + deep_bar_bytes(warps, S)) + warp * S;
   char* stage0 = s_dyn + deep_bar_bytes(warps, S) + deep_meta_bytes(warps, S) +
@@ -397,31 +409,9 @@ __global__ void __launch_bounds__(kCombineThreads, 1) intranode_combine_deep_ker
     float pw[kMaxPairs];
 #pragma unroll
     for (int i = 0; i < kMaxPairs; ++i) pw[i] = a.has_weights && i < num_pairs ? m.w[i] : 1.f;
-    for (int v = lane; v < n_vec; v += 32) {
-      float acc[kN], part[kN], f[kN];
-#pragma unroll
-      for (int j = 0; j < kN; ++j) acc[j] = 0.f, part[j] = 0.f;
-#pragma unroll
-      for (int i = 0; i < kMaxPairs; ++i) {
-        if (i >= num_pairs) break;
-        if ((rank_start >> i) & 1u) {  // next rank: close this rank's partial
-#pragma unroll
-          for (int j = 0; j < kN; ++j) acc[j] += part[j], part[j] = 0.f;
-        }
-        const int4 raw = *reinterpret_cast<const int4*>(sp + i * chunk + v * 16);
-        Pack<T>::to_float(raw, f);
-        if (a.has_weights) {
-#pragma unroll
-          for (int j = 0; j < kN; ++j) part[j] = __fadd_rn(part[j], __fmul_rn(f[j], pw[i]));  // no FMA: match the reference's rounding
-        } else {
-#pragma unroll
-          for (int j = 0; j < kN; ++j) part[j] += f[j];
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < kN; ++j) acc[j] += part[j];
-      *reinterpret_cast<int4*>(out_row + v * 16) = Pack<T>::from_float(acc);
-    }
+    for (int v = lane; v < n_vec; v += 32)
+      *reinterpret_cast<int4*>(out_row + v * 16) = reduce_vector<T, kMaxPairs>(
+          sp, chunk, v, num_pairs, rank_start, pw, a.has_weights);
     __syncwarp();  // every lane is done with this stage (data and meta) before it is refilled
   };
 
