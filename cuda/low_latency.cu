@@ -728,18 +728,44 @@ __device__ __forceinline__ void gather_rows(char* dst, const char* src, size_t s
                                           row_bytes);
 }
 
+// What a dispatch recv reads of this op's half: the rows (`stride` apart), the lists, the
+// bytes of a row's values and scales, and the number of units of this block.
+template <typename Elt>
+struct RecvHalf {
+  const char* half;
+  size_t stride;
+  const int* list_row;
+  const int* list_token;
+  const float* list_scale;
+  int value_bytes;  // a multiple of 16
+  int scale_bytes;  // a multiple of 4
+  int nu;
+  __device__ __forceinline__ RecvHalf(const LLDispatchArgs& a, uint64_t op) {
+    const int R = a.num_ranks, E = a.num_experts, M = a.max_tokens, H = a.hidden;
+    stride = ll_dispatch_row_stride(H, sizeof(Elt), a.use_fp8);
+    half = ll_half(a.peers.base[a.me], op, a.half_bytes);
+    const size_t list_len = size_t(E) * M;
+    list_row = reinterpret_cast<const int*>(half + ll_dispatch_list_offset(R, M, stride));
+    list_token = list_row + list_len;
+    list_scale = reinterpret_cast<const float*>(list_row + 2 * list_len);
+    value_bytes = a.use_fp8 ? H : H * int(sizeof(Elt));
+    scale_bytes = a.use_fp8 ? H / 32 : 0;
+    const int b = blockIdx.x, G = gridDim.x;
+    nu = b < E ? (E - 1 - b) / G + 1 : 0;
+  }
+};
+
 // The block's units one at a time (flags already seen, in sm.unit_flag): per unit, its list
 // (row index, token, scale of each of the n entries) into shared memory, then the rows of
 // its source rank into recv_x[l, s*M + i], recv_src_token (-1 past n), recv_count_per_rank,
 // and zeroes rows n..M-1 only when asked. Used by both recv versions.
 template <typename Elt>
-__device__ __forceinline__ void recv_units_one_by_one(
-    const LLDispatchArgs& a, DispatchShared& sm, const char* half, size_t stride,
-    const int* list_row, const int* list_token, const float* list_scale, int nu,
-    int value_bytes, int scale_bytes) {
+__device__ __forceinline__ void recv_units_one_by_one(const LLDispatchArgs& a,
+                                                      DispatchShared& sm,
+                                                      const RecvHalf<Elt>& rh) {
   const int R = a.num_ranks, M = a.max_tokens, H = a.hidden;
   const int tid = threadIdx.x, nthr = blockDim.x, G = gridDim.x, b = blockIdx.x;
-  for (int j = 0; j < nu; ++j) {
+  for (int j = 0; j < rh.nu; ++j) {
     const int u = b + j * G, s = u % R;
     const uint32_t flag = sm.unit_flag[j];
     const bool scaled = (flag & kScaledBit) != 0 && !a.use_fp8;
@@ -748,31 +774,31 @@ __device__ __forceinline__ void recv_units_one_by_one(
     const size_t row0 = size_t(u) * M;
     if (tid == 0) a.recv_count_per_rank[u] = n;
     for (int i = tid; i < M; i += nthr) {
-      a.recv_src_token[row0 + i] = i < n ? ld_cg(list_token + row0 + i) : -1;
+      a.recv_src_token[row0 + i] = i < n ? ld_cg(rh.list_token + row0 + i) : -1;
       if (i < n) {
-        int row = ld_cg(list_row + row0 + i);
+        int row = ld_cg(rh.list_row + row0 + i);
         sm.unit_row[i] = row < 0 ? 0 : (row >= M ? M - 1 : row);
-        sm.unit_scale[i] = scaled ? ld_cg(list_scale + row0 + i) : 1.0f;
+        sm.unit_scale[i] = scaled ? ld_cg(rh.list_scale + row0 + i) : 1.0f;
       }
     }
     __syncthreads();
-    const char* rows = half + size_t(s) * M * stride;
-    char* values = static_cast<char*>(a.recv_x) + row0 * value_bytes;
+    const char* rows = rh.half + size_t(s) * M * rh.stride;
+    char* values = static_cast<char*>(a.recv_x) + row0 * rh.value_bytes;
     if (scaled)
-      gather_rows<int4, Elt, true>(values, rows, stride, sm, n, value_bytes);
+      gather_rows<int4, Elt, true>(values, rows, rh.stride, sm, n, rh.value_bytes);
     else
-      gather_rows<int4, Elt, false>(values, rows, stride, sm, n, value_bytes);
+      gather_rows<int4, Elt, false>(values, rows, rh.stride, sm, n, rh.value_bytes);
     char* scales = nullptr;
-    if (scale_bytes) {
-      scales = reinterpret_cast<char*>(a.recv_scales) + row0 * scale_bytes;
-      if (scale_bytes % 16 == 0)
-        gather_rows<int4, Elt, false>(scales, rows + H, stride, sm, n, scale_bytes);
+    if (rh.scale_bytes) {
+      scales = reinterpret_cast<char*>(a.recv_scales) + row0 * rh.scale_bytes;
+      if (rh.scale_bytes % 16 == 0)
+        gather_rows<int4, Elt, false>(scales, rows + H, rh.stride, sm, n, rh.scale_bytes);
       else
-        gather_rows<int, Elt, false>(scales, rows + H, stride, sm, n, scale_bytes);
+        gather_rows<int, Elt, false>(scales, rows + H, rh.stride, sm, n, rh.scale_bytes);
     }
     if (a.zero_padding && n < M) {
-      block_zero<int4>(values + size_t(n) * value_bytes, size_t(M - n) * value_bytes);
-      if (scale_bytes) block_zero<int>(scales + size_t(n) * scale_bytes, size_t(M - n) * scale_bytes);
+      block_zero<int4>(values + size_t(n) * rh.value_bytes, size_t(M - n) * rh.value_bytes);
+      if (rh.scale_bytes) block_zero<int>(scales + size_t(n) * rh.scale_bytes, size_t(M - n) * rh.scale_bytes);
     }
     __syncthreads();  // unit_row / unit_scale are rewritten for the next unit
   }
@@ -787,32 +813,23 @@ __device__ __forceinline__ void recv_units_one_by_one(
 template <typename Elt>
 __device__ __forceinline__ void dispatch_recv(const LLDispatchArgs& a, uint64_t op,
                                               DispatchShared& sm) {
-  const int R = a.num_ranks, E = a.num_experts, L = E / R, M = a.max_tokens, H = a.hidden;
+  const int R = a.num_ranks, E = a.num_experts, L = E / R, M = a.max_tokens;
   const int tid = threadIdx.x, nthr = blockDim.x, G = gridDim.x, b = blockIdx.x;
   char* local = a.peers.base[a.me];
   LowLatencyHeader* h = ll_header(local);
-  const size_t stride = ll_dispatch_row_stride(H, sizeof(Elt), a.use_fp8);
-  const char* half = ll_half(local, op, a.half_bytes);
-  const size_t list_len = size_t(E) * M;
-  const int* list_row = reinterpret_cast<const int*>(half + ll_dispatch_list_offset(R, M, stride));
-  const int* list_token = list_row + list_len;
-  const float* list_scale = reinterpret_cast<const float*>(list_row + 2 * list_len);
-  const int value_bytes = a.use_fp8 ? H : H * int(sizeof(Elt));  // a multiple of 16
-  const int scale_bytes = a.use_fp8 ? H / 32 : 0;                // a multiple of 4
-  const int nu = b < E ? (E - 1 - b) / G + 1 : 0;
+  const RecvHalf<Elt> rh(a, op);
 
-  for (int j = tid; j < nu; j += nthr) {
+  for (int j = tid; j < rh.nu; j += nthr) {
     const int u = b + j * G;
     sm.unit_flag[j] = uint32_t(wait_flag(&h->flags[op & 1][u], op, "low_latency_dispatch",
                                          a.me, u % R, a.me * L + u / R));
   }
   __syncthreads();  // the acquires above order the peers' stores before every thread's loads
   ll_mark(a.timing, op, kLLTFlagsSeen);
-  recv_units_one_by_one<Elt>(a, sm, half, stride, list_row, list_token, list_scale, nu,
-                                 value_bytes, scale_bytes);
+  recv_units_one_by_one<Elt>(a, sm, rh);
   ll_mark(a.timing, op, kLLTRecvCopied);
   // recv_count[l], by the block of unit (l, 0): the other flags of l are in or nearly so.
-  for (int j = tid; j < nu; j += nthr) {
+  for (int j = tid; j < rh.nu; j += nthr) {
     const int u = b + j * G;
     if (u % R) continue;
     const int l = u / R;
@@ -843,17 +860,9 @@ __device__ __forceinline__ void dispatch_recv_v2(const LLDispatchArgs& a, uint64
   const int tid = threadIdx.x, nthr = blockDim.x, G = gridDim.x, b = blockIdx.x;
   char* local = a.peers.base[a.me];
   LowLatencyHeader* h = ll_header(local);
-  const size_t stride = ll_dispatch_row_stride(H, sizeof(Elt), a.use_fp8);
-  const char* half = ll_half(local, op, a.half_bytes);
-  const size_t list_len = size_t(E) * M;
-  const int* list_row = reinterpret_cast<const int*>(half + ll_dispatch_list_offset(R, M, stride));
-  const int* list_token = list_row + list_len;
-  const float* list_scale = reinterpret_cast<const float*>(list_row + 2 * list_len);
-  const int value_bytes = a.use_fp8 ? H : H * int(sizeof(Elt));  // a multiple of 16
-  const int scale_bytes = a.use_fp8 ? H / 32 : 0;                // a multiple of 4
-  const int nu = b < E ? (E - 1 - b) / G + 1 : 0;
+  const RecvHalf<Elt> rh(a, op);
 
-  for (int j = tid; j < nu; j += nthr) {
+  for (int j = tid; j < rh.nu; j += nthr) {
     const int u = b + j * G;
     sm.rows[j] = 0;  // recv_count accumulator (send phase done with it)
     sm.unit_flag[j] = uint32_t(wait_flag(&h->flags[op & 1][u], op, "low_latency_dispatch",
@@ -863,7 +872,7 @@ __device__ __forceinline__ void dispatch_recv_v2(const LLDispatchArgs& a, uint64
   ll_mark(a.timing, op, kLLTFlagsSeen);
   if (tid == 0) {  // entry offsets per unit (sm.ne: the send phase is done with it)
     int total = 0, any_scaled = 0, all_scaled = 1;
-    for (int j = 0; j < nu; ++j) {
+    for (int j = 0; j < rh.nu; ++j) {
       const uint32_t flag = sm.unit_flag[j];
       const int scaled = (flag & kScaledBit) != 0 && !a.use_fp8;
       const int n = int(flag & ~kScaledBit);
@@ -878,59 +887,58 @@ __device__ __forceinline__ void dispatch_recv_v2(const LLDispatchArgs& a, uint64
   __syncthreads();
   const int total = sm.num_dst, scaled_mode = sm.num_exp;
   if (total <= kLLMaxTokensPerRank && scaled_mode != 2) {
-    for (int idx = tid; idx < nu * M; idx += nthr) {
+    for (int idx = tid; idx < rh.nu * M; idx += nthr) {
       const int j = idx / M, i = idx - j * M;
       const int u = b + j * G, s = u % R;
       const uint32_t flag = sm.unit_flag[j];
       int n = int(flag & ~kScaledBit);
       n = n < M ? n : M;
       const size_t row0 = size_t(u) * M;
-      a.recv_src_token[row0 + i] = i < n ? ld_cg(list_token + row0 + i) : -1;
+      a.recv_src_token[row0 + i] = i < n ? ld_cg(rh.list_token + row0 + i) : -1;
       if (i == 0) a.recv_count_per_rank[u] = n;
       if (i < n) {
         const int p = sm.ne[j] + i;
-        int row = ld_cg(list_row + row0 + i);
+        int row = ld_cg(rh.list_row + row0 + i);
         row = row < 0 ? 0 : (row >= M ? M - 1 : row);
         sm.unit_row[p] = s * M + row;
         sm.unit_dst[p] = int(row0) + i;
-        sm.unit_scale[p] = scaled_mode ? ld_cg(list_scale + row0 + i) : 1.0f;
+        sm.unit_scale[p] = scaled_mode ? ld_cg(rh.list_scale + row0 + i) : 1.0f;
       }
     }
     __syncthreads();
     char* values = static_cast<char*>(a.recv_x);
     if (scaled_mode)
-      gather_entries<int4, Elt, true>(values, value_bytes, half, stride, sm, total, value_bytes);
+      gather_entries<int4, Elt, true>(values, rh.value_bytes, rh.half, rh.stride, sm, total, rh.value_bytes);
     else
-      gather_entries<int4, Elt, false>(values, value_bytes, half, stride, sm, total, value_bytes);
+      gather_entries<int4, Elt, false>(values, rh.value_bytes, rh.half, rh.stride, sm, total, rh.value_bytes);
     char* scales = reinterpret_cast<char*>(a.recv_scales);
-    if (scale_bytes) {
-      if (scale_bytes % 16 == 0)
-        gather_entries<int4, Elt, false>(scales, scale_bytes, half + H, stride, sm, total,
-                                         scale_bytes);
+    if (rh.scale_bytes) {
+      if (rh.scale_bytes % 16 == 0)
+        gather_entries<int4, Elt, false>(scales, rh.scale_bytes, rh.half + H, rh.stride, sm, total,
+                                         rh.scale_bytes);
       else
-        gather_entries<int, Elt, false>(scales, scale_bytes, half + H, stride, sm, total,
-                                        scale_bytes);
+        gather_entries<int, Elt, false>(scales, rh.scale_bytes, rh.half + H, rh.stride, sm, total,
+                                        rh.scale_bytes);
     }
     if (a.zero_padding) {
-      for (int j = 0; j < nu; ++j) {
+      for (int j = 0; j < rh.nu; ++j) {
         const int u = b + j * G;
         int n = int(sm.unit_flag[j] & ~kScaledBit);
         n = n < M ? n : M;
         if (n >= M) continue;
         const size_t row0 = size_t(u) * M;
-        block_zero<int4>(values + (row0 + n) * value_bytes, size_t(M - n) * value_bytes);
-        if (scale_bytes)
-          block_zero<int>(scales + (row0 + n) * scale_bytes, size_t(M - n) * scale_bytes);
+        block_zero<int4>(values + (row0 + n) * rh.value_bytes, size_t(M - n) * rh.value_bytes);
+        if (rh.scale_bytes)
+          block_zero<int>(scales + (row0 + n) * rh.scale_bytes, size_t(M - n) * rh.scale_bytes);
       }
     }
   } else {  // the per-unit loop (as dispatch_recv)
-    recv_units_one_by_one<Elt>(a, sm, half, stride, list_row, list_token, list_scale, nu,
-                                   value_bytes, scale_bytes);
+    recv_units_one_by_one<Elt>(a, sm, rh);
   }
   ll_sync_if(a.timing);
   ll_mark(a.timing, op, kLLTRecvCopied);
   // recv_count[l] (l = u / R for the block's units with u % R == 0): one thread per flag.
-  for (int idx = tid; idx < nu * R; idx += nthr) {
+  for (int idx = tid; idx < rh.nu * R; idx += nthr) {
     const int j = idx / R, r = idx - j * R;
     const int u = b + j * G;
     if (u % R) continue;
@@ -940,7 +948,7 @@ __device__ __forceinline__ void dispatch_recv_v2(const LLDispatchArgs& a, uint64
     atomicAdd(&sm.rows[j], n < M ? n : M);
   }
   __syncthreads();
-  for (int j = tid; j < nu; j += nthr) {
+  for (int j = tid; j < rh.nu; j += nthr) {
     const int u = b + j * G;
     if (u % R == 0) a.recv_count[u / R] = sm.rows[j];
   }
