@@ -380,6 +380,20 @@ __device__ __forceinline__ void stage_row(const LLDispatchArgs& a, int t, int4* 
   }
 }
 
+// Experts this rank sends nothing to (sm.ne[e] == 0): an empty flag for each, from the
+// block that owns it (e % G), so that their receivers need not wait for rows.
+__device__ __forceinline__ void release_empty_flags(const LLDispatchArgs& a, uint64_t op,
+                                                    const DispatchShared& sm,
+                                                    uint32_t scaled_bit) {
+  const int R = a.num_ranks, E = a.num_experts, L = E / R;
+  const int G = gridDim.x, b = blockIdx.x, nthr = blockDim.x;
+  for (int e = b + int(threadIdx.x) * G; e < E; e += nthr * G) {
+    if (sm.ne[e] == 0)
+      st_release_sys(&ll_header(a.peers.base[e / L])->flags[op & 1][(e % L) * R + a.me],
+                     flag_value(op, int(scaled_bit)));
+  }
+}
+
 // Send phase. Block b handles tokens b, b+G, ...: for each, counts over the tokens before
 // it give its row position at every destination rank and its position in every one of
 // its experts' lists (no scan, no atomics on the order: positions equal the reference's);
@@ -455,12 +469,7 @@ __device__ __forceinline__ void dispatch_send(const LLDispatchArgs& a, uint64_t 
     ll_mark(a.timing, op, kLLTStaged);
     if (first_pass) {
       first_pass = false;
-      // Experts this rank sends nothing to: an empty flag from their owner block.
-      for (int e = b + tid * G; e < E; e += nthr * G) {
-        if (sm.ne[e] == 0)
-          st_release_sys(&ll_header(a.peers.base[e / L])->flags[op & 1][(e % L) * R + a.me],
-                         flag_value(op, int(scaled_bit)));
-      }
+      release_empty_flags(a, op, sm, scaled_bit);
     }
     if (!has_token) break;
     // The token's rows (one per destination rank), list entries (one per distinct
@@ -645,12 +654,7 @@ __device__ __forceinline__ void dispatch_send_v2(const LLDispatchArgs& a, uint64
     __syncthreads();
     if (first_pass) {
       first_pass = false;
-      // Experts this rank sends nothing to: an empty flag from their owner block.
-      for (int e = b + tid * G; e < E; e += nthr * G) {
-        if (sm.ne[e] == 0)
-          st_release_sys(&ll_header(a.peers.base[e / L])->flags[op & 1][(e % L) * R + a.me],
-                         flag_value(op, int(scaled_bit)));
-      }
+      release_empty_flags(a, op, sm, scaled_bit);
     }
     if (!has_token) break;
     if (warp == 0) {  // send_pos and the list entries (one per distinct expert)
