@@ -340,6 +340,20 @@ def test_rank_exchange_counts_the_same_dropped_rows_as_expert_exchange():
     assert int(stats[0].dropped) == int(stats[1].dropped)
 
 
+def test_rank_exchange_lowers_capacity_to_what_a_rank_layout_holds():
+    # capacity counts (token, rank) rows: a rank receives each source token at most once,
+    # so anything above R*T is lowered to R*T (same output, no zero rows carried along)
+    x = _tokens(n=64, seed=5)
+    big = _layer(expert_capacity=64, capacity=1000)
+    out_big, st_big = nnx.jit(lambda m, x: m(x))(big, x)
+    out_none, st_none = nnx.jit(lambda m, x: m(x))(_layer(expert_capacity=64), x)
+    np.testing.assert_array_equal(np.asarray(out_big), np.asarray(out_none))
+    assert int(st_big.dropped) == int(st_none.dropped) == 0
+    jaxpr = str(jax.make_jaxpr(lambda x: big(x))(x))
+    rows = 64  # R * T: 4 ranks x 16 local tokens
+    assert f"[{rows},{H}]" in jaxpr.replace(" ", "") and "[1000," not in jaxpr
+
+
 def test_rank_exchange_argument_errors():
     with pytest.raises(ValueError, match="exchange must be one of"):
         _layer(expert_capacity=8, exchange="ranks")
