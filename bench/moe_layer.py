@@ -462,7 +462,8 @@ def main(argv=None) -> int:
             fb_queued = timed_back_to_back(grad_jit, params, x, cot)
             if args.profile:
                 trace_summary.print_summary(trace_summary.profile(
-                    grad_jit, (params, x, cot), args.out, f"moe_{name}_fwd_bwd"))
+                    grad_jit, (params, x, cot), args.out, f"moe_{name}_fwd_bwd",
+                    all_kernels=True))
         except Exception as err:  # e.g. out of memory at the full shape: record, go on
             print(f"  {name:12s} FAILED: {type(err).__name__}: {str(err)[:300]}", flush=True)
             results[name] = {"error": f"{type(err).__name__}: {str(err)[:2000]}"}

@@ -32,7 +32,7 @@ if [ "${LL_BENCH:-0}" = "1" ]; then
 fi
 if [ "${MOE_BENCH:-0}" = "1" ]; then
   timeout ${MOE_TIMEOUT:-240} $PY bench/moe_layer.py --platform gpu --impls ${MOE_IMPLS:-jax_ep_cf,a2a_cf} \
-    --iters 20 --warmup 1 --out "$OUT" 2>&1 | tee "$OUT/bench_moe_layer.log" | tail -12
+    --iters 20 --warmup 1 --out "$OUT" ${MOE_ARGS:-} 2>&1 | tee "$OUT/bench_moe_layer.log" | tail -12
 fi
 # The device tool brings back at most 8 files: bundle everything when asked.
 if [ "${BUNDLE:-0}" = "1" ]; then

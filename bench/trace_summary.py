@@ -51,11 +51,13 @@ def category(name: str) -> str:
     return "xla_fusion_or_other"
 
 
-def summarize(xplane_path: str, match: str | None = None, top: int = 12) -> dict:
+def summarize(xplane_path: str, match: str | None = None, top: int = 12,
+              all_kernels: bool = False) -> dict:
     """Per GPU: span (first start to last end), busy (kernel time, overlaps merged), the
     kernels with the most total time; for kernels whose name contains ``match``: count,
     median duration, median start-to-start gap, and across GPUs the median start skew of
-    the i-th such kernel."""
+    the i-th such kernel. ``all_kernels``: also every kernel (name, start, duration in µs
+    on the common clock)."""
     from jax.profiler import ProfileData  # jax >= 0.4.30
 
     data = ProfileData.from_file(xplane_path)
@@ -100,6 +102,10 @@ def summarize(xplane_path: str, match: str | None = None, top: int = 12) -> dict
             gpus[plane_name]["comm_timeline"] = [
                 (name[:60], round((s - t0) / 1e3, 1), round(d / 1e3, 1))
                 for name, s, d in ks if category(name) in ("jax_ep", "nccl")][:64]
+            if all_kernels:  # every kernel in order: maps a step's time to its ops
+                gpus[plane_name]["kernels_in_order"] = [
+                    (name[:80], round((s - t0) / 1e3, 1), round(d / 1e3, 1))
+                    for name, s, d in ks]
     summary = dict(gpus=gpus)
     if len(matched_starts) > 1:
         n = min(len(s) for s in matched_starts)
@@ -110,7 +116,8 @@ def summarize(xplane_path: str, match: str | None = None, top: int = 12) -> dict
     return summary
 
 
-def profile(fn, args, out_dir: str, label: str, match: str | None = None) -> dict:
+def profile(fn, args, out_dir: str, label: str, match: str | None = None,
+            all_kernels: bool = False) -> dict:
     """Runs ``fn(*args)`` once to warm up, once under the profiler; writes
     ``{out_dir}/profile_{label}.json`` and returns the summary (an ``error`` entry when
     the profile could not be taken or read)."""
@@ -122,7 +129,7 @@ def profile(fn, args, out_dir: str, label: str, match: str | None = None) -> dic
         paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
         if not paths:
             raise RuntimeError(f"no .xplane.pb under {trace_dir}")
-        summary = summarize(paths[0], match)
+        summary = summarize(paths[0], match, all_kernels=all_kernels)
     except Exception as err:  # a diagnostic: report, do not fail the benchmark
         summary = dict(error=f"{type(err).__name__}: {err}")
     summary["label"] = label
