@@ -116,6 +116,9 @@ def parse_args(argv=None):
     p.add_argument("--profile", action="store_true",
                    help="also profile one fwd+bwd call per impl (kernel totals per GPU: "
                         "bench/trace_summary.py) into --out")
+    p.add_argument("--profile-calls", type=int, default=1,
+                   help="fwd+bwd calls queued back to back in the profile (>1 shows the "
+                        "GPUs' idle time between steps)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     small = dict(tokens=64, hidden=128, experts=16, top_k=4, ffn=64, dtype="float32")
@@ -463,7 +466,7 @@ def main(argv=None) -> int:
             if args.profile:
                 trace_summary.print_summary(trace_summary.profile(
                     grad_jit, (params, x, cot), args.out, f"moe_{name}_fwd_bwd",
-                    all_kernels=True))
+                    all_kernels=True, calls=args.profile_calls))
         except Exception as err:  # e.g. out of memory at the full shape: record, go on
             print(f"  {name:12s} FAILED: {type(err).__name__}: {str(err)[:300]}", flush=True)
             results[name] = {"error": f"{type(err).__name__}: {str(err)[:2000]}"}

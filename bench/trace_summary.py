@@ -52,7 +52,7 @@ def category(name: str) -> str:
 
 
 def summarize(xplane_path: str, match: str | None = None, top: int = 12,
-              all_kernels: bool = False) -> dict:
+              all_kernels: bool = False, gap_count: int = 12) -> dict:
     """Per GPU: span (first start to last end), busy (kernel time, overlaps merged), the
     kernels with the most total time; for kernels whose name contains ``match``: count,
     median duration, median start-to-start gap, and across GPUs the median start skew of
@@ -107,6 +107,26 @@ def summarize(xplane_path: str, match: str | None = None, top: int = 12,
                     (name[:80], round((s - t0) / 1e3, 1), round(d / 1e3, 1))
                     for name, s, d in ks]
     summary = dict(gpus=gpus)
+    # Where the GPUs sit idle (the longest gaps between kernels, with their neighbours)
+    # and what the host was doing meanwhile (its longest events): a step that is slower
+    # per call than its GPU span waits on the host somewhere.
+    for plane_name, ks in kernels.items():
+        if plane_name in gpus and len(ks) > 1:
+            gaps = sorted(((b[1] - (a[1] + a[2]), a[0], b[0], a[1] + a[2])
+                           for a, b in zip(ks, ks[1:])), reverse=True)[:gap_count]
+            gpus[plane_name]["longest_gaps"] = [
+                (round(g / 1e3, 1), round((at - t0) / 1e3, 1), before[:50], after[:50])
+                for g, before, after, at in gaps]
+    host = []
+    for plane in data.planes:
+        if plane.name.startswith("/host"):
+            for line in plane.lines:
+                for e in line.events:
+                    if e.duration_ns >= 200e3:
+                        host.append((round(e.duration_ns / 1e3, 1),
+                                     round((e.start_ns - t0) / 1e3, 1), line.name[:30],
+                                     e.name[:80]))
+    summary["host_events_over_200us"] = sorted(host, reverse=True)[:40]
     if len(matched_starts) > 1:
         n = min(len(s) for s in matched_starts)
         skews = [max(s[i] for s in matched_starts) - min(s[i] for s in matched_starts)
@@ -117,15 +137,19 @@ def summarize(xplane_path: str, match: str | None = None, top: int = 12,
 
 
 def profile(fn, args, out_dir: str, label: str, match: str | None = None,
-            all_kernels: bool = False) -> dict:
-    """Runs ``fn(*args)`` once to warm up, once under the profiler; writes
+            all_kernels: bool = False, calls: int = 1) -> dict:
+    """Runs ``fn(*args)`` once to warm up, ``calls`` times back to back under the
+    profiler (one ``block_until_ready`` at the end); writes
     ``{out_dir}/profile_{label}.json`` and returns the summary (an ``error`` entry when
     the profile could not be taken or read)."""
     jax.block_until_ready(fn(*args))
     trace_dir = tempfile.mkdtemp(prefix=f"jax_ep_trace_{label}_")
     try:
         with jax.profiler.trace(trace_dir):
-            jax.block_until_ready(fn(*args))
+            out = None
+            for _ in range(calls):
+                out = fn(*args)
+            jax.block_until_ready(out)
         paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
         if not paths:
             raise RuntimeError(f"no .xplane.pb under {trace_dir}")

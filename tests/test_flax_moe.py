@@ -354,6 +354,20 @@ def test_rank_exchange_lowers_capacity_to_what_a_rank_layout_holds():
     assert f"[{rows},{H}]" in jaxpr.replace(" ", "") and "[1000," not in jaxpr
 
 
+@pytest.mark.parametrize("exchange", ["rank", "expert"])
+def test_slot_layouts_have_no_while_loops(exchange):
+    # a while loop's predicate goes device -> host on every step on GPUs: the slot
+    # arithmetic must be loop-free (searchsorted's default method is a while loop)
+    moe = _layer(expert_capacity=16, exchange=exchange)
+    graphdef, params, rest = nnx.split(moe, nnx.Param, ...)
+
+    def loss(p, x):
+        return jnp.sum(nnx.merge(graphdef, p, rest)(x)[0])
+
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, _tokens()).as_text()
+    assert "while" not in hlo
+
+
 def test_rank_exchange_argument_errors():
     with pytest.raises(ValueError, match="exchange must be one of"):
         _layer(expert_capacity=8, exchange="ranks")
