@@ -106,6 +106,11 @@ def parse_args(argv=None):
     p.add_argument("--parts", default=",".join(PARTS), help=f"subset of {PARTS}")
     p.add_argument("--iters", type=int, default=20, help="timed calls (>= 20)")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved timing rounds (each times every impl, order rotated); "
+                        "--iters calls are split over them")
+    p.add_argument("--queued-reps", type=int, default=2,
+                   help="back-to-back repetitions (10 queued calls each) per round")
     p.add_argument("--devices", type=int, default=8,
                    help="simulated CPU devices when no GPU is present")
     p.add_argument("--platform", choices=("auto", "cpu", "gpu"), default="auto")
@@ -381,12 +386,16 @@ def main(argv=None) -> int:
                 "a2a_cf": baseline(a2a_cf_rank), "a2a_peer": baseline(a2a_peer_rank),
                 "no_comm": baseline(no_comm_rank)}
     method = {
-        "timing": f"median of {args.iters} timed calls after {args.warmup} warm-up calls of "
+        "timing": f"{args.rounds} interleaved rounds (each times every implementation, "
+                  "the order rotated per round, so that GPU clock and temperature drift "
+                  f"does not favour one); per round and implementation {args.warmup} "
+                  f"warm-up and ceil({args.iters}/{args.rounds}) timed calls of "
                   "a jitted forward (fwd) and of jax.value_and_grad of sum(out * cot) with "
                   "respect to all parameters and x (fwd_bwd); wall time to block_until_ready "
-                  "of each call. fwd_bwd_ms_back_to_back: 10 fwd+bwd calls queued before "
-                  "one block_until_ready (how a training loop runs: the host launch of a "
-                  "step overlaps the previous step), per call, median of 5",
+                  "of each call; medians over all rounds' calls. fwd_bwd_ms_back_to_back: 10 "
+                  "fwd+bwd calls queued before one block_until_ready (how a training loop "
+                  "runs: the host launch of a step overlaps the previous step), per call, "
+                  f"median of {args.queued_reps} per round, then over the rounds",
         "jax_ep": "jax_ep.flax.MoE, default capacity (never drops), ragged_dot experts",
         "jax_ep_cf": f"jax_ep.flax.MoE(capacity={ep_cap}, expert_capacity={ep_expert_cap}) "
                      "with its default exchange='rank': jax_ep dispatch (rank layout, one "
@@ -443,8 +452,8 @@ def main(argv=None) -> int:
             del out
         return statistics.median(per_call)
 
-    results, outputs = {}, {}
-    for name in args.impls:
+    results, outputs, compiled = {}, {}, {}
+    for name in args.impls:  # compile and warm up every implementation first
         fwd = forwards[name]
 
         def loss(p, x, c, fwd=fwd):  # c: the cotangent, an argument (not an HLO constant)
@@ -457,38 +466,72 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             out, dropped = jax.block_until_ready(fwd_jit(params, x))
             compile_s = time.perf_counter() - t0
-            fwd_times = timed(fwd_jit, params, x)
             t0 = time.perf_counter()
             jax.block_until_ready(grad_jit(params, x, cot))
             compile_bwd_s = time.perf_counter() - t0
-            fb_times = timed(grad_jit, params, x, cot)
-            fb_queued = timed_back_to_back(grad_jit, params, x, cot)
-            if args.profile:
-                trace_summary.print_summary(trace_summary.profile(
-                    grad_jit, (params, x, cot), args.out, f"moe_{name}_fwd_bwd",
-                    all_kernels=True, calls=args.profile_calls))
         except Exception as err:  # e.g. out of memory at the full shape: record, go on
             print(f"  {name:12s} FAILED: {type(err).__name__}: {str(err)[:300]}", flush=True)
             results[name] = {"error": f"{type(err).__name__}: {str(err)[:2000]}"}
             continue
         outputs[name] = np.asarray(out.astype(jnp.float32))
-        results[name] = {
-            "fwd_bwd_ms_median": statistics.median(fb_times),
-            "fwd_bwd_ms_min": min(fb_times),
-            "fwd_bwd_ms_mean": statistics.fmean(fb_times),
-            "fwd_ms_median": statistics.median(fwd_times),
-            "fwd_bwd_ms_back_to_back": fb_queued,
-            "dropped_rows": int(dropped),
-            "dropped_fraction": int(dropped) / (R * T * K),
-            "first_call_s": compile_s,
-            "first_call_fwd_bwd_s": compile_bwd_s,
-            "iters": args.iters,
-        }
-        print(f"  {name:12s} fwd+bwd {results[name]['fwd_bwd_ms_median']:9.2f} ms   "
-              f"(back to back {fb_queued:8.2f} ms)   "
-              f"fwd {results[name]['fwd_ms_median']:9.2f} ms   dropped "
-              f"{int(dropped)}/{R * T * K} rows", flush=True)
+        compiled[name] = (fwd_jit, grad_jit)
+        results[name] = {"dropped_rows": int(dropped),
+                         "dropped_fraction": int(dropped) / (R * T * K),
+                         "first_call_s": compile_s, "first_call_fwd_bwd_s": compile_bwd_s}
         del out
+
+    # Timing in interleaved rounds, the order rotated each round: the GPUs' clocks move
+    # with their power draw and temperature (a matmul-dense step draws 700 W and clocks
+    # down), so timing one implementation after the other would favour whichever ran
+    # on the cooler GPU.
+    names = list(compiled)
+    per_round = max(1, -(-args.iters // args.rounds))
+    samples = {n: dict(fwd=[], fb=[], queued=[], round_fb=[], round_queued=[]) for n in names}
+    saved_iters = args.iters
+    args.iters = per_round
+    try:
+        for rnd in range(args.rounds):
+            order = names[rnd % len(names):] + names[:rnd % len(names)] if names else []
+            for name in order:
+                fwd_jit, grad_jit = compiled[name]
+                smp = samples[name]
+                try:
+                    smp["fwd"] += timed(fwd_jit, params, x)
+                    fb = timed(grad_jit, params, x, cot)
+                    smp["fb"] += fb
+                    smp["round_fb"].append(statistics.median(fb))
+                    q = timed_back_to_back(grad_jit, params, x, cot, reps=args.queued_reps)
+                    smp["queued"].append(q)
+                except Exception as err:
+                    results[name]["error"] = f"{type(err).__name__}: {str(err)[:2000]}"
+    finally:
+        args.iters = saved_iters
+    for name in names:
+        smp, r = samples[name], results[name]
+        if "error" in r or not smp["fb"]:
+            continue
+        r.update({
+            "fwd_bwd_ms_median": statistics.median(smp["fb"]),
+            "fwd_bwd_ms_min": min(smp["fb"]),
+            "fwd_bwd_ms_mean": statistics.fmean(smp["fb"]),
+            "fwd_bwd_ms_round_medians": smp["round_fb"],
+            "fwd_ms_median": statistics.median(smp["fwd"]),
+            "fwd_bwd_ms_back_to_back": statistics.median(smp["queued"]),
+            "fwd_bwd_ms_back_to_back_rounds": smp["queued"],
+            "iters": len(smp["fb"]),
+            "rounds": args.rounds,
+        })
+        print(f"  {name:12s} fwd+bwd {r['fwd_bwd_ms_median']:9.2f} ms   "
+              f"(back to back {r['fwd_bwd_ms_back_to_back']:8.2f} ms)   "
+              f"fwd {r['fwd_ms_median']:9.2f} ms   dropped "
+              f"{r['dropped_rows']}/{R * T * K} rows   rounds "
+              f"{', '.join(f'{v:.2f}' for v in smp['round_fb'])}", flush=True)
+    if args.profile:
+        for name in names:
+            trace_summary.print_summary(trace_summary.profile(
+                compiled[name][1], (params, x, cot), args.out, f"moe_{name}_fwd_bwd",
+                all_kernels=True, calls=args.profile_calls))
+    compiled.clear()
 
     if "jax_ep" in outputs:  # sanity: implementations that drop nothing agree
         ref = outputs["jax_ep"]
@@ -510,8 +553,12 @@ def main(argv=None) -> int:
             r["speedup_vs_a2a_cf"] = base["fwd_bwd_ms_median"] / r["fwd_bwd_ms_median"]
             r["speedup_vs_a2a_cf_back_to_back"] = (base["fwd_bwd_ms_back_to_back"] /
                                                    r["fwd_bwd_ms_back_to_back"])
+            r["speedup_vs_a2a_cf_per_round"] = [  # same round: the closest in GPU state
+                b / m for b, m in zip(base["fwd_bwd_ms_round_medians"],
+                                      r["fwd_bwd_ms_round_medians"])]
             print(f"  {name} vs a2a_cf (fwd+bwd): {r['speedup_vs_a2a_cf']:.3f}x per call, "
-                  f"{r['speedup_vs_a2a_cf_back_to_back']:.3f}x back to back (target 1.5x)")
+                  f"{r['speedup_vs_a2a_cf_back_to_back']:.3f}x back to back (target 1.5x); "
+                  f"per round {', '.join(f'{v:.3f}' for v in r['speedup_vs_a2a_cf_per_round'])}")
     for base_name, nc_name in (("a2a_cf", "no_comm"),):
         if "fwd_bwd_ms_median" in results.get(nc_name, {}) and \
                 "fwd_bwd_ms_median" in results.get(base_name, {}):
