@@ -368,6 +368,23 @@ def test_slot_layouts_have_no_while_loops(exchange):
     assert "while" not in hlo
 
 
+@pytest.mark.parametrize("dtype,shape", [
+    (jnp.bfloat16, (7, 16)), (jnp.float32, (5, 3)), (jnp.int8, (6, 2, 4)),
+    (jnp.bfloat16, (4, 3)),  # odd row of 2-byte elements: element gather
+    (jnp.bfloat16, (0, 8)),  # nothing to read: every index is out of range
+])
+def test_take_rows_equals_take_with_zero_fill(dtype, shape):
+    from jax_ep.flax import _take_rows
+    a = (jax.random.normal(jax.random.key(0), shape) * 50).astype(dtype)
+    idx = jnp.array([0, shape[0] - 1, -1, shape[0], 2, 2, shape[0] + 7], jnp.int32)
+    got = jax.jit(_take_rows)(a, idx)
+    a_np = np.asarray(a.astype(jnp.float32))
+    want = np.stack([a_np[i] if 0 <= i < shape[0] else np.zeros(shape[1:], np.float32)
+                     for i in np.asarray(idx)])
+    assert got.dtype == a.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), want)
+
+
 def test_rank_exchange_argument_errors():
     with pytest.raises(ValueError, match="exchange must be one of"):
         _layer(expert_capacity=8, exchange="ranks")
