@@ -1,19 +1,8 @@
 """Probe: row-gather speed of XLA's gather on this GPU, as bf16 elements vs 32-bit words."""
-import statistics
-import time
-
 import jax
 import jax.numpy as jnp
 
-
-def timed(fn, *a, iters=20):
-    jax.block_until_ready(fn(*a))
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*a))
-        ts.append(1e6 * (time.perf_counter() - t0))
-    return statistics.median(ts)
+from timing import timed  # bench/timing.py (run from the repo root: python3 bench/...)
 
 
 def main():
@@ -41,7 +30,7 @@ def main():
     for name, fn in (("bf16", as_bf16), ("u32", as_u32), ("u32_clip", as_u32_clip)):
         f = jax.jit(fn)
         assert bool(jnp.all(f(rows, idx) == ref)), name
-        us = timed(f, rows, idx)
+        us = timed(f, (rows, idx), 20) * 1e6
         gb = (n_out * H * 2 + n_out * H * 2 * 0.8) / 1e9
         print(f"gather {name:9s} {us:8.1f} us  ~{gb / us * 1e6 / 1e3:.2f} TB/s", flush=True)
 

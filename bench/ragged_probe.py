@@ -6,21 +6,11 @@ and what it costs next to the dense batched einsum of the capacity layout.
 import argparse
 import json
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
-
-def timed(fn, *a, iters=10):
-    jax.block_until_ready(fn(*a))
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*a))
-        ts.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(ts)
+from timing import timed  # bench/timing.py (run from the repo root: python3 bench/...)
 
 
 def main():
@@ -52,7 +42,7 @@ def main():
     for name, fn, args in (("dense_fwd_ms", dense, (x, w)), ("ragged_fwd_ms", ragged, (x, w, gs)),
                            ("ragged_dgrad_ms", ragged_dgrad, (dy, w, gs))):
         try:
-            res[name] = timed(fn, *args)
+            res[name] = timed(fn, args, 10) * 1e3
         except Exception as e:  # OOM or unsupported: record
             res[name] = f"{type(e).__name__}: {str(e)[:300]}"
         print(name, res[name], flush=True)
@@ -62,7 +52,7 @@ def main():
 
     try:
         g = jax.jit(jax.grad(loss, argnums=(0, 1)))
-        res["ragged_fwd_bwd_ms"] = timed(g, x, w)
+        res["ragged_fwd_bwd_ms"] = timed(g, (x, w), 10) * 1e3
     except Exception as e:
         res["ragged_fwd_bwd_ms"] = f"{type(e).__name__}: {str(e)[:300]}"
     print(json.dumps(res, indent=1))
