@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
@@ -567,6 +568,27 @@ def _sharded_init(kind, shape, dtype, sharding):
     return jax.jit(lambda key: init(key, shape, dtype), out_shardings=sharding)
 
 
+def _on_gpus(mesh) -> bool:
+    return any(d.platform == "gpu" for d in mesh.devices.flat)
+
+
+_RAGGED_DENSE_WARN_BYTES = 1 << 30
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_ragged_dot_on_gpus(num_local: int, dense_gib: float) -> None:
+    """Once per shape: the ragged path's cost on GPUs is easy to miss."""
+    warnings.warn(
+        f"MoE: expert_capacity=None runs the {num_local} local experts with "
+        "jax.lax.ragged_dot; XLA lowers it on GPUs to a dense matmul (its operand here: "
+        f"~{dense_gib} GiB) unless its cuDNN grouped-matmul path is available (cuDNN >= "
+        "9.22): 108 ms against 1.9 ms for the "
+        "capacity layout in one H200 measurement (bench/ragged_probe.py), and out of memory "
+        "at DeepSeek-like shapes. Pass expert_capacity=ceil(1.25 * R * T * K / E) (rows "
+        "per local expert; R ranks, T tokens per rank) for dense batched matmuls.",
+        RuntimeWarning, stacklevel=3)
+
+
 class MoE(nnx.Module):
     """Mixture-of-experts SwiGLU FFN with expert parallelism through jax_ep.
 
@@ -596,7 +618,8 @@ class MoE(nnx.Module):
         received groups are gathered into ``[E/R, C, H]`` and the experts run as dense
         batched matmuls; rows past C are dropped and counted in ``MoEStats.dropped``.
         Use it on GPUs, where XLA lowers ``ragged_dot`` with many groups to a dense
-        matmul over ``[rows, groups * H]`` (out of memory at DeepSeek-like shapes).
+        matmul over ``[rows, groups * H]`` (out of memory at DeepSeek-like shapes; a
+        ``RuntimeWarning`` says so when that operand would exceed 1 GiB).
         Choosing C: a local expert receives the rows of all R ranks, on average
         ``R * T * K / E`` (T tokens per rank); set ``C = ceil(f * R * T * K / E)``
         (plus ``expert_alignment`` padding per group, which counts towards C). Because
@@ -799,6 +822,14 @@ class MoE(nnx.Module):
                                  f"tokens per rank, got {max_tokens_per_rank!r}")
         elif max_tokens_per_rank is not None:
             raise ValueError("MoE: max_tokens_per_rank applies to low_latency=True only")
+        if not low_latency and self.expert_capacity is None and _on_gpus(self.mesh):
+            # XLA's dense lowering of ragged_dot multiplies [rows, E/R * H]: warn where
+            # that is big (the small demo model is fine)
+            num_local = self.num_experts // self.num_ranks
+            rows = self.capacity or self.num_ranks * (n // self.token_shards) * self.top_k
+            dense_bytes = rows * num_local * self.hidden * jnp.dtype(dtype).itemsize
+            if dense_bytes >= _RAGGED_DENSE_WARN_BYTES:
+                _warn_ragged_dot_on_gpus(num_local, round(dense_bytes / 2**30, 1))
         capacity = self.capacity
         if capacity is not None and self.exchange == "rank":
             # (token, rank) rows: more than every token of every rank is never needed

@@ -385,6 +385,29 @@ def test_take_rows_equals_take_with_zero_fill(dtype, shape):
     np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), want)
 
 
+def test_ragged_experts_on_gpus_warn_once(monkeypatch):
+    import warnings
+    import jax_ep.flax as jf
+    x = _tokens()
+    monkeypatch.setattr(jf, "_on_gpus", lambda mesh: True)
+    jf._warn_ragged_dot_on_gpus.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a small dense lowering is fine: no warning
+        _layer()(x)
+    monkeypatch.setattr(jf, "_RAGGED_DENSE_WARN_BYTES", 1)
+    with pytest.warns(RuntimeWarning, match="expert_capacity=ceil"):
+        _layer()(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per local-expert count, not per call
+        _layer()(x)
+        _layer(expert_capacity=16)(x)  # capacity layout: nothing to warn about
+    monkeypatch.setattr(jf, "_on_gpus", lambda mesh: False)
+    jf._warn_ragged_dot_on_gpus.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not on GPUs: no warning
+        _layer()(x)
+
+
 def test_rank_exchange_argument_errors():
     with pytest.raises(ValueError, match="exchange must be one of"):
         _layer(expert_capacity=8, exchange="ranks")
