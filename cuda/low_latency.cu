@@ -227,13 +227,11 @@ __device__ __forceinline__ void ll_sync_if(const LLTimingRecord* ring) {
   if (ring != nullptr) __syncthreads();
 }
 
-// Block-wide copy of `rows` rows of `row_bytes` (a multiple of sizeof(Vec)) from src (rows
-// src_stride apart) to dst (rows dst_stride apart), flattened over (row, vector) so every
-// thread has up to kUnroll independent loads in flight before its stores.
-template <typename Vec, bool kCoherent>
-__device__ __forceinline__ void block_copy_rows(char* dst, size_t dst_stride, const char* src,
-                                                size_t src_stride, int rows, int row_bytes) {
-  const int per_row = row_bytes / int(sizeof(Vec));
+// The block-wide copy loop both row copies below share: `rows` rows of `per_row` Vecs,
+// flattened over (row, vector) so every thread has up to kUnroll independent loads in
+// flight before its stores. load(i, c) reads vector c of row i; store(i, c, v) writes it.
+template <typename Vec, typename Load, typename Store>
+__device__ __forceinline__ void block_copy_flat(int rows, int per_row, Load load, Store store) {
   const int total = rows * per_row;
   for (int base = threadIdx.x; base < total; base += blockDim.x * kUnroll) {
     Vec v[kUnroll];
@@ -241,20 +239,35 @@ __device__ __forceinline__ void block_copy_rows(char* dst, size_t dst_stride, co
     for (int u = 0; u < kUnroll; ++u) {
       const int idx = base + u * int(blockDim.x);
       if (idx < total) {
-        const int i = idx / per_row, c = idx - i * per_row;
-        const Vec* p = reinterpret_cast<const Vec*>(src + size_t(i) * src_stride) + c;
-        v[u] = kCoherent ? ld_cg(p) : ld_nc(p);
+        const int i = idx / per_row;
+        v[u] = load(i, idx - i * per_row);
       }
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int idx = base + u * int(blockDim.x);
       if (idx < total) {
-        const int i = idx / per_row, c = idx - i * per_row;
-        reinterpret_cast<Vec*>(dst + size_t(i) * dst_stride)[c] = v[u];
+        const int i = idx / per_row;
+        store(i, idx - i * per_row, v[u]);
       }
     }
   }
+}
+
+// Block-wide copy of `rows` rows of `row_bytes` (a multiple of sizeof(Vec)) from src (rows
+// src_stride apart) to dst (rows dst_stride apart).
+template <typename Vec, bool kCoherent>
+__device__ __forceinline__ void block_copy_rows(char* dst, size_t dst_stride, const char* src,
+                                                size_t src_stride, int rows, int row_bytes) {
+  block_copy_flat<Vec>(
+      rows, row_bytes / int(sizeof(Vec)),
+      [&](int i, int c) {
+        const Vec* p = reinterpret_cast<const Vec*>(src + size_t(i) * src_stride) + c;
+        return kCoherent ? ld_cg(p) : ld_nc(p);
+      },
+      [&](int i, int c, const Vec& v) {
+        reinterpret_cast<Vec*>(dst + size_t(i) * dst_stride)[c] = v;
+      });
 }
 
 // Block-wide zero of `bytes` contiguous bytes (dst aligned to, and bytes a multiple of, Vec).
@@ -697,30 +710,17 @@ template <typename Vec, typename Elt, bool kScale, bool kTable = true>
 __device__ __forceinline__ void gather_entries(char* dst, size_t dst_stride, const char* src,
                                                size_t src_stride, const DispatchShared& sm,
                                                int total, int row_bytes) {
-  const int per_row = row_bytes / int(sizeof(Vec));
-  const int n = total * per_row;
-  for (int base = threadIdx.x; base < n; base += blockDim.x * kUnroll) {
-    Vec v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int idx = base + u * int(blockDim.x);
-      if (idx < n) {
-        const int p = idx / per_row, c = idx - p * per_row;
-        v[u] = ld_cg(reinterpret_cast<const Vec*>(src + size_t(sm.unit_row[p]) * src_stride) + c);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int idx = base + u * int(blockDim.x);
-      if (idx < n) {
-        const int p = idx / per_row, c = idx - p * per_row;
-        Vec out = v[u];
+  block_copy_flat<Vec>(
+      total, row_bytes / int(sizeof(Vec)),
+      [&](int p, int c) {
+        return ld_cg(reinterpret_cast<const Vec*>(src + size_t(sm.unit_row[p]) * src_stride) + c);
+      },
+      [&](int p, int c, const Vec& v) {
+        Vec out = v;
         if constexpr (kScale) out = scale_vec<Elt>(out, sm.unit_scale[p]);
         const int row = kTable ? sm.unit_dst[p] : p;
         reinterpret_cast<Vec*>(dst + size_t(row) * dst_stride)[c] = out;
-      }
-    }
-  }
+      });
 }
 
 // One unit's n rows (source rows sm.unit_row[i] of `src`, `src_stride` apart) into dst
