@@ -124,6 +124,9 @@ def parse_args(argv=None):
     p.add_argument("--profile-calls", type=int, default=1,
                    help="fwd+bwd calls queued back to back in the profile (>1 shows the "
                         "GPUs' idle time between steps)")
+    p.add_argument("--dump-hlo", action="store_true",
+                   help="write each impl's optimised fwd+bwd HLO (hlo_<impl>_fwd_bwd.txt) to "
+                        "--out: maps the profile's fusion names to the ops they hold")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     small = dict(tokens=64, hidden=128, experts=16, top_k=4, ffn=64, dtype="float32")
@@ -475,6 +478,11 @@ def main(argv=None) -> int:
             continue
         outputs[name] = np.asarray(out.astype(jnp.float32))
         compiled[name] = (fwd_jit, grad_jit)
+        if args.dump_hlo:
+            hlo = grad_jit.lower(params, x, cot).compile().as_text()
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, f"hlo_{name}_fwd_bwd.txt"), "w") as f:
+                f.write(hlo)
         results[name] = {"dropped_rows": int(dropped),
                          "dropped_fraction": int(dropped) / (R * T * K),
                          "first_call_s": compile_s, "first_call_fwd_bwd_s": compile_bwd_s}

@@ -37,6 +37,34 @@ from timing import per_call_us  # noqa: E402  (bench/timing.py)
 AXIS = "ep"
 
 
+def nvlink_ceiling(paths, num_sms, num_ranks):
+    """The best per-GPU NVLink rate (GB/s) that ``bench/nvlink_ceiling.cu`` measured with
+    ``num_sms`` SMs: ``push`` (stores) and ``pull`` (loads, as combine). At 2 ranks a
+    ``--local-copy 1`` run (one local row per remote row, dispatch's mix there) replaces
+    the plain push rate; at more ranks the plain rate stays (an upper bound)."""
+    runs = []
+    for path in paths.split(","):
+        with open(path) as f:
+            runs.append(json.load(f))
+    best = {}
+    for local in (False, True) if num_ranks == 2 else (False,):
+        for run in runs:
+            if run["gpus"] < 2 or run["one_way"] or run.get("local_copy", False) != local:
+                continue
+            for r in run["results"]:
+                if r["sms"] != num_sms:
+                    continue
+                kind = "pull" if r["method"] == "pull" else "push"
+                if kind == "pull" and local:
+                    continue
+                if local and kind == "push" and "push_local" not in best:
+                    best.pop("push", None)
+                    best["push_local"] = True
+                best[kind] = max(best.get(kind, 0.0), r["gb_per_s_per_gpu"])
+    best.pop("push_local", None)
+    return best
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=4096)
@@ -54,6 +82,9 @@ def main():
                          "deep[:stages[:stage_bytes[:warps]]] (e.g. old,deep:2,deep:3,deep:4:6144)")
     ap.add_argument("--compare-combine-sms", default="",
                     help="comma-separated SM counts for --compare-combine (default: --num-sms)")
+    ap.add_argument("--ceiling", default="",
+                    help="comma-separated JSON outputs of bench/nvlink_ceiling.cu from this "
+                         "machine: report each op against the NVLink rate that SMs reach there")
     processes.add_arguments(ap)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                   "results"))
@@ -206,6 +237,22 @@ def main():
         results[name]["target_met"] = bool(v >= bound if op == ">=" else v <= bound)
         results[name]["target_1.5x_all_to_all_met"] = bool(results[name]["speedup"] >= 1.5)
 
+    ceiling = nvlink_ceiling(a.ceiling, a.num_sms, R) if a.ceiling else {}
+    for name, r in results.items():  # floors from the measured NVLink rate, (R-1)/R remote
+        rate = ceiling.get("pull" if name.startswith("combine") or name.startswith("cached")
+                           else "push")
+        if not rate or R < 2:
+            continue
+        row_bytes = fp8_row if "fp8" in name else bf16_row
+        floor_us = rows * (R - 1) / R * row_bytes / (rate * 1e3)
+        r["ceiling_GBps_per_gpu"] = rate
+        r["nvlink_floor_us"] = round(floor_us, 1)
+        r["fraction_of_ceiling"] = round(floor_us / r["jax_ep_us"], 3)
+        if "target" in r:  # the target's time, against the data floor alone
+            key, op, bound = targets[name]
+            target_us = bound if key == "jax_ep_us" else rows * row_bytes / (bound * 1e3)
+            r["target_within_ceiling"] = bool(target_us >= floor_us)
+
     kind = devices[0].device_kind.replace(" ", "-")
     device = f"{R}x{kind}" + processes.tag(a)
     report = dict(device=device, command=" ".join(["python3"] + sys.argv), num_ranks=R, tokens=T, hidden=H, topk=K, experts=E,
@@ -213,7 +260,8 @@ def main():
                   jax=jax.__version__, date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                   method=f"median of {a.reps}; per-call = (jit of {n_long} calls - jit of "
                          f"{n_short}) / {n_long - n_short}; layout='rank'",
-                  results=results, copy_path_variants=variants, sms_sweep=sweep)
+                  results=results, copy_path_variants=variants, sms_sweep=sweep,
+                  nvlink_ceiling=dict(ceiling, sources=a.ceiling))
     if not lead:
         buf.close()  # collective across the processes
         return
@@ -230,6 +278,12 @@ def main():
         print(f"{name:<22}{r['jax_ep_us']:>11.1f}{r['jax_ep_GBps']:>8.1f}"
               f"{r['all_to_all_us']:>15.1f}{r['all_to_all_GBps']:>8.1f}{r['speedup']:>9.2f}"
               + verdict)
+        if "nvlink_floor_us" in r:
+            print(f"{'':<22}NVLink floor {r['nvlink_floor_us']} us at the measured "
+                  f"{r['ceiling_GBps_per_gpu']} GB/s: {100 * r['fraction_of_ceiling']:.0f}% of "
+                  f"the ceiling" + ("" if "target" not in r else
+                                    f"; target {'within' if r['target_within_ceiling'] else 'BEYOND'}"
+                                    " the ceiling"))
     for sms, r in sweep.items():
         print(f"  {sms:>3} SMs: dispatch bf16 {r['dispatch_bf16_us']} us "
               f"({r['dispatch_bf16_GBps']} GB/s), combine {r['combine_bf16_us']} us "

@@ -24,8 +24,19 @@ $PY -c "import jax, jax_ep; print(jax.__version__, jax.devices(), jax_ep.cuda_av
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
   timeout ${TEST_TIMEOUT:-360} $PY -m pytest ${PYTEST_STOP:--x} -q -m gpu -p no:cacheprovider tests/gpu "$@" 2>&1 | tee "$OUT/gpu_tests.log" | tail -30
 fi
+CEILING_ARGS=""
+if [ "${CEILING:-0}" = "1" ]; then  # the NVLink rate SMs reach on this machine, beside the bench
+  GPUS=$(nvidia-smi -L | wc -l)
+  nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -I. bench/nvlink_ceiling.cu \
+    -o /tmp/nvlink_ceiling > "$OUT/nvlink_ceiling_build.log" 2>&1 &&
+  for lc in 0 1; do
+    timeout 120 /tmp/nvlink_ceiling --sms ${CEILING_SMS:-8,16,24,32,48,132} --local-copy $lc \
+      > "$OUT/nvlink_ceiling-${GPUS}gpu-lc$lc.json" 2> "$OUT/nvlink_ceiling-${GPUS}gpu-lc$lc.log"
+  done
+  CEILING_ARGS="--ceiling $OUT/nvlink_ceiling-${GPUS}gpu-lc0.json,$OUT/nvlink_ceiling-${GPUS}gpu-lc1.json"
+fi
 if [ "${SKIP_BENCH:-0}" != "1" ]; then
-  timeout ${BENCH_TIMEOUT:-200} $PY bench/normal.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -12
+  timeout ${BENCH_TIMEOUT:-200} $PY bench/normal.py --out "$OUT" $CEILING_ARGS ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -16
 fi
 if [ "${LL_BENCH:-0}" = "1" ]; then
   timeout ${BENCH_TIMEOUT:-200} $PY bench/low_latency.py --out "$OUT" 2>&1 | tee "$OUT/bench_low_latency.log" | tail -12
