@@ -46,15 +46,6 @@ __global__ void dispatch_layout_kernel(const int* __restrict__ topk_idx, int num
   }
 }
 
-// Each thread of a block takes a run of consecutive items, counts its hits, and one
-// block scan over the runs' counts gives every hit its position in item order (one scan
-// per block, not one per 1024 items: the per-scan barriers dominated these kernels).
-__device__ __forceinline__ void thread_run(int num_items, int* begin, int* end) {
-  const int per_thread = (num_items + int(blockDim.x) - 1) / int(blockDim.x);
-  *begin = min(num_items, int(threadIdx.x) * per_thread);
-  *end = min(num_items, *begin + per_thread);
-}
-
 // Rank layout: block r numbers the tokens bound for rank r in token order.
 __global__ void __launch_bounds__(kScanThreads)
 rank_positions_kernel(const int* __restrict__ topk_idx, int num_tokens, int num_topk,
@@ -62,24 +53,20 @@ rank_positions_kernel(const int* __restrict__ topk_idx, int num_tokens, int num_
   __shared__ ScanSmem smem;
   const int r = blockIdx.x;
   const int num_local = num_experts / num_ranks;
-  auto hits = [&](int t) {
+  int running = 0;
+  for (int base = 0; base < num_tokens; base += blockDim.x) {
+    const int t = base + threadIdx.x;
     bool hit = false;
-    for (int k = 0; k < num_topk; ++k)
-      hit |= dest_rank_of(topk_idx[t * num_topk + k], num_experts, num_local) == r;
-    return hit;
-  };
-  int begin, end;
-  thread_run(num_tokens, &begin, &end);
-  int count = 0;
-  for (int t = begin; t < end; ++t) count += hits(t);
-  int total;
-  int pos = block_exclusive_sum(count, &total, smem);
-  for (int t = begin; t < end; ++t) {
-    const bool hit = hits(t);
-    send_pos[t * num_ranks + r] = hit ? pos : -1;
-    pos += hit;
+    if (t < num_tokens) {
+      for (int k = 0; k < num_topk; ++k)
+        hit |= dest_rank_of(topk_idx[t * num_topk + k], num_experts, num_local) == r;
+    }
+    int total;
+    const int pos = block_exclusive_count(hit, &total, smem);
+    if (t < num_tokens) send_pos[t * num_ranks + r] = hit ? running + pos : -1;
+    running += total;
   }
-  if (threadIdx.x == 0) ws->my_counts[r] = total;
+  if (threadIdx.x == 0) ws->my_counts[r] = running;
 }
 
 // Expert layout: block e numbers the (token, slot) pairs of expert e in (t, k) order;
@@ -89,18 +76,19 @@ expert_positions_kernel(const int* __restrict__ topk_idx, int num_tokens, int nu
                         int num_experts, int num_ranks, int* send_pos, Workspace* ws) {
   __shared__ ScanSmem smem;
   const int e = blockIdx.x;
-  int begin, end;
-  thread_run(num_tokens * num_topk, &begin, &end);
-  int count = 0;
-  for (int i = begin; i < end; ++i) count += topk_idx[i] == e;
-  int total;
-  int pos = block_exclusive_sum(count, &total, smem);
-  for (int i = begin; i < end; ++i) {
-    const int expert = topk_idx[i];
-    if (expert == e) send_pos[i] = pos++;
-    if (e == 0 && (expert < 0 || expert >= num_experts)) send_pos[i] = -1;
+  const int n = num_tokens * num_topk;
+  int running = 0;
+  for (int base = 0; base < n; base += blockDim.x) {
+    const int i = base + threadIdx.x;
+    const int expert = i < n ? topk_idx[i] : -1;
+    const bool hit = expert == e;
+    int total;
+    const int pos = block_exclusive_count(hit, &total, smem);
+    if (hit) send_pos[i] = running + pos;
+    if (e == 0 && i < n && (expert < 0 || expert >= num_experts)) send_pos[i] = -1;
+    running += total;
   }
-  if (threadIdx.x == 0) ws->my_counts[kMaxRanks + e] = total;
+  if (threadIdx.x == 0) ws->my_counts[kMaxRanks + e] = running;
 }
 
 }  // namespace
