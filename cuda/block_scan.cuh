@@ -1,6 +1,6 @@
-// Block-wide exclusive prefix count of 0/1 flags (ballot + shuffle scan), used to give
-// each routed token its position in its destination's list without atomics, so the
-// order is the source-token order the layouts promise.
+// Block-wide exclusive prefix sum of per-warp counts (shuffle scan), used to give each
+// routed token its position in its destination's list without atomics, so the order is
+// the source-token order the layouts promise.
 #pragma once
 
 namespace jax_ep {
@@ -12,12 +12,12 @@ struct ScanSmem {
   int total;
 };
 
-// Returns the number of flagged threads before this one; *total = flagged threads.
-__device__ __forceinline__ int block_exclusive_count(bool flag, int* total, ScanSmem& s) {
+// Every thread of warp w passes that warp's count c_w; returns c_0 + ... + c_{w-1} and
+// sets *total to the sum over the block's warps.
+__device__ __forceinline__ int block_exclusive_warp_sum(int warp_count, int* total,
+                                                        ScanSmem& s) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const unsigned mask = __ballot_sync(0xffffffffu, flag);
-  const int before_in_warp = __popc(mask & ((1u << lane) - 1u));
-  if (lane == 0) s.warp_offset[warp] = __popc(mask);
+  if (lane == 0) s.warp_offset[warp] = warp_count;
   __syncthreads();
   if (warp == 0) {
     const int num_warps = blockDim.x >> 5;
@@ -32,7 +32,7 @@ __device__ __forceinline__ int block_exclusive_count(bool flag, int* total, Scan
     if (lane == 31) s.total = incl;
   }
   __syncthreads();
-  const int result = s.warp_offset[warp] + before_in_warp;
+  const int result = s.warp_offset[warp];
   *total = s.total;
   __syncthreads();  // the next call may overwrite the shared state
   return result;

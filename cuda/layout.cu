@@ -46,6 +46,37 @@ __global__ void dispatch_layout_kernel(const int* __restrict__ topk_idx, int num
   }
 }
 
+// Each warp of a block numbers the hits of one contiguous segment of the items: pass 1
+// counts them with ballots (and keeps each lane's first 32 answers in a register), one
+// block scan gives every warp its offset, pass 2 writes the positions. Order is item
+// order, loads stay coalesced, and a block synchronises once (a block scan per 1024
+// items made these kernels barrier-bound: 12 us for 4096 tokens in the rank layout,
+// 70 us for 32768 pairs in the expert layout, on H200).
+template <typename Hit, typename Write>
+__device__ __forceinline__ int number_hits(int num_items, Hit hit, Write write, ScanSmem& smem) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int seg = ((num_items + warps - 1) / warps + 31) / 32 * 32;
+  const int begin = min(num_items, warp * seg), end = min(num_items, begin + seg);
+  int count = 0;
+  unsigned seen = 0;  // this lane's hits of the first 32 rounds: pass 2 reloads no more
+  for (int base = begin, round = 0; base < end; base += 32, ++round) {
+    const int i = base + lane;
+    const bool h = i < end && hit(i);
+    if (round < 32) seen |= unsigned(h) << round;
+    count += __popc(__ballot_sync(0xffffffffu, h));
+  }
+  int total;
+  int running = block_exclusive_warp_sum(count, &total, smem);
+  for (int base = begin, round = 0; base < end; base += 32, ++round) {
+    const int i = base + lane;
+    const bool h = round < 32 ? ((seen >> round) & 1u) != 0 : (i < end && hit(i));
+    const unsigned m = __ballot_sync(0xffffffffu, h);
+    if (i < end) write(i, h ? running + __popc(m & ((1u << lane) - 1u)) : -1);
+    running += __popc(m);
+  }
+  return total;
+}
+
 // Rank layout: block r numbers the tokens bound for rank r in token order.
 __global__ void __launch_bounds__(kScanThreads)
 rank_positions_kernel(const int* __restrict__ topk_idx, int num_tokens, int num_topk,
@@ -53,20 +84,16 @@ rank_positions_kernel(const int* __restrict__ topk_idx, int num_tokens, int num_
   __shared__ ScanSmem smem;
   const int r = blockIdx.x;
   const int num_local = num_experts / num_ranks;
-  int running = 0;
-  for (int base = 0; base < num_tokens; base += blockDim.x) {
-    const int t = base + threadIdx.x;
-    bool hit = false;
-    if (t < num_tokens) {
-      for (int k = 0; k < num_topk; ++k)
-        hit |= dest_rank_of(topk_idx[t * num_topk + k], num_experts, num_local) == r;
-    }
-    int total;
-    const int pos = block_exclusive_count(hit, &total, smem);
-    if (t < num_tokens) send_pos[t * num_ranks + r] = hit ? running + pos : -1;
-    running += total;
-  }
-  if (threadIdx.x == 0) ws->my_counts[r] = running;
+  const int total = number_hits(
+      num_tokens,
+      [&](int t) {
+        bool hit = false;
+        for (int k = 0; k < num_topk; ++k)
+          hit |= dest_rank_of(topk_idx[t * num_topk + k], num_experts, num_local) == r;
+        return hit;
+      },
+      [&](int t, int pos) { send_pos[t * num_ranks + r] = pos; }, smem);
+  if (threadIdx.x == 0) ws->my_counts[r] = total;
 }
 
 // Expert layout: block e numbers the (token, slot) pairs of expert e in (t, k) order;
@@ -76,19 +103,14 @@ expert_positions_kernel(const int* __restrict__ topk_idx, int num_tokens, int nu
                         int num_experts, int num_ranks, int* send_pos, Workspace* ws) {
   __shared__ ScanSmem smem;
   const int e = blockIdx.x;
-  const int n = num_tokens * num_topk;
-  int running = 0;
-  for (int base = 0; base < n; base += blockDim.x) {
-    const int i = base + threadIdx.x;
-    const int expert = i < n ? topk_idx[i] : -1;
-    const bool hit = expert == e;
-    int total;
-    const int pos = block_exclusive_count(hit, &total, smem);
-    if (hit) send_pos[i] = running + pos;
-    if (e == 0 && i < n && (expert < 0 || expert >= num_experts)) send_pos[i] = -1;
-    running += total;
-  }
-  if (threadIdx.x == 0) ws->my_counts[kMaxRanks + e] = running;
+  const int total = number_hits(
+      num_tokens * num_topk, [&](int i) { return topk_idx[i] == e; },
+      [&](int i, int pos) {
+        if (pos >= 0) send_pos[i] = pos;
+        else if (e == 0 && (topk_idx[i] < 0 || topk_idx[i] >= num_experts)) send_pos[i] = -1;
+      },
+      smem);
+  if (threadIdx.x == 0) ws->my_counts[kMaxRanks + e] = total;
 }
 
 }  // namespace
