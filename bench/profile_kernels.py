@@ -34,7 +34,10 @@ def main():
     ap.add_argument("--hidden", type=int, default=7168)
     ap.add_argument("--num-sms", type=int, default=24)
     ap.add_argument("--layout", default="rank")
-    ap.add_argument("--fp8", action="store_true")
+    ap.add_argument("--fp8", action="store_true",
+                    help="dispatch the FP8 pair of jax_ep.fp8.per_token_cast (an XLA cast first)")
+    ap.add_argument("--cast", action="store_true",
+                    help="dispatch bf16 x with cast_fp8=True (the kernel casts on the way)")
     a = ap.parse_args()
     T, H, K, E = a.tokens, a.hidden, 8, 256
     devices = [d for d in jax.devices() if d.platform == "gpu"]
@@ -52,8 +55,8 @@ def main():
         x, i, w = x[0], i[0], w[0]
         payload = jax_ep.fp8.per_token_cast(x) if a.fp8 else x
         r = jax_ep.dispatch(payload, i, w, num_experts=E, axis_name=AXIS, buffer=buf,
-                            backend="cuda", layout=a.layout)
-        y = r.recv_x[0].astype(jnp.bfloat16) if a.fp8 else r.recv_x
+                            backend="cuda", layout=a.layout, cast_fp8=a.cast)
+        y = r.recv_x[0].astype(jnp.bfloat16) if a.fp8 or a.cast else r.recv_x
         out = jax_ep.combine(y, r.handle, r.recv_topk_weights if a.layout == "expert" else None)
         return out[None]
 
@@ -82,10 +85,13 @@ def main():
         if "/device:GPU:0" not in proc:
             continue
         by_name[e["name"][:90]].append(e["dur"])
-    print(f"GPU 0 of {R}, T={T} H={H} layout={a.layout} fp8={a.fp8}: kernels (median us, count)")
+    print(f"GPU 0 of {R}, T={T} H={H} layout={a.layout} fp8={a.fp8} cast={a.cast}: kernels "
+          "(median us, count)")
     rows = sorted(by_name.items(), key=lambda kv: -statistics.median(kv[1]) * len(kv[1]))
     for name, durs in rows[:25]:
         print(f"{statistics.median(durs):9.1f} us  x{len(durs):<4d} {name}")
+    per_call = sum(statistics.median(d) * len(d) for d in by_name.values()) / 10
+    print(f"{per_call:9.1f} us  all kernels of one call (dispatch, casts, combine)")
     buf.close()
 
 

@@ -9,6 +9,7 @@
 // traffic. Receivers clear the rows nobody writes (XLA outputs start uninitialised) in
 // the same local finalize kernel, which may use more SMs than the communication kernel.
 #include "cuda/device_sync.cuh"
+#include "cuda/fp8_cast.cuh"
 #include "cuda/kernels.h"
 #include "cuda/row_copy.cuh"
 #include "cuda/tma.cuh"
@@ -50,6 +51,67 @@ struct RowPipe {
     }
   }
 };
+
+// Casts bf16 row `src` (H channels, H % 128 == 0) to e4m3 values and f32 scales, per
+// 128 channels: a lane casts 8 channels per step, a half-warp shares a scale, and
+// kCastUnroll loads are in flight per lane before the first shuffle. Each result goes to
+// put(j, values of lane, scale or nothing): vector j of the values (8 bytes).
+constexpr int kCastUnroll = 8;
+
+template <typename Put>
+__device__ __forceinline__ void warp_cast_row_fp8(const char* src, int H, int lane, Put put) {
+  const int n8 = H / 8;  // a multiple of 16
+  const int4* s = reinterpret_cast<const int4*>(src);
+  for (int j0 = 0; j0 < n8; j0 += 32 * kCastUnroll) {  // warp-uniform trip count
+    int4 raw[kCastUnroll];
+#pragma unroll
+    for (int u = 0; u < kCastUnroll; ++u) {
+      const int j = j0 + 32 * u + lane;
+      raw[u] = j < n8 ? ld_nc_v4(s + j) : make_int4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < kCastUnroll; ++u) {
+      if (j0 + 32 * u >= n8) break;  // warp-uniform: n8 is a multiple of 16, not of 32
+      const int j = j0 + 32 * u + lane;
+      float f[8], scale;
+      bf16x8_to_f32(raw[u], f);
+      const uint2 q = cast8_e4m3(f, &scale);
+      if (j < n8) put(j, q, (lane & 15) == 0, scale);
+    }
+  }
+}
+
+// The cast row goes through the warp's stage (values, then scales) and leaves with one bulk
+// store per destination and part: wide NVLink writes, where the lanes' own 8-byte value and
+// 4-byte scale stores were slow. Needs H + H/32 <= stage bytes and (H/32) % 16 == 0.
+__device__ __forceinline__ bool cast_fits_stage(int H, int stage_bytes) {
+  return H + H / 32 <= stage_bytes && (H / 32) % 16 == 0;
+}
+
+__device__ __forceinline__ void warp_cast_row_fp8_staged(const char* src, int H, char* stage,
+                                                         char* const (&dq)[kMaxRanks],
+                                                         char* const (&ds)[kMaxRanks],
+                                                         int lane) {
+  if (lane == 0) bulk_wait_read<0>();  // the last row's bulk stores have read the stage
+  __syncwarp();
+  float* scales = reinterpret_cast<float*>(stage + H);
+  warp_cast_row_fp8(src, H, lane, [&](int j, uint2 q, bool has_scale, float scale) {
+    reinterpret_cast<uint2*>(stage)[j] = q;
+    if (has_scale) scales[j / 16] = scale;
+  });
+  fence_smem_for_bulk();
+  __syncwarp();
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < kMaxRanks; ++r) {
+      if (dq[r] == nullptr) continue;
+      tma_store(dq[r], stage, uint32_t(H));
+      tma_store(ds[r], stage + H, uint32_t(H / 32));
+    }
+    bulk_commit();
+  }
+  __syncwarp();
+}
 
 // Published pointer slots of a dispatch (see launch_notify_dispatch's caller).
 enum DispatchSlot { kRecvPayload0 = 0, kRecvPayload1, kRecvIdx, kRecvWeights, kSrcRank,
@@ -161,6 +223,34 @@ __global__ void __launch_bounds__(kDispatchThreads) intranode_dispatch_kernel(Di
           dup_src_of(a.peers.base[r])[row] = lane == first ? -1 : dest_row[r];
         }
       }
+    }
+    if (a.cast_fp8_hidden > 0) {
+      char* dq[kMaxRanks];
+      char* ds[kMaxRanks];
+#pragma unroll
+      for (int r = 0; r < kMaxRanks; ++r) {
+        const bool to_r = dest_row[r] >= 0;
+        const size_t row = size_t(to_r ? dest_row[r] : 0);
+        dq[r] = to_r ? reinterpret_cast<char*>(s_ptr[r][kRecvPayload0]) +
+                           row * a.payload_row_bytes[0] : nullptr;
+        ds[r] = to_r ? reinterpret_cast<char*>(s_ptr[r][kRecvPayload1]) +
+                           row * a.payload_row_bytes[1] : nullptr;
+      }
+      const char* src = a.payload[0] + size_t(t) * a.cast_fp8_hidden * 2;
+      if (cast_fits_stage(a.cast_fp8_hidden, 2 * kStageBytes)) {
+        warp_cast_row_fp8_staged(src, a.cast_fp8_hidden, pipe.stage[0], dq, ds, lane);
+      } else {  // direct stores from the lanes
+        warp_cast_row_fp8(src, a.cast_fp8_hidden, lane,
+                          [&](int j, uint2 q, bool has_scale, float scale) {
+#pragma unroll
+          for (int r = 0; r < kMaxRanks; ++r) {
+            if (dq[r] == nullptr) continue;
+            reinterpret_cast<uint2*>(dq[r])[j] = q;
+            if (has_scale) reinterpret_cast<float*>(ds[r])[j / 16] = scale;
+          }
+        });
+      }
+      continue;
     }
     for (int p = 0; p < a.num_payloads; ++p) {
       const int rb = a.payload_row_bytes[p];

@@ -69,6 +69,10 @@ struct DispatchArgs {
   // Row copies: 0 = per-lane 16-byte loads/stores, 1 = bulk (TMA) copies through shared
   // memory; rows that are not a multiple of 16 bytes always take the per-lane path.
   int min_bulk_row_bytes;  // rows at least this large use bulk copies
+  // > 0: payload[0] is bf16 [T, cast_fp8_hidden], cast on the way to e4m3 values
+  // (recv_payload[0], H bytes a row) and f32 scales per 128 channels (recv_payload[1]);
+  // num_payloads and payload_row_bytes then describe the two outputs.
+  int cast_fp8_hidden;
 };
 // ---- staging.cu: one process per GPU; rows travel through the staging area.
 struct StagedCopy {

@@ -26,28 +26,17 @@
 #include <utility>
 
 #include "cuda/device_sync.cuh"
+#include "cuda/fp8_cast.cuh"
 #include "cuda/low_latency.h"
 
 namespace jax_ep {
 namespace {
 
-// FP8 recipe of jax_ep.fp8.per_token_cast, as XLA compiles it on the GPU:
-//   amax = max(max|x|, 1e-4); q = e4m3_satfinite_rn(x * div.full(448, amax));
-//   scale = amax * f32(1/448)   (XLA's algebraic simplifier turns "/ 448" into this).
-constexpr float kE4m3Max = 448.0f;
-constexpr float kAmaxFloor = 1e-4f;
-constexpr float kInvE4m3Max = 1.0f / 448.0f;
 // 16-byte loads in flight per thread in the block-wide copies.
 constexpr int kUnroll = 8;
 // Threads per block: at most 16 warps (the handlers clamp num_warps), so the compiler may
 // use up to 128 registers without spilling.
 constexpr int kLLMaxThreads = 512;
-
-__device__ __forceinline__ float div_full(float a, float b) {
-  float r;  // XLA lowers f32 division with -nvptx-prec-divf32=1, i.e. div.full.f32
-  asm("div.full.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
 
 template <typename T> struct Elem;
 template <> struct Elem<float> {
@@ -372,23 +361,11 @@ __device__ __forceinline__ void stage_row(const LLDispatchArgs& a, int t, int4* 
 #pragma unroll
       for (int i = 0; i < 8; ++i) f[i] = 0.0f;
     }
-    float amax = 0.0f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(f[i]));
-#pragma unroll
-    for (int d = 8; d > 0; d >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, d));
-    amax = fmaxf(amax, kAmaxFloor);
-    const float mul = div_full(kE4m3Max, amax);
-    uint32_t packed[2] = {0u, 0u};
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const __nv_fp8_storage_t v =
-          __nv_cvt_float_to_fp8(__fmul_rn(f[i], mul), __NV_SATFINITE, __NV_E4M3);
-      packed[i / 4] |= uint32_t(v) << (8 * (i % 4));
-    }
+    float scale;
+    const uint2 packed = cast8_e4m3(f, &scale);
     if (ok) {
-      *reinterpret_cast<uint2*>(q + size_t(j) * 8) = make_uint2(packed[0], packed[1]);
-      if ((lane & 15) == 0) scales[j / 16] = __fmul_rn(amax, kInvE4m3Max);
+      *reinterpret_cast<uint2*>(q + size_t(j) * 8) = packed;
+      if ((lane & 15) == 0) scales[j / 16] = scale;
     }
   }
 }

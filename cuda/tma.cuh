@@ -67,6 +67,12 @@ __device__ __forceinline__ void bulk_wait_read() {
   asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(N) : "memory");
 }
 
+// Orders this thread's ordinary shared-memory writes before later bulk copies that read
+// them (the bulk copy engine is a separate "async proxy").
+__device__ __forceinline__ void fence_smem_for_bulk() {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+
 // Until every group has fully completed (its writes performed).
 __device__ __forceinline__ void bulk_wait_all() {
   asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");

@@ -26,6 +26,20 @@ def _check_hidden(x: jax.Array, name: str) -> None:
             f"per-{BLOCK}-channel scales; pad the hidden dimension")
 
 
+def cast_shapes(x: jax.Array) -> Tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of :func:`per_token_cast`'s result for ``x [T, H]``, without
+    computing it.
+
+    Example::
+
+        q_spec, s_spec = jax_ep.fp8.cast_shapes(x)   # ([T, H] e4m3, [T, H/128] f32)
+    """
+    _check_hidden(x, "x")
+    t, h = x.shape
+    return (jax.ShapeDtypeStruct((t, h), jnp.float8_e4m3fn),
+            jax.ShapeDtypeStruct((t, h // BLOCK), jnp.float32))
+
+
 def per_token_cast(x: jax.Array) -> Tuple[jax.Array, jax.Array]:
     """Casts ``x [T, H]`` to ``(e4m3 [T, H], f32 scales [T, H/128])``.
 

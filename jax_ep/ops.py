@@ -56,7 +56,7 @@ def dispatch(x, topk_idx: jax.Array, topk_weights: Optional[jax.Array] = None, *
              num_experts: int, axis_name: str, layout: str = "rank",
              max_recv_tokens: Optional[int] = None, expert_alignment: int = 1,
              buffer=None, backend: str = "auto", num_sms: Optional[int] = None,
-             check_inputs: bool = False) -> DispatchResult:
+             check_inputs: bool = False, cast_fp8: bool = False) -> DispatchResult:
     """Sends every token to each rank that holds one of its top-k experts.
 
     Args:
@@ -78,6 +78,12 @@ def dispatch(x, topk_idx: jax.Array, topk_weights: Optional[jax.Array] = None, *
       check_inputs: add a ``checkify`` check that every expert id is in ``[-1, E)``
         (run the caller under ``checkify.checkify``); ids out of range are otherwise
         treated as -1.
+      cast_fp8: ``x`` is bf16 ``[T, H]`` (``H % 128 == 0``) and travels as FP8: each row is
+        cast on the way, as :func:`jax_ep.fp8.per_token_cast` does (the CUDA kernel casts
+        while it copies, bitwise equal to that function as XLA compiles it, with no separate
+        cast pass), and ``recv_x`` is the FP8 pair. Like an FP8 pair input, not
+        differentiable with respect to ``x`` (its gradient is zero); ``topk_weights``'
+        gradient still flows.
 
     Returns:
       :class:`DispatchResult`. Its ``handle`` feeds :func:`combine`.
@@ -92,7 +98,16 @@ def dispatch(x, topk_idx: jax.Array, topk_weights: Optional[jax.Array] = None, *
     op = "dispatch"
     num_ranks = v.axis_size(axis_name, op)
     is_fp8 = isinstance(x, (tuple, list))
-    if is_fp8:
+    if cast_fp8:
+        if is_fp8:
+            raise ValueError(f"{op}: cast_fp8=True takes bf16 x, not an FP8 pair (pass the "
+                             "pair without cast_fp8)")
+        v.check_array(op, "x", x, 2, (jnp.bfloat16,))
+        if x.shape[1] % fp8.BLOCK:
+            raise ValueError(f"{op}: cast_fp8=True needs hidden % {fp8.BLOCK} == 0, got x of "
+                             f"shape {tuple(x.shape)}; pad the hidden dimension")
+        payload = (x,)
+    elif is_fp8:
         if len(x) != 2:
             raise ValueError(f"{op}: an FP8 x must be a pair (values, scales), got {len(x)} items")
         q, scales = x
@@ -108,6 +123,8 @@ def dispatch(x, topk_idx: jax.Array, topk_weights: Optional[jax.Array] = None, *
         v.check_array(op, "x", x, 2, v.FLOAT_DTYPES)
         payload = (x,)
     v.check_hidden(op, "x", payload[0])
+    # what travels: the FP8 pair when cast on the way
+    wire = fp8.cast_shapes(x) if cast_fp8 else payload
     num_tokens = payload[0].shape[0]
     v.check_num_experts(op, num_experts, num_ranks)
     v.check_topk(op, topk_idx, topk_weights, num_tokens)
@@ -131,9 +148,10 @@ def dispatch(x, topk_idx: jax.Array, topk_weights: Optional[jax.Array] = None, *
         num_experts=num_experts, num_ranks=num_ranks, axis_name=axis_name, layout=layout,
         capacity=max_recv_tokens, expert_alignment=expert_alignment, num_tokens=num_tokens,
         num_topk=num_topk, backend=resolved, num_sms=num_sms,
-        buffer_id=getattr(buffer, "buffer_id", None) if resolved == "cuda" else None)
+        buffer_id=getattr(buffer, "buffer_id", None) if resolved == "cuda" else None,
+        cast_fp8=bool(cast_fp8))
     if resolved == "cuda":
-        buffer.check_fits(cfg, payload)
+        buffer.check_fits(cfg, wire)
     if check_inputs:
         checkify.check(v.expert_ids_in_range(topk_idx, num_experts),
                        f"{op}: topk_idx holds expert ids outside [-1, {num_experts})")
@@ -141,7 +159,7 @@ def dispatch(x, topk_idx: jax.Array, topk_weights: Optional[jax.Array] = None, *
         topk_weights = jnp.ones(topk_idx.shape, jnp.float32)
     outs = _dispatch(cfg, payload, topk_idx, topk_weights)
     recv_payload, recv_idx, recv_w, num_recv, per_expert, group_sizes, overflow, harr = outs
-    recv_x = tuple(recv_payload) if is_fp8 else recv_payload[0]
+    recv_x = tuple(recv_payload) if is_fp8 or cast_fp8 else recv_payload[0]
     return DispatchResult(recv_x, recv_idx, recv_w, num_recv, per_expert, group_sizes, overflow,
                           DispatchHandle(harr, cfg))
 
@@ -161,7 +179,7 @@ def _dispatch_bwd(cfg, residuals, cotangents):
     recv_idx, handle, payload = residuals
     d_payload, _, d_recv_w = cotangents[0], cotangents[1], cotangents[2]
     be = backends.get(cfg.backend)
-    if len(payload) == 1:  # bf16/f32: the adjoint of moving rows is summing them back
+    if len(payload) == 1 and not cfg.cast_fp8:  # the adjoint of moving rows: summing back
         dx = (be.combine(d_payload[0].astype(payload[0].dtype), None, handle, cfg),)
     else:  # FP8 values are quantised constants: documented as non-differentiable
         dx = tuple(jnp.zeros_like(p) for p in payload)

@@ -32,6 +32,7 @@ class DispatchConfig:
     backend: str  # resolved: "reference" or "cuda"
     buffer_id: Optional[int] = None
     num_sms: int = 24
+    cast_fp8: bool = False  # bf16 x cast to an FP8 pair on the way (dispatch(cast_fp8=True))
 
     @property
     def num_local_experts(self) -> int:

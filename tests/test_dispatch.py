@@ -217,6 +217,51 @@ def test_fp8_dispatch_moves_values_and_scales_bitwise():
         np.testing.assert_array_equal(rs[r], want_s[r]["recv_x"])
 
 
+@pytest.mark.parametrize("layout", ["rank", "expert"])
+def test_cast_fp8_dispatch_equals_dispatching_the_cast_pair(layout):
+    """dispatch(x, cast_fp8=True) moves per_token_cast(x) (values and scales, bitwise) and
+    keeps the weights' gradient; x's gradient is zero, as for an FP8 pair."""
+    R, E, T, K, H = 4, 8, 10, 2, 256
+    xs, idxs, ws = _case(21, R, T, K, E, H=H)
+    xs = [jnp.asarray(x, jnp.bfloat16) for x in xs]
+
+    def fn(x, idx, w):
+        kw = dict(num_experts=E, axis_name=ep.AXIS, layout=layout)
+        cast = jax_ep.dispatch(x, idx, w, cast_fp8=True, **kw)
+        pair = jax_ep.dispatch(jax_ep.fp8.per_token_cast(x), idx, w, **kw)
+
+        def loss(x, w):
+            r = jax_ep.dispatch(x, idx, w, cast_fp8=True, **kw)
+            return jnp.sum(r.recv_topk_weights * 3.0)
+        dx, dw = jax.grad(loss, argnums=(0, 1))(x, w)
+        return cast.recv_x, pair.recv_x, cast.recv_topk_weights, pair.recv_topk_weights, dx, dw
+
+    (cq, cs), (pq, ps), cw, pw, dx, dw = ep.run(fn, R, xs, idxs, ws)
+    for r in range(R):
+        assert cq[r].dtype == jnp.float8_e4m3fn and cs[r].dtype == np.float32
+        np.testing.assert_array_equal(cq[r].view(np.uint8), pq[r].view(np.uint8))
+        np.testing.assert_array_equal(cs[r], ps[r])
+        np.testing.assert_array_equal(cw[r], pw[r])
+        assert not np.any(np.asarray(dx[r], np.float32))
+        # every valid slot's weight reaches some received row: its gradient is 3
+        np.testing.assert_array_equal(dw[r], np.where(idxs[r] >= 0, 3.0, 0.0))
+
+
+def test_cast_fp8_rejects_what_it_cannot_cast():
+    R, E, T, K = 2, 4, 3, 2
+    xs, idxs, ws = _case(22, R, T, K, E, H=96)
+
+    def run(x):
+        def fn(x, idx, w):
+            return jax_ep.dispatch(x, idx, w, num_experts=E, axis_name=ep.AXIS,
+                                   cast_fp8=True).recv_x
+        return ep.run(fn, R, x, idxs, ws)
+    with pytest.raises(TypeError, match="bfloat16"):
+        run(xs)  # f32 x
+    with pytest.raises(ValueError, match="hidden % 128"):
+        run([jnp.asarray(x, jnp.bfloat16) for x in xs])  # H = 96
+
+
 def test_deterministic():
     R, E, T, K = 4, 16, 20, 4
     xs, idxs, ws = _case(16, R, T, K, E)

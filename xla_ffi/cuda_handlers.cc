@@ -163,7 +163,8 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S3
                         ffi::Result<ffi::Buffer<ffi::S32>> recv_src_slot,
                         ffi::Result<ffi::Buffer<ffi::S32>> send_pos,
                         ffi::RemainingRets recv_payloads, int64_t buffer_id, int64_t num_sms,
-                        int64_t num_experts, int64_t layout, int64_t expert_alignment) {
+                        int64_t num_experts, int64_t layout, int64_t expert_alignment,
+                        int64_t cast_fp8) {
   auto state_or = lookup(buffer_id, device, "dispatch");
   if (state_or.has_error()) return state_or.error();
   const BufferState& s = *state_or.value();
@@ -178,9 +179,10 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S3
   if (layout == 1 && buffer_bytes_for_rows(cap) > std::min(s.num_bytes, kLowLatencyOffset))
     return invalid("dispatch: the buffer holds " + std::to_string(s.num_bytes) + " bytes but " +
                    std::to_string(buffer_bytes_for_rows(cap)) + " are needed");
-  const int np = int(payloads.size());
-  if (np < 1 || np > 2 || int(recv_payloads.size()) != np)
-    return invalid("dispatch: expected 1 or 2 payload arrays");
+  const int np = int(recv_payloads.size());  // payload arrays received
+  if (cast_fp8 ? (payloads.size() != 1 || np != 2)
+               : (np < 1 || np > 2 || int(payloads.size()) != np))
+    return invalid("dispatch: expected 1 or 2 payload arrays (cast_fp8: 1 in, 2 out)");
 
   DispatchArgs a{};
   a.peers = peer_bases(s);
@@ -193,16 +195,25 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S3
   a.layout = layout == 0 ? Layout::kRank : Layout::kExpert;
   a.num_payloads = np;
   for (int p = 0; p < np; ++p) {
-    auto in = payloads.get<ffi::AnyBuffer>(p);
+    // Row sizes come from the outputs (with cast_fp8 the input is the bf16 row).
     auto out = recv_payloads.get<ffi::AnyBuffer>(p);
-    if (in.has_error()) return in.error();
     if (out.has_error()) return out.error();
-    const auto d = in.value().dimensions();
-    const size_t row_bytes = d[0] ? in.value().size_bytes() / size_t(d[0])
-                                  : ffi::ByteWidth(in.value().element_type()) * size_t(d[1]);
-    a.payload[p] = static_cast<const char*>(in.value().untyped_data());
-    a.payload_row_bytes[p] = int(row_bytes);
+    const auto d = out.value()->dimensions();
+    a.payload_row_bytes[p] = int(ffi::ByteWidth(out.value()->element_type()) * size_t(d[1]));
     a.recv_payload[p] = static_cast<char*>(out.value()->untyped_data());
+    if (p >= int(payloads.size())) continue;
+    auto in = payloads.get<ffi::AnyBuffer>(p);
+    if (in.has_error()) return in.error();
+    a.payload[p] = static_cast<const char*>(in.value().untyped_data());
+  }
+  if (cast_fp8) {
+    auto in = payloads.get<ffi::AnyBuffer>(0);
+    const auto d = in.value().dimensions();
+    if (in.value().element_type() != ffi::DataType::BF16 || d.size() != 2 || d[1] % 128 ||
+        a.payload_row_bytes[0] != int(d[1]) || a.payload_row_bytes[1] != int(d[1] / 128) * 4)
+      return invalid("dispatch: cast_fp8 takes bf16 x [T, H], H % 128 == 0, and returns "
+                     "e4m3 [cap, H] values and f32 [cap, H/128] scales");
+    a.cast_fp8_hidden = int(d[1]);
   }
   a.topk_idx = topk_idx.typed_data();
   a.topk_weights = topk_weights.typed_data();
@@ -383,7 +394,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpDispatch, DispatchImpl,
                                   .Attr<int64_t>("num_sms")
                                   .Attr<int64_t>("num_experts")
                                   .Attr<int64_t>("layout")
-                                  .Attr<int64_t>("expert_alignment"),
+                                  .Attr<int64_t>("expert_alignment")
+                                  .Attr<int64_t>("cast_fp8"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpCachedDispatch, CachedDispatchImpl,

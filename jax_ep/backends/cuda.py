@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ep import _native
+from jax_ep import _native, fp8
 from jax_ep.types import DispatchConfig, HandleArrays
 
 SUPPORTED_OPS = ("dispatch", "combine", "get_dispatch_layout", "low_latency")
@@ -337,13 +337,14 @@ def dispatch(payload: Tuple[jax.Array, ...], topk_idx: jax.Array, topk_weights: 
         jax.ShapeDtypeStruct((cap,), I32),       # recv_src_token
         jax.ShapeDtypeStruct((cap,), I32),       # recv_src_slot
         jax.ShapeDtypeStruct((T, R) if rank_layout else (T, K), I32),  # send_pos
-    ] + [jax.ShapeDtypeStruct((cap,) + p.shape[1:], p.dtype) for p in payload]
+    ] + [jax.ShapeDtypeStruct((cap,) + p.shape[1:], p.dtype)
+         for p in (fp8.cast_shapes(payload[0]) if cfg.cast_fp8 else payload)]
     if T == 0:  # T is static and equal on every rank: nobody sends anything
-        return _empty_dispatch(results, len(payload), cfg)
+        return _empty_dispatch(results, len(results) - 10, cfg)
     outs = _call("jax_ep_dispatch", results, topk_idx.astype(I32), topk_weights.astype(F32),
                  *payload, axis_name=cfg.axis_name, buffer_id=_i64(buffer_id), num_sms=_i64(cfg.num_sms),
                  num_experts=_i64(cfg.num_experts), layout=_i64(_LAYOUT_CODE[cfg.layout]),
-                 expert_alignment=_i64(cfg.expert_alignment))
+                 expert_alignment=_i64(cfg.expert_alignment), cast_fp8=_i64(cfg.cast_fp8))
     (recv_idx, recv_w, num_recv, per_expert, group_sizes, overflow, src_rank, src_token,
      src_slot, send_pos) = outs[:10]
     recv_payload = tuple(outs[10:])

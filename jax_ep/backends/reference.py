@@ -71,6 +71,8 @@ def dispatch(payload: Tuple[jax.Array, ...], topk_idx: jax.Array, topk_weights: 
     R, T, K, E = cfg.num_ranks, cfg.num_tokens, cfg.num_topk, cfg.num_experts
     L, cap = cfg.num_local_experts, cfg.capacity
     me = jax.lax.axis_index(cfg.axis_name).astype(I32)
+    if cfg.cast_fp8:  # what the CUDA kernel computes on the way
+        payload = fp8.per_token_cast(payload[0])
 
     dest = _dest_rank(topk_idx, E, R)
     in_rank = jnp.any(dest[:, :, None] == jnp.arange(R, dtype=I32), axis=1)  # [T, R]

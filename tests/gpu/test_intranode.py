@@ -37,13 +37,15 @@ def _ranks():
 
 
 def _dispatch_fn(backend, R, E, layout, cap, align, fp8):
+    """fp8: False (x as is), True (the FP8 pair of per_token_cast) or "cast" (bf16 x,
+    cast_fp8=True: the CUDA kernel casts on the way; the reference casts first)."""
     buf = h.buffer(R)
 
     def f(x, idx, w):
-        xx = jax_ep.fp8.per_token_cast(x) if fp8 else x
+        xx = jax_ep.fp8.per_token_cast(x) if fp8 is True else x
         r = jax_ep.dispatch(xx, idx, w, num_experts=E, axis_name=h.AXIS, layout=layout,
                             max_recv_tokens=cap, expert_alignment=align, buffer=buf,
-                            backend=backend)
+                            backend=backend, cast_fp8=fp8 == "cast")
         return r._replace(handle=r.handle.arrays)
     return f
 
@@ -83,7 +85,7 @@ def compare_dispatch(R, T, H, K, E, layout="rank", cap=None, align=1, fp8=False,
 
 @pytest.mark.parametrize("R", [2, 4, 8])
 @pytest.mark.parametrize("layout", ["rank", "expert"])
-@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("fp8", [False, True, "cast"])
 def test_dispatch_matches_reference(R, layout, fp8):
     compare_dispatch(R, T=512, H=2048, K=8, E=64, layout=layout, fp8=fp8,
                      align=8 if layout == "expert" else 1)
@@ -133,6 +135,46 @@ def test_dispatch_edge_cases(layout, case):
     got, _, _ = compare_dispatch(R, T, H, K, E, cap=cap, idx=idx, w=w, tag=case, **kw)
     if case == "overflow":
         assert np.asarray(got.num_overflow).max() > 0
+
+
+@pytest.mark.parametrize("layout", ["rank", "expert"])
+@pytest.mark.parametrize("case", ["T1", "T0", "masked", "one_rank", "H7168", "H640",
+                                  "overflow"])
+def test_dispatch_cast_fp8_edge_cases(layout, case):
+    """cast_fp8=True: values and scales cast in the kernel == the reference's XLA cast,
+    bitwise, with uneven routing, masked slots, 1 and 0 tokens and overflow. H=640 takes
+    the lanes' direct stores (its scale row is not a multiple of 16 bytes), the others the
+    staged bulk stores."""
+    R, T, H, K, E = _ranks(), 96, 1024, 4, 32
+    rng = _rng("cast_edge", layout, case)
+    idx = w = None
+    cap = None
+    if case == "T1":
+        T = 1
+    elif case == "T0":
+        T = 0
+        idx = np.zeros((R, 0, K), np.int32)
+        w = np.zeros((R, 0, K), np.float32)
+    elif case == "masked":
+        idx, w = h.routing(rng, R, T, K, E, mask_prob=0.5)
+        idx[:, ::5] = -1
+    elif case == "one_rank":
+        L = E // R
+        idx = np.stack([np.stack([rng.permutation(L)[:K] + (R - 1) * L for _ in range(T)])
+                        for _ in range(R)]).astype(np.int32)
+    elif case == "H7168":
+        H, T = 7168, 48
+    elif case == "H640":
+        H = 640
+    elif case == "overflow":
+        cap = T
+    got, _, _ = compare_dispatch(R, T, H, K, E, layout=layout, cap=cap, idx=idx, w=w,
+                                 fp8="cast", tag="cast_" + case)
+    if case == "overflow":
+        assert np.asarray(got.num_overflow).max() > 0
+    if T:  # the cast happened: e4m3 values and scales, not zeros
+        q, s = got.recv_x
+        assert q.dtype == jnp.float8_e4m3fn and np.asarray(s).max() > 0
 
 
 def test_dispatch_single_rank():
