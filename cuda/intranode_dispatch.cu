@@ -55,11 +55,13 @@ struct RowPipe {
 // Casts bf16 row `src` (H channels, H % 128 == 0) to e4m3 values and f32 scales, per
 // 128 channels: a lane casts 8 channels per step, a half-warp shares a scale, and
 // kCastUnroll loads are in flight per lane before the first shuffle. Each result goes to
-// put(j, values of lane, scale or nothing): vector j of the values (8 bytes).
+// put(j, values of lane, scale or nothing): vector j of the values (8 bytes). All lanes
+// call loaded() once, after the first loads are in flight and before the first put.
 constexpr int kCastUnroll = 8;
 
-template <typename Put>
-__device__ __forceinline__ void warp_cast_row_fp8(const char* src, int H, int lane, Put put) {
+template <typename Put, typename Loaded>
+__device__ __forceinline__ void warp_cast_row_fp8(const char* src, int H, int lane, Put put,
+                                                  Loaded loaded) {
   const int n8 = H / 8;  // a multiple of 16
   const int4* s = reinterpret_cast<const int4*>(src);
   for (int j0 = 0; j0 < n8; j0 += 32 * kCastUnroll) {  // warp-uniform trip count
@@ -69,6 +71,7 @@ __device__ __forceinline__ void warp_cast_row_fp8(const char* src, int H, int la
       const int j = j0 + 32 * u + lane;
       raw[u] = j < n8 ? ld_nc_v4(s + j) : make_int4(0, 0, 0, 0);
     }
+    if (j0 == 0) loaded();
 #pragma unroll
     for (int u = 0; u < kCastUnroll; ++u) {
       if (j0 + 32 * u >= n8) break;  // warp-uniform: n8 is a multiple of 16, not of 32
@@ -92,13 +95,17 @@ __device__ __forceinline__ void warp_cast_row_fp8_staged(const char* src, int H,
                                                          char* const (&dq)[kMaxRanks],
                                                          char* const (&ds)[kMaxRanks],
                                                          int lane) {
-  if (lane == 0) bulk_wait_read<0>();  // the last row's bulk stores have read the stage
-  __syncwarp();
   float* scales = reinterpret_cast<float*>(stage + H);
-  warp_cast_row_fp8(src, H, lane, [&](int j, uint2 q, bool has_scale, float scale) {
-    reinterpret_cast<uint2*>(stage)[j] = q;
-    if (has_scale) scales[j / 16] = scale;
-  });
+  warp_cast_row_fp8(
+      src, H, lane,
+      [&](int j, uint2 q, bool has_scale, float scale) {
+        reinterpret_cast<uint2*>(stage)[j] = q;
+        if (has_scale) scales[j / 16] = scale;
+      },
+      [&] {  // while this row's first loads fly: the last row's stores have read the stage
+        if (lane == 0) bulk_wait_read<0>();
+        __syncwarp();
+      });
   fence_smem_for_bulk();
   __syncwarp();
   if (lane == 0) {
@@ -240,15 +247,17 @@ __global__ void __launch_bounds__(kDispatchThreads) intranode_dispatch_kernel(Di
       if (cast_fits_stage(a.cast_fp8_hidden, 2 * kStageBytes)) {
         warp_cast_row_fp8_staged(src, a.cast_fp8_hidden, pipe.stage[0], dq, ds, lane);
       } else {  // direct stores from the lanes
-        warp_cast_row_fp8(src, a.cast_fp8_hidden, lane,
-                          [&](int j, uint2 q, bool has_scale, float scale) {
+        warp_cast_row_fp8(
+            src, a.cast_fp8_hidden, lane,
+            [&](int j, uint2 q, bool has_scale, float scale) {
 #pragma unroll
-          for (int r = 0; r < kMaxRanks; ++r) {
-            if (dq[r] == nullptr) continue;
-            reinterpret_cast<uint2*>(dq[r])[j] = q;
-            if (has_scale) reinterpret_cast<float*>(ds[r])[j / 16] = scale;
-          }
-        });
+              for (int r = 0; r < kMaxRanks; ++r) {
+                if (dq[r] == nullptr) continue;
+                reinterpret_cast<uint2*>(dq[r])[j] = q;
+                if (has_scale) reinterpret_cast<float*>(ds[r])[j / 16] = scale;
+              }
+            },
+            [] {});
       }
       continue;
     }

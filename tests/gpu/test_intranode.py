@@ -91,13 +91,8 @@ def test_dispatch_matches_reference(R, layout, fp8):
                      align=8 if layout == "expert" else 1)
 
 
-@pytest.mark.parametrize("layout", ["rank", "expert"])
-@pytest.mark.parametrize("case", ["T1", "one_expert", "one_rank", "masked", "K1", "K9",
-                                  "H7168", "H5120", "overflow", "align128", "f32", "T0"])
-def test_dispatch_edge_cases(layout, case):
-    R, T, H, K, E = _ranks(), 128, 512, 4, 32
-    kw = dict(layout=layout)
-    rng = _rng("edge", layout, case)
+def _routing_case(case, rng, R, T, K, E):
+    """(T, idx, w) of the routing cases shared by the edge-case tests (None: random)."""
     idx = w = None
     if case == "T1":
         T = 1
@@ -105,9 +100,6 @@ def test_dispatch_edge_cases(layout, case):
         T = 0
         idx = np.zeros((R, 0, K), np.int32)
         w = np.zeros((R, 0, K), np.float32)
-    elif case == "one_expert":
-        K = 1
-        idx = np.full((R, T, 1), 5, np.int32)
     elif case == "one_rank":  # every token of every rank goes to rank R-1 only
         L = E // R
         idx = np.stack([np.stack([rng.permutation(L)[:K] + (R - 1) * L for _ in range(T)])
@@ -115,6 +107,20 @@ def test_dispatch_edge_cases(layout, case):
     elif case == "masked":  # many -1 slots and whole tokens with no expert
         idx, w = h.routing(rng, R, T, K, E, mask_prob=0.5)
         idx[:, ::7] = -1
+    return T, idx, w
+
+
+@pytest.mark.parametrize("layout", ["rank", "expert"])
+@pytest.mark.parametrize("case", ["T1", "one_expert", "one_rank", "masked", "K1", "K9",
+                                  "H7168", "H5120", "overflow", "align128", "f32", "T0"])
+def test_dispatch_edge_cases(layout, case):
+    R, T, H, K, E = _ranks(), 128, 512, 4, 32
+    kw = dict(layout=layout)
+    rng = _rng("edge", layout, case)
+    T, idx, w = _routing_case(case, rng, R, T, K, E)
+    if case == "one_expert":
+        K = 1
+        idx = np.full((R, T, 1), 5, np.int32)
     elif case == "K1":
         K = 1
     elif case == "K9":
@@ -147,22 +153,9 @@ def test_dispatch_cast_fp8_edge_cases(layout, case):
     staged bulk stores."""
     R, T, H, K, E = _ranks(), 96, 1024, 4, 32
     rng = _rng("cast_edge", layout, case)
-    idx = w = None
+    T, idx, w = _routing_case(case, rng, R, T, K, E)
     cap = None
-    if case == "T1":
-        T = 1
-    elif case == "T0":
-        T = 0
-        idx = np.zeros((R, 0, K), np.int32)
-        w = np.zeros((R, 0, K), np.float32)
-    elif case == "masked":
-        idx, w = h.routing(rng, R, T, K, E, mask_prob=0.5)
-        idx[:, ::5] = -1
-    elif case == "one_rank":
-        L = E // R
-        idx = np.stack([np.stack([rng.permutation(L)[:K] + (R - 1) * L for _ in range(T)])
-                        for _ in range(R)]).astype(np.int32)
-    elif case == "H7168":
+    if case == "H7168":
         H, T = 7168, 48
     elif case == "H640":
         H = 640
