@@ -45,9 +45,10 @@ def _inputs(seed, R, T, H, K, E):
     return x, idx, w
 
 
-def dispatch_combine(seed: int, layout: str, fp8: bool, tokens: int = 96, hidden: int = 512,
+def dispatch_combine(seed: int, layout: str, fp8, tokens: int = 96, hidden: int = 512,
                      topk: int = 4, experts_per_rank: int = 4):
-    """dispatch + combine, CUDA vs reference: bitwise dispatch, <= 1e-6 combine."""
+    """dispatch + combine, CUDA vs reference: bitwise dispatch, <= 1e-6 combine. fp8: False,
+    True (the pair of per_token_cast) or "cast" (bf16 x with cast_fp8=True)."""
     R = jax.process_count()
     E, T, H, K = experts_per_rank * R, tokens, hidden, topk
     mesh = _mesh()
@@ -57,9 +58,9 @@ def dispatch_combine(seed: int, layout: str, fp8: bool, tokens: int = 96, hidden
 
     def fn(backend):
         def f(x, idx, w):
-            xx = jax_ep.fp8.per_token_cast(x) if fp8 else x
+            xx = jax_ep.fp8.per_token_cast(x) if fp8 is True else x
             r = jax_ep.dispatch(xx, idx, w, num_experts=E, axis_name=AXIS, layout=layout,
-                                buffer=buf, backend=backend)
+                                buffer=buf, backend=backend, cast_fp8=fp8 == "cast")
             y = r.recv_x if not fp8 else jax_ep.fp8.per_token_cast_back(*r.recv_x)
             y = y.astype(jnp.bfloat16)
             wts = r.recv_topk_weights if layout == "expert" else None
@@ -84,8 +85,8 @@ def dispatch_combine_variants(seed: int):
     """Every layout x dtype variant in one launch (a launch costs ~20 s of start-up)."""
     out = {}
     for layout in ("rank", "expert"):
-        for fp8 in (False, True):
-            out[f"{layout}-{'fp8' if fp8 else 'bf16'}"] = dispatch_combine(seed, layout, fp8)
+        for fp8, name in ((False, "bf16"), (True, "fp8"), ("cast", "cast")):
+            out[f"{layout}-{name}"] = dispatch_combine(seed, layout, fp8)
     return out
 
 

@@ -31,13 +31,15 @@ def _procs(n):
 
 @pytest.mark.parametrize("num_processes", [2, 4])
 def test_dispatch_combine_match_reference(num_processes):
-    """Rank and expert layouts, BF16 and FP8: dispatch bitwise, combine within 2 bf16 ulps."""
+    """Rank and expert layouts, BF16, FP8 and FP8 cast in the kernel: dispatch bitwise,
+    combine within 2 bf16 ulps."""
     n = _procs(num_processes)
     results = launch(f"{BODIES}:dispatch_combine_variants", n, platform="gpu", timeout=400,
                      args={"seed": SEED})
     assert len(results) == n
     for variants in results:
-        assert sorted(variants) == ["expert-bf16", "expert-fp8", "rank-bf16", "rank-fp8"]
+        assert sorted(variants) == ["expert-bf16", "expert-cast", "expert-fp8", "rank-bf16",
+                                    "rank-cast", "rank-fp8"]
         for name, r in variants.items():
             assert r["mismatched_leaves"] == [], f"seed {SEED}: {name}: rank {r['rank']}: {r}"
             assert r["combine_max_rel"] <= BF16_TOL, (name, r)
