@@ -42,27 +42,20 @@ def nvlink_ceiling(paths, num_sms, num_ranks):
     ``num_sms`` SMs: ``push`` (stores) and ``pull`` (loads, as combine). At 2 ranks a
     ``--local-copy 1`` run (one local row per remote row, dispatch's mix there) replaces
     the plain push rate; at more ranks the plain rate stays (an upper bound)."""
-    runs = []
+    best = {}  # (local_copy, "push" | "pull") -> GB/s
     for path in paths.split(","):
         with open(path) as f:
-            runs.append(json.load(f))
-    best = {}
-    for local in (False, True) if num_ranks == 2 else (False,):
-        for run in runs:
-            if run["gpus"] < 2 or run["one_way"] or run.get("local_copy", False) != local:
-                continue
-            for r in run["results"]:
-                if r["sms"] != num_sms:
-                    continue
-                kind = "pull" if r["method"] == "pull" else "push"
-                if kind == "pull" and local:
-                    continue
-                if local and kind == "push" and "push_local" not in best:
-                    best.pop("push", None)
-                    best["push_local"] = True
-                best[kind] = max(best.get(kind, 0.0), r["gb_per_s_per_gpu"])
-    best.pop("push_local", None)
-    return best
+            run = json.load(f)
+        if run["gpus"] < 2 or run["one_way"]:
+            continue
+        for r in run["results"]:
+            if r["sms"] == num_sms:
+                key = (run.get("local_copy", False), "pull" if r["method"] == "pull" else "push")
+                best[key] = max(best.get(key, 0.0), r["gb_per_s_per_gpu"])
+    rates = {kind: best[(False, kind)] for kind in ("push", "pull") if (False, kind) in best}
+    if num_ranks == 2 and (True, "push") in best:
+        rates["push"] = best[(True, "push")]
+    return rates
 
 
 def main():

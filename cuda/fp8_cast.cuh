@@ -15,7 +15,6 @@ namespace jax_ep {
 constexpr float kE4m3Max = 448.0f;
 constexpr float kAmaxFloor = 1e-4f;
 constexpr float kInvE4m3Max = 1.0f / 448.0f;
-constexpr int kFp8Block = 128;  // channels per scale
 
 __device__ __forceinline__ float div_full(float a, float b) {
   float r;  // XLA lowers f32 division with -nvptx-prec-divf32=1, i.e. div.full.f32

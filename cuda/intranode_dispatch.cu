@@ -244,6 +244,7 @@ __global__ void __launch_bounds__(kDispatchThreads) intranode_dispatch_kernel(Di
                            row * a.payload_row_bytes[1] : nullptr;
       }
       const char* src = a.payload[0] + size_t(t) * a.cast_fp8_hidden * 2;
+      // the warp's two stages are adjacent: one 2 * kStageBytes area for the cast row
       if (cast_fits_stage(a.cast_fp8_hidden, 2 * kStageBytes)) {
         warp_cast_row_fp8_staged(src, a.cast_fp8_hidden, pipe.stage[0], dq, ds, lane);
       } else {  // direct stores from the lanes
