@@ -2,7 +2,7 @@
 
 Runs chains of back-to-back ``ll_dispatch`` (FP8) and ``ll_combine`` (BF16) calls inside one
 jit on every visible GPU (one process, the bench shape of bench/low_latency.py: T=128,
-H=7168, K=8, E=256), with ``JAX_EP_LL_TIMING=1``: thread 0 of every block of the kernels
+H=7168, K=8, E=256), on a profiling build of the extension: thread 0 of every block of the kernels
 records ``%globaltimer`` (ns) and ``clock64`` at each phase point (cuda/low_latency.h,
 ``LLTimingPoint``) into a per-GPU debug ring of the last 16 ops. After each chain the ring
 is read back (``_jax_ep_ffi.ll_timing(device)``, which waits for the GPU).
@@ -19,13 +19,14 @@ each chain is dropped: it starts with the launch skew of the jit):
 ``span`` = last exit on any GPU - t0: the op's GPU time. Points a block does not pass
 (e.g. staging on a block without tokens) are left out.
 
-Variants (JAX_EP_LL_VARIANT bits, cuda/low_latency.h ``LLVariantBits``): --variants runs
-each in turn in this process (the handlers read the variable at every call) and ends with
-a comparison of spans. 0 = the previous kernels, 15 = all changes (the default).
+Needs a profiling build (the timing code is compiled out of every other build):
+  pip install --no-build-isolation -e . -Ccmake.define.JAX_EP_LL_TIMING=ON
+  (or cmake ... -DJAX_EP_LL_TIMING=ON). To compare kernel versions, run the script on a
+  build of each (git history keeps the old kernels) with --label naming it.
 
 Usage (4 GPUs, one process):
-  python bench/ll_timing.py                      # variants 0 and 15, dispatch and combine
-  python bench/ll_timing.py --variants 0,1,3,7,15 --calls 16 --reps 5 --out bench/results
+  python bench/ll_timing.py                      # dispatch and combine
+  python bench/ll_timing.py --calls 16 --reps 5 --label mine --out bench/results
 Globaltimer values of different GPUs are compared directly, and they need not agree: on
 2xH200 (2026-11-23) the two GPUs' clocks were ~244 us apart, which makes med/p90/max and
 "gpu max" meaningless there; "gpu min" (one GPU's own timeline) and blk(clk) stay valid.
@@ -38,8 +39,6 @@ import json
 import os
 import sys
 import time
-
-os.environ.setdefault("JAX_EP_LL_TIMING", "1")  # before any low-latency op runs
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -61,7 +60,7 @@ KIND = {"dispatch": 1, "combine": 2}
 
 
 def read_records(ext, device_ids):
-    """{device: list of records}; a record: dict(op, kind, grid_send, grid_recv, variant,
+    """{device: list of records}; a record: dict(op, kind, grid_send, grid_recv,
     ns [blocks, points] int64, clk [blocks, points] int64)."""
     lay = ext.ll_timing_layout()
     ring, nb, npt, hw = lay["ring"], lay["max_blocks"], lay["points"], lay["header_words"]
@@ -76,13 +75,13 @@ def read_records(ext, device_ids):
         words = np.frombuffer(raw, dtype=np.uint64).reshape(ring, rec_words)
         recs = []
         for w in words:
-            op, kind, gs, gr, var = (int(v) for v in w[:5])
+            op, kind, gs, gr = (int(v) for v in w[:4])
             if op == 0:
                 continue
             ns = w[hw:hw + nb * npt].reshape(nb, npt).astype(np.int64)
             clk = w[hw + nb * npt:].reshape(nb, npt).astype(np.int64)
-            recs.append(dict(op=op, kind=kind, grid_send=gs, grid_recv=gr, variant=var,
-                             ns=ns, clk=clk))
+            recs.append(dict(op=op, kind=kind, grid_send=gs, grid_recv=gr, ns=ns,
+                             clk=clk))
         out[dev] = recs
     return out
 
@@ -143,9 +142,8 @@ def main():
     ap.add_argument("--num-sms", type=int, default=cll.DEFAULT_NUM_SMS)
     ap.add_argument("--num-warps", type=int, default=cll.DEFAULT_NUM_WARPS)
     ap.add_argument("--calls", type=int, default=16, help="ops per chain (the ring holds 16)")
-    ap.add_argument("--reps", type=int, default=3, help="chains per variant and op")
-    ap.add_argument("--variants", default="0,15",
-                    help="comma-separated JAX_EP_LL_VARIANT values (decimal or 0x..)")
+    ap.add_argument("--reps", type=int, default=3, help="chains per op")
+    ap.add_argument("--label", default="", help="names this build in the output")
     ap.add_argument("--ops", default="dispatch,combine")
     ap.add_argument("--out", default="", help="directory for a JSON of the results")
     a = ap.parse_args()
@@ -157,7 +155,8 @@ def main():
         sys.exit("bench/ll_timing.py needs CUDA GPUs and the jax_ep CUDA extension")
     from jax_ep import _jax_ep_ffi as ext
     if not hasattr(ext, "ll_timing"):
-        sys.exit("the jax_ep extension was built without ll_timing: rebuild it")
+        sys.exit("the jax_ep extension is not a profiling build: rebuild it with "
+                 "-Ccmake.define.JAX_EP_LL_TIMING=ON (see this script's docstring)")
     R = len(devices)
     dev_ids = [int(d.local_hardware_id) for d in devices]
     mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
@@ -187,61 +186,57 @@ def main():
         return jnp.stack([o[0, :8] for o in outs])[None]
 
     chains = {"dispatch": smap(dispatch_chain), "combine": smap(combine_chain)}
-    variants = [int(v, 0) for v in a.variants.split(",") if v.strip()]
     ops = [o.strip() for o in a.ops.split(",") if o.strip()]
     report = dict(device=f"{R}x{devices[0].device_kind}", tokens=T, hidden=H, topk=K,
                   experts=E, num_sms=a.num_sms, num_warps=a.num_warps, calls=n, reps=a.reps,
+                  label=a.label,
                   date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), results={})
     spans_all = {}
-    for variant in variants:
-        os.environ["JAX_EP_LL_VARIANT"] = str(variant)
-        for opname in ops:
-            fn = chains[opname]
-            jax.block_until_ready(fn(*args))  # compile + warm-up (this variant)
-            seen = {d: max([r["op"] for r in recs] or [0])
-                    for d, recs in read_records(ext, dev_ids).items()}
-            tables, spans, gpu_spans = [], [], []
-            for _ in range(a.reps):
-                jax.block_until_ready(fn(*args))
-                recs = read_records(ext, dev_ids)
-                by_op = {}
-                for d, rs in recs.items():
-                    for r in rs:
-                        if r["kind"] == KIND[opname] and r["op"] > seen[d]:
-                            by_op.setdefault(r["op"], {})[d] = r
-                    seen[d] = max([r["op"] for r in rs] or [seen[d]])
-                # The ranks' op counters advance together: an op number names the same op
-                # on every GPU. Drop the chain's first op (launch skew) and partial ones.
-                op_ids = sorted(o for o, m in by_op.items() if len(m) == len(dev_ids))[1:]
-                for o in op_ids:
-                    t, span, per_gpu = op_table(by_op[o])
-                    tables.append(t)
-                    spans.append(span)
-                    gpu_spans.append(per_gpu)
-            if not tables:
-                print(f"variant {variant} {opname}: no complete records (timing off?)")
-                continue
-            s = summarize(tables)
-            span = float(np.median(spans))
-            spans_all[(variant, opname)] = span
-            report["results"][f"{opname}_v{variant}"] = dict(span_us=span, points=s,
-                                                             ops=len(tables))
-            print(f"\n{opname}, JAX_EP_LL_VARIANT={variant}: {len(tables)} ops, median span "
-                  f"{span:.1f} us (first entry on any GPU -> last exit on any GPU)")
-            print(f"  {'point':<14}{'med':>8}{'p90':>8}{'max':>8}{'gpu min':>9}{'gpu max':>9}"
-                  f"{'blk(clk)':>10}   (us from the op's first entry)")
-            for name, v in s.items():
-                print(f"  {name:<14}{v['med']:>8.2f}{v['p90']:>8.2f}{v['max']:>8.2f}"
-                      f"{v['gpu_min']:>9.2f}{v['gpu_max']:>9.2f}{v['blk_clk']:>10.2f}")
+    for opname in ops:
+        fn = chains[opname]
+        jax.block_until_ready(fn(*args))  # compile + warm-up
+        seen = {d: max([r["op"] for r in recs] or [0])
+                for d, recs in read_records(ext, dev_ids).items()}
+        tables, spans, gpu_spans = [], [], []
+        for _ in range(a.reps):
+            jax.block_until_ready(fn(*args))
+            recs = read_records(ext, dev_ids)
+            by_op = {}
+            for d, rs in recs.items():
+                for r in rs:
+                    if r["kind"] == KIND[opname] and r["op"] > seen[d]:
+                        by_op.setdefault(r["op"], {})[d] = r
+                seen[d] = max([r["op"] for r in rs] or [seen[d]])
+            # The ranks' op counters advance together: an op number names the same op
+            # on every GPU. Drop the chain's first op (launch skew) and partial ones.
+            op_ids = sorted(o for o, m in by_op.items() if len(m) == len(dev_ids))[1:]
+            for o in op_ids:
+                t, span, per_gpu = op_table(by_op[o])
+                tables.append(t)
+                spans.append(span)
+                gpu_spans.append(per_gpu)
+        if not tables:
+            print(f"{opname}: no complete records (not a profiling build?)")
+            continue
+        s = summarize(tables)
+        span = float(np.median(spans))
+        spans_all[opname] = span
+        report["results"][opname] = dict(span_us=span, points=s, ops=len(tables))
+        print(f"\n{opname}{' (' + a.label + ')' if a.label else ''}: {len(tables)} ops, median span "
+              f"{span:.1f} us (first entry on any GPU -> last exit on any GPU)")
+        print(f"  {'point':<14}{'med':>8}{'p90':>8}{'max':>8}{'gpu min':>9}{'gpu max':>9}"
+              f"{'blk(clk)':>10}   (us from the op's first entry)")
+        for name, v in s.items():
+            print(f"  {name:<14}{v['med']:>8.2f}{v['p90']:>8.2f}{v['max']:>8.2f}"
+                  f"{v['gpu_min']:>9.2f}{v['gpu_max']:>9.2f}{v['blk_clk']:>10.2f}")
     if spans_all:
-        print("\nspan per op (us), median over ops:")
-        print(f"  {'variant':>8}" + "".join(f"{o:>12}" for o in ops))
-        for variant in variants:
-            print(f"  {variant:>8}" + "".join(
-                f"{spans_all.get((variant, o), float('nan')):>12.1f}" for o in ops))
+        print("\nspan per op (us), median over ops: " +
+              ", ".join(f"{o} {spans_all[o]:.1f}" for o in ops if o in spans_all))
     if a.out:
         os.makedirs(a.out, exist_ok=True)
-        path = os.path.join(a.out, f"ll_timing-{R}x{devices[0].device_kind.replace(' ', '-')}.json")
+        suffix = f"-{a.label}" if a.label else ""
+        path = os.path.join(a.out, f"ll_timing-{R}x{devices[0].device_kind.replace(' ', '-')}"
+                            f"{suffix}.json")
         with open(path, "w") as f:
             json.dump(report, f, indent=2)
         print(f"saved {path}")

@@ -84,7 +84,7 @@ static_assert(kCombineWarps * 2 * sizeof(uint64_t) <= kCombineBarrierBytes, "bar
 // One 16-byte vector of a token's output: the sum over its num_pairs staged rows (pair i at
 // stage + i * chunk) in the reference order: a partial per source rank (bit i of rank_start:
 // pair i opens the next rank's), the partials added in rank order; weighted rows as
-// __fmul_rn then __fadd_rn (no FMA: the reference's rounding). Shared by both pipelines.
+// __fmul_rn then __fadd_rn (no FMA: the reference's rounding).
 template <typename T, int kMaxPairs>
 __device__ __forceinline__ int4 reduce_vector(const char* stage, int chunk, int v, int num_pairs,
                                               uint32_t rank_start,
@@ -239,235 +239,21 @@ __global__ void __launch_bounds__(kCombineThreads) intranode_combine_kernel(Comb
   finish_op(a.peers, a.me, R, "combine");
 }
 
-// ---- Deep pipeline (default; JAX_EP_COMBINE_PIPELINE=old selects the kernel above).
-// The kernel above drains its two stages at every token: the next token's first chunk is
-// issued only after this token's last chunk was reduced, so each warp has one stage (8 KB)
-// of NVLink reads in flight for part of every token and none across the token switch.
-// Here each warp runs one ring of `stages` stages over its whole sequence of (token, chunk)
-// jobs: a stage is refilled with the next job (of this token or of the next one) as soon
-// as it was reduced, so `stages` jobs are in flight while the warp waits and stages - 1
-// while it reduces, token switches included. Each stage carries its job's description
-// (StageMeta) in shared memory, so the issuing side can run tokens ahead of the reducing
-// side. The reduction of one chunk is the same code, in the same order, as above.
-struct alignas(16) StageMeta {
-  int token;            // output row
-  int off;              // byte offset of the chunk in the row
-  int n;                // bytes of every pair in this chunk (<= chunk)
-  int chunk;            // pair i's bytes sit at stage + i * chunk
-  int num_pairs;
-  uint32_t rank_start;  // bit i: pair i is the first row of a new source rank (i >= 1)
-  int pad[2];
-  float w[kMaxTopk];    // per-pair weights (has_weights)
-};
-static_assert(sizeof(StageMeta) == 96, "StageMeta");
-
-constexpr int kDeepMaxStages = 8;
-// Dynamic shared memory: [mbarriers | StageMeta | stages], each area 128-byte aligned.
-__host__ __device__ constexpr size_t round128(size_t v) { return (v + 127) & ~size_t(127); }
-__host__ __device__ constexpr size_t deep_bar_bytes(int warps, int stages) {
-  return round128(size_t(warps) * stages * sizeof(uint64_t));
-}
-__host__ __device__ constexpr size_t deep_meta_bytes(int warps, int stages) {
-  return round128(size_t(warps) * stages * sizeof(StageMeta));
-}
-__host__ __device__ constexpr size_t deep_smem(int warps, int stages, int stage_bytes) {
-  return deep_bar_bytes(warps, stages) + deep_meta_bytes(warps, stages) +
-         size_t(warps) * stages * stage_bytes;
-}
-// 227 KB opt-in per block on sm_90, less room for the static s_ptr table.
-constexpr size_t kDeepMaxDynSmem = 227 * 1024 - 1024;
-
-template <typename T, int kMaxPairs, Layout kLayout>
-__global__ void __launch_bounds__(kCombineThreads, 1) intranode_combine_deep_kernel(CombineArgs a) {
-  __shared__ uint64_t s_ptr[kMaxRanks][kMaxPublished];
-  extern __shared__ __align__(128) char s_dyn[];
-  constexpr unsigned kAll = 0xffffffffu;
-  char* local = a.peers.base[a.me];
-  const uint64_t seq = header_of(local)->seq;  // set by the begin kernel
-  const int R = a.num_ranks, K = a.num_topk;
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  const int warps = blockDim.x >> 5;
-  const int S = a.stages, stage_bytes = a.stage_bytes;
-  const int row_bytes = a.width * int(sizeof(T));
-  uint64_t* bar = reinterpret_cast<uint64_t*>(s_dyn) + warp * S;
-  StageMeta* meta = reinterpret_cast<StageMeta*>(s_dyn + deep_bar_bytes(warps, S)) + warp * S;
-  char* stage0 = s_dyn + deep_bar_bytes(warps, S) + deep_meta_bytes(warps, S) +
-                 size_t(warp) * S * stage_bytes;
-  if (lane == 0) {
-    for (int s = 0; s < S; ++s) mbar_init(&bar[s]);
-  }
-  __syncwarp();
-  load_peer_pointers(a.peers, a.me, R, seq, kSrcSlot + 1, s_ptr, "combine");
-
-  constexpr bool rank_layout = kLayout == Layout::kRank;
-  const int ncol = rank_layout ? R : K;  // columns of send_pos
-  const int stride = gridDim.x * warps;
-
-  // ---- Issuing side (warp-uniform except the i_src/i_order/i_w of the lane that holds
-  // a pair). `next_t` is the next token advance() looks at; its send_pos entry was loaded
-  // one token ahead (`next_row`) so that the switch to it waits on no local load.
-  int next_t = blockIdx.x * warps + warp;
-  int next_row = lane < ncol && next_t < a.num_tokens ? a.send_pos[size_t(next_t) * ncol + lane] : -1;
-  int i_tok = 0, i_np = 0, i_chunk = 0, i_nchunks = 0, ic = 0;
-  uint32_t i_rank_start = 0;
-  const char* i_src = nullptr;  // this lane's row (pair i_order) of token i_tok, or null
-  int i_order = 0;
-  float i_w = 1.f;
-
-  // Moves the issuing side to the warp's next token that has rows (zero-filling the
-  // output rows of tokens that have none); false when the warp has no token left.
-  auto advance = [&]() -> bool {
-    while (next_t < a.num_tokens) {
-      const int t = next_t;
-      int my_row = next_row;
-      next_t += stride;
-      if (lane < ncol && next_t < a.num_tokens) next_row = a.send_pos[size_t(next_t) * ncol + lane];
-      // This token's rows: (rank, row), as in the kernel above.
-      int my_rank = -1;
-      if constexpr (rank_layout) {
-        if (my_row >= 0) my_rank = lane;  // my_row = -1 on lanes >= R
-      } else if (my_row >= 0) {
-        my_rank = expert_row_owner(s_ptr, R, a.me, t, lane, my_row);
-      }
-      const bool valid = my_rank >= 0;
-      const long long key = valid ? (long long)my_rank * a.capacity + my_row : -1;
-      int order = 0;      // position of this lane's row in the reduction order
-      bool first = true;  // no earlier row of the same rank
-      const unsigned valid_mask = __ballot_sync(kAll, valid);
-      for (unsigned m = valid_mask; m; m &= m - 1) {
-        const int j = __ffs(m) - 1;
-        const long long kj = __shfl_sync(kAll, key, j);
-        const int rj = __shfl_sync(kAll, my_rank, j);
-        if (kj < key) {
-          ++order;
-          if (rj == my_rank) first = false;
-        }
-      }
-      const int num_pairs = __popc(valid_mask);
-      if (num_pairs == 0 || row_bytes == 0) {
-        warp_zero_row(reinterpret_cast<char*>(a.out) + size_t(t) * row_bytes, row_bytes, lane);
-        continue;
-      }
-      i_rank_start = __reduce_or_sync(kAll, valid && first && order > 0 ? 1u << order : 0u);
-      i_w = 1.f;
-      if (valid && a.has_weights)
-        i_w = reinterpret_cast<const float*>(s_ptr[my_rank][kWeights])[my_row];
-      i_src = valid ? reinterpret_cast<const char*>(s_ptr[my_rank][kY]) + size_t(my_row) * row_bytes
-                    : nullptr;
-      i_order = order;
-      i_tok = t;
-      i_np = num_pairs;
-      // Equal chunks (multiples of 16 bytes) of at most stage_bytes / num_pairs each.
-      const int max_chunk = (stage_bytes / num_pairs) & ~15;
-      const int parts = (row_bytes + max_chunk - 1) / max_chunk;
-      i_chunk = min(max_chunk, (((row_bytes + parts - 1) / parts) + 15) & ~15);
-      i_nchunks = (row_bytes + i_chunk - 1) / i_chunk;
-      ic = 0;
-      return true;
-    }
-    return false;
-  };
-
-  // Bulk-loads chunk ic of token i_tok into stage s (free: its last use was reduced and
-  // the warp synchronised after it).
-  auto issue = [&](int s) {
-    const int off = ic * i_chunk;
-    const int n = min(i_chunk, row_bytes - off);
-    StageMeta& m = meta[s];
-    if (lane == 0) {
-      m.token = i_tok;
-      m.off = off;
-      m.n = n;
-      m.chunk = i_chunk;
-      m.num_pairs = i_np;
-      m.rank_start = i_rank_start;
-      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
-                   ::"r"(smem_addr(&bar[s])), "r"(uint32_t(n) * uint32_t(i_np)) : "memory");
-    }
-    if (a.has_weights && i_src != nullptr) m.w[i_order] = i_w;
-    __syncwarp();  // the meta is written and the bytes are expected before any copy lands
-    if (i_src != nullptr)  // one bulk copy per pair, issued by the lane that holds it
-      asm volatile(
-          "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-          ::"r"(smem_addr(stage0 + size_t(s) * stage_bytes + i_order * i_chunk)),
-            "l"(i_src + off), "r"(uint32_t(n)), "r"(smem_addr(&bar[s])) : "memory");
-    ++ic;
-  };
-
-  uint32_t phase = 0;  // bit s: parity of stage s's next phase
-  // Waits for stage s, reduces its chunk into the output and releases the stage.
-  auto consume = [&](int s) {
-    mbar_wait(&bar[s], (phase >> s) & 1u);
-    phase ^= 1u << s;
-    const StageMeta& m = meta[s];
-    const int num_pairs = m.num_pairs, chunk = m.chunk, off = m.off;
-    const uint32_t rank_start = m.rank_start;
-    const int n_vec = m.n / 16;
-    char* out_row = reinterpret_cast<char*>(a.out) + size_t(m.token) * row_bytes + off;
-    const char* sp = stage0 + size_t(s) * stage_bytes;
-    float pw[kMaxPairs];
-#pragma unroll
-    for (int i = 0; i < kMaxPairs; ++i) pw[i] = a.has_weights && i < num_pairs ? m.w[i] : 1.f;
-    for (int v = lane; v < n_vec; v += 32)
-      *reinterpret_cast<int4*>(out_row + v * 16) = reduce_vector<T, kMaxPairs>(
-          sp, chunk, v, num_pairs, rank_start, pw, a.has_weights);
-    __syncwarp();  // every lane is done with this stage (data and meta) before it is refilled
-  };
-
-  // Ring of S stages: issue while a stage is free and work remains, then reduce the
-  // oldest. advance() runs right after a token's last chunk was issued, so the next
-  // token's first chunks go out while this token's last ones are still in flight.
-  int s_issue = 0, s_cons = 0, in_flight = 0;
-  bool more = advance();
-  while (true) {
-    while (more && in_flight < S) {
-      issue(s_issue);
-      s_issue = s_issue + 1 == S ? 0 : s_issue + 1;
-      ++in_flight;
-      if (ic == i_nchunks) more = advance();
-    }
-    if (in_flight == 0) break;
-    consume(s_cons);
-    s_cons = s_cons + 1 == S ? 0 : s_cons + 1;
-    --in_flight;
-  }
-  finish_op(a.peers, a.me, R, "combine");
-}
-
-template <typename T, int kMaxPairs, Layout kLayout>
+template <typename T, int kMaxPairs>
 cudaError_t launch_one(const CombineArgs& a, cudaStream_t stream) {
-  if (a.stages == 0) {  // the two-stage, per-token pipeline
-    auto kernel = intranode_combine_kernel<T, kMaxPairs>;
-    // Per device (the attribute belongs to each GPU's context); cheap, no stream work.
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           int(kCombineSmem));
-    if (err != cudaSuccess) return err;
-    kernel<<<a.num_blocks, kCombineThreads, kCombineSmem, stream>>>(a);
-    return cudaGetLastError();
-  }
-  // Deep pipeline: clamp the knobs to what the kernel and shared memory allow (fewer
-  // stages first, then smaller stages).
-  CombineArgs d = a;
-  const int warps = d.warps < 1 ? kCombineWarps : (d.warps > kCombineWarps ? kCombineWarps : d.warps);
-  d.stages = d.stages < 2 ? 2 : (d.stages > kDeepMaxStages ? kDeepMaxStages : d.stages);
-  d.stage_bytes = d.stage_bytes < 1024 ? 1024 : d.stage_bytes > 65536 ? 65536 : (d.stage_bytes & ~127);
-  while (d.stages > 2 && deep_smem(warps, d.stages, d.stage_bytes) > kDeepMaxDynSmem) --d.stages;
-  while (d.stage_bytes > 1024 && deep_smem(warps, d.stages, d.stage_bytes) > kDeepMaxDynSmem)
-    d.stage_bytes -= 1024;
-  const size_t smem = deep_smem(warps, d.stages, d.stage_bytes);
-  auto kernel = intranode_combine_deep_kernel<T, kMaxPairs, kLayout>;
+  auto kernel = intranode_combine_kernel<T, kMaxPairs>;
+  // Per device (the attribute belongs to each GPU's context); cheap, no stream work.
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         int(smem));
+                                         int(kCombineSmem));
   if (err != cudaSuccess) return err;
-  kernel<<<d.num_blocks, warps * 32, smem, stream>>>(d);
+  kernel<<<a.num_blocks, kCombineThreads, kCombineSmem, stream>>>(a);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_typed(const CombineArgs& a, cudaStream_t stream) {
-  return a.layout == Layout::kRank ? launch_one<T, kMaxRanks, Layout::kRank>(a, stream)
-                                   : launch_one<T, kMaxTopk, Layout::kExpert>(a, stream);
+  return a.layout == Layout::kRank ? launch_one<T, kMaxRanks>(a, stream)
+                                   : launch_one<T, kMaxTopk>(a, stream);
 }
 
 }  // namespace

@@ -113,12 +113,6 @@ struct CombineArgs {
   const int* send_pos;  // [T, R] or [T, K]
   void* out;            // [T, width]
   int num_blocks;
-  // Pipeline: stages == 0 selects the two-stage, per-token pipeline; stages >= 2 the deep
-  // one (loads in flight across tokens): `stages` stages of `stage_bytes` per warp,
-  // `warps` warps per block (clamped by the launcher to what shared memory allows).
-  int stages;
-  int stage_bytes;
-  int warps;
 };
 cudaError_t launch_intranode_combine(const CombineArgs& args, cudaStream_t stream);
 

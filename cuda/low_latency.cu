@@ -18,8 +18,6 @@
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -104,15 +102,6 @@ __device__ __forceinline__ int wait_flag(const uint64_t* flag, uint64_t op, cons
   return int(uint32_t(v));
 }
 
-// Build with -DJAX_EP_LL_FULL_FENCES to add a system-scope fence in every sending thread
-// before the block's release (the heavier pattern of the first version, which passed the
-// GPU tests; a diagnostic switch should a memory-ordering problem ever be suspected).
-__device__ __forceinline__ void sender_fence() {
-#ifdef JAX_EP_LL_FULL_FENCES
-  __threadfence_system();
-#endif
-}
-
 // Counter add with acquire-release semantics at GPU scope: releases what the calling
 // block stored before its last barrier (cumulative through bar.sync), and acquires what
 // earlier adders released. (DeepEP's pattern; no thread-wide system fence.)
@@ -173,6 +162,7 @@ __device__ __forceinline__ void finish_recv(char* local, uint64_t op) {
 }
 
 // ------------------------------------------------------------------ phase timing
+// Compiled in only with -DJAX_EP_LL_TIMING (kLLTiming); otherwise every helper is empty.
 
 // Clock pair at kernel entry (taken before the op number is known).
 struct LLStamp {
@@ -180,7 +170,7 @@ struct LLStamp {
 };
 __device__ __forceinline__ LLStamp ll_stamp(const LLTimingRecord* ring) {
   LLStamp s{0, 0};
-  if (ring != nullptr && threadIdx.x == 0) {
+  if (kLLTiming && ring != nullptr && threadIdx.x == 0) {
     s.ns = global_timer_ns();
     s.clk = uint64_t(clock64());
   }
@@ -188,7 +178,9 @@ __device__ __forceinline__ LLStamp ll_stamp(const LLTimingRecord* ring) {
 }
 // Thread 0 records point `p` of this block in op's record (no-op when timing is off).
 __device__ __forceinline__ void ll_mark(LLTimingRecord* ring, uint64_t op, int p) {
-  if (ring == nullptr || threadIdx.x != 0 || blockIdx.x >= unsigned(kLLTimingMaxBlocks)) return;
+  if (!kLLTiming || ring == nullptr || threadIdx.x != 0 ||
+      blockIdx.x >= unsigned(kLLTimingMaxBlocks))
+    return;
   LLTimingRecord& r = ring[op % kLLTimingRing];
   r.ns[blockIdx.x][p] = global_timer_ns();
   r.clk[blockIdx.x][p] = uint64_t(clock64());
@@ -196,8 +188,10 @@ __device__ __forceinline__ void ll_mark(LLTimingRecord* ring, uint64_t op, int p
 // After begin_send / begin_recv: the entry stamp, the point "op known" (send launches) and,
 // from block 0, the record's header.
 __device__ __forceinline__ void ll_mark_begin(LLTimingRecord* ring, uint64_t op, int phases,
-                                              const LLStamp& entry, int kind, int variant) {
-  if (ring == nullptr || threadIdx.x != 0 || blockIdx.x >= unsigned(kLLTimingMaxBlocks)) return;
+                                              const LLStamp& entry, int kind) {
+  if (!kLLTiming || ring == nullptr || threadIdx.x != 0 ||
+      blockIdx.x >= unsigned(kLLTimingMaxBlocks))
+    return;
   LLTimingRecord& r = ring[op % kLLTimingRing];
   const int p = (phases & kLLSend) ? kLLTEntry : kLLTRecvEntry;
   r.ns[blockIdx.x][p] = entry.ns;
@@ -208,12 +202,11 @@ __device__ __forceinline__ void ll_mark_begin(LLTimingRecord* ring, uint64_t op,
     r.kind = uint64_t(kind);
     if (phases & kLLSend) r.grid_send = gridDim.x;
     if (phases & kLLRecv) r.grid_recv = gridDim.x;
-    r.variant = uint64_t(variant);
   }
 }
 // Block-uniform: a barrier only when timing, so that a mark means "the whole block got here".
 __device__ __forceinline__ void ll_sync_if(const LLTimingRecord* ring) {
-  if (ring != nullptr) __syncthreads();
+  if (kLLTiming && ring != nullptr) __syncthreads();
 }
 
 // The block-wide copy loop both row copies below share: `rows` rows of `per_row` Vecs,
@@ -279,14 +272,11 @@ struct DispatchShared {
   int unit_dst[kLLMaxTokensPerRank];      // recv (merged units): the entry's row in recv_x
   int te[kMaxTopk];         // send: the current token's expert ids
   int before[kMaxTopk];     // send: tokens before it routed to te[k] (its row in e's list)
-  int before_rank[kMaxTopk];// send: tokens before it with an expert on te[k]'s rank
-  int dst_rank[kMaxTopk];   // send: the token's destination ranks (one row each) ...
-  int dst_row[kMaxTopk];    //       ... and its row there
   int exp_e[kMaxTopk];      // send: the token's distinct experts (one list entry each) ...
   int exp_pos[kMaxTopk];    //       ... the entry's position ...
-  int exp_row[kMaxTopk];    //       ... the row it points at ...
   float exp_scale[kMaxTopk];//       ... and the row scale (slot_scale; 1 otherwise)
-  int num_dst, num_exp;
+  int num_exp;              // send: distinct experts of the token; recv: scaled mode
+  int num_dst;              // recv: entries of the block's units
   uint64_t op;
 };
 
@@ -384,167 +374,15 @@ __device__ __forceinline__ void release_empty_flags(const LLDispatchArgs& a, uin
   }
 }
 
-// Send phase. Block b handles tokens b, b+G, ...: for each, counts over the tokens before
-// it give its row position at every destination rank and its position in every one of
-// its experts' lists (no scan, no atomics on the order: positions equal the reference's);
-// its row is staged once (FP8 cast here), then written once per destination rank with
-// 16-byte vectors by all warps, and one list entry (row index, token, scale) per distinct
-// expert. Each expert's flag is released by the block whose entries complete the expert's
-// count (a per-expert arrival counter); experts with no entry get an empty flag from
-// block e % G.
-template <typename Elt>
-__device__ __forceinline__ void dispatch_send(const LLDispatchArgs& a, uint64_t op,
-                                              DispatchShared& sm, int4* s_row) {
-  const int R = a.num_ranks, E = a.num_experts, L = E / R, M = a.max_tokens;
-  const int T = a.num_tokens, K = a.num_topk, H = a.hidden;
-  const int tid = threadIdx.x, nthr = blockDim.x, G = gridDim.x, b = blockIdx.x;
-  const size_t stride = ll_dispatch_row_stride(H, sizeof(Elt), a.use_fp8);
-  const int chunks = int(stride / 16);
-  const size_t list_offset = ll_dispatch_list_offset(R, M, stride);
-  const size_t list_len = size_t(E) * M;
-  const bool scaled = a.slot_scale != nullptr && !a.use_fp8;
-  const uint32_t scaled_bit = scaled ? kScaledBit : 0u;
-  LowLatencyHeader* local_h = ll_header(a.peers.base[a.me]);
-
-  for (int e = tid; e < E; e += nthr) {
-    sm.ne[e] = 0;
-    sm.rows[e] = 0;
-  }
-  bool first_pass = true;
-  for (int t = b; first_pass || t < T; t += G) {
-    const bool has_token = t < T;
-    if (tid < kMaxTopk) {
-      sm.before[tid] = 0;
-      sm.before_rank[tid] = 0;
-      sm.te[tid] = has_token && tid < K ? a.topk_idx[size_t(t) * K + tid] : -1;
-    }
-    __syncthreads();
-    // Token rows tp < T (first pass: histogram of distinct experts) or tp < t (positions).
-    const int t_end = first_pass ? T : t;
-    for (int tp = tid; tp < t_end; tp += nthr) {
-      int row[kMaxTopk], row_rank[kMaxTopk];
-#pragma unroll
-      for (int k = 0; k < kMaxTopk; ++k) {
-        row[k] = k < K ? a.topk_idx[size_t(tp) * K + k] : -1;
-        row_rank[k] = row[k] >= 0 && row[k] < E ? row[k] / L : -1;
-      }
-      if (first_pass) {
-#pragma unroll
-        for (int k = 0; k < kMaxTopk; ++k) {
-          const int e = row[k];
-          bool first = row_rank[k] >= 0;
-#pragma unroll
-          for (int k2 = 0; k2 < k; ++k2) first &= row[k2] != e;
-          if (first) atomicAdd(&sm.ne[e], 1);
-        }
-      }
-      if (has_token && tp < t) {
-        for (int k = 0; k < K; ++k) {
-          const int e = sm.te[k];
-          if (e < 0 || e >= E) continue;
-          const int r = e / L;
-          bool hit = false, hit_rank = false;
-#pragma unroll
-          for (int k2 = 0; k2 < kMaxTopk; ++k2) {  // row[k2 >= K] = -1, row_rank -1
-            hit |= row[k2] == e;
-            hit_rank |= row_rank[k2] == r;
-          }
-          if (hit) atomicAdd(&sm.before[k], 1);
-          if (hit_rank) atomicAdd(&sm.before_rank[k], 1);
-        }
-      }
-    }
-    if (has_token) stage_row<Elt>(a, t, s_row);  // independent of the counts: same phase
-    __syncthreads();
-    ll_mark(a.timing, op, kLLTStaged);
-    if (first_pass) {
-      first_pass = false;
-      release_empty_flags(a, op, sm, scaled_bit);
-    }
-    if (!has_token) break;
-    // The token's rows (one per destination rank), list entries (one per distinct
-    // expert) and send_pos (warp 0).
-    if (tid < 32) {
-      const int k = tid;
-      const int e = k < K ? sm.te[k] : -1;
-      const bool valid = e >= 0 && e < E;
-      const int r = valid ? e / L : -1;
-      bool first = valid, first_rank = valid;
-      for (int k2 = 0; k2 < k; ++k2) {
-        const int e2 = sm.te[k2];
-        first &= e2 != e;
-        first_rank &= !(e2 >= 0 && e2 < E && e2 / L == r);
-      }
-      const unsigned mask = __ballot_sync(0xffffffffu, first);
-      const unsigned mask_rank = __ballot_sync(0xffffffffu, first_rank);
-      const unsigned lower = (1u << k) - 1u;
-      // Every slot naming e (duplicates included) points at the token's one row of e.
-      if (k < K) a.send_pos[size_t(t) * K + k] = valid ? a.me * M + sm.before[k] : -1;
-      if (first_rank) {
-        const int d = __popc(mask_rank & lower);
-        sm.dst_rank[d] = r;
-        sm.dst_row[d] = sm.before_rank[k];
-      }
-      if (first) {
-        const int d = __popc(mask & lower);
-        sm.exp_e[d] = e;
-        sm.exp_pos[d] = sm.before[k];
-        sm.exp_row[d] = sm.before_rank[k];  // the same for every slot on rank r
-        sm.exp_scale[d] = scaled ? slot_scale_sum(a, t, e) : 1.0f;
-      }
-      if (k == 0) {
-        sm.num_dst = __popc(mask_rank);
-        sm.num_exp = __popc(mask);
-      }
-    }
-    __syncthreads();
-    const int num_dst = sm.num_dst, num_exp = sm.num_exp;
-    for (int d = 0; d < num_dst; ++d) {
-      char* half = ll_half(a.peers.base[sm.dst_rank[d]], op, a.half_bytes);
-      int4* dst = reinterpret_cast<int4*>(half + (size_t(a.me) * M + sm.dst_row[d]) * stride);
-      for (int c = tid; c < chunks; c += nthr) dst[c] = s_row[c];
-    }
-    if (tid < num_exp) {
-      const int e = sm.exp_e[tid];
-      char* lists = ll_half(a.peers.base[e / L], op, a.half_bytes) + list_offset;
-      const size_t at = (size_t(e % L) * R + a.me) * M + sm.exp_pos[tid];
-      reinterpret_cast<int*>(lists)[at] = sm.exp_row[tid];
-      reinterpret_cast<int*>(lists)[list_len + at] = t;
-      reinterpret_cast<float*>(lists)[2 * list_len + at] = sm.exp_scale[tid];
-      sm.rows[e] += 1;  // distinct experts: no two threads collide
-    }
-    __syncthreads();  // s_row, te, before* and the token's lists are rewritten next token
-    ll_mark(a.timing, op, kLLTRowsIssued);
-    ll_mark(a.timing, op, kLLTListsIssued);
-  }
-
-  // Release (the memory-model chain, all cumulative through bar.sync): every store of
-  // this block -> barrier -> a thread's acq_rel add of the block's entries to the
-  // expert's counter (GPU scope: all adders run on this GPU) -> the add that completes
-  // the count (acquires every earlier add, and so every block's stores) -> its
-  // st.release.sys of the flag -> the receiver's ld.acquire.sys of the flag.
-  sender_fence();
-  __syncthreads();
-  for (int e = tid; e < E; e += nthr) {
-    const int r = sm.rows[e];
-    if (r == 0) continue;
-    const int prev = int(atom_add_acq_rel_gpu(&local_h->send_rows[e], uint32_t(r)));
-    if (prev + r == sm.ne[e]) {
-      local_h->send_rows[e] = 0;  // all of this op's adds are in; the next op is a later launch
-      st_release_sys(&ll_header(a.peers.base[e / L])->flags[op & 1][(e % L) * R + a.me],
-                     flag_value(op, int(uint32_t(sm.ne[e]) | scaled_bit)));
-    }
-  }
-  ll_sync_if(a.timing);
-  ll_mark(a.timing, op, kLLTReleased);
-}
-
-// Release of the send phase (both versions): see dispatch_send.
+// Release (the memory-model chain, all cumulative through bar.sync): every store of
+// this block -> barrier -> a thread's acq_rel add of the block's entries to the
+// expert's counter (GPU scope: all adders run on this GPU) -> the add that completes
+// the count (acquires every earlier add, and so every block's stores) -> its
+// st.release.sys of the flag -> the receiver's ld.acquire.sys of the flag.
 __device__ __forceinline__ void dispatch_release(const LLDispatchArgs& a, uint64_t op,
                                                  const DispatchShared& sm, uint32_t scaled_bit) {
   const int R = a.num_ranks, L = a.num_experts / R;
   LowLatencyHeader* local_h = ll_header(a.peers.base[a.me]);
-  sender_fence();
   __syncthreads();
   for (int e = threadIdx.x; e < a.num_experts; e += blockDim.x) {
     const int r = sm.rows[e];
@@ -560,16 +398,17 @@ __device__ __forceinline__ void dispatch_release(const LLDispatchArgs& a, uint64
   ll_mark(a.timing, op, kLLTReleased);
 }
 
-// Send phase, version 2 (kLLVarDispatchSend; same results bitwise). Differences:
-// - A token's row goes to slot rows[me, t] (t < T <= M) at each destination rank instead
-//   of rows[me, #{t' < t with an expert there}]; the list entry points at it. So the row
-//   stores need only the token's own top-k (every warp reduces its destination ranks from
-//   its lanes) and leave right after staging, before the counts over the earlier tokens.
-// - Those counts (list positions only; no per-rank counts any more) are warp ballots and
-//   one shared add per (warp, slot), not one shared atomic per (token, slot) on 8 hot
-//   addresses; the loop over the earlier tokens is warp-uniform.
+// Send phase. Block b handles tokens b, b+G, ...: each token's row is staged once (FP8
+// cast here) and stored right away at slot rows[me, t] (t < T <= M) of every destination
+// rank (every warp reduces the destination ranks from its lanes' top-k); then warp
+// ballots over the earlier tokens give the token's position in each of its experts' lists
+// (no scan, no atomics on the order: positions equal the reference's), and one list entry
+// (row t, token, scale) goes out per distinct expert. The first pass also counts every
+// expert's rows (sm.ne); each expert's flag is released by the block whose entries
+// complete that count (dispatch_release); experts with no entry get an empty flag from
+// block e % G.
 template <typename Elt>
-__device__ __forceinline__ void dispatch_send_v2(const LLDispatchArgs& a, uint64_t op,
+__device__ __forceinline__ void dispatch_send(const LLDispatchArgs& a, uint64_t op,
                                                  DispatchShared& sm, int4* s_row) {
   const int R = a.num_ranks, E = a.num_experts, L = E / R, M = a.max_tokens;
   const int T = a.num_tokens, K = a.num_topk, H = a.hidden;
@@ -739,7 +578,7 @@ struct RecvHalf {
 // The block's units one at a time (flags already seen, in sm.unit_flag): per unit, its list
 // (row index, token, scale of each of the n entries) into shared memory, then the rows of
 // its source rank into recv_x[l, s*M + i], recv_src_token (-1 past n), recv_count_per_rank,
-// and zeroes rows n..M-1 only when asked. Used by both recv versions.
+// and zeroes rows n..M-1 only when asked.
 template <typename Elt>
 __device__ __forceinline__ void recv_units_one_by_one(const LLDispatchArgs& a,
                                                       DispatchShared& sm,
@@ -786,56 +625,15 @@ __device__ __forceinline__ void recv_units_one_by_one(const LLDispatchArgs& a,
 }
 
 // Recv phase. Block b handles the (local expert l, source rank s) units u = l*R + s = b,
-// b+G, ...: its threads wait for all of the block's flags at once; then per unit the
-// block reads the list (row index, token, scale of each of the n entries), copies source
-// s's rows into recv_x[l, s*M + i] (= row u*M + i; a row shared by several local experts
-// is read once per expert, from L2), fills recv_src_token (-1 past n),
-// recv_count_per_rank and recv_count, and zeroes rows n..M-1 only when asked.
+// b+G, ...: its threads wait for all of the block's flags at once; the lists of all its
+// units are read in one pass into one entry table, and all their rows (then all their
+// scales) into recv_x[l, s*M + i] (= row u*M + i) by one flattened copy; the per-unit loop
+// (recv_units_one_by_one) serves blocks with more than kLLMaxTokensPerRank entries or
+// mixed scaled / unscaled flags. recv_src_token (-1 past n), recv_count_per_rank and
+// recv_count are filled, and rows n..M-1 zeroed only when asked. recv_count: the R flag
+// waits of each local expert run in parallel threads (integer sums: order-free).
 template <typename Elt>
 __device__ __forceinline__ void dispatch_recv(const LLDispatchArgs& a, uint64_t op,
-                                              DispatchShared& sm) {
-  const int R = a.num_ranks, E = a.num_experts, L = E / R, M = a.max_tokens;
-  const int tid = threadIdx.x, nthr = blockDim.x, G = gridDim.x, b = blockIdx.x;
-  char* local = a.peers.base[a.me];
-  LowLatencyHeader* h = ll_header(local);
-  const RecvHalf<Elt> rh(a, op);
-
-  for (int j = tid; j < rh.nu; j += nthr) {
-    const int u = b + j * G;
-    sm.unit_flag[j] = uint32_t(wait_flag(&h->flags[op & 1][u], op, "low_latency_dispatch",
-                                         a.me, u % R, a.me * L + u / R));
-  }
-  __syncthreads();  // the acquires above order the peers' stores before every thread's loads
-  ll_mark(a.timing, op, kLLTFlagsSeen);
-  recv_units_one_by_one<Elt>(a, sm, rh);
-  ll_mark(a.timing, op, kLLTRecvCopied);
-  // recv_count[l], by the block of unit (l, 0): the other flags of l are in or nearly so.
-  for (int j = tid; j < rh.nu; j += nthr) {
-    const int u = b + j * G;
-    if (u % R) continue;
-    const int l = u / R;
-    int total = 0;
-    for (int r = 0; r < R; ++r) {
-      int n = int(uint32_t(wait_flag(&h->flags[op & 1][l * R + r], op, "low_latency_dispatch",
-                                     a.me, r, a.me * L + l)) & ~kScaledBit);
-      total += n < M ? n : M;
-    }
-    a.recv_count[l] = total;
-  }
-  ll_sync_if(a.timing);
-  ll_mark(a.timing, op, kLLTCounts);
-}
-
-
-// Recv phase, version 2 (kLLVarDispatchRecv; same results bitwise). Differences:
-// - The lists of all of the block's units are read in one pass (one dependent round trip
-//   instead of one per unit) into one entry table, and all their rows (then all their
-//   scales) are gathered by one flattened copy; the old per-unit loop remains for blocks
-//   with more than kLLMaxTokensPerRank entries or mixed scaled / unscaled flags.
-// - recv_count: the R flag waits of each local expert run in parallel threads (integer
-//   sums: order-free), not R dependent system-scope loads in one thread.
-template <typename Elt>
-__device__ __forceinline__ void dispatch_recv_v2(const LLDispatchArgs& a, uint64_t op,
                                                  DispatchShared& sm) {
   const int R = a.num_ranks, E = a.num_experts, L = E / R, M = a.max_tokens, H = a.hidden;
   const int tid = threadIdx.x, nthr = blockDim.x, G = gridDim.x, b = blockIdx.x;
@@ -946,20 +744,12 @@ __global__ void __launch_bounds__(kLLMaxThreads) ll_dispatch_kernel(LLDispatchAr
   const uint64_t op =
       (phases & kLLSend) ? begin_send(local, a.ticket, "low_latency_dispatch", a.me, &sm.op)
                          : begin_recv(local, a.expect_ticket, "low_latency_dispatch", a.me, &sm.op);
-  ll_mark_begin(a.timing, op, phases, entry, 1, a.variant);
-  if (phases & kLLSend) {
-    if (a.variant & kLLVarDispatchSend)
-      dispatch_send_v2<Elt>(a, op, sm, s_row);
-    else
-      dispatch_send<Elt>(a, op, sm, s_row);
-  }
+  ll_mark_begin(a.timing, op, phases, entry, 1);
+  if (phases & kLLSend) dispatch_send<Elt>(a, op, sm, s_row);
   if (phases & kLLRecv) {
     __syncthreads();
     if (phases & kLLSend) ll_mark(a.timing, op, kLLTRecvEntry);
-    if (a.variant & kLLVarDispatchRecv)
-      dispatch_recv_v2<Elt>(a, op, sm);
-    else
-      dispatch_recv<Elt>(a, op, sm);
+    dispatch_recv<Elt>(a, op, sm);
     finish_recv(local, op);
     ll_mark(a.timing, op, kLLTExit);
   }
@@ -976,16 +766,8 @@ struct CombineShared {
 // Send phase. Block b handles the units u = l*R + s = b, b+G, ...: the n rows
 // y[l, s*M + i] (= row u*M + i) go to slot [me*L + l, i] of rank s; after all of the
 // block's rows one barrier, then one release per unit flag (expert me*L + l at rank s).
-// kLLVarCombineSend: when the block has at most kMaxFlatUnits units, one copy flattened
-// over (unit, row, vector), so the loads of every unit are in flight together (the
-// per-unit loop waits for one unit's loads before issuing the next unit's). skip_local
-// (fused op, kLLVarCombineLocal): the units of this rank (s == me) are not copied; the recv
-// phase reads them from y. Their flags are still released (every flag is awaited).
-constexpr int kMaxFlatUnits = 8;
-
 template <typename T, typename Vec>
-__device__ __forceinline__ void combine_send(const LLCombineArgs& a, uint64_t op, bool flat,
-                                             bool skip_local) {
+__device__ __forceinline__ void combine_send(const LLCombineArgs& a, uint64_t op) {
   const int R = a.num_ranks, E = a.num_experts, L = E / R, M = a.max_tokens;
   const int tid = threadIdx.x, nthr = blockDim.x, G = gridDim.x, b = blockIdx.x;
   const int row_bytes = a.width * int(sizeof(T));
@@ -995,61 +777,13 @@ __device__ __forceinline__ void combine_send(const LLCombineArgs& a, uint64_t op
     const int n = a.recv_count_per_rank[u];
     return n < 0 ? 0 : (n > M ? M : n);
   };
-  auto copied = [&](int u) { return skip_local && u % R == a.me ? 0 : count_of(u); };
-  if (flat && nu <= kMaxFlatUnits) {
-    // off[j]: rows of the block's units before unit j (every thread computes them).
-    int off[kMaxFlatUnits + 1];
-    off[0] = 0;
-#pragma unroll
-    for (int j = 0; j < kMaxFlatUnits; ++j) off[j + 1] = off[j] + (j < nu ? copied(b + j * G) : 0);
-    const int per_row = row_bytes / int(sizeof(Vec));
-    const int total = off[kMaxFlatUnits] * per_row;
-    const char* y = static_cast<const char*>(a.y);
-    for (int base = tid; base < total; base += nthr * kUnroll) {
-      Vec v[kUnroll];
-#pragma unroll
-      for (int q = 0; q < kUnroll; ++q) {
-        const int idx = base + q * nthr;
-        if (idx < total) {
-          const int rr = idx / per_row, c = idx - rr * per_row;
-          int j = 0, first = 0;  // unit of flattened row rr (registers only: no off[j])
-#pragma unroll
-          for (int x = 1; x < kMaxFlatUnits; ++x) {
-            j += rr >= off[x] ? 1 : 0;
-            first = rr >= off[x] ? off[x] : first;
-          }
-          const int u = b + j * G, i = rr - first;
-          v[q] = ld_nc(reinterpret_cast<const Vec*>(y + (size_t(u) * M + i) * row_bytes) + c);
-        }
-      }
-#pragma unroll
-      for (int q = 0; q < kUnroll; ++q) {
-        const int idx = base + q * nthr;
-        if (idx < total) {
-          const int rr = idx / per_row, c = idx - rr * per_row;
-          int j = 0, first = 0;
-#pragma unroll
-          for (int x = 1; x < kMaxFlatUnits; ++x) {
-            j += rr >= off[x] ? 1 : 0;
-            first = rr >= off[x] ? off[x] : first;
-          }
-          const int u = b + j * G, i = rr - first, l = u / R, s = u - l * R;
-          char* dst = ll_half(a.peers.base[s], op, a.half_bytes) +
-                      (size_t(a.me * L + l) * M + i) * stride;
-          reinterpret_cast<Vec*>(dst)[c] = v[q];
-        }
-      }
-    }
-  } else {
-    for (int j = 0; j < nu; ++j) {
-      const int u = b + j * G, l = u / R, s = u % R;
-      char* dst = ll_half(a.peers.base[s], op, a.half_bytes) + size_t(a.me * L + l) * M * stride;
-      const char* src = static_cast<const char*>(a.y) + size_t(u) * M * row_bytes;
-      block_copy_rows<Vec, false>(dst, stride, src, row_bytes, copied(u), row_bytes);
-    }
+  for (int j = 0; j < nu; ++j) {
+    const int u = b + j * G, l = u / R, s = u % R;
+    char* dst = ll_half(a.peers.base[s], op, a.half_bytes) + size_t(a.me * L + l) * M * stride;
+    const char* src = static_cast<const char*>(a.y) + size_t(u) * M * row_bytes;
+    block_copy_rows<Vec, false>(dst, stride, src, row_bytes, count_of(u), row_bytes);
   }
   ll_mark(a.timing, op, kLLTRowsIssued);
-  sender_fence();
   __syncthreads();  // the release below is cumulative over every store of the block
   for (int j = tid; j < nu; j += nthr) {
     const int u = b + j * G, l = u / R, s = u % R;
@@ -1065,8 +799,6 @@ __device__ __forceinline__ void combine_send(const LLCombineArgs& a, uint64_t op
 // separate multiply and add (the reference's order: the sum starts from the k = 0 term;
 // masked slots add 0). Then the block waits for the flags e = b, b+G, ... that no token
 // needed, so that every flag of this op has been seen before the op ends.
-// a.local_direct: a slot whose expert is on this rank reads y[l, me*M + pos % M] (the very
-// row the send would have copied) and waits for no flag.
 template <typename T, int V>
 __device__ __forceinline__ void combine_recv(const LLCombineArgs& a, uint64_t op,
                                              CombineShared& sm) {
@@ -1084,14 +816,8 @@ __device__ __forceinline__ void combine_recv(const LLCombineArgs& a, uint64_t op
       if (pos >= 0) {
         int e = a.topk_idx[size_t(t) * K + k];
         e = e < 0 ? 0 : (e >= E ? E - 1 : e);  // jnp gathers clamp, so does this
-        if (a.local_direct && e / L == a.me) {
-          const int l = e - a.me * L;
-          sm.row[k] = static_cast<const char*>(a.y) +
-                      ((size_t(l) * R + a.me) * M + pos % M) * size_t(W) * sizeof(T);
-        } else {
-          wait_flag(&h->flags[op & 1][e], op, "low_latency_combine", a.me, e / L, e);
-          sm.row[k] = half + (size_t(e) * M + pos % M) * stride;
-        }
+        wait_flag(&h->flags[op & 1][e], op, "low_latency_combine", a.me, e / L, e);
+        sm.row[k] = half + (size_t(e) * M + pos % M) * stride;
         sm.w[k] = a.topk_weights[size_t(t) * K + k];
       } else {
         sm.row[k] = nullptr;
@@ -1152,9 +878,9 @@ __global__ void __launch_bounds__(kLLMaxThreads) ll_combine_kernel(LLCombineArgs
   const uint64_t op =
       (phases & kLLSend) ? begin_send(local, a.ticket, "low_latency_combine", a.me, &sm.op)
                          : begin_recv(local, a.expect_ticket, "low_latency_combine", a.me, &sm.op);
-  ll_mark_begin(a.timing, op, phases, entry, 2, a.variant);
+  ll_mark_begin(a.timing, op, phases, entry, 2);
   if (phases & kLLSend)
-    combine_send<T, Vec>(a, op, (a.variant & kLLVarCombineSend) != 0, a.local_direct);
+    combine_send<T, Vec>(a, op);
   if (phases & kLLRecv) {
     __syncthreads();
     if (phases & kLLSend) ll_mark(a.timing, op, kLLTRecvEntry);
@@ -1169,15 +895,6 @@ __global__ void __launch_bounds__(kLLMaxThreads) ll_combine_kernel(LLCombineArgs
 int clamp_grid(int work, int num_blocks) {
   int g = work < num_blocks ? work : num_blocks;
   return g < 1 ? 1 : g;
-}
-
-// JAX_EP_LL_ONE_KERNEL=0 runs the fused ops as two launches (send kernel, recv kernel).
-bool one_kernel_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("JAX_EP_LL_ONE_KERNEL");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
-  return on;
 }
 
 // Blocks of `kernel` that can all be resident at once on the current GPU (0 when the GPU
@@ -1258,7 +975,7 @@ cudaError_t run_phases(void (*kernel)(Args, int), const Args& a, int phases, int
                        int recv_work, size_t send_smem, cudaStream_t stream) {
   cudaError_t serr = ensure_smem(kernel, send_smem);
   if (serr != cudaSuccess) return serr;
-  if (phases == kLLBoth && one_kernel_enabled()) {
+  if (phases == kLLBoth) {
     const int cap = max_coresident(kernel, a.num_threads, send_smem);
     if (cap > 0) {
       int grid = clamp_grid(send_work > recv_work ? send_work : recv_work, a.num_blocks);
@@ -1316,11 +1033,7 @@ cudaError_t launch_ll_dispatch(const LLDispatchArgs& a, int phases, cudaStream_t
 }
 
 cudaError_t launch_ll_combine(const LLCombineArgs& args, int phases, cudaStream_t stream) {
-  LLCombineArgs a = args;
-  // Local rows straight from y: only when one handler call runs both phases (it has y and
-  // the recv side's inputs); the split recv has no y.
-  a.local_direct = (a.variant & kLLVarCombineLocal) != 0 && phases == kLLBoth &&
-                   a.y != nullptr && a.send_pos != nullptr;
+  const LLCombineArgs& a = args;
   switch (a.y_type) {
     case ElemType::kBF16: return launch_combine_t<__nv_bfloat16>(a, phases, stream);
     case ElemType::kF16: return launch_combine_t<__half>(a, phases, stream);

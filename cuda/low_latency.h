@@ -80,13 +80,18 @@ constexpr size_t ll_half_bytes_available(size_t num_bytes) {
 }
 
 // ------------------------------------------------------------------ phase timing
-// Optional, for finding where a low-latency op's time goes (JAX_EP_LL_TIMING=1 at run
-// time; bench/ll_timing.py reads it back). The handlers then pass a ring of records in a
+// Profiling builds only (CMake -DJAX_EP_LL_TIMING=ON defines JAX_EP_LL_TIMING; bench/
+// ll_timing.py reads the records back). The handlers then pass a ring of records in a
 // cudaMalloc'd debug buffer (one per GPU, owned by xla_ffi/low_latency_handlers.cc); thread
 // 0 of every block writes %globaltimer (ns, comparable across GPUs up to their clock
 // offset) and clock64 (SM cycles, exact within a block) at each point it passes. A record
 // holds one op: slot op % kLLTimingRing (dispatch and combine share the op counter, so the
-// header says which op and kind it is). Off (nullptr): one uniform null check per point.
+// header says which op and kind it is). Other builds compile no timing code into the kernels.
+#ifdef JAX_EP_LL_TIMING
+constexpr bool kLLTiming = true;
+#else
+constexpr bool kLLTiming = false;
+#endif
 enum LLTimingPoint : int {
   kLLTEntry = 0,       // entry of the launch that runs the send phase
   kLLTOp = 1,          // op number known (begin_send's barrier passed)
@@ -105,30 +110,14 @@ constexpr int kLLTimingRing = 16;
 constexpr int kLLTimingMaxBlocks = 1024;  // blocks past this are not recorded
 struct LLTimingRecord {
   // Header, written by block 0: op number, kind (1 dispatch, 2 combine), grid of the launch
-  // that ran the send phase, grid of the launch that ran the recv phase, variant bits.
-  uint64_t op, kind, grid_send, grid_recv, variant, pad[3];
+  // that ran the send phase, grid of the launch that ran the recv phase.
+  uint64_t op, kind, grid_send, grid_recv, pad[4];
   uint64_t ns[kLLTimingMaxBlocks][kLLTimingPoints];   // %globaltimer, 0 = not passed yet
   uint64_t clk[kLLTimingMaxBlocks][kLLTimingPoints];  // clock64
 };
 
-// ------------------------------------------------------------------ variants
-// JAX_EP_LL_VARIANT (read by the handlers at every call; default kLLVariantDefault) picks
-// the implementation of each phase, so that old and new can be timed in one process. Every
-// combination gives bitwise the same results (cuda/LOW_LATENCY.md, "Fixed costs").
-enum LLVariantBits : int {
-  kLLVarDispatchSend = 1,   // dispatch send: rows at slot [me, t] stored before the position
-                            // counts, which use warp ballots instead of shared atomics
-  kLLVarDispatchRecv = 2,   // dispatch recv: all of a block's units' lists at once, one
-                            // flattened gather; recv_count's flag waits in parallel
-  kLLVarCombineSend = 4,    // combine send: one flattened copy over the block's units
-  kLLVarCombineLocal = 8,   // fused combine: rows of this rank's own experts read from y
-                            // directly (no copy into the own buffer, no flag wait per token)
-  kLLVariantDefault = 3      // dispatch bits only: 2xH200 kernel time, 42 calls (profile),
-                            // dispatch 28.9 -> 21.8 us with 1|2, combine 36.2 -> 42.4 us with 4|8
-};
-
-// Which phases one launch runs: the fused ops run both (one cooperative kernel, or a send
-// kernel then a recv kernel), the split ops one each.
+// Which phases one launch runs: the fused ops run both (one cooperative kernel; a send
+// kernel then a recv kernel where the grid cannot be co-resident), the split ops one each.
 enum LLPhases : int { kLLSend = 1, kLLRecv = 2, kLLBoth = 3 };
 
 struct LLDispatchArgs {
@@ -152,7 +141,6 @@ struct LLDispatchArgs {
   int* recv_count_per_rank; // [L, R]
   const int* expect_ticket; // [1] from the send (split form) or nullptr
   int num_blocks, num_threads;
-  int variant;              // LLVariantBits
   LLTimingRecord* timing;   // ring of kLLTimingRing records, or nullptr (timing off)
 };
 cudaError_t launch_ll_dispatch(const LLDispatchArgs& args, int phases, cudaStream_t stream);
@@ -173,8 +161,6 @@ struct LLCombineArgs {
   void* out;                      // [T, W] y's dtype
   const int* expect_ticket;       // [1] or nullptr
   int num_blocks, num_threads;
-  int variant;                    // LLVariantBits
-  bool local_direct;              // fused launch with kLLVarCombineLocal (set by launch_ll_combine)
   LLTimingRecord* timing;         // ring of kLLTimingRing records, or nullptr (timing off)
 };
 cudaError_t launch_ll_combine(const LLCombineArgs& args, int phases, cudaStream_t stream);

@@ -6,7 +6,6 @@
 
 #include <algorithm>
 #include <cstddef>
-#include <cstdlib>
 #include <string>
 
 #include "cuda/kernels.h"
@@ -20,7 +19,9 @@ namespace ffi = xla::ffi;
 namespace jax_ep {
 namespace {
 
-constexpr int kDefaultMinBulkRowBytes = 8192;  // bf16 rows of H >= 4096; FP8 rows stay per-lane
+// Dispatch rows of at least this many bytes move by bulk (TMA) copies, smaller ones by
+// per-lane vector copies: bf16 rows of H >= 4096 go bulk, FP8 rows stay per-lane.
+constexpr int kDefaultMinBulkRowBytes = 8192;
 
 ffi::Error invalid(const std::string& msg) {
   return ffi::Error(ffi::ErrorCode::kInvalidArgument, "jax_ep: " + msg);
@@ -96,40 +97,6 @@ int num_blocks_of(int64_t num_sms) {
 }
 
 uint64_t addr(const void* p) { return reinterpret_cast<uint64_t>(p); }
-
-// Dispatch rows of at least this many bytes move by bulk (TMA) copies, smaller ones by
-// per-lane vector copies. JAX_EP_DISPATCH_COPY=warp|tma forces one path (benchmarks).
-int min_bulk_row_bytes() {
-  const char* mode = std::getenv("JAX_EP_DISPATCH_COPY");
-  if (mode != nullptr && std::string(mode) == "warp") return 1 << 30;
-  if (mode != nullptr && std::string(mode) == "tma") return 16;
-  return kDefaultMinBulkRowBytes;
-}
-
-// Combine pipeline (benchmarks): the default (old) is the two-stage per-token pipeline;
-// JAX_EP_COMBINE_PIPELINE=deep keeps bulk loads in flight across tokens, with
-// JAX_EP_COMBINE_STAGES stages (default 3) of JAX_EP_COMBINE_STAGE_BYTES (default 8192)
-// per warp and JAX_EP_COMBINE_WARPS warps per block (default 8). Both are bitwise equal to
-// the reference; on 2xH200 deep was no faster (bench/NOTES.md), so it stays opt-in until
-// the 4-rank A/B.
-int env_int(const char* name, int fallback) {
-  const char* v = std::getenv(name);
-  if (v == nullptr || *v == 0) return fallback;
-  char* end = nullptr;
-  const long x = std::strtol(v, &end, 10);
-  return (end != nullptr && *end == 0 && x > 0 && x < (1 << 20)) ? int(x) : fallback;
-}
-
-void set_combine_pipeline(CombineArgs& a) {
-  const char* mode = std::getenv("JAX_EP_COMBINE_PIPELINE");
-  if (mode == nullptr || std::string(mode) != "deep") {
-    a.stages = 0;
-    return;
-  }
-  a.stages = env_int("JAX_EP_COMBINE_STAGES", 3);
-  a.stage_bytes = env_int("JAX_EP_COMBINE_STAGE_BYTES", 8192);
-  a.warps = env_int("JAX_EP_COMBINE_WARPS", 8);
-}
 
 // ------------------------------------------------------------------ get_dispatch_layout
 ffi::Error DispatchLayoutImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> topk_idx,
@@ -226,7 +193,7 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S3
   a.recv_per_expert = recv_per_expert->typed_data();
   a.group_sizes = group_sizes->typed_data();
   a.num_blocks = num_blocks_of(num_sms);
-  a.min_bulk_row_bytes = min_bulk_row_bytes();
+  a.min_bulk_row_bytes = kDefaultMinBulkRowBytes;
 
   cudaError_t err = launch_send_positions(a.topk_idx, T, K, a.num_experts, R, a.layout, a.send_pos,
                                           s.peers[s.rank], stream);
@@ -344,7 +311,6 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
   a.send_pos = send_pos.typed_data();
   a.out = out->untyped_data();
   a.num_blocks = num_blocks_of(num_sms);
-  set_combine_pipeline(a);
   // Slot order must match intranode_combine.cu's CombineSlot.
   uint64_t publish[5] = {addr(y.untyped_data()), addr(weights.typed_data()),
                          addr(recv_src_rank.typed_data()), addr(recv_src_token.typed_data()),

@@ -1,5 +1,5 @@
 // XLA FFI handlers of the low-latency ops: fused (send and recv phases in one cooperative
-// launch on XLA's stream; two launches when JAX_EP_LL_ONE_KERNEL=0) and split (*_send /
+// launch on XLA's stream; two launches where the grid cannot be co-resident) and split (*_send /
 // *_recv, one launch each, tied by a one-int ticket). Every handler binds its arguments
 // through bind_common.
 // Shapes are static and nothing waits on the host (safe in lax.scan). The handlers are
@@ -8,8 +8,6 @@
 // concurrently, while they share the Buffer's op counter and must run one after the other.
 #include <cuda_runtime.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <map>
 #include <mutex>
 #include <string>
@@ -24,29 +22,16 @@ namespace ffi = xla::ffi;
 namespace jax_ep {
 namespace {
 
-// ------------------------------------------------------------------ variants, timing
+// ------------------------------------------------------------------ timing (profiling builds)
 
-// JAX_EP_LL_VARIANT (LLVariantBits, decimal or 0x..; unset: kLLVariantDefault), read at
-// every call so that one process can time several variants one after the other.
-int ll_variant() {
-  const char* v = std::getenv("JAX_EP_LL_VARIANT");
-  if (v == nullptr || *v == '\0') return kLLVariantDefault;
-  return int(std::strtol(v, nullptr, 0)) & kLLVariantDefault;
-}
-
-bool ll_timing_on() {
-  const char* v = std::getenv("JAX_EP_LL_TIMING");
-  return v != nullptr && std::strcmp(v, "0") != 0 && *v != '\0';
-}
-
-// One debug ring of kLLTimingRing LLTimingRecords per GPU, allocated on first use with
-// JAX_EP_LL_TIMING set and kept for the life of the process.
+// One debug ring of kLLTimingRing LLTimingRecords per GPU, allocated on first use in a
+// build with JAX_EP_LL_TIMING and kept for the life of the process.
 std::mutex g_timing_mu;
 std::map<int, LLTimingRecord*> g_timing;
 
 // Zeroed on `stream` (stream-ordered: no host wait while peers' kernels may be spinning).
 LLTimingRecord* timing_ring(int device, cudaStream_t stream) {
-  if (!ll_timing_on()) return nullptr;
+  if (!kLLTiming) return nullptr;
   std::lock_guard<std::mutex> lock(g_timing_mu);
   auto it = g_timing.find(device);
   if (it != g_timing.end()) return it->second;
@@ -158,7 +143,6 @@ ffi::Error bind_common(cudaStream_t stream, const std::string& op, int32_t devic
   a.half_bytes = half;
   a.num_blocks = blocks_of(num_sms);
   a.num_threads = threads_of(num_warps);
-  a.variant = ll_variant();
   a.timing = timing_ring(device, stream);
   return ffi::Error::Success();
 }
@@ -457,7 +441,7 @@ std::string ll_timing_read(int device, std::string* out) {
     if (it != g_timing.end()) p = it->second;
   }
   out->clear();
-  if (p == nullptr) return "";  // no timed op ran on this GPU (JAX_EP_LL_TIMING unset?)
+  if (p == nullptr) return "";  // no timed op ran on this GPU (or not a timing build)
   int saved = 0;
   if (cudaGetDevice(&saved) != cudaSuccess) saved = device;
   out->resize(sizeof(LLTimingRecord) * kLLTimingRing);

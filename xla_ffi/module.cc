@@ -139,6 +139,7 @@ NB_MODULE(_jax_ep_ffi, m) {
         return std::make_pair(int64_t(free_b), int64_t(total_b));
       },
       nb::arg("device"), "(free, total) bytes of a GPU (cudaMemGetInfo), for leak checks.");
+#ifdef JAX_EP_LL_TIMING
   m.def(
       "ll_timing",
       [](int device) {
@@ -151,7 +152,8 @@ NB_MODULE(_jax_ep_ffi, m) {
         return nb::bytes(blob.data(), blob.size());
       },
       nb::arg("device"),
-      "Low-latency phase timing (ops run with JAX_EP_LL_TIMING=1): waits for the GPU, returns "
+      "Low-latency phase timing (profiling builds, CMake -DJAX_EP_LL_TIMING=ON): waits for "
+      "the GPU, returns "
       "its ring of records (layout: ll_timing_layout()); empty when none ran there.");
   m.def(
       "ll_timing_layout",
@@ -164,7 +166,8 @@ NB_MODULE(_jax_ep_ffi, m) {
         d["record_bytes"] = int64_t(sizeof(jax_ep::LLTimingRecord));
         return d;
       },
-      "Layout of ll_timing's records: header (op, kind, grid_send, grid_recv, variant, 3 "
+      "Layout of ll_timing's records: header (op, kind, grid_send, grid_recv, 4 "
       "pad) u64, then ns[max_blocks][points] u64, then clk[max_blocks][points] u64.");
+#endif  // JAX_EP_LL_TIMING
 #endif
 }
