@@ -66,15 +66,8 @@ def main():
     ap.add_argument("--experts", type=int, default=256)
     ap.add_argument("--num-sms", type=int, default=24)
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--compare-copy", action="store_true",
-                    help="also time dispatch with per-lane and with bulk (TMA) row copies")
     ap.add_argument("--sms-sweep", default="",
                     help="comma-separated SM counts: also time dispatch BF16 and combine at each")
-    ap.add_argument("--compare-combine", default="",
-                    help="comma-separated combine pipelines to A/B in this process: old, or "
-                         "deep[:stages[:stage_bytes[:warps]]] (e.g. old,deep:2,deep:3,deep:4:6144)")
-    ap.add_argument("--compare-combine-sms", default="",
-                    help="comma-separated SM counts for --compare-combine (default: --num-sms)")
     ap.add_argument("--ceiling", default="",
                     help="comma-separated JSON outputs of bench/nvlink_ceiling.cu from this "
                          "machine: report each op against the NVLink rate that SMs reach there")
@@ -155,6 +148,9 @@ def main():
     results = {}
 
     def record(name, ours_us, base_us, row_bytes):
+        if base_us is None:
+            results[name] = dict(jax_ep_us=round(ours_us, 1))
+            return
         gbs = rows * row_bytes / (ours_us * 1e-6) / 1e9
         base_gbs = rows * row_bytes / (base_us * 1e-6) / 1e9
         results[name] = dict(jax_ep_us=round(ours_us, 1), jax_ep_GBps=round(gbs, 1),
@@ -163,8 +159,12 @@ def main():
 
     bf16_row = H * 2
     fp8_row = H + (H // 128) * 4
-    a2a_bf16 = per_call_us(lambda n: a2a_chain(n, False), (x_d,), n_short, n_long, a.reps)
-    a2a_fp8 = per_call_us(lambda n: a2a_chain(n, True), (x_d,), n_short, n_long, a.reps)
+    fixed_cost = processes.fixed_cost_reason(R, a)
+    if fixed_cost:  # no exchange to compare: kernel times alone, no baseline, no verdict
+        a2a_bf16 = a2a_fp8 = None
+    else:
+        a2a_bf16 = per_call_us(lambda n: a2a_chain(n, False), (x_d,), n_short, n_long, a.reps)
+        a2a_fp8 = per_call_us(lambda n: a2a_chain(n, True), (x_d,), n_short, n_long, a.reps)
     d_bf16 = per_call_us(lambda n: dispatch_chain(n, False), (x_d, idx_d, w_d), n_short, n_long,
                          a.reps)
     d_fp8 = per_call_us(lambda n: dispatch_chain(n, True), (x_d, idx_d, w_d), n_short, n_long,
@@ -176,55 +176,25 @@ def main():
     cd_bf16 = per_call_us(cached_dispatch_chain, (x_d, idx_d, w_d), n_short, n_long, a.reps)
     record("cached_dispatch_bf16", cd_bf16, a2a_bf16, bf16_row)
 
-    variants = {}
-    if a.compare_copy:  # same process, same routing: an A/B of the two copy paths
-        for mode in ("warp", "tma"):
-            os.environ["JAX_EP_DISPATCH_COPY"] = mode  # read by the handler at capture
-            for fp8 in (False, True):
-                us = per_call_us(lambda n: dispatch_chain(n, fp8), (x_d, idx_d, w_d), n_short,
-                                 n_long, a.reps)
-                variants[f"dispatch_{'fp8' if fp8 else 'bf16'}_{mode}_us"] = round(us, 1)
-        os.environ.pop("JAX_EP_DISPATCH_COPY")
-
-    # Same process, same routing: an A/B of combine pipelines (env read by the handler).
-    combine_keys = ("JAX_EP_COMBINE_PIPELINE", "JAX_EP_COMBINE_STAGES",
-                    "JAX_EP_COMBINE_STAGE_BYTES", "JAX_EP_COMBINE_WARPS")
-    saved_env = {k: os.environ.get(k) for k in combine_keys}
-    cmp_sms = [int(v) for v in (a.compare_combine_sms or str(a.num_sms)).split(",") if v]
-    for spec in [v for v in a.compare_combine.split(",") if v]:
-        parts = spec.split(":")
-        for k in combine_keys:
-            os.environ.pop(k, None)
-        os.environ["JAX_EP_COMBINE_PIPELINE"] = parts[0]
-        for k, v in zip(combine_keys[1:], parts[1:]):
-            os.environ[k] = v
-        for sms in cmp_sms:
-            us = per_call_us(lambda n: combine_chain(n, sms), (x_d, idx_d, w_d), n_short, n_long,
-                             a.reps)
-            variants[f"combine_bf16_{spec}_{sms}sms_us"] = round(us, 1)
-    for k, v in saved_env.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
     sweep = {}
     for sms in [int(v) for v in a.sms_sweep.split(",") if v]:
         d_us = per_call_us(lambda n: dispatch_chain(n, False, sms), (x_d, idx_d, w_d), n_short,
                            n_long, a.reps)
         c_us = per_call_us(lambda n: combine_chain(n, sms), (x_d, idx_d, w_d), n_short, n_long,
                            a.reps)
-        sweep[str(sms)] = dict(
-            dispatch_bf16_us=round(d_us, 1),
-            dispatch_bf16_GBps=round(rows * bf16_row / (d_us * 1e-6) / 1e9, 1),
-            combine_bf16_us=round(c_us, 1),
-            combine_bf16_GBps=round(rows * bf16_row / (c_us * 1e-6) / 1e9, 1))
+        sweep[str(sms)] = dict(dispatch_bf16_us=round(d_us, 1), combine_bf16_us=round(c_us, 1))
+        if not fixed_cost:
+            sweep[str(sms)].update(
+                dispatch_bf16_GBps=round(rows * bf16_row / (d_us * 1e-6) / 1e9, 1),
+                combine_bf16_GBps=round(rows * bf16_row / (c_us * 1e-6) / 1e9, 1))
 
     # Targets of the tuning issue (../shared/ANCHORS.md, EP4 with <= 24 SMs).
     targets = {"dispatch_bf16": ("jax_ep_GBps", ">=", 450.0),
                "dispatch_fp8": ("jax_ep_us", "<=", 250.0),
                "combine_bf16": ("jax_ep_GBps", ">=", 500.0)}
     for name, (key, op, bound) in targets.items():
+        if fixed_cost:
+            break
         v = results[name][key]
         results[name]["target"] = f"{key} {op} {bound:g}"
         results[name]["target_met"] = bool(v >= bound if op == ">=" else v <= bound)
@@ -234,7 +204,7 @@ def main():
     for name, r in results.items():  # floors from the measured NVLink rate, (R-1)/R remote
         rate = ceiling.get("pull" if name.startswith("combine") or name.startswith("cached")
                            else "push")
-        if not rate or R < 2:
+        if not rate or fixed_cost:
             continue
         row_bytes = fp8_row if "fp8" in name else bf16_row
         floor_us = rows * (R - 1) / R * row_bytes / (rate * 1e3)
@@ -246,14 +216,14 @@ def main():
             target_us = bound if key == "jax_ep_us" else rows * row_bytes / (bound * 1e3)
             r["target_within_ceiling"] = bool(target_us >= floor_us)
 
-    kind = devices[0].device_kind.replace(" ", "-")
-    device = f"{R}x{kind}" + processes.tag(a)
-    report = dict(device=device, command=" ".join(["python3"] + sys.argv), num_ranks=R, tokens=T, hidden=H, topk=K, experts=E,
+    device = processes.device_name(R, devices[0].device_kind, a)
+    report = dict(device=device, command=" ".join(["python3"] + sys.argv), num_ranks=R,
+                  fixed_cost=fixed_cost, tokens=T, hidden=H, topk=K, experts=E,
                   num_sms=a.num_sms, rows_received_per_rank=rows_per_rank,
                   jax=jax.__version__, date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                   method=f"median of {a.reps}; per-call = (jit of {n_long} calls - jit of "
                          f"{n_short}) / {n_long - n_short}; layout='rank'",
-                  results=results, copy_path_variants=variants, sms_sweep=sweep,
+                  results=results, sms_sweep=sweep,
                   nvlink_ceiling=dict(ceiling, sources=a.ceiling))
     if not lead:
         buf.close()  # collective across the processes
@@ -264,8 +234,19 @@ def main():
         json.dump(report, f, indent=2)
     print(f"\n{device}, T={T} H={H} K={K} E={E}, {a.num_sms} SMs, "
           f"~{rows:.0f} rows received per rank")
-    print(f"{'op':<22}{'jax_ep us':>11}{'GB/s':>8}{'all_to_all us':>15}{'GB/s':>8}{'speedup':>9}")
+    if fixed_cost:
+        print(f"FIXED-COST figures ({fixed_cost}); no all_to_all baseline, no ratio, no target")
+        for name, r in results.items():
+            print(f"{name:<22}{r['jax_ep_us']:>11.1f} us")
+        for sms, r in sweep.items():
+            print(f"  {sms:>3} SMs: dispatch bf16 {r['dispatch_bf16_us']} us, "
+                  f"combine {r['combine_bf16_us']} us")
+    else:
+        print(f"{'op':<22}{'jax_ep us':>11}{'GB/s':>8}{'all_to_all us':>15}{'GB/s':>8}"
+              f"{'speedup':>9}")
     for name, r in results.items():
+        if fixed_cost:
+            break
         verdict = ("" if "target" not in r else
                    f"  target {r['target']}: {'PASS' if r['target_met'] else 'FAIL'}")
         print(f"{name:<22}{r['jax_ep_us']:>11.1f}{r['jax_ep_GBps']:>8.1f}"
@@ -278,11 +259,11 @@ def main():
                                     f"; target {'within' if r['target_within_ceiling'] else 'BEYOND'}"
                                     " the ceiling"))
     for sms, r in sweep.items():
+        if fixed_cost:
+            break
         print(f"  {sms:>3} SMs: dispatch bf16 {r['dispatch_bf16_us']} us "
               f"({r['dispatch_bf16_GBps']} GB/s), combine {r['combine_bf16_us']} us "
               f"({r['combine_bf16_GBps']} GB/s)")
-    for name, us in variants.items():
-        print(f"  variant {name}: {us} us")
     print(f"saved {path}")
     buf.close()
 

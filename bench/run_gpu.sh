@@ -1,51 +1,61 @@
 #!/usr/bin/env bash
-# One device call: build the extension, run the GPU tests, run the benchmark.
-# Logs and results go to $OUT (the device tool brings them back).
+# One device call: build the extension, run the GPU suite at every EP size (ranks as
+# processes sharing the GPUs there are, tests/multiprocess.py), then the benchmarks.
+# Logs and results go to $OUT, bundled into results.tgz beside the main logs (the device
+# tool brings back at most 8 files).
 # Usage (on the GPU machine, repo root): bash bench/run_gpu.sh [pytest args...]
+#   TEST_RANKS=1,2,4,8  EP sizes of the suite (1: one process driving every local GPU)
+#   SKIP_TESTS=1 / SKIP_BENCH=1 / LL_BENCH=1 / MOE_BENCH=1 / CEILING=1   what runs
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 JAX_EP_REAL_DEVICES=1
 set -o pipefail
 OUT=${OUT:-/tmp/jax_ep_out}
-mkdir -p "$OUT"
+mkdir -p "$OUT/all"
 PY=${PYTHON:-python3}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpus.txt"
+{ date -u '+%Y-%m-%d %H:%M:%S UTC'; git rev-parse HEAD 2>/dev/null || echo "commit unknown";
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; } |
+  tee "$OUT/all/machine.txt"
 
 t0=$(date +%s)
-$PY -m pip install --no-build-isolation --no-deps -q . > "$OUT/build.log" 2>&1
+$PY -m pip install --no-build-isolation --no-deps -q . > "$OUT/all/build.log" 2>&1
 rc=$?
-echo "build rc=$rc in $(( $(date +%s) - t0 ))s" | tee -a "$OUT/build.log"
-if [ $rc -ne 0 ]; then tail -40 "$OUT/build.log"; exit $rc; fi
+echo "build rc=$rc in $(( $(date +%s) - t0 ))s" | tee -a "$OUT/all/build.log"
+if [ $rc -ne 0 ]; then tail -40 "$OUT/all/build.log"; exit $rc; fi
 # Tests and bench import jax_ep from the source tree: put the built extension there too.
 SITE_PKG=$(cd /tmp && $PY -c "import jax_ep, os; print(os.path.dirname(jax_ep.__file__))")
 cp "$SITE_PKG"/_jax_ep_ffi*.so jax_ep/
-cp "$SITE_PKG"/_jax_ep_nvshmem*.so jax_ep/ 2>/dev/null || echo "built without NVSHMEM" | tee -a "$OUT/build.log"
-$PY -c "import jax, jax_ep; print(jax.__version__, jax.devices(), jax_ep.cuda_available())" 2>&1 | tee "$OUT/env.txt"
+cp "$SITE_PKG"/_jax_ep_nvshmem*.so jax_ep/ 2>/dev/null || echo "built without NVSHMEM" | tee -a "$OUT/all/build.log"
+$PY -c "import jax, jax_ep; print(jax.__version__, jax.devices(), jax_ep.cuda_available())" 2>&1 | tee "$OUT/all/env.txt"
 
+rc_tests=0
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
-  timeout ${TEST_TIMEOUT:-360} $PY -m pytest ${PYTEST_STOP:--x} -q -m gpu -p no:cacheprovider tests/gpu "$@" 2>&1 | tee "$OUT/gpu_tests.log" | tail -30
+  t0=$(date +%s)
+  echo "+ python -m tests.multiprocess --ranks ${TEST_RANKS:-1,2,4,8} -- -q -m gpu tests/gpu -rs $*" | tee "$OUT/gpu_tests.log"
+  timeout ${TEST_TIMEOUT:-1500} $PY -m tests.multiprocess --ranks ${TEST_RANKS:-1,2,4,8} \
+    --logs "$OUT/all/rank_logs" -- -q -m gpu tests/gpu -rs "$@" 2>&1 | tee -a "$OUT/gpu_tests.log"
+  rc_tests=$?
+  echo "tests rc=$rc_tests in $(( $(date +%s) - t0 ))s" | tee -a "$OUT/gpu_tests.log"
 fi
+GPUS=$(nvidia-smi -L | wc -l)
 CEILING_ARGS=""
-if [ "${CEILING:-0}" = "1" ]; then  # the NVLink rate SMs reach on this machine, beside the bench
-  GPUS=$(nvidia-smi -L | wc -l)
+if [ "${CEILING:-0}" = "1" ] && [ "$GPUS" -ge 2 ]; then  # the NVLink rate SMs reach here
   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -I. bench/nvlink_ceiling.cu \
-    -o /tmp/nvlink_ceiling > "$OUT/nvlink_ceiling_build.log" 2>&1 &&
+    -o /tmp/nvlink_ceiling > "$OUT/all/nvlink_ceiling_build.log" 2>&1 &&
   for lc in 0 1; do
     timeout 120 /tmp/nvlink_ceiling --sms ${CEILING_SMS:-8,16,24,32,48,132} --local-copy $lc \
-      > "$OUT/nvlink_ceiling-${GPUS}gpu-lc$lc.json" 2> "$OUT/nvlink_ceiling-${GPUS}gpu-lc$lc.log"
+      > "$OUT/all/nvlink_ceiling-${GPUS}gpu-lc$lc.json" 2> "$OUT/all/nvlink_ceiling-${GPUS}gpu-lc$lc.log"
   done
-  CEILING_ARGS="--ceiling $OUT/nvlink_ceiling-${GPUS}gpu-lc0.json,$OUT/nvlink_ceiling-${GPUS}gpu-lc1.json"
+  CEILING_ARGS="--ceiling $OUT/all/nvlink_ceiling-${GPUS}gpu-lc0.json,$OUT/all/nvlink_ceiling-${GPUS}gpu-lc1.json"
 fi
 if [ "${SKIP_BENCH:-0}" != "1" ]; then
-  timeout ${BENCH_TIMEOUT:-200} $PY bench/normal.py --out "$OUT" $CEILING_ARGS ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -16
+  timeout ${BENCH_TIMEOUT:-200} $PY bench/normal.py --out "$OUT/all" $CEILING_ARGS ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_normal.log" | tail -16
 fi
 if [ "${LL_BENCH:-0}" = "1" ]; then
-  timeout ${BENCH_TIMEOUT:-200} $PY bench/low_latency.py --out "$OUT" 2>&1 | tee "$OUT/bench_low_latency.log" | tail -12
+  timeout ${BENCH_TIMEOUT:-200} $PY bench/low_latency.py --out "$OUT/all" ${LL_ARGS:-} 2>&1 | tee "$OUT/bench_low_latency.log" | tail -12
 fi
 if [ "${MOE_BENCH:-0}" = "1" ]; then
   timeout ${MOE_TIMEOUT:-240} $PY bench/moe_layer.py --platform gpu --impls ${MOE_IMPLS:-jax_ep_cf,a2a_cf} \
-    --iters 20 --warmup 1 --out "$OUT" ${MOE_ARGS:-} 2>&1 | tee "$OUT/bench_moe_layer.log" | tail -12
+    --iters 20 --warmup 1 --out "$OUT/all" ${MOE_ARGS:-} 2>&1 | tee "$OUT/bench_moe_layer.log" | tail -12
 fi
-# The device tool brings back at most 8 files: bundle everything when asked.
-if [ "${BUNDLE:-0}" = "1" ]; then
-  (cd "$OUT" && tar czf /tmp/results.tgz . && find . -mindepth 1 -delete && mv /tmp/results.tgz .)
-fi
+(cd "$OUT" && tar czf results.tgz all && rm -rf all)
+exit $rc_tests

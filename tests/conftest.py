@@ -23,8 +23,6 @@ _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 
-import pytest  # noqa: E402
-
 
 def pytest_addoption(parser):
     parser.addoption("--distributed", action="store_true",

@@ -4,14 +4,13 @@ forward and gradients, bf16, with uneven routing from an untrained router."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from jax_ep.flax import MoE
-from tests.gpu import harness as h
+from tests import harness as h
 
 pytestmark = pytest.mark.gpu
 
@@ -20,19 +19,21 @@ H, F, K = 256, 128, 4
 
 def _layer(R, backend, exchange, expert_capacity):
     E = 8 * R
-    return MoE(hidden=H, ffn_hidden=F, num_experts=E, top_k=K, mesh=h.mesh(R),
+    mesh = h.mesh(R) if backend == "cuda" else h.reference_mesh(R)
+    return MoE(hidden=H, ffn_hidden=F, num_experts=E, top_k=K, mesh=mesh,
                score_func="sigmoid", expert_capacity=expert_capacity, exchange=exchange,
                buffer=h.buffer(R) if backend == "cuda" else None, backend=backend,
-               dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+               dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)), mesh
 
 
+@pytest.mark.parametrize("R", h.RANKS)
 @pytest.mark.parametrize("exchange", ["rank", "expert"])
 @pytest.mark.parametrize("T", [1, 96])
-def test_layer_cuda_matches_reference_forward_and_grads(exchange, T):
-    R = h.ep_size()
+def test_layer_cuda_matches_reference_forward_and_grads(R, exchange, T):
     cap = R * T * K  # every row fits: nothing dropped, so both backends compute the same
-    x = jax.random.normal(jax.random.key(T), (R * T, H), jnp.float32).astype(jnp.bfloat16)
-    target = jax.random.normal(jax.random.key(T + 1), (R * T, H), jnp.float32)
+    rng = np.random.default_rng(T)  # the same tokens on every process
+    x = rng.standard_normal((R * T, H)).astype(jnp.bfloat16)
+    target = rng.standard_normal((R * T, H)).astype(np.float32)
 
     def loss(m, x):
         out, stats = m(x)
@@ -40,12 +41,14 @@ def test_layer_cuda_matches_reference_forward_and_grads(exchange, T):
 
     results = {}
     for backend in ("cuda", "reference"):
-        layer = _layer(R, backend, exchange, cap)
+        layer, mesh = _layer(R, backend, exchange, cap)
         grad = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-        (val, (out, stats)), (gm, gx) = grad(layer, x)
-        results[backend] = (np.asarray(out, np.float32), int(stats.dropped),
+        (val, (out, stats)), (gm, gx) = grad(layer, h.put(mesh, x))
+        out, dropped, gx, gm = h.fetch((out, stats.dropped, gx,
+                                        {k: v[...] for k, v in gm.items()}))
+        results[backend] = (np.asarray(out, np.float32), int(dropped),
                             np.asarray(gx, np.float32),
-                            {k: np.asarray(v[...], np.float32) for k, v in gm.items()})
+                            {k: np.asarray(v, np.float32) for k, v in gm.items()})
     (out_c, drop_c, gx_c, gm_c), (out_r, drop_r, gx_r, gm_r) = results["cuda"], \
         results["reference"]
     assert drop_c == drop_r == 0

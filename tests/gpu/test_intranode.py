@@ -1,7 +1,9 @@
 """CUDA intranode kernels == reference backend (bitwise dispatch, <=1e-6 combine).
 
-Fresh random routing every run (the seed is printed so a failure can be replayed with
-JAX_EP_TEST_SEED).
+Every test runs at each EP size R of ``h.RANKS`` that the run has ranks for (tests/conftest.py):
+R GPUs of one process, or R processes sharing the GPUs there are (tests/multiprocess.py).
+The reference backend runs on this process's CPU devices. Fresh random routing every run
+(the seed is printed so a failure can be replayed with JAX_EP_TEST_SEED).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 
 import jax_ep
-from tests.gpu import harness as h
+from tests import harness as h
 
 pytestmark = pytest.mark.gpu
 
@@ -27,19 +29,11 @@ def _rng(*salt):
     return np.random.default_rng([SEED, *[hash(s) % (1 << 31) for s in salt]])
 
 
-def _need(num_ranks):
-    if h.num_gpus() < num_ranks:
-        pytest.skip(f"needs {num_ranks} GPUs, have {h.num_gpus()}")
-
-
-def _ranks():
-    return h.ep_size()
-
-
-def _dispatch_fn(backend, R, E, layout, cap, align, fp8):
+def _dispatch_fn(backend, R, E, layout, cap, align, fp8, buf=None):
     """fp8: False (x as is), True (the FP8 pair of per_token_cast) or "cast" (bf16 x,
     cast_fp8=True: the CUDA kernel casts on the way; the reference casts first)."""
-    buf = h.buffer(R)
+    if backend == "cuda" and buf is None:
+        buf = h.buffer(R)
 
     def f(x, idx, w):
         xx = jax_ep.fp8.per_token_cast(x) if fp8 is True else x
@@ -51,23 +45,22 @@ def _dispatch_fn(backend, R, E, layout, cap, align, fp8):
 
 
 def compare_dispatch(R, T, H, K, E, layout="rank", cap=None, align=1, fp8=False,
-                     idx=None, w=None, dtype=jnp.bfloat16, tag=""):
-    _need(R)
+                     idx=None, w=None, dtype=jnp.bfloat16, tag="", buf=None):
     rng = _rng("dispatch", R, T, H, K, E, layout, cap, align, fp8, tag)
     if idx is None:
         idx, w = h.routing(rng, R, T, K, E)
     if w is None:
         w = rng.random(idx.shape).astype(np.float32)
     x = rng.standard_normal((R, T, H)).astype(np.float32)
-    args = h.shard((x.astype(dtype), idx, w), R)
+    args = (x.astype(dtype), idx, w)
+    want = h.run_reference(_dispatch_fn("reference", R, E, layout, cap, align, fp8), R, *args)
     try:
-        want = h.run(_dispatch_fn("reference", R, E, layout, cap, align, fp8), R, *args)
+        got = h.run(_dispatch_fn("cuda", R, E, layout, cap, align, fp8, buf), R, *args)
     except jax.errors.JaxRuntimeError as e:
         if T == 0 and "GlobalToLocalShape" in str(e):  # seen with jax 0.11.2 on GPU
             pytest.skip("XLA cannot compile this shard_map over zero-size operands on GPU "
-                        "(reference backend too)")
+                        "(any backend)")
         raise
-    got = h.run(_dispatch_fn("cuda", R, E, layout, cap, align, fp8), R, *args)
     flat_got, tree = jax.tree.flatten(got)
     flat_want, tree_want = jax.tree.flatten(want)
     assert tree == tree_want
@@ -83,7 +76,7 @@ def compare_dispatch(R, T, H, K, E, layout="rank", cap=None, align=1, fp8=False,
 
 # ----------------------------------------------------------------------------- dispatch
 
-@pytest.mark.parametrize("R", [2, 4, 8])
+@pytest.mark.parametrize("R", h.RANKS)
 @pytest.mark.parametrize("layout", ["rank", "expert"])
 @pytest.mark.parametrize("fp8", [False, True, "cast"])
 def test_dispatch_matches_reference(R, layout, fp8):
@@ -110,11 +103,12 @@ def _routing_case(case, rng, R, T, K, E):
     return T, idx, w
 
 
+@pytest.mark.parametrize("R", h.RANKS)
 @pytest.mark.parametrize("layout", ["rank", "expert"])
 @pytest.mark.parametrize("case", ["T1", "one_expert", "one_rank", "masked", "K1", "K9",
                                   "H7168", "H5120", "overflow", "align128", "f32", "T0"])
-def test_dispatch_edge_cases(layout, case):
-    R, T, H, K, E = _ranks(), 128, 512, 4, 32
+def test_dispatch_edge_cases(R, layout, case):
+    T, H, K, E = 128, 512, 4, 32
     kw = dict(layout=layout)
     rng = _rng("edge", layout, case)
     T, idx, w = _routing_case(case, rng, R, T, K, E)
@@ -143,15 +137,16 @@ def test_dispatch_edge_cases(layout, case):
         assert np.asarray(got.num_overflow).max() > 0
 
 
+@pytest.mark.parametrize("R", h.RANKS)
 @pytest.mark.parametrize("layout", ["rank", "expert"])
 @pytest.mark.parametrize("case", ["T1", "T0", "masked", "one_rank", "H7168", "H640",
                                   "overflow"])
-def test_dispatch_cast_fp8_edge_cases(layout, case):
+def test_dispatch_cast_fp8_edge_cases(R, layout, case):
     """cast_fp8=True: values and scales cast in the kernel == the reference's XLA cast,
     bitwise, with uneven routing, masked slots, 1 and 0 tokens and overflow. H=640 takes
     the lanes' direct stores (its scale row is not a multiple of 16 bytes), the others the
     staged bulk stores."""
-    R, T, H, K, E = _ranks(), 96, 1024, 4, 32
+    T, H, K, E = 96, 1024, 4, 32
     rng = _rng("cast_edge", layout, case)
     T, idx, w = _routing_case(case, rng, R, T, K, E)
     cap = None
@@ -170,21 +165,16 @@ def test_dispatch_cast_fp8_edge_cases(layout, case):
         assert q.dtype == jnp.float8_e4m3fn and np.asarray(s).max() > 0
 
 
-def test_dispatch_single_rank():
-    compare_dispatch(1, T=256, H=1024, K=4, E=16, layout="expert", align=4)
-    compare_dispatch(1, T=256, H=1024, K=4, E=16, layout="rank")
-
-
-def test_dispatch_layout_matches_reference():
-    R, T, K, E = _ranks(), 300, 8, 64
+@pytest.mark.parametrize("R", h.RANKS)
+def test_dispatch_layout_matches_reference(R):
+    T, K, E = 300, 8, 64
     idx, _ = h.routing(_rng("layout"), R, T, K, E)
     from jax_ep.backends import cuda, reference
 
     def fn(mod):
         return lambda i: mod.get_dispatch_layout(i, num_experts=E, num_ranks=R)
-    args = h.shard((idx,), R)
-    got = h.run(fn(cuda), R, *args)
-    want = h.run(fn(reference), R, *args)
+    got = h.run(fn(cuda), R, idx)
+    want = h.run_reference(fn(reference), R, idx)
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
 
@@ -192,7 +182,7 @@ def test_dispatch_layout_matches_reference():
 # ----------------------------------------------------------------------------- combine
 
 def _combine_fn(backend, R, E, layout, cap, align, weighted):
-    buf = h.buffer(R)
+    buf = h.buffer(R) if backend == "cuda" else None
 
     def f(x, idx, w, y, row_w):
         r = jax_ep.dispatch(x, idx, w, num_experts=E, axis_name=h.AXIS, layout=layout,
@@ -202,12 +192,11 @@ def _combine_fn(backend, R, E, layout, cap, align, weighted):
     return f
 
 
-@pytest.mark.parametrize("R", [2, 4, 8])
+@pytest.mark.parametrize("R", h.RANKS)
 @pytest.mark.parametrize("layout", ["rank", "expert"])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_combine_matches_reference(R, layout, weighted, dtype):
-    _need(R)
     rng = _rng("combine", R, layout, weighted, str(dtype))
     align = 4 if layout == "expert" else 1
     got, want = _combine_both(rng, R, 256, 1024, 8, 64, layout, None, align, weighted, dtype)
@@ -223,9 +212,10 @@ def _combine_both(rng, R, T, H, K, E, layout, cap, align, weighted, dtype):
     x = rng.standard_normal((R, T, H)).astype(dtype)
     y = rng.standard_normal((R, rows, H)).astype(dtype)
     row_w = rng.random((R, rows)).astype(np.float32)
-    args = h.shard((x, idx, w, y, row_w), R)
+    args = (x, idx, w, y, row_w)
     got = h.run(_combine_fn("cuda", R, E, layout, cap, align, weighted), R, *args)
-    want = h.run(_combine_fn("reference", R, E, layout, cap, align, weighted), R, *args)
+    want = h.run_reference(_combine_fn("reference", R, E, layout, cap, align, weighted), R,
+                           *args)
     return got, want
 
 
@@ -248,31 +238,19 @@ def assert_combine_close(got, want):
     assert frac < 1e-3, f"{frac:.2e} of the elements differ (seed {SEED})"
 
 
+@pytest.mark.parametrize("R", h.RANKS)
 @pytest.mark.parametrize("layout", ["rank", "expert"])
-def test_combine_after_overflow(layout):
-    R, T = _ranks(), 128
+def test_combine_after_overflow(R, layout):
+    T = 128
     rng = _rng("combine_overflow", layout)
     got, want = _combine_both(rng, R, T, 512, 4, 32, layout, T, 1, True, jnp.bfloat16)
-    assert_combine_close(got, want)
-
-
-@pytest.mark.parametrize("stages", ["2", "3"])
-@pytest.mark.parametrize("layout,weighted", [("rank", False), ("expert", True)])
-def test_deep_combine_pipeline_matches_reference(monkeypatch, stages, layout, weighted):
-    """The opt-in deep combine pipeline (JAX_EP_COMBINE_PIPELINE=deep, read by the handler
-    at every call) reduces in the same order as the default one."""
-    monkeypatch.setenv("JAX_EP_COMBINE_PIPELINE", "deep")
-    monkeypatch.setenv("JAX_EP_COMBINE_STAGES", stages)
-    rng = _rng("combine_deep", stages, layout)
-    got, want = _combine_both(rng, _ranks(), 192, 7168, 8, 64, layout, None, 1, weighted,
-                              jnp.bfloat16)
     assert_combine_close(got, want)
 
 
 # ----------------------------------------------------------------------------- gradients
 
 def _loss_grad_fn(backend, R, E, layout):
-    buf = h.buffer(R)
+    buf = h.buffer(R) if backend == "cuda" else None
 
     def loss(x, w, idx, g):
         r = jax_ep.dispatch(x, idx, w, num_experts=E, axis_name=h.AXIS, layout=layout,
@@ -290,16 +268,17 @@ def _loss_grad_fn(backend, R, E, layout):
     return f
 
 
+@pytest.mark.parametrize("R", h.RANKS)
 @pytest.mark.parametrize("layout", ["rank", "expert"])
-def test_grads_match_reference(layout):
-    R, T, H, K, E = _ranks(), 128, 256, 4, 32
+def test_grads_match_reference(R, layout):
+    T, H, K, E = 128, 256, 4, 32
     rng = _rng("grad", layout)
     idx, w = h.routing(rng, R, T, K, E)
     x = rng.standard_normal((R, T, H)).astype(np.float32)
     g = rng.standard_normal((R, T, H)).astype(np.float32)
-    args = h.shard((x, w, idx, g), R)
+    args = (x, w, idx, g)
     got = h.run(_loss_grad_fn("cuda", R, E, layout), R, *args)
-    want = h.run(_loss_grad_fn("reference", R, E, layout), R, *args)
+    want = h.run_reference(_loss_grad_fn("reference", R, E, layout), R, *args)
     for name, a, b in zip(("dx", "dw"), got, want):
         err = h.rel_err(a, b)
         assert err <= 1e-6, f"{name}: relative error {err} (seed {SEED})"
@@ -307,10 +286,11 @@ def test_grads_match_reference(layout):
 
 # ----------------------------------------------------------------------------- stress
 
+@pytest.mark.parametrize("R", h.RANKS)
 @pytest.mark.parametrize("layout", ["rank", "expert"])
-def test_back_to_back_calls_no_corruption(layout):
+def test_back_to_back_calls_no_corruption(R, layout):
     """1,000 dispatch+combine pairs in one jit (lax.scan), new routing every step."""
-    R, T, H, K, E, N = _ranks(), 128, 256, 4, 32, 1000
+    T, H, K, E, N = 128, 256, 4, 32, 1000
     buf = h.buffer(R)
 
     def f(x, key):
@@ -344,41 +324,40 @@ def test_back_to_back_calls_no_corruption(layout):
     rng = _rng("stress", layout)
     x = rng.standard_normal((R, T, H)).astype(np.float32)
     key = np.stack([np.asarray(jax.random.key_data(jax.random.key(SEED % 1000)))] * R)
-    args = h.shard((x,), R)
-    worst = h.run(lambda xx, kk: f(xx, jax.random.wrap_key_data(kk)), R, args[0],
-                  h.shard(key, R))
+    worst = h.run(lambda xx, kk: f(xx, jax.random.wrap_key_data(kk)), R, x, key)
     assert float(np.max(worst)) < 1e-5, f"max relative error {np.max(worst)} (seed {SEED})"
 
 
 # ----------------------------------------------------------------------------- buffer
 
-def test_buffer_too_small_is_a_clear_error():
-    _need(2)
-    small = jax_ep.Buffer(h.mesh(2), h.AXIS, backend="cuda", num_nvl_bytes=300 << 10)
+@pytest.mark.parametrize("R", h.RANKS)
+def test_buffer_too_small_is_a_clear_error(R):
+    small = h.new_buffer(R, num_nvl_bytes=300 << 10)
     try:
-        x = h.shard(np.zeros((2, 64, 128), np.float32), 2)
-        idx = h.shard(np.zeros((2, 64, 8), np.int32), 2)
+        x = np.zeros((R, 64, 128), np.float32)
+        idx = np.zeros((R, 64, 8), np.int32)
         with pytest.raises(ValueError, match="needs a communication buffer of"):
             h.run(lambda a, i: jax_ep.dispatch(
-                a, i, None, num_experts=8, axis_name=h.AXIS, layout="expert", buffer=small,
-                backend="cuda", max_recv_tokens=200_000).recv_x, 2, x, idx)
+                a, i, None, num_experts=8 * R, axis_name=h.AXIS, layout="expert",
+                buffer=small, backend="cuda", max_recv_tokens=200_000).recv_x, R, x, idx)
     finally:
         small.close()
         small.close()  # idempotent
 
 
-def test_buffer_alloc_free_cycles():
-    _need(2)
-    for _ in range(3):
-        with jax_ep.Buffer(h.mesh(2), h.AXIS, backend="cuda") as b:
+@pytest.mark.parametrize("R", h.RANKS)
+def test_buffer_alloc_free_cycles(R):
+    for cycle in range(3):
+        with h.new_buffer(R) as b:
             assert b.buffer_id is not None
-            compare_dispatch(2, T=64, H=256, K=2, E=8, tag="cycle")
+            compare_dispatch(R, T=64, H=256, K=2, E=8, tag=f"cycle{cycle}", buf=b)
+        assert b.buffer_id is None
 
 
-def test_auto_backend_picks_cuda_with_a_buffer():
-    R = _ranks()
+@pytest.mark.parametrize("R", h.RANKS)
+def test_auto_backend_picks_cuda_with_a_buffer(R):
     idx, w = h.routing(_rng("auto"), R, 32, 2, 8)
-    x = h.shard(np.ones((R, 32, 128), np.float32), R)
+    x = np.ones((R, 32, 128), np.float32)
     buf = h.buffer(R)
     seen = []
 
@@ -386,5 +365,5 @@ def test_auto_backend_picks_cuda_with_a_buffer():
         r = jax_ep.dispatch(a, i, ww, num_experts=8, axis_name=h.AXIS, buffer=buf)
         seen.append(r.handle.config.backend)
         return r.num_recv_tokens
-    h.run(f, R, x, *h.shard((idx, w), R))
+    h.run(f, R, x, idx, w)
     assert seen == ["cuda"]

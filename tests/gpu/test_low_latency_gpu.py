@@ -6,8 +6,9 @@ past it are undefined on CUDA by default), and on every row (zeros) with
 ``zero_padding=True`` or under differentiation. Combine outputs must match value for value
 (``assert_array_equal``: the one allowed difference is the sign of an exact zero for a
 token whose every slot is masked, where the reference multiplies an arbitrary row by 0).
-Fresh random routing every run (seed printed; replay with JAX_EP_TEST_SEED). Run the file
-a second time with JAX_EP_LL_ONE_KERNEL=0 to cover the two-launch form of the fused ops.
+Every test runs at each EP size R of ``h.RANKS`` the run has ranks for (tests/conftest.py);
+the reference backend runs on this process's CPU devices. Fresh random routing every run
+(seed printed; replay with JAX_EP_TEST_SEED).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import jax_ep
 from jax_ep.backends import cuda_low_latency as cll
 from jax_ep.backends import reference as ref
 from jax_ep.types import LowLatencyConfig
-from tests.gpu import harness as h
+from tests import harness as h
 
 pytestmark = pytest.mark.gpu
 
@@ -42,15 +43,10 @@ def _rng(*salt):
     return np.random.default_rng([SEED, *[hash(s) % (1 << 31) for s in salt]])
 
 
-def _ranks():
-    return h.ep_size()
-
-
 def _buffer(R):
     if R not in _buffers:
-        _buffers[R] = jax_ep.Buffer(h.mesh(R), h.AXIS, backend="cuda",
-                                    num_nvl_bytes=cll.ll_bytes_hint(MAX_M, MAX_H, MAX_E, R,
-                                                                    dtype_bytes=4))
+        _buffers[R] = h.new_buffer(R, num_nvl_bytes=cll.ll_bytes_hint(MAX_M, MAX_H, MAX_E, R,
+                                                                      dtype_bytes=4))
     return _buffers[R]
 
 
@@ -110,10 +106,10 @@ def _routing(rng, R, T, K, E, case="random"):
 
 def _dispatch_both(R, T, H, K, E, M, fp8, idx, x, zero_padding=False):
     outs = {}
-    for backend in ("reference", "cuda"):
+    for backend, run in (("reference", h.run_reference), ("cuda", h.run)):
         cfg = _cfg(R, T, H, K, E, M, fp8, backend, zero_padding)
         fn = lambda x, i, cfg=cfg, backend=backend: _backend(backend).ll_dispatch(x, i, None, cfg)
-        outs[backend] = h.run(fn, R, *h.shard((x, idx), R))
+        outs[backend] = run(fn, R, x, idx)
     return outs["cuda"], outs["reference"]
 
 
@@ -151,11 +147,12 @@ def _compare_dispatch(got, want, fp8, zero_padding=False):
 
 # ----------------------------------------------------------------------------- dispatch
 
+@pytest.mark.parametrize("R", h.RANKS)
 @pytest.mark.parametrize("zero_padding", [False, True])
 @pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("T", [1, 8, 128])  # T=0: jax 0.11.2's shard_map (Shardy) rejects
-def test_dispatch_matches_reference(T, fp8, zero_padding):  # zero-size operands on GPU
-    R, H, K, E, M = _ranks(), 512, 8, 64, 128
+@pytest.mark.parametrize("T", [0, 1, 8, 128])
+def test_dispatch_matches_reference(R, T, fp8, zero_padding):
+    H, K, E, M = 512, 8, 64, 128
     rng = _rng("dispatch", T, fp8, zero_padding)
     idx, _ = _routing(rng, R, T, K, E)
     x = rng.standard_normal((R, T, H)).astype(jnp.bfloat16)
@@ -163,11 +160,12 @@ def test_dispatch_matches_reference(T, fp8, zero_padding):  # zero-size operands
     _compare_dispatch(got, want, fp8, zero_padding)
 
 
-def test_dispatch_zero_padding_after_garbage():
+@pytest.mark.parametrize("R", h.RANKS)
+def test_dispatch_zero_padding_after_garbage(R):
     """The staging halves and XLA's memory hold earlier ops' rows: zero_padding=True must
     still give exact zeros past the counts, and the default must still match on the rows
     that count."""
-    R, T, H, K, E, M = _ranks(), 64, 512, 8, 64, 128
+    T, H, K, E, M = 64, 512, 8, 64, 128
     rng = _rng("garbage")
     for step in range(3):
         idx, _ = _routing(rng, R, T, K, E)
@@ -180,8 +178,9 @@ def test_dispatch_zero_padding_after_garbage():
 
 @pytest.mark.parametrize("case", ["one_expert", "all_masked", "out_of_range"])
 @pytest.mark.parametrize("fp8", [False, True])
-def test_dispatch_edge_routing(case, fp8):
-    R, T, H, K, E, M = _ranks(), 32, 256, 4, 32, 64
+@pytest.mark.parametrize("R", h.RANKS)
+def test_dispatch_edge_routing(R, case, fp8):
+    T, H, K, E, M = 32, 256, 4, 32, 64
     rng = _rng("edge", case, fp8)
     idx, _ = _routing(rng, R, T, K, E, case)
     x = rng.standard_normal((R, T, H)).astype(jnp.bfloat16)
@@ -191,8 +190,9 @@ def test_dispatch_edge_routing(case, fp8):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
-def test_dispatch_other_dtypes(dtype):
-    R, T, H, K, E, M = _ranks(), 16, 384, 4, 32, 16
+@pytest.mark.parametrize("R", h.RANKS)
+def test_dispatch_other_dtypes(R, dtype):
+    T, H, K, E, M = 16, 384, 4, 32, 16
     rng = _rng("dtype", str(dtype))
     idx, _ = _routing(rng, R, T, K, E)
     x = rng.standard_normal((R, T, H)).astype(dtype)
@@ -201,9 +201,10 @@ def test_dispatch_other_dtypes(dtype):
         _compare_dispatch(got, want, fp8)
 
 
-def test_fp8_extreme_values():
+@pytest.mark.parametrize("R", h.RANKS)
+def test_fp8_extreme_values(R):
     """Blocks of zeros (amax floor), tiny and large magnitudes, exact powers of two."""
-    R, T, H, K, E, M = _ranks(), 8, 512, 2, 16, 8
+    T, H, K, E, M = 8, 512, 2, 16, 8
     rng = _rng("fp8-extreme")
     idx, _ = _routing(rng, R, T, K, E)
     x = rng.standard_normal((R, T, H)).astype(np.float32)
@@ -233,43 +234,47 @@ def _combine_fn(backend, R, T, H, K, E, M, fp8=False):
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("T", [1, 8, 128])
-def test_combine_matches_reference(T, dtype):
-    R, H, K, E, M = _ranks(), 512, 8, 64, 128
+@pytest.mark.parametrize("R", h.RANKS)
+def test_combine_matches_reference(R, T, dtype):
+    H, K, E, M = 512, 8, 64, 128
     rng = _rng("combine", T, str(dtype))
     idx, w = _routing(rng, R, T, K, E)
     x = rng.standard_normal((R, T, H)).astype(dtype)
-    args = h.shard((x, idx, w), R)
-    want = h.run(_combine_fn("reference", R, T, H, K, E, M), R, *args)
+    args = (x, idx, w)
+    want = h.run_reference(_combine_fn("reference", R, T, H, K, E, M), R, *args)
     got = h.run(_combine_fn("cuda", R, T, H, K, E, M), R, *args)
     _assert_values("combine out", got, want)
 
 
 @pytest.mark.parametrize("case", ["one_expert", "all_masked"])
-def test_combine_edge_routing(case):
-    R, T, H, K, E, M = _ranks(), 32, 256, 4, 32, 32
+@pytest.mark.parametrize("R", h.RANKS)
+def test_combine_edge_routing(R, case):
+    T, H, K, E, M = 32, 256, 4, 32, 32
     rng = _rng("combine-edge", case)
     idx, w = _routing(rng, R, T, K, E, case)
     x = rng.standard_normal((R, T, H)).astype(jnp.bfloat16)
-    args = h.shard((x, idx, w), R)
-    want = h.run(_combine_fn("reference", R, T, H, K, E, M), R, *args)
+    args = (x, idx, w)
+    want = h.run_reference(_combine_fn("reference", R, T, H, K, E, M), R, *args)
     got = h.run(_combine_fn("cuda", R, T, H, K, E, M), R, *args)
     _assert_values("combine out", got, want)
 
 
-def test_fp8_dispatch_then_bf16_combine():
-    R, T, H, K, E, M = _ranks(), 64, 1024, 8, 64, 64
+@pytest.mark.parametrize("R", h.RANKS)
+def test_fp8_dispatch_then_bf16_combine(R):
+    T, H, K, E, M = 64, 1024, 8, 64, 64
     rng = _rng("fp8-combine")
     idx, w = _routing(rng, R, T, K, E)
     x = rng.standard_normal((R, T, H)).astype(jnp.bfloat16)
-    args = h.shard((x, idx, w), R)
-    want = h.run(_combine_fn("reference", R, T, H, K, E, M, fp8=True), R, *args)
+    args = (x, idx, w)
+    want = h.run_reference(_combine_fn("reference", R, T, H, K, E, M, fp8=True), R, *args)
     got = h.run(_combine_fn("cuda", R, T, H, K, E, M, fp8=True), R, *args)
     _assert_values("combine out", got, want)
 
 
-def test_combine_never_reads_padding_rows():
+@pytest.mark.parametrize("R", h.RANKS)
+def test_combine_never_reads_padding_rows(R):
     """Rows of y past the counts may hold anything (NaN here): the output must not change."""
-    R, T, H, K, E, M = _ranks(), 32, 512, 8, 64, 64
+    T, H, K, E, M = 32, 512, 8, 64, 64
     rng = _rng("combine-nan")
     idx, w = _routing(rng, R, T, K, E)
     x = rng.standard_normal((R, T, H)).astype(jnp.bfloat16)
@@ -288,18 +293,18 @@ def test_combine_never_reads_padding_rows():
             return be.ll_combine(y, idx, w, handle, cfg)
         return f
 
-    args = h.shard((x, idx, w), R)
-    want = h.run(fn("reference", False), R, *args)
+    args = (x, idx, w)
+    want = h.run_reference(fn("reference", False), R, *args)
     got = h.run(fn("cuda", True), R, *args)
     assert np.all(np.isfinite(np.asarray(got, np.float32)))
     _assert_values("combine out (NaN padding in y)", got, want)
 
 
-def test_dispatch_under_vjp_zero_pads():
+@pytest.mark.parametrize("R", h.RANKS)
+def test_dispatch_under_vjp_zero_pads(R):
     """The public op's custom-VJP forward rule zero-pads recv_x (the expert weights'
     gradients read every row); its combine's VJP output dy is zero-padded too."""
-    _needs_integration()
-    R, T, H, K, E, M = _ranks(), 16, 256, 4, 32, 32
+    T, H, K, E, M = 16, 256, 4, 32, 32
     rng = _rng("vjp-zero")
     idx, w = _routing(rng, R, T, K, E)
     x = rng.standard_normal((R, T, H)).astype(jnp.bfloat16)
@@ -315,7 +320,7 @@ def test_dispatch_under_vjp_zero_pads():
         (dy,) = comb_vjp(out * 0 + 1)  # varying over the EP axis, like out
         return r.recv_x, r.handle.arrays.recv_count_per_rank, dy
 
-    recv_x, counts, dy = h.run(f, R, *h.shard((x, idx, w), R))
+    recv_x, counts, dy = h.run(f, R, x, idx, w)
     pad = ~_valid_rows(counts, M)
     assert pad.any()
     _assert_bitwise("recv_x padding under vjp", np.asarray(recv_x)[pad],
@@ -327,8 +332,9 @@ def test_dispatch_under_vjp_zero_pads():
 # ----------------------------------------------------------------------------- split form
 
 @pytest.mark.parametrize("fp8", [False, True])
-def test_split_equals_fused(fp8):
-    R, T, H, K, E, M = _ranks(), 24, 512, 6, 32, 32
+@pytest.mark.parametrize("R", h.RANKS)
+def test_split_equals_fused(R, fp8):
+    T, H, K, E, M = 24, 512, 6, 32, 32
     rng = _rng("split", fp8)
     idx, w = _routing(rng, R, T, K, E)
     x = rng.standard_normal((R, T, H)).astype(jnp.bfloat16)
@@ -351,17 +357,17 @@ def test_split_equals_fused(fp8):
         out_split = cll.ll_combine_recv(ticket, idx, w, split[2], cfg, y.dtype, H)
         return fused, split, out_fused, out_split, h_[:1]
 
-    fused, split, out_fused, out_split, _ = h.run(f, R, *h.shard((x, idx, w), R))
+    fused, split, out_fused, out_split, _ = h.run(f, R, x, idx, w)
     _compare_dispatch(split, fused, fp8)
     _assert_bitwise("combine split vs fused", out_split, out_fused)
 
 
 @pytest.mark.parametrize("zero_padding", [False, True])
 @pytest.mark.parametrize("fp8", [False, True])
-def test_public_split_api_equals_fused(fp8, zero_padding):
+@pytest.mark.parametrize("R", h.RANKS)
+def test_public_split_api_equals_fused(R, fp8, zero_padding):
     """jax_ep.low_latency_*_send/_recv (two custom calls each) == the fused public ops."""
-    _needs_integration()
-    R, T, H, K, E, M = _ranks(), 24, 512, 6, 32, 32
+    T, H, K, E, M = 24, 512, 6, 32, 32
     rng = _rng("public-split", fp8, zero_padding)
     idx, w = _routing(rng, R, T, K, E)
     x = rng.standard_normal((R, T, H)).astype(jnp.bfloat16)
@@ -384,7 +390,7 @@ def test_public_split_api_equals_fused(fp8, zero_padding):
         c = jax_ep.low_latency_combine_send(expert(r.recv_x), idx, w, r.handle)
         return r, jax_ep.low_latency_combine_recv(c), other[:1]
 
-    args = h.shard((x, idx, w), R)
+    args = (x, idx, w)
     rf, of = h.run(fused, R, *args)
     rs, os_, _ = h.run(split, R, *args)
     _compare_dispatch((rs.recv_x, rs.recv_count, rs.handle.arrays),
@@ -392,9 +398,9 @@ def test_public_split_api_equals_fused(fp8, zero_padding):
     _assert_bitwise("combine split vs fused", os_, of)
 
 
-def test_public_split_api_grads_equal_fused():
-    _needs_integration()
-    R, T, H, K, E, M = _ranks(), 16, 256, 4, 32, 16
+@pytest.mark.parametrize("R", h.RANKS)
+def test_public_split_api_grads_equal_fused(R):
+    T, H, K, E, M = 16, 256, 4, 32, 16
     rng = _rng("split-grads")
     idx, w = _routing(rng, R, T, K, E)
     x = rng.standard_normal((R, T, H)).astype(jnp.float32)
@@ -417,8 +423,7 @@ def test_public_split_api_grads_equal_fused():
             return body(x[0], idx[0], w[0])[None]
         f = jax.shard_map(per_rank, mesh=mesh, in_specs=P(h.AXIS), out_specs=P(h.AXIS))
         loss = lambda x, w, idx: jnp.sum(f(x, idx, w) ** 2)
-        return jax.tree.map(np.asarray, jax.jit(jax.grad(loss, argnums=(0, 1)))(
-            *h.shard((x, w, idx), R)))
+        return h.fetch(jax.jit(jax.grad(loss, argnums=(0, 1)))(*h.put(mesh, (x, w, idx))))
 
     want, got = grads(fused), grads(split)
     _assert_bitwise("d/dx split vs fused", got[0], want[0])
@@ -427,10 +432,11 @@ def test_public_split_api_grads_equal_fused():
 
 # ----------------------------------------------------------------------------- decode loop
 
-def test_decode_scan_1000_steps():
+@pytest.mark.parametrize("R", h.RANKS)
+def test_decode_scan_1000_steps(R):
     """1,000 dispatch+combine pairs back to back in one jit-ed lax.scan (both halves of the
     buffer reused ~500 times each); a few steps are recomputed with the reference."""
-    R, T, H, K, E, M, steps = _ranks(), 8, 256, 4, 32, 8, 1000
+    T, H, K, E, M, steps = 8, 256, 4, 32, 8, 1000
     rng = _rng("scan")
     idx0, w = _routing(rng, R, T, K, E)
     x0 = rng.standard_normal((R, T, H)).astype(jnp.bfloat16)
@@ -462,34 +468,29 @@ def test_decode_scan_1000_steps():
         total, outs = jax.lax.scan(body, init, jnp.arange(steps, dtype=jnp.int32))
         return outs, total
 
-    args = h.shard((x0, idx0, w), R)
+    args = (x0, idx0, w)
     outs, _ = h.run(scanned, R, *args)  # [R, steps, T, H]
     ref_step = step_fn("reference")
     for i in (0, 1, 2, 499, 998, 999):
-        want = h.run(lambda x, idx, w, i=i: ref_step(x, idx, w, jnp.int32(i)), R, *args)
+        want = h.run_reference(lambda x, idx, w, i=i: ref_step(x, idx, w, jnp.int32(i)), R,
+                               *args)
         _assert_values(f"decode step {i}", outs[:, i], want)
 
 
 # ----------------------------------------------------------------------------- gradients
 
-def _needs_integration():
-    from jax_ep.backends import cuda as cuda_backend
-    if "low_latency" not in getattr(cuda_backend, "SUPPORTED_OPS", ()):
-        pytest.skip("jax_ep.backends.cuda does not route 'low_latency' yet "
-                    "(see cuda/INTEGRATION_LL.md)")
-
-
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_grads_match_reference(dtype):
-    _needs_integration()
-    R, T, H, K, E, M = _ranks(), 16, 256, 4, 32, 16
+@pytest.mark.parametrize("R", h.RANKS)
+def test_grads_match_reference(R, dtype):
+    T, H, K, E, M = 16, 256, 4, 32, 16
     rng = _rng("grads", str(dtype))
     idx, w = _routing(rng, R, T, K, E)
     x = rng.standard_normal((R, T, H)).astype(dtype)
-    buf = _buffer(R)
-    mesh = h.mesh(R)
 
     def grads(backend):
+        mesh = h.mesh(R) if backend == "cuda" else h.reference_mesh(R)
+        buf = _buffer(R) if backend == "cuda" else None
+
         def body(x, idx, w):
             x, idx, w = x[0], idx[0], w[0]
             r = jax_ep.low_latency_dispatch(x, idx, num_experts=E, max_tokens_per_rank=M,
@@ -500,21 +501,20 @@ def test_grads_match_reference(dtype):
 
         f = jax.shard_map(body, mesh=mesh, in_specs=P(h.AXIS), out_specs=P(h.AXIS))
         loss = lambda x, w, idx: jnp.sum(f(x, idx, w).astype(jnp.float32) ** 2)
-        return jax.jit(jax.grad(loss, argnums=(0, 1)))
+        return h.fetch(jax.jit(jax.grad(loss, argnums=(0, 1)))(*h.put(mesh, (x, w, idx))))
 
-    args = h.shard((x, w, idx), R)
-    want = jax.tree.map(np.asarray, grads("reference")(*args))
-    got = jax.tree.map(np.asarray, grads("cuda")(*args))
+    want = grads("reference")
+    got = grads("cuda")
     _assert_values("d loss / d x", got[0], want[0])
     _assert_values("d loss / d topk_weights", got[1], want[1])
 
 
 # ----------------------------------------------------------------------------- errors
 
-def test_buffer_too_small_is_a_clear_error():
-    R = _ranks()
+@pytest.mark.parametrize("R", h.RANKS)
+def test_buffer_too_small_is_a_clear_error(R):
     T, H, K, E, M = 8, 1024, 4, 64, 128
-    small = jax_ep.Buffer(h.mesh(R), h.AXIS, backend="cuda", num_nvl_bytes=70 << 20)
+    small = h.new_buffer(R, num_nvl_bytes=70 << 20)
     try:
         cfg = dataclasses.replace(_cfg(R, T, H, K, E, M, False, "cuda"), buffer_id=small.buffer_id)
         with pytest.raises(ValueError, match="ll_bytes_hint"):
@@ -527,13 +527,13 @@ def test_buffer_too_small_is_a_clear_error():
             recv_x, _, handle = cll.ll_dispatch(x, i, None, cfg)  # combine's [E, M] do not
             return cll.ll_combine(recv_x, i, w, handle, cfg)
         with pytest.raises(Exception, match="ll_bytes_hint"):
-            h.run(f, R, *h.shard((x, idx, w), R))
+            h.run(f, R, x, idx, w)
     finally:
         small.close()
 
 
-def test_python_validation():
-    R = _ranks()
+@pytest.mark.parametrize("R", h.RANKS)
+def test_python_validation(R):
     cfg = _cfg(R, 8, 256, 4, 32, 2048, False, "cuda")
     x = jnp.zeros((8, 256), jnp.bfloat16)
     idx = jnp.zeros((8, 4), jnp.int32)

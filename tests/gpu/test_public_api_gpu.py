@@ -9,28 +9,27 @@ import numpy as np
 import pytest
 
 import jax_ep
-from tests.gpu import harness as h
+from tests import harness as h
 
 pytestmark = pytest.mark.gpu
 
 
+@pytest.mark.parametrize("R", h.RANKS)
 @pytest.mark.parametrize("T", [0, 1, 257])
-def test_get_dispatch_layout_auto_uses_cuda_and_matches_reference(T):
-    R = h.ep_size()
+def test_get_dispatch_layout_auto_uses_cuda_and_matches_reference(R, T):
     E, K = 8 * R, 4
     idx, _ = h.routing(np.random.default_rng(T), R, T, K, E)
     assert jax_ep.backends.resolve("auto", None, "get_dispatch_layout", needs_buffer=False) \
         == "cuda"
-    got = h.run(lambda i: jax_ep.get_dispatch_layout(i, E, axis_name=h.AXIS), R,
-                h.shard(idx, R))
-    want = h.run(lambda i: jax_ep.get_dispatch_layout(i, E, axis_name=h.AXIS,
-                                                      backend="reference"), R, h.shard(idx, R))
+    got = h.run(lambda i: jax_ep.get_dispatch_layout(i, E, axis_name=h.AXIS), R, idx)
+    want = h.run_reference(lambda i: jax_ep.get_dispatch_layout(i, E, axis_name=h.AXIS,
+                                                                backend="reference"), R, idx)
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
 
 
-def test_auto_dispatch_with_cuda_buffer_resolves_to_cuda():
-    R = h.ep_size()
+@pytest.mark.parametrize("R", h.RANKS)
+def test_auto_dispatch_with_cuda_buffer_resolves_to_cuda(R):
     assert h.buffer(R).backend == "cuda"
     assert jax_ep.backends.resolve("auto", h.buffer(R), "dispatch") == "cuda"
 
