@@ -3,8 +3,8 @@
 Every implementation computes the same layer (router → top-k → routed SwiGLU experts
 sharded over the ``"ep"`` mesh axis → weighted combine) with the same parameters and
 routing, inside ``jax.shard_map``; only the token exchange and expert batching differ.
-All run the layer's own SwiGLU code (``jax_ep.flax._batched_swiglu`` /
-``_ragged_swiglu``: matmul outputs in the activation dtype with f32 accumulation inside
+All run the layer's own SwiGLU code (``jax_ep.moe.batched_swiglu`` /
+``ragged_swiglu``: matmul outputs in the activation dtype with f32 accumulation inside
 the GEMMs, ``silu * up`` in f32, so that the backward matmuls take bf16 operands):
 
 * ``jax_ep``: :class:`jax_ep.flax.MoE` (``jax_ep.dispatch(layout="expert")`` →
@@ -28,7 +28,7 @@ the GEMMs, ``silu * up`` in f32, so that the backward matmuls take bf16 operands
   rows to *its own* local expert ``e % (E/R)`` (so each local expert receives about
   ``R * T * K / E`` rows, as with EP): a local gather builds the same expert-layout
   ``[ceil(cf * T * K), H]`` buffer ``jax_ep.dispatch`` returns, then the layer's own code
-  (``jax_ep.flax``'s expert-slot gather, batched SwiGLU and gather back) runs unchanged,
+  (``jax_ep.moe``'s expert-slot gather, batched SwiGLU and gather back) runs unchanged,
   and a local gather-and-weighted-sum stands in for ``jax_ep.combine``. The backward
   passes mirror jax_ep's (dispatch's backward is a combine, combine's a cached dispatch),
   each a local gather. Same router, same expert matmul shapes, no cross-device traffic
@@ -217,8 +217,9 @@ def main(argv=None) -> int:
 
     import jax_ep
     # the layer's own expert code: no_comm and the parts run exactly what jax_ep_cf runs
-    from jax_ep.flax import (MoE, _batched_swiglu, _from_expert_slots, _ragged_swiglu,
-                             _to_expert_slots, route)
+    from jax_ep.flax import MoE
+    from jax_ep.moe import (batched_swiglu, from_expert_slots, ragged_swiglu, route,
+                            to_expert_slots)
 
     if args.ragged_dot == "triton":
         jax.config.update("jax_ragged_dot_use_gpu_pallas_triton_lowering", True)
@@ -273,11 +274,11 @@ def main(argv=None) -> int:
         return route(logits, top_k=K, score_func=args.score_func, bias=bias,
                      normalize=layer.normalize_weights)
 
-    # Every implementation runs the layer's own expert FFN code (jax_ep.flax): the same
+    # Every implementation runs the layer's own expert FFN code (jax_ep.moe): the same
     # matmuls (outputs in the activation dtype, f32 accumulation inside the GEMMs; silu *
     # up in f32), so only the token exchange and the expert batching differ.
-    swiglu_ragged = _ragged_swiglu
-    swiglu_batched = _batched_swiglu
+    swiglu_ragged = ragged_swiglu
+    swiglu_batched = batched_swiglu
 
     def a2a(v):
         return jax.lax.all_to_all(v, "ep", 0, 0, tiled=False)
@@ -356,10 +357,10 @@ def main(argv=None) -> int:
         return out, jax.lax.psum(lost, "ep")
 
     def slots_swiglu(recv_x, group_sizes, wg, wu, wd):
-        """Exactly jax_ep_cf's expert step (jax_ep/flax.py, expert_capacity path)."""
-        slots, slot_map, lost = _to_expert_slots(recv_x, group_sizes, group_sizes,
+        """Exactly jax_ep_cf's expert step (jax_ep/moe/layer.py, expert_capacity path)."""
+        slots, slot_map, lost = to_expert_slots(recv_x, group_sizes, group_sizes,
                                                  ep_expert_cap)
-        y = _from_expert_slots(_batched_swiglu(slots, wg, wu, wd), slot_map)
+        y = from_expert_slots(batched_swiglu(slots, wg, wu, wd), slot_map)
         return y, lost
 
     def no_comm_rank(xl, router, wg, wu, wd):
@@ -410,16 +411,16 @@ def main(argv=None) -> int:
                             "layout, one row per (token, local expert)) -> gather into "
                             "[E/R, C, H] slots -> batched SwiGLU -> gather back -> "
                             "jax_ep.combine with the routing weights",
-        "expert_ffn": "all implementations use jax_ep.flax's SwiGLU (_batched_swiglu / "
-                      "_ragged_swiglu): matmul outputs in the activation dtype (f32 "
+        "expert_ffn": "all implementations use jax_ep.moe's SwiGLU (batched_swiglu / "
+                      "ragged_swiglu): matmul outputs in the activation dtype (f32 "
                       "accumulation inside the GEMMs), silu * up in f32, so the backward "
                       "matmuls take bf16 operands at bf16",
         "a2a_cf": f"GShard style: pack [E, C={a2a_C}, H] per rank, jax.lax.all_to_all, "
                   "batched SwiGLU on [E/R, R*C, H], all_to_all back, weighted sum",
         "a2a_peer": "[R, T, H] slabs per peer over all_to_all, ragged_dot experts",
         "no_comm": "communication-free ceiling of jax_ep_cf: the same router, the same "
-                   "expert code (jax_ep.flax _to_expert_slots/_batched_swiglu/"
-                   f"_from_expert_slots, {ep_expert_cap} rows per local expert), but each "
+                   "expert code (jax_ep.moe to_expert_slots/batched_swiglu/"
+                   f"from_expert_slots, {ep_expert_cap} rows per local expert), but each "
                    "rank sends its own (token, slot) rows to its own local expert e % (E/R) "
                    f"through a local gather into the same [{nc_cap}, H] expert-layout buffer "
                    "jax_ep.dispatch returns, and a local gather-and-weighted-sum replaces "
@@ -627,8 +628,8 @@ def main(argv=None) -> int:
                                 lambda rx, gs: (identity_rows(rx), jnp.zeros((), jnp.int32)))[0]
 
         def expert_slots(rx, gs):  # jax_ep_cf's slot gathers there and back, identity experts
-            s, slot_map, _ = _to_expert_slots(rx, gs, gs, ep_expert_cap)
-            return _from_expert_slots(identity_rows(s), slot_map)
+            s, slot_map, _ = to_expert_slots(rx, gs, gs, ep_expert_cap)
+            return from_expert_slots(identity_rows(s), slot_map)
 
         def router_part(xl, rt):
             r = routing(xl, rt)
@@ -655,9 +656,9 @@ def main(argv=None) -> int:
                              f"jax_ep_cf's gather of the [{nc_cap}, H] expert layout into "
                              f"[E/R, {ep_expert_cap}, H] slots and gather back (no matmuls; "
                              "both backward passes gathers too)"),
-            "expert_ffn": (_batched_swiglu, (slots,) + w_params, (espec,) * 4, (), (), espec,
+            "expert_ffn": (batched_swiglu, (slots,) + w_params, (espec,) * 4, (), (), espec,
                            f"the layer's batched SwiGLU on [E/R={L}, {ep_expert_cap}, H] "
-                           "(jax_ep.flax._batched_swiglu: matmul outputs in the activation "
+                           "(jax_ep.moe.batched_swiglu: matmul outputs in the activation "
                            "dtype, silu * up in f32)"),
         }
         print(f"breakdown (per-rank work inside shard_map; {args.iters} calls each):",

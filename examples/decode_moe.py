@@ -53,6 +53,8 @@ def main(argv=None) -> int:
     import numpy as np
     from flax import nnx
 
+    from jax_ep.flax import place_on_mesh
+
     targs = train_moe.parse_args([])  # model sizes: the training example's defaults
     total = args.prompt_len + args.new_tokens
     if total > targs.seq:
@@ -75,7 +77,7 @@ def main(argv=None) -> int:
         rng = np.random.default_rng(args.seed)
         batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("ep"))
         opt = nnx.Optimizer(model, optax.adamw(targs.lr), wrt=nnx.Param)
-        train_moe.place_on_mesh(mesh, model, opt)
+        place_on_mesh(mesh, model, opt)
 
         @nnx.jit
         def step(model, opt, batch):

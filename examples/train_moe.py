@@ -73,19 +73,20 @@ def setup_platform(args) -> None:
 
 
 # Model code below imports jax lazily (after setup_platform) through these globals.
-jax = jnp = nnx = optax = jax_ep = MoE = None
+jax = jnp = nnx = optax = jax_ep = MoE = place_on_mesh = None
 
 
 def _imports():
-    global jax, jnp, nnx, optax, jax_ep, MoE
+    global jax, jnp, nnx, optax, jax_ep, MoE, place_on_mesh
     import jax as _jax
     import jax.numpy as _jnp
     import optax as _optax
     from flax import nnx as _nnx
 
     import jax_ep as _jax_ep
-    from jax_ep.flax import MoE as _MoE
+    from jax_ep.flax import MoE as _MoE, place_on_mesh as _place_on_mesh
     jax, jnp, nnx, optax, jax_ep, MoE = _jax, _jnp, _nnx, _optax, _jax_ep, _MoE
+    place_on_mesh = _place_on_mesh
 
 
 def build_model_classes():
@@ -187,18 +188,6 @@ def build_model_classes():
     return TinyMoELM
 
 
-def place_on_mesh(mesh, *objs):
-    """Replicates every array of ``objs`` not yet placed on ``mesh`` (the MoE experts
-    already are), so the first step's inputs have the shardings of later steps: one
-    compilation instead of two."""
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    for obj in objs:
-        state = nnx.state(obj)
-        nnx.update(obj, jax.tree.map(
-            lambda a: a if isinstance(getattr(a, "sharding", None), jax.sharding.NamedSharding)
-            else jax.device_put(a, replicated), state))
-
-
 def expert_parallel_setup(args):
     """Devices, an "ep" mesh over them and (on GPUs) a jax_ep.Buffer; None (after saying
     why) when ``args.batch`` does not split over the devices."""
@@ -246,6 +235,8 @@ def main(argv=None) -> int:
                       dtype=jnp.dtype(args.moe_dtype), buffer=buffer, backend="auto",
                       rngs=nnx.Rngs(args.seed))
     optimizer = nnx.Optimizer(model, optax.adamw(args.lr, weight_decay=0.01), wrt=nnx.Param)
+    # the MoE experts are on the mesh already; replicating the rest before the first step
+    # gives it the shardings of later steps: one compilation instead of two
     place_on_mesh(mesh, model, optimizer)
 
     @nnx.jit

@@ -20,6 +20,7 @@ from jax_ep.low_latency import (
     low_latency_dispatch_send,
 )
 from jax_ep.ops import combine, default_capacity, dispatch, get_dispatch_layout
+from jax_ep import moe  # the MoE layer's functional core (needs no Flax); after ops
 from jax_ep.types import (
     DispatchHandle,
     DispatchLayout,

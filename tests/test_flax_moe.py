@@ -374,10 +374,10 @@ def test_slot_layouts_have_no_while_loops(exchange):
     (jnp.bfloat16, (0, 8)),  # nothing to read: every index is out of range
 ])
 def test_take_rows_equals_take_with_zero_fill(dtype, shape):
-    from jax_ep.flax import _take_rows
+    from jax_ep.moe import take_rows
     a = (jax.random.normal(jax.random.key(0), shape) * 50).astype(dtype)
     idx = jnp.array([0, shape[0] - 1, -1, shape[0], 2, 2, shape[0] + 7], jnp.int32)
-    got = jax.jit(_take_rows)(a, idx)
+    got = jax.jit(take_rows)(a, idx)
     a_np = np.asarray(a.astype(jnp.float32))
     want = np.stack([a_np[i] if 0 <= i < shape[0] else np.zeros(shape[1:], np.float32)
                      for i in np.asarray(idx)])
@@ -387,7 +387,7 @@ def test_take_rows_equals_take_with_zero_fill(dtype, shape):
 
 def test_ragged_experts_on_gpus_warn_once(monkeypatch):
     import warnings
-    import jax_ep.flax as jf
+    import jax_ep.moe.experts as jf
     x = _tokens()
     monkeypatch.setattr(jf, "_on_gpus", lambda mesh: True)
     jf._warn_ragged_dot_on_gpus.cache_clear()
@@ -452,7 +452,7 @@ def _scatter_slots_reference(recv_x, group_sizes, real_sizes, C):
     ((0, 0, 0, 0), 3),     # nothing received
 ])
 def test_expert_slots_by_gathers_equal_scatter_version_exactly(sizes, C, dtype):
-    from jax_ep.flax import _from_expert_slots, _to_expert_slots
+    from jax_ep.moe import from_expert_slots, to_expert_slots
     cap, hid = 24, 8
     gs = jnp.asarray(sizes, jnp.int32)
     real = jnp.maximum(gs - 1, 0)  # as if each group had one row of alignment padding
@@ -462,8 +462,8 @@ def test_expert_slots_by_gathers_equal_scatter_version_exactly(sizes, C, dtype):
                                 jnp.float32).astype(dtype)
 
     def new(x, y):
-        slots, smap, dropped = _to_expert_slots(x, gs, real, C)
-        return slots, _from_expert_slots(y, smap), dropped
+        slots, smap, dropped = to_expert_slots(x, gs, real, C)
+        return slots, from_expert_slots(y, smap), dropped
 
     def old(x, y):
         slots, back, dropped = _scatter_slots_reference(x, gs, real, C)
@@ -516,7 +516,7 @@ def _dot_operand_dtypes(fn, *args):
 
 
 def test_bf16_expert_ffn_backward_matmuls_stay_bf16():
-    from jax_ep.flax import _batched_swiglu, _ragged_swiglu, swiglu
+    from jax_ep.moe import batched_swiglu, ragged_swiglu, swiglu
     bf = jnp.bfloat16
     ks = jax.random.split(jax.random.key(0), 4)
     L, M, F_ = 2, 8, 16
@@ -526,8 +526,8 @@ def test_bf16_expert_ffn_backward_matmuls_stay_bf16():
     wd = jax.random.normal(ks[3], (L, F_, H)).astype(bf)
     gs = jnp.asarray([5, 11], jnp.int32)
     cases = {
-        "batched": (lambda *a: _batched_swiglu(*a), (x, wg, wu, wd)),
-        "ragged": (lambda x, wg, wu, wd: _ragged_swiglu(x, wg, wu, wd, gs),
+        "batched": (lambda *a: batched_swiglu(*a), (x, wg, wu, wd)),
+        "ragged": (lambda x, wg, wu, wd: ragged_swiglu(x, wg, wu, wd, gs),
                    (x.reshape(L * M, H), wg, wu, wd)),
         "dense": (swiglu, (x[0], wg[0], wu[0], wd[0])),
     }
@@ -589,11 +589,11 @@ def _rank_slots_oracle(idx, num_local, C):
     (20, 2, 1, 40, 0.1),  # one local expert, room for all
 ])
 def test_rank_slots_fan_out_and_reduce_match_numpy(cap, K, L, C, mask):
-    from jax_ep.flax import _fan_out, _rank_slots, _reduce_to_rows
+    from jax_ep.moe import fan_out, rank_slots, reduce_to_rows
     rng = np.random.default_rng(cap * 100 + K)
     idx = rng.integers(0, L, (cap, K)).astype(np.int32)
     idx[rng.random((cap, K)) < mask] = -1
-    plan, dropped = jax.jit(_rank_slots, static_argnums=(1, 2))(jnp.asarray(idx), L, C)
+    plan, dropped = jax.jit(rank_slots, static_argnums=(1, 2))(jnp.asarray(idx), L, C)
     want_ps, want_sp, want_drop = _rank_slots_oracle(idx, L, C)
     np.testing.assert_array_equal(np.asarray(plan.pair_slot), want_ps)
     np.testing.assert_array_equal(np.asarray(plan.slot_pair), want_sp)
@@ -608,12 +608,12 @@ def test_rank_slots_fan_out_and_reduce_match_numpy(cap, K, L, C, mask):
     g_slots = rng.standard_normal((L * C, hid)).astype(np.float32)
     g_rows = rng.standard_normal((cap, hid)).astype(np.float32)
     # forward: data movement is exact, the reduction is a k-ordered f32 sum
-    slots = np.asarray(_fan_out(jnp.asarray(rows), plan.slot_row, plan.pair_slot))
+    slots = np.asarray(fan_out(jnp.asarray(rows), plan.slot_row, plan.pair_slot))
     want_slots = np.zeros((L * C, hid), np.float32)
     valid = want_sp < cap * K
     want_slots[valid] = rows[want_sp[valid] // K]
     np.testing.assert_array_equal(slots, want_slots)
-    red = np.asarray(_reduce_to_rows(jnp.asarray(y), jnp.asarray(w), plan.pair_slot,
+    red = np.asarray(reduce_to_rows(jnp.asarray(y), jnp.asarray(w), plan.pair_slot,
                                      plan.slot_pair))
     has = want_ps < L * C
     want_red = np.zeros((cap, hid), np.float32)
@@ -622,12 +622,12 @@ def test_rank_slots_fan_out_and_reduce_match_numpy(cap, K, L, C, mask):
                                                                            L * C - 1)], 0)
     np.testing.assert_allclose(red, want_red, rtol=1e-6, atol=1e-6)
     # backward: the gather-only VJPs equal autodiff of the scatter formulation
-    _, vjp_fan = jax.vjp(lambda r: _fan_out(r, plan.slot_row, plan.pair_slot), jnp.asarray(rows))
+    _, vjp_fan = jax.vjp(lambda r: fan_out(r, plan.slot_row, plan.pair_slot), jnp.asarray(rows))
     (d_rows,) = vjp_fan(jnp.asarray(g_slots))
     want_d_rows = np.zeros((cap, hid), np.float32)
     np.add.at(want_d_rows, want_sp[valid] // K, g_slots[valid])
     np.testing.assert_allclose(np.asarray(d_rows), want_d_rows, rtol=1e-6, atol=1e-6)
-    _, vjp_red = jax.vjp(lambda y, w: _reduce_to_rows(y, w, plan.pair_slot, plan.slot_pair),
+    _, vjp_red = jax.vjp(lambda y, w: reduce_to_rows(y, w, plan.pair_slot, plan.slot_pair),
                          jnp.asarray(y), jnp.asarray(w))
     d_y, d_w = vjp_red(jnp.asarray(g_rows))
     want_d_y = np.zeros((L * C, hid), np.float32)
