@@ -2,10 +2,11 @@
 
 Runs chains of back-to-back ``ll_dispatch`` (FP8) and ``ll_combine`` (BF16) calls inside one
 jit on every visible GPU (one process, the bench shape of bench/low_latency.py: T=128,
-H=7168, K=8, E=256), on a profiling build of the extension: thread 0 of every block of the kernels
-records ``%globaltimer`` (ns) and ``clock64`` at each phase point (cuda/low_latency.h,
-``LLTimingPoint``) into a per-GPU debug ring of the last 16 ops. After each chain the ring
-is read back (``_jax_ep_ffi.ll_timing(device)``, which waits for the GPU).
+H=7168, K=8, E=256), on a profiling build of the extension: thread 0 of every block of
+the kernels records ``%globaltimer`` (ns) and ``clock64`` at each phase point
+(cuda/low_latency.h, ``LLTimingPoint``) into a per-GPU debug ring of the last 16 ops. After
+each chain the ring is read back (``jax_ep._native.load_testing().ll_timing(device)``,
+which waits for the GPU).
 
 For every op, times are taken relative to t0 = the earliest kernel entry over all GPUs and
 blocks; per point the script prints, as medians over the ops of the chain (the first op of
@@ -153,7 +154,8 @@ def main():
     devices = [d for d in jax.devices() if d.platform == "gpu"]
     if not devices or not jax_ep.cuda_available():
         sys.exit("bench/ll_timing.py needs CUDA GPUs and the jax_ep CUDA extension")
-    from jax_ep import _jax_ep_ffi as ext
+    from jax_ep import _native
+    ext = _native.load_testing()  # the probes: ll_timing, ll_timing_layout
     if not hasattr(ext, "ll_timing"):
         sys.exit("the jax_ep extension is not a profiling build: rebuild it with "
                  "-Ccmake.define.JAX_EP_LL_TIMING=ON (see this script's docstring)")

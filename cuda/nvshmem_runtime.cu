@@ -1,4 +1,4 @@
-// NVSHMEM runtime for jax_ep (see xla_ffi/nvshmem_bootstrap.h): initialisation from a unique
+// NVSHMEM runtime for jax_ep (see cuda/nvshmem_runtime.h): initialisation from a unique
 // id, symmetric allocations, finalisation, and a ring test kernel on the device API.
 //
 // Compiled with relocatable device code and device-linked (inside the static library
@@ -18,7 +18,7 @@
 #include <string>
 
 #include "cuda/device_sync.cuh"
-#include "xla_ffi/nvshmem_bootstrap.h"
+#include "cuda/nvshmem_runtime.h"
 
 namespace jax_ep::nvshmem {
 namespace {

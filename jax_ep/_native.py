@@ -34,8 +34,6 @@ def load():
             return None
         import jax
 
-        for name, capsule in ext.cpu_targets().items():
-            jax.ffi.register_ffi_target(name, capsule, platform="cpu")
         if ext.with_cuda:
             for name, capsule in ext.cuda_targets().items():
                 try:
@@ -46,6 +44,26 @@ def load():
         _ext = ext
         _loaded = True
         return ext
+
+
+_testing_loaded = False
+
+
+def load_testing():
+    """The extension's ``testing`` submodule (probes for tests and profiling) with its CPU
+    FFI target registered (once), or None without the extension."""
+    global _testing_loaded
+    ext = load()
+    if ext is None:
+        return None
+    with _lock:
+        if not _testing_loaded:
+            import jax
+
+            for name, capsule in ext.testing.cpu_targets().items():
+                jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+            _testing_loaded = True
+    return ext.testing
 
 
 def extension():

@@ -1,7 +1,9 @@
 // XLA FFI handlers of the low-latency ops: fused (send and recv phases in one cooperative
-// launch on XLA's stream; two launches where the grid cannot be co-resident) and split (*_send /
-// *_recv, one launch each, tied by a one-int ticket). Every handler binds its arguments
-// through bind_common.
+// launch on XLA's stream; two launches where the grid cannot be co-resident) and split
+// (*_send / *_recv, one launch each, tied by a one-int ticket). Every handler binds its
+// arguments through bind_common. Sizes come from the buffers' shapes where they give them
+// (recv_x or y: [num_local_experts, num_ranks * max_tokens_per_rank, W]); the attributes
+// carry the rest.
 // Shapes are static and nothing waits on the host (safe in lax.scan). The handlers are
 // deliberately not marked command-buffer compatible: inside a CUDA graph XLA orders nodes
 // by the buffers it knows, and two low-latency ops with no data dependency could then run
@@ -13,11 +15,66 @@
 #include <string>
 
 #include "cuda/low_latency.h"
-#include "xla/ffi/api/ffi.h"
-#include "xla_ffi/buffer_registry.h"
-#include "xla_ffi/low_latency_handlers.h"
+#include "xla_ffi/ffi_common.h"
+#include "xla_ffi/handlers.h"
 
-namespace ffi = xla::ffi;
+namespace jax_ep {
+
+// Attributes of the ops (decoded from the custom call's attribute dictionary). num_sms and
+// num_warps: launch shape (blocks clamped to [1, 1024], warps to [1, 16]).
+struct LLLaunchAttrs {        // combine, combine_send
+  int64_t buffer_id, num_sms, num_warps;
+};
+struct LLDispatchAttrs {      // fused dispatch
+  int64_t buffer_id;
+  bool has_slot_scale;        // slot_scale is a [1] placeholder otherwise
+  bool zero_padding;          // zero recv_x rows past the counts
+  int64_t num_sms, num_warps;
+};
+struct LLDispatchSendAttrs {  // no receive buffer to read the sizes from
+  int64_t buffer_id, num_experts, max_tokens_per_rank;
+  bool use_fp8, has_slot_scale;
+  int64_t num_sms, num_warps;
+};
+struct LLDispatchRecvAttrs {
+  int64_t buffer_id;
+  bool zero_padding;
+  int64_t num_sms, num_warps;
+};
+struct LLCombineRecvAttrs {   // no y to read the sizes from
+  int64_t buffer_id, num_experts, max_tokens_per_rank, num_sms, num_warps;
+};
+
+}  // namespace jax_ep
+
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_ep::LLLaunchAttrs, StructMember<int64_t>("buffer_id"),
+                                      StructMember<int64_t>("num_sms"),
+                                      StructMember<int64_t>("num_warps"));
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_ep::LLDispatchAttrs,
+                                      StructMember<int64_t>("buffer_id"),
+                                      StructMember<bool>("has_slot_scale"),
+                                      StructMember<bool>("zero_padding"),
+                                      StructMember<int64_t>("num_sms"),
+                                      StructMember<int64_t>("num_warps"));
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_ep::LLDispatchSendAttrs,
+                                      StructMember<int64_t>("buffer_id"),
+                                      StructMember<int64_t>("num_experts"),
+                                      StructMember<int64_t>("max_tokens_per_rank"),
+                                      StructMember<bool>("use_fp8"),
+                                      StructMember<bool>("has_slot_scale"),
+                                      StructMember<int64_t>("num_sms"),
+                                      StructMember<int64_t>("num_warps"));
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_ep::LLDispatchRecvAttrs,
+                                      StructMember<int64_t>("buffer_id"),
+                                      StructMember<bool>("zero_padding"),
+                                      StructMember<int64_t>("num_sms"),
+                                      StructMember<int64_t>("num_warps"));
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_ep::LLCombineRecvAttrs,
+                                      StructMember<int64_t>("buffer_id"),
+                                      StructMember<int64_t>("num_experts"),
+                                      StructMember<int64_t>("max_tokens_per_rank"),
+                                      StructMember<int64_t>("num_sms"),
+                                      StructMember<int64_t>("num_warps"));
 
 namespace jax_ep {
 namespace {
@@ -51,62 +108,30 @@ LLTimingRecord* timing_ring(int device, cudaStream_t stream) {
   return p;
 }
 
-ffi::Error invalid(const std::string& op, const std::string& msg) {
-  return ffi::Error(ffi::ErrorCode::kInvalidArgument, "jax_ep: " + op + ": " + msg);
-}
 
-ffi::Error launched(cudaError_t err, const std::string& op) {
-  if (err == cudaSuccess) return ffi::Error::Success();
-  return ffi::Error(ffi::ErrorCode::kInternal,
-                    "jax_ep: launching " + op + " failed: " + cudaGetErrorString(err));
-}
-
-bool elem_type_of(ffi::DataType t, ElemType* out) {
-  switch (t) {
-    case ffi::DataType::BF16: *out = ElemType::kBF16; return true;
-    case ffi::DataType::F16: *out = ElemType::kF16; return true;
-    case ffi::DataType::F32: *out = ElemType::kF32; return true;
-    default: return false;
-  }
-}
-
-size_t elem_bytes(ElemType t) { return t == ElemType::kF32 ? 4 : 2; }
-
-int blocks_of(int64_t num_sms) { return num_sms < 1 ? 1 : (num_sms > 1024 ? 1024 : int(num_sms)); }
+int blocks_of(int64_t num_sms) { return clamp_int(num_sms, 1, 1024); }
 // At most 16 warps: the kernels are compiled for 512 threads (up to 128 registers each).
-int threads_of(int64_t num_warps) {
-  return 32 * (num_warps < 1 ? 1 : (num_warps > 16 ? 16 : int(num_warps)));
-}
+int threads_of(int64_t num_warps) { return 32 * clamp_int(num_warps, 1, 16); }
 
-// This GPU's buffer, checked to hold a low-latency half of `half_needed` bytes.
-ffi::Error find_ll_buffer(const std::string& op, int64_t buffer_id, int32_t device,
-                          size_t half_needed, const BufferState** state, size_t* half_bytes) {
-  const BufferState* s = find_buffer(buffer_id, device);
-  if (s == nullptr)
-    return invalid(op, "no communication buffer " + std::to_string(buffer_id) + " on GPU " +
-                           std::to_string(device) +
-                           " (was the jax_ep.Buffer closed, or made for other devices?)");
-  const size_t available = ll_half_bytes_available(s->num_bytes);
-  if (half_needed > available)
-    return invalid(op, "the communication buffer holds " + std::to_string(s->num_bytes) +
-                           " bytes but this low-latency call needs " +
-                           std::to_string(ll_buffer_bytes(half_needed)) +
-                           "; create jax_ep.Buffer(..., num_nvl_bytes=jax_ep.backends."
-                           "cuda_low_latency.ll_bytes_hint(max_tokens_per_rank, hidden, "
-                           "num_experts, num_ranks)) or larger");
-  *state = s;
-  *half_bytes = available;
+// Experts and slots per (expert, source rank) of one op.
+struct LLShape {
+  int64_t num_experts, max_tokens;
+};
+
+// The LLShape of an op from its [L, R*M, W] array (recv_x or y).
+ffi::Error shape_of_slots(const std::string& op, const char* name, ffi::Span<const int64_t> d,
+                          int num_ranks, LLShape* shape) {
+  if (d.size() != 3 || d[1] % num_ranks)
+    return invalid(op, std::string(name) + " must have shape [num_local_experts, num_ranks * "
+                       "max_tokens_per_rank, W]");
+  shape->num_experts = d[0] * num_ranks;
+  shape->max_tokens = d[1] / num_ranks;
   return ffi::Error::Success();
 }
 
-PeerBases peer_bases(const BufferState& s) {
-  PeerBases p{};
-  for (int r = 0; r < s.num_ranks; ++r) p.base[r] = s.peers[r];
-  return p;
-}
-
-ffi::Error check_sizes(const std::string& op, int num_ranks, int64_t num_experts,
-                       int64_t max_tokens, int64_t num_tokens, int64_t num_topk) {
+ffi::Error check_sizes(const std::string& op, int num_ranks, const LLShape& shape,
+                       int64_t num_tokens, int64_t num_topk) {
+  const int64_t num_experts = shape.num_experts, max_tokens = shape.max_tokens;
   if (num_experts < num_ranks || num_experts % num_ranks || num_experts > kMaxExperts)
     return invalid(op, "num_experts must be a multiple of the " + std::to_string(num_ranks) +
                            " ranks and <= " + std::to_string(kMaxExperts));
@@ -120,26 +145,29 @@ ffi::Error check_sizes(const std::string& op, int num_ranks, int64_t num_experts
 }
 
 // The binding every low-latency handler shares (dispatch and combine, fused and split):
-// finds this GPU's buffer, checks the sizes and that a half of half_needed(num_ranks)
-// bytes fits, and fills the common fields of `a` (LLDispatchArgs or LLCombineArgs).
-template <typename Args, typename HalfNeeded>
-ffi::Error bind_common(cudaStream_t stream, const std::string& op, int32_t device, int64_t buffer_id,
-                       int64_t num_experts, int64_t max_tokens, int num_tokens, int num_topk,
-                       int64_t num_sms, int64_t num_warps, HalfNeeded half_needed, Args& a) {
-  const BufferState* s = find_buffer(buffer_id, device);
-  size_t half = 0;
-  if (s == nullptr) return find_ll_buffer(op, buffer_id, device, 0, &s, &half);  // the error
-  ffi::Error err = check_sizes(op, s->num_ranks, num_experts, max_tokens, num_tokens, num_topk);
+// checks the sizes and that the buffer holds a low-latency half of `half_needed` bytes,
+// and fills the common fields of `a` (LLDispatchArgs or LLCombineArgs).
+template <typename Args>
+ffi::Error bind_common(cudaStream_t stream, const std::string& op, int32_t device,
+                       const BufferState& s, const LLShape& shape, int num_tokens, int num_topk,
+                       int64_t num_sms, int64_t num_warps, size_t half_needed, Args& a) {
+  ffi::Error err = check_sizes(op, s.num_ranks, shape, num_tokens, num_topk);
   if (err.failure()) return err;
-  err = find_ll_buffer(op, buffer_id, device, half_needed(s->num_ranks), &s, &half);
-  if (err.failure()) return err;
-  a.peers = peer_bases(*s);
-  a.me = s->rank;
-  a.num_ranks = s->num_ranks;
-  a.num_experts = int(num_experts);
+  const size_t half = ll_half_bytes_available(s.num_bytes);
+  if (half_needed > half)
+    return invalid(op, "the communication buffer holds " + std::to_string(s.num_bytes) +
+                           " bytes but this low-latency call needs " +
+                           std::to_string(ll_buffer_bytes(half_needed)) +
+                           "; create jax_ep.Buffer(..., num_nvl_bytes=jax_ep.Buffer."
+                           "get_low_latency_size_hint(max_tokens_per_rank, hidden, "
+                           "num_experts, num_ranks)) or larger");
+  a.peers = peer_bases(s);
+  a.me = s.rank;
+  a.num_ranks = s.num_ranks;
+  a.num_experts = int(shape.num_experts);
   a.num_tokens = num_tokens;
   a.num_topk = num_topk;
-  a.max_tokens = int(max_tokens);
+  a.max_tokens = int(shape.max_tokens);
   a.half_bytes = half;
   a.num_blocks = blocks_of(num_sms);
   a.num_threads = threads_of(num_warps);
@@ -152,16 +180,14 @@ ffi::Error bind_common(cudaStream_t stream, const std::string& op, int32_t devic
 // bind_common for the dispatch handlers (a.hidden and a.x_type already set): a dispatch
 // half's bytes follow from the rows' stride and the number of ranks.
 ffi::Error bind_dispatch_common(cudaStream_t stream, const std::string& op, int32_t device,
-                                int64_t buffer_id, int64_t num_experts, int64_t max_tokens,
-                                int num_tokens, int num_topk, int64_t num_sms, int64_t num_warps,
-                                bool use_fp8, LLDispatchArgs& a) {
+                                const BufferState& s, const LLShape& shape, int num_tokens,
+                                int num_topk, int64_t num_sms, int64_t num_warps, bool use_fp8,
+                                LLDispatchArgs& a) {
   const size_t stride = ll_dispatch_row_stride(size_t(a.hidden), elem_bytes(a.x_type), use_fp8);
-  auto half_needed = [=](int num_ranks) {
-    return ll_dispatch_half_bytes(size_t(num_experts), size_t(num_ranks), size_t(max_tokens),
-                                  stride);
-  };
-  return bind_common(stream, op, device, buffer_id, num_experts, max_tokens, num_tokens,
-                     num_topk, num_sms, num_warps, half_needed, a);
+  const size_t half = ll_dispatch_half_bytes(size_t(shape.num_experts), size_t(s.num_ranks),
+                                             size_t(shape.max_tokens), stride);
+  return bind_common(stream, op, device, s, shape, num_tokens, num_topk, num_sms, num_warps,
+                     half, a);
 }
 
 ffi::Error check_row(const std::string& op, int hidden, ElemType type, bool use_fp8) {
@@ -256,12 +282,11 @@ ffi::Error LLDispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
                           ffi::Result<ffi::Buffer<ffi::S32>> recv_count,
                           ffi::Result<ffi::Buffer<ffi::S32>> recv_src_token,
                           ffi::Result<ffi::Buffer<ffi::S32>> recv_count_per_rank,
-                          ffi::RemainingRets payload, int64_t buffer_id, int64_t num_experts,
-                          int64_t max_tokens_per_rank, bool use_fp8, bool has_slot_scale,
-                          bool zero_padding, int64_t num_sms, int64_t num_warps) {
+                          ffi::RemainingRets payload, LLDispatchAttrs attrs) {
   const std::string op = "low_latency_dispatch";
+  const bool use_fp8 = payload.size() == 2;  // e4m3 values and f32 scales
   LLDispatchArgs a{};
-  ffi::Error err = bind_sender(op, x, topk_idx, slot_scale, has_slot_scale, use_fp8,
+  ffi::Error err = bind_sender(op, x, topk_idx, slot_scale, attrs.has_slot_scale, use_fp8,
                                send_pos->typed_data(), a);
   if (err.failure()) return err;
   int hidden = 0;
@@ -270,59 +295,72 @@ ffi::Error LLDispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
   if (err.failure()) return err;
   if (hidden != a.hidden || (!use_fp8 && recv_type != a.x_type))
     return invalid(op, "recv_x must be [L, R*M, H] in x's dtype (or float8_e4m3fn)");
+  auto s = lookup_buffer(attrs.buffer_id, device, op);
+  if (s.has_error()) return s.error();
+  LLShape shape;
+  err = shape_of_slots(op, "recv_x", payload.get<ffi::AnyBuffer>(0).value()->dimensions(),
+                       s.value()->num_ranks, &shape);
+  if (err.failure()) return err;
   const auto id = topk_idx.dimensions();
-  err = bind_dispatch_common(stream, op, device, buffer_id, num_experts, max_tokens_per_rank,
-                             int(id[0]), int(id[1]), num_sms, num_warps, use_fp8, a);
+  err = bind_dispatch_common(stream, op, device, *s.value(), shape, int(id[0]), int(id[1]),
+                             attrs.num_sms, attrs.num_warps, use_fp8, a);
   if (err.failure()) return err;
   err = bind_recv_outputs(op, payload, use_fp8, recv_count, recv_src_token, recv_count_per_rank,
                           a);
   if (err.failure()) return err;
-  a.zero_padding = zero_padding;
-  return launched(launch_ll_dispatch(a, kLLBoth, stream), op);
+  a.zero_padding = attrs.zero_padding;
+  return check_launch(launch_ll_dispatch(a, kLLBoth, stream), op);
 }
 
 ffi::Error LLDispatchSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
                               ffi::Buffer<ffi::S32> topk_idx, ffi::Buffer<ffi::F32> slot_scale,
                               ffi::Result<ffi::Buffer<ffi::S32>> send_pos,
-                              ffi::Result<ffi::Buffer<ffi::S32>> ticket, int64_t buffer_id,
-                              int64_t num_experts, int64_t max_tokens_per_rank, bool use_fp8,
-                              bool has_slot_scale, int64_t num_sms, int64_t num_warps) {
+                              ffi::Result<ffi::Buffer<ffi::S32>> ticket,
+                              LLDispatchSendAttrs attrs) {
   const std::string op = "low_latency_dispatch_send";
   LLDispatchArgs a{};
-  ffi::Error err = bind_sender(op, x, topk_idx, slot_scale, has_slot_scale, use_fp8,
+  ffi::Error err = bind_sender(op, x, topk_idx, slot_scale, attrs.has_slot_scale, attrs.use_fp8,
                                send_pos->typed_data(), a);
   if (err.failure()) return err;
+  auto s = lookup_buffer(attrs.buffer_id, device, op);
+  if (s.has_error()) return s.error();
   const auto id = topk_idx.dimensions();
-  err = bind_dispatch_common(stream, op, device, buffer_id, num_experts, max_tokens_per_rank,
-                             int(id[0]), int(id[1]), num_sms, num_warps, use_fp8, a);
+  err = bind_dispatch_common(stream, op, device, *s.value(),
+                             LLShape{attrs.num_experts, attrs.max_tokens_per_rank}, int(id[0]),
+                             int(id[1]), attrs.num_sms, attrs.num_warps, attrs.use_fp8, a);
   if (err.failure()) return err;
   a.ticket = ticket->typed_data();
-  return launched(launch_ll_dispatch(a, kLLSend, stream), op);
+  return check_launch(launch_ll_dispatch(a, kLLSend, stream), op);
 }
 
 ffi::Error LLDispatchRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32> ticket,
                               ffi::Result<ffi::Buffer<ffi::S32>> recv_count,
                               ffi::Result<ffi::Buffer<ffi::S32>> recv_src_token,
                               ffi::Result<ffi::Buffer<ffi::S32>> recv_count_per_rank,
-                              ffi::RemainingRets payload, int64_t buffer_id, int64_t num_experts,
-                              int64_t max_tokens_per_rank, bool use_fp8, bool zero_padding,
-                              int64_t num_sms, int64_t num_warps) {
+                              ffi::RemainingRets payload, LLDispatchRecvAttrs attrs) {
   const std::string op = "low_latency_dispatch_recv";
+  const bool use_fp8 = payload.size() == 2;
   LLDispatchArgs a{};
   ffi::Error err = recv_payload_type(op, payload, use_fp8, &a.hidden, &a.x_type);
   if (err.failure()) return err;
   err = check_row(op, a.hidden, a.x_type, use_fp8);
   if (err.failure()) return err;
   a.use_fp8 = use_fp8;
-  err = bind_dispatch_common(stream, op, device, buffer_id, num_experts, max_tokens_per_rank, 0,
-                             1, num_sms, num_warps, use_fp8, a);
+  auto s = lookup_buffer(attrs.buffer_id, device, op);
+  if (s.has_error()) return s.error();
+  LLShape shape;
+  err = shape_of_slots(op, "recv_x", payload.get<ffi::AnyBuffer>(0).value()->dimensions(),
+                       s.value()->num_ranks, &shape);
+  if (err.failure()) return err;
+  err = bind_dispatch_common(stream, op, device, *s.value(), shape, 0, 1, attrs.num_sms,
+                             attrs.num_warps, use_fp8, a);
   if (err.failure()) return err;
   err = bind_recv_outputs(op, payload, use_fp8, recv_count, recv_src_token, recv_count_per_rank,
                           a);
   if (err.failure()) return err;
-  a.zero_padding = zero_padding;
+  a.zero_padding = attrs.zero_padding;
   a.expect_ticket = ticket.typed_data();
-  return launched(launch_ll_dispatch(a, kLLRecv, stream), op);
+  return check_launch(launch_ll_dispatch(a, kLLRecv, stream), op);
 }
 
 // ------------------------------------------------------------------ combine
@@ -334,47 +372,36 @@ ffi::Error combine_row(const std::string& op, int width, ffi::DataType dtype, El
   return ffi::Error::Success();
 }
 
-size_t combine_half_needed(int64_t num_experts, int64_t max_tokens, int width, ElemType type) {
-  return ll_combine_half_bytes(size_t(num_experts), size_t(max_tokens),
-                               ll_combine_row_stride(size_t(width), elem_bytes(type)));
-}
-
-ffi::Error check_y(const std::string& op, ffi::AnyBuffer y, int num_ranks, int64_t num_experts,
-                   int64_t max_tokens) {
-  const auto d = y.dimensions();
-  if (d.size() != 3 || d[0] != num_experts / num_ranks || d[1] != num_ranks * max_tokens)
-    return invalid(op, "y must have shape [num_local_experts, num_ranks * max_tokens_per_rank, W]");
-  return ffi::Error::Success();
-}
-
-ffi::Error bind_combine(cudaStream_t stream, const std::string& op, int32_t device, int64_t buffer_id,
-                        int64_t num_experts, int64_t max_tokens, int num_tokens, int num_topk,
+ffi::Error bind_combine(cudaStream_t stream, const std::string& op, int32_t device,
+                        const BufferState& s, const LLShape& shape, int num_tokens, int num_topk,
                         int width, ffi::DataType dtype, int64_t num_sms, int64_t num_warps,
                         LLCombineArgs& a) {
   ffi::Error err = combine_row(op, width, dtype, &a.y_type);
   if (err.failure()) return err;
   a.width = width;
-  const size_t half = combine_half_needed(num_experts, max_tokens, width, a.y_type);
-  return bind_common(stream, op, device, buffer_id, num_experts, max_tokens, num_tokens, num_topk,
-                     num_sms, num_warps, [half](int) { return half; }, a);
+  const size_t half =
+      ll_combine_half_bytes(size_t(shape.num_experts), size_t(shape.max_tokens),
+                            ll_combine_row_stride(size_t(width), elem_bytes(a.y_type)));
+  return bind_common(stream, op, device, s, shape, num_tokens, num_topk, num_sms, num_warps,
+                     half, a);
 }
 
 ffi::Error LLCombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
                          ffi::Buffer<ffi::S32> topk_idx, ffi::Buffer<ffi::F32> topk_weights,
                          ffi::Buffer<ffi::S32> send_pos,
                          ffi::Buffer<ffi::S32> recv_count_per_rank,
-                         ffi::Result<ffi::AnyBuffer> out, int64_t buffer_id, int64_t num_experts,
-                         int64_t max_tokens_per_rank, int64_t num_sms, int64_t num_warps) {
+                         ffi::Result<ffi::AnyBuffer> out, LLLaunchAttrs attrs) {
   const std::string op = "low_latency_combine";
   const auto id = topk_idx.dimensions();
   if (id.size() != 2) return invalid(op, "topk_idx must be [T, K]");
-  LLCombineArgs a{};
-  const auto yd = y.dimensions();
-  ffi::Error err = bind_combine(stream, op, device, buffer_id, num_experts, max_tokens_per_rank,
-                                int(id[0]), int(id[1]), yd.size() == 3 ? int(yd[2]) : 0,
-                                y.element_type(), num_sms, num_warps, a);
+  auto s = lookup_buffer(attrs.buffer_id, device, op);
+  if (s.has_error()) return s.error();
+  LLShape shape;
+  ffi::Error err = shape_of_slots(op, "y", y.dimensions(), s.value()->num_ranks, &shape);
   if (err.failure()) return err;
-  err = check_y(op, y, a.num_ranks, num_experts, max_tokens_per_rank);
+  LLCombineArgs a{};
+  err = bind_combine(stream, op, device, *s.value(), shape, int(id[0]), int(id[1]),
+                     int(y.dimensions()[2]), y.element_type(), attrs.num_sms, attrs.num_warps, a);
   if (err.failure()) return err;
   if (out->element_type() != y.element_type() ||
       out->element_count() != size_t(id[0]) * size_t(a.width))
@@ -385,50 +412,51 @@ ffi::Error LLCombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
   a.topk_weights = topk_weights.typed_data();
   a.send_pos = send_pos.typed_data();
   a.out = out->untyped_data();
-  return launched(launch_ll_combine(a, kLLBoth, stream), op);
+  return check_launch(launch_ll_combine(a, kLLBoth, stream), op);
 }
 
 ffi::Error LLCombineSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
                              ffi::Buffer<ffi::S32> recv_count_per_rank,
-                             ffi::Result<ffi::Buffer<ffi::S32>> ticket, int64_t buffer_id,
-                             int64_t num_experts, int64_t max_tokens_per_rank, int64_t num_sms,
-                             int64_t num_warps) {
+                             ffi::Result<ffi::Buffer<ffi::S32>> ticket, LLLaunchAttrs attrs) {
   const std::string op = "low_latency_combine_send";
-  LLCombineArgs a{};
-  const auto yd = y.dimensions();
-  ffi::Error err = bind_combine(stream, op, device, buffer_id, num_experts, max_tokens_per_rank, 0, 1,
-                                yd.size() == 3 ? int(yd[2]) : 0, y.element_type(), num_sms,
-                                num_warps, a);
+  auto s = lookup_buffer(attrs.buffer_id, device, op);
+  if (s.has_error()) return s.error();
+  LLShape shape;
+  ffi::Error err = shape_of_slots(op, "y", y.dimensions(), s.value()->num_ranks, &shape);
   if (err.failure()) return err;
-  err = check_y(op, y, a.num_ranks, num_experts, max_tokens_per_rank);
+  LLCombineArgs a{};
+  err = bind_combine(stream, op, device, *s.value(), shape, 0, 1, int(y.dimensions()[2]),
+                     y.element_type(), attrs.num_sms, attrs.num_warps, a);
   if (err.failure()) return err;
   a.y = y.untyped_data();
   a.recv_count_per_rank = recv_count_per_rank.typed_data();
   a.ticket = ticket->typed_data();
-  return launched(launch_ll_combine(a, kLLSend, stream), op);
+  return check_launch(launch_ll_combine(a, kLLSend, stream), op);
 }
 
 ffi::Error LLCombineRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32> ticket,
                              ffi::Buffer<ffi::S32> topk_idx, ffi::Buffer<ffi::F32> topk_weights,
                              ffi::Buffer<ffi::S32> send_pos, ffi::Result<ffi::AnyBuffer> out,
-                             int64_t buffer_id, int64_t num_experts, int64_t max_tokens_per_rank,
-                             int64_t num_sms, int64_t num_warps) {
+                             LLCombineRecvAttrs attrs) {
   const std::string op = "low_latency_combine_recv";
   const auto id = topk_idx.dimensions();
   const auto od = out->dimensions();
   if (id.size() != 2 || od.size() != 2 || od[0] != id[0])
     return invalid(op, "topk_idx must be [T, K] and out [T, W]");
+  auto s = lookup_buffer(attrs.buffer_id, device, op);
+  if (s.has_error()) return s.error();
   LLCombineArgs a{};
-  ffi::Error err = bind_combine(stream, op, device, buffer_id, num_experts, max_tokens_per_rank,
-                                int(id[0]), int(id[1]), int(od[1]), out->element_type(), num_sms,
-                                num_warps, a);
+  ffi::Error err = bind_combine(stream, op, device, *s.value(),
+                                LLShape{attrs.num_experts, attrs.max_tokens_per_rank},
+                                int(id[0]), int(id[1]), int(od[1]), out->element_type(),
+                                attrs.num_sms, attrs.num_warps, a);
   if (err.failure()) return err;
   a.topk_idx = topk_idx.typed_data();
   a.topk_weights = topk_weights.typed_data();
   a.send_pos = send_pos.typed_data();
   a.out = out->untyped_data();
   a.expect_ticket = ticket.typed_data();
-  return launched(launch_ll_combine(a, kLLRecv, stream), op);
+  return check_launch(launch_ll_combine(a, kLLRecv, stream), op);
 }
 
 }  // namespace
@@ -456,6 +484,7 @@ std::string ll_timing_read(int device, std::string* out) {
   return "";
 }
 
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpLLDispatch, LLDispatchImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
@@ -467,49 +496,30 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpLLDispatch, LLDispatchImpl,
                                   .Ret<ffi::Buffer<ffi::S32>>()    // recv_count [L]
                                   .Ret<ffi::Buffer<ffi::S32>>()    // recv_src_token [L, R*M]
                                   .Ret<ffi::Buffer<ffi::S32>>()    // recv_count_per_rank [L, R]
-                                  .RemainingRets()                 // recv_x (, scales)
-                                  .Attr<int64_t>("buffer_id")
-                                  .Attr<int64_t>("num_experts")
-                                  .Attr<int64_t>("max_tokens_per_rank")
-                                  .Attr<bool>("use_fp8")
-                                  .Attr<bool>("has_slot_scale")
-                                  .Attr<bool>("zero_padding")
-                                  .Attr<int64_t>("num_sms")
-                                  .Attr<int64_t>("num_warps"));
+                                  .RemainingRets()                 // recv_x (, FP8 scales)
+                                  .Attrs<LLDispatchAttrs>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpLLDispatchSend, LLDispatchSendImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()           // x [T, H]
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // topk_idx [T, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // slot_scale [T, K] or [1]
                                   .Ret<ffi::Buffer<ffi::S32>>()    // send_pos [T, K]
                                   .Ret<ffi::Buffer<ffi::S32>>()    // ticket [1]
-                                  .Attr<int64_t>("buffer_id")
-                                  .Attr<int64_t>("num_experts")
-                                  .Attr<int64_t>("max_tokens_per_rank")
-                                  .Attr<bool>("use_fp8")
-                                  .Attr<bool>("has_slot_scale")
-                                  .Attr<int64_t>("num_sms")
-                                  .Attr<int64_t>("num_warps"));
+                                  .Attrs<LLDispatchSendAttrs>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpLLDispatchRecv, LLDispatchRecvImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
                                   .Arg<ffi::Buffer<ffi::S32>>()    // ticket [1]
-                                  .Ret<ffi::Buffer<ffi::S32>>()    // recv_count
-                                  .Ret<ffi::Buffer<ffi::S32>>()    // recv_src_token
-                                  .Ret<ffi::Buffer<ffi::S32>>()    // recv_count_per_rank
-                                  .RemainingRets()                 // recv_x (, scales)
-                                  .Attr<int64_t>("buffer_id")
-                                  .Attr<int64_t>("num_experts")
-                                  .Attr<int64_t>("max_tokens_per_rank")
-                                  .Attr<bool>("use_fp8")
-                                  .Attr<bool>("zero_padding")
-                                  .Attr<int64_t>("num_sms")
-                                  .Attr<int64_t>("num_warps"));
+                                  .Ret<ffi::Buffer<ffi::S32>>()    // recv_count [L]
+                                  .Ret<ffi::Buffer<ffi::S32>>()    // recv_src_token [L, R*M]
+                                  .Ret<ffi::Buffer<ffi::S32>>()    // recv_count_per_rank [L, R]
+                                  .RemainingRets()                 // recv_x (, FP8 scales)
+                                  .Attrs<LLDispatchRecvAttrs>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpLLCombine, LLCombineImpl,
                               ffi::Ffi::Bind()
@@ -521,38 +531,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpLLCombine, LLCombineImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()    // send_pos [T, K]
                                   .Arg<ffi::Buffer<ffi::S32>>()    // recv_count_per_rank [L, R]
                                   .Ret<ffi::AnyBuffer>()           // out [T, W]
-                                  .Attr<int64_t>("buffer_id")
-                                  .Attr<int64_t>("num_experts")
-                                  .Attr<int64_t>("max_tokens_per_rank")
-                                  .Attr<int64_t>("num_sms")
-                                  .Attr<int64_t>("num_warps"));
+                                  .Attrs<LLLaunchAttrs>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpLLCombineSend, LLCombineSendImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ffi::AnyBuffer>()           // y
-                                  .Arg<ffi::Buffer<ffi::S32>>()    // recv_count_per_rank
+                                  .Arg<ffi::AnyBuffer>()           // y [L, R*M, W]
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // recv_count_per_rank [L, R]
                                   .Ret<ffi::Buffer<ffi::S32>>()    // ticket [1]
-                                  .Attr<int64_t>("buffer_id")
-                                  .Attr<int64_t>("num_experts")
-                                  .Attr<int64_t>("max_tokens_per_rank")
-                                  .Attr<int64_t>("num_sms")
-                                  .Attr<int64_t>("num_warps"));
+                                  .Attrs<LLLaunchAttrs>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpLLCombineRecv, LLCombineRecvImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
                                   .Arg<ffi::Buffer<ffi::S32>>()    // ticket [1]
-                                  .Arg<ffi::Buffer<ffi::S32>>()    // topk_idx
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // topk_weights
-                                  .Arg<ffi::Buffer<ffi::S32>>()    // send_pos
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // topk_idx [T, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // topk_weights [T, K]
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // send_pos [T, K]
                                   .Ret<ffi::AnyBuffer>()           // out [T, W]
-                                  .Attr<int64_t>("buffer_id")
-                                  .Attr<int64_t>("num_experts")
-                                  .Attr<int64_t>("max_tokens_per_rank")
-                                  .Attr<int64_t>("num_sms")
-                                  .Attr<int64_t>("num_warps"));
+                                  .Attrs<LLCombineRecvAttrs>());
 
 }  // namespace jax_ep

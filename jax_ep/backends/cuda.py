@@ -315,8 +315,8 @@ def get_dispatch_layout(topk_idx: jax.Array, *, num_experts: int, num_ranks: int
     results = (jax.ShapeDtypeStruct((num_ranks,), I32),
                jax.ShapeDtypeStruct((num_experts,), I32),
                jax.ShapeDtypeStruct((T, num_ranks), jnp.bool_))
-    return tuple(_call("jax_ep_dispatch_layout", results, topk_idx.astype(I32),
-                       num_experts=_i64(num_experts), num_ranks=_i64(num_ranks)))
+    # The handler reads num_ranks and num_experts from the result shapes.
+    return tuple(_call("jax_ep_dispatch_layout", results, topk_idx.astype(I32)))
 
 
 def dispatch(payload: Tuple[jax.Array, ...], topk_idx: jax.Array, topk_weights: jax.Array,
@@ -342,9 +342,8 @@ def dispatch(payload: Tuple[jax.Array, ...], topk_idx: jax.Array, topk_weights: 
     if T == 0:  # T is static and equal on every rank: nobody sends anything
         return _empty_dispatch(results, len(results) - 10, cfg)
     outs = _call("jax_ep_dispatch", results, topk_idx.astype(I32), topk_weights.astype(F32),
-                 *payload, axis_name=cfg.axis_name, buffer_id=_i64(buffer_id), num_sms=_i64(cfg.num_sms),
-                 num_experts=_i64(cfg.num_experts), layout=_i64(_LAYOUT_CODE[cfg.layout]),
-                 expert_alignment=_i64(cfg.expert_alignment), cast_fp8=_i64(cfg.cast_fp8))
+                 *payload, axis_name=cfg.axis_name, buffer_id=_i64(buffer_id),
+                 num_sms=_i64(cfg.num_sms), expert_alignment=_i64(cfg.expert_alignment))
     (recv_idx, recv_w, num_recv, per_expert, group_sizes, overflow, src_rank, src_token,
      src_slot, send_pos) = outs[:10]
     recv_payload = tuple(outs[10:])
@@ -394,7 +393,7 @@ def combine(y: jax.Array, weights: Optional[jax.Array], handle: HandleArrays,
                 handle.recv_src_token, handle.recv_src_slot, axis_name=cfg.axis_name,
                 buffer_id=_i64(buffer_id),
                 num_sms=_i64(cfg.num_sms), layout=_i64(_LAYOUT_CODE[cfg.layout]),
-                num_topk=_i64(cfg.num_topk), has_weights=bool(has_weights))
+                has_weights=bool(has_weights))
     return res[:, :width] if pad else res
 
 

@@ -140,11 +140,16 @@ def _check_dtype(op: str, name: str, a) -> None:
 
 
 def _attrs(cfg: LowLatencyConfig, buffer_id: int, num_sms: Optional[int],
-           num_warps: Optional[int]):
-    return dict(buffer_id=np.int64(buffer_id), num_experts=np.int64(cfg.num_experts),
-                max_tokens_per_rank=np.int64(cfg.max_tokens_per_rank),
-                num_sms=np.int64(num_sms or DEFAULT_NUM_SMS),
-                num_warps=np.int64(num_warps or DEFAULT_NUM_WARPS))
+           num_warps: Optional[int], sizes: bool = False):
+    """The attributes every handler takes; ``sizes``: also num_experts and
+    max_tokens_per_rank, for the two ops whose buffers cannot give them (dispatch_send,
+    combine_recv; the others read them from recv_x or y)."""
+    attrs = dict(buffer_id=np.int64(buffer_id), num_sms=np.int64(num_sms or DEFAULT_NUM_SMS),
+                 num_warps=np.int64(num_warps or DEFAULT_NUM_WARPS))
+    if sizes:
+        attrs.update(num_experts=np.int64(cfg.num_experts),
+                     max_tokens_per_rank=np.int64(cfg.max_tokens_per_rank))
+    return attrs
 
 
 def _recv_results(cfg: LowLatencyConfig, hidden: int, dtype):
@@ -194,7 +199,7 @@ def ll_dispatch(x: jax.Array, topk_idx: jax.Array, slot_scale: Optional[jax.Arra
     counts, payload = _recv_results(cfg, H, x.dtype)
     results = [jax.ShapeDtypeStruct(idx.shape, I32)] + counts + payload  # send_pos first
     outs = _call("jax_ep_ll_dispatch", results, x, idx, scale, axis_name=cfg.axis_name,
-                 use_fp8=bool(cfg.use_fp8), has_slot_scale=bool(has_scale),
+                 has_slot_scale=bool(has_scale),
                  zero_padding=bool(cfg.zero_padding),
                  **_attrs(cfg, buffer_id, num_sms, num_warps))
     send_pos, recv_count, src_token, count_per_rank = outs[:4]
@@ -219,7 +224,7 @@ def ll_dispatch_send(x: jax.Array, topk_idx: jax.Array, cfg: LowLatencyConfig,
     send_pos, ticket = _call("jax_ep_ll_dispatch_send", results, x, idx, scale,
                              axis_name=cfg.axis_name, use_fp8=bool(cfg.use_fp8),
                              has_slot_scale=bool(has_scale),
-                             **_attrs(cfg, buffer_id, num_sms, num_warps))
+                             **_attrs(cfg, buffer_id, num_sms, num_warps, sizes=True))
     return DispatchSent(send_pos, ticket)
 
 
@@ -238,8 +243,7 @@ def ll_dispatch_recv(sent: DispatchSent, cfg: LowLatencyConfig, dtype, *,
     _check_row(op, hidden, dtype, cfg.use_fp8)
     counts, payload = _recv_results(cfg, hidden, jnp.dtype(dtype))
     outs = _call("jax_ep_ll_dispatch_recv", counts + payload, sent.ticket,
-                 axis_name=cfg.axis_name, use_fp8=bool(cfg.use_fp8),
-                 zero_padding=bool(cfg.zero_padding),
+                 axis_name=cfg.axis_name, zero_padding=bool(cfg.zero_padding),
                  **_attrs(cfg, buffer_id, num_sms, num_warps))
     recv_count, src_token, count_per_rank = outs[:3]
     recv_x = tuple(outs[3:]) if cfg.use_fp8 else outs[3]
@@ -292,4 +296,4 @@ def ll_combine_recv(ticket: jax.Array, topk_idx: jax.Array, topk_weights: jax.Ar
     out = jax.ShapeDtypeStruct((T, int(width)), jnp.dtype(dtype))
     return _call("jax_ep_ll_combine_recv", out, ticket, topk_idx.astype(I32),
                  topk_weights.astype(F32), handle.send_pos.astype(I32),
-                 axis_name=cfg.axis_name, **_attrs(cfg, buffer_id, num_sms, num_warps))
+                 axis_name=cfg.axis_name, **_attrs(cfg, buffer_id, num_sms, num_warps, sizes=True))

@@ -1,7 +1,8 @@
-// XLA FFI handlers of the CUDA ops: decode buffers and attributes, find this GPU's
-// communication buffer from (buffer_id, device ordinal), launch on XLA's stream.
+// XLA FFI handlers of the normal (intranode) ops: decode buffers and attributes, find this
+// GPU's communication buffer from (buffer_id, device ordinal), launch on XLA's stream.
 // No host synchronisation anywhere (all sizes are static), so every handler is safe
-// inside command buffers (CUDA graphs).
+// inside command buffers (CUDA graphs). Sizes come from the buffers' shapes; attributes
+// carry only what the shapes cannot say.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -9,12 +10,40 @@
 #include <string>
 
 #include "cuda/kernels.h"
-#include "cuda/low_latency.h"
-#include "xla/ffi/api/ffi.h"
-#include "xla_ffi/buffer_registry.h"
-#include "xla_ffi/cuda_handlers.h"
+#include "cuda/low_latency.h"  // kLowLatencyOffset: where the normal region ends
+#include "xla_ffi/ffi_common.h"
+#include "xla_ffi/handlers.h"
 
-namespace ffi = xla::ffi;
+namespace jax_ep {
+
+// Attributes of the ops (decoded from the custom call's attribute dictionary).
+struct CommAttrs {          // cached_dispatch
+  int64_t buffer_id;
+  int64_t num_sms;          // blocks of the communication kernel (clamped to [1, 132])
+};
+struct DispatchAttrs {
+  int64_t buffer_id;
+  int64_t num_sms;
+  int64_t expert_alignment; // expert layout: each group padded to a multiple of this
+};
+struct CombineAttrs {
+  int64_t buffer_id;
+  int64_t num_sms;
+  int64_t layout;           // 0 rank, 1 expert (send_pos's shape cannot tell when K == R)
+  bool has_weights;         // weights is a [1] placeholder otherwise
+};
+
+}  // namespace jax_ep
+
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_ep::CommAttrs, StructMember<int64_t>("buffer_id"),
+                                      StructMember<int64_t>("num_sms"));
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_ep::DispatchAttrs, StructMember<int64_t>("buffer_id"),
+                                      StructMember<int64_t>("num_sms"),
+                                      StructMember<int64_t>("expert_alignment"));
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_ep::CombineAttrs, StructMember<int64_t>("buffer_id"),
+                                      StructMember<int64_t>("num_sms"),
+                                      StructMember<int64_t>("layout"),
+                                      StructMember<bool>("has_weights"));
 
 namespace jax_ep {
 namespace {
@@ -22,35 +51,8 @@ namespace {
 // Dispatch rows of at least this many bytes move by bulk (TMA) copies, smaller ones by
 // per-lane vector copies: bf16 rows of H >= 4096 go bulk, FP8 rows stay per-lane.
 constexpr int kDefaultMinBulkRowBytes = 8192;
-
-ffi::Error invalid(const std::string& msg) {
-  return ffi::Error(ffi::ErrorCode::kInvalidArgument, "jax_ep: " + msg);
-}
-
-ffi::Error check_launch(cudaError_t err, const char* op) {
-  if (err == cudaSuccess) return ffi::Error::Success();
-  return ffi::Error(ffi::ErrorCode::kInternal,
-                    std::string("jax_ep: launching ") + op + " failed: " + cudaGetErrorString(err));
-}
-
-ffi::ErrorOr<const BufferState*> lookup(int64_t buffer_id, int32_t device, const char* op) {
-  const BufferState* s = find_buffer(buffer_id, device);
-  if (s == nullptr)
-    return ffi::Unexpected(invalid(std::string(op) + ": no communication buffer " +
-                                   std::to_string(buffer_id) + " on GPU " +
-                                   std::to_string(device) +
-                                   " (was the jax_ep.Buffer closed, or made for other devices?)"));
-  return s;
-}
-
-PeerBases peer_bases(const BufferState& s) {
-  PeerBases p{};
-  for (int r = 0; r < s.num_ranks; ++r) {
-    p.base[r] = s.peers[r];
-    p.ptr_delta[r] = s.ptr_delta[r];
-  }
-  return p;
-}
+// Blocks of the normal communication kernels: at most one per SM of an H100/H200.
+constexpr int kMaxNormalBlocks = 132;
 
 // One process per GPU: peers can map only the staging area (CUDA IPC cannot export XLA's
 // memory), so an op publishes addresses there and copies to/from its XLA buffers locally.
@@ -65,7 +67,7 @@ struct StagingSlots {
   }
   ffi::Error check(const char* op) const {
     if (used <= s.staging_bytes) return ffi::Error::Success();
-    return invalid(std::string(op) + ": with one process per GPU the rows travel through the "
+    return invalid(op, "with one process per GPU the rows travel through the "
                    "Buffer's staging area, which holds " + std::to_string(s.staging_bytes) +
                    " bytes; this call needs " + std::to_string(used) + ". Create the "
                    "jax_ep.Buffer with num_staging_bytes>=" + std::to_string(used) +
@@ -92,22 +94,19 @@ ffi::Error stage_inputs(const BufferState& s, uint64_t* publish, const size_t* b
   return ffi::Error::Success();
 }
 
-int num_blocks_of(int64_t num_sms) {
-  return num_sms < 1 ? 1 : (num_sms > 132 ? 132 : int(num_sms));
-}
-
-uint64_t addr(const void* p) { return reinterpret_cast<uint64_t>(p); }
+int num_blocks_of(int64_t num_sms) { return clamp_int(num_sms, 1, kMaxNormalBlocks); }
 
 // ------------------------------------------------------------------ get_dispatch_layout
 ffi::Error DispatchLayoutImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> topk_idx,
                               ffi::Result<ffi::Buffer<ffi::S32>> tokens_per_rank,
                               ffi::Result<ffi::Buffer<ffi::S32>> tokens_per_expert,
-                              ffi::Result<ffi::Buffer<ffi::PRED>> is_token_in_rank,
-                              int64_t num_experts, int64_t num_ranks) {
+                              ffi::Result<ffi::Buffer<ffi::PRED>> is_token_in_rank) {
   const auto dims = topk_idx.dimensions();
-  if (dims.size() != 2) return invalid("get_dispatch_layout: topk_idx must be 2-D");
+  if (dims.size() != 2) return invalid("get_dispatch_layout", "topk_idx must be 2-D");
+  const int64_t num_ranks = tokens_per_rank->element_count();
+  const int64_t num_experts = tokens_per_expert->element_count();
   if (num_ranks < 1 || num_ranks > 32 || num_experts % num_ranks)
-    return invalid("get_dispatch_layout: bad num_ranks/num_experts");
+    return invalid("get_dispatch_layout", "bad num_ranks/num_experts");
   return check_launch(
       launch_dispatch_layout(topk_idx.typed_data(), int(dims[0]), int(dims[1]), int(num_experts),
                              int(num_ranks), tokens_per_rank->typed_data(),
@@ -129,27 +128,29 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S3
                         ffi::Result<ffi::Buffer<ffi::S32>> recv_src_token,
                         ffi::Result<ffi::Buffer<ffi::S32>> recv_src_slot,
                         ffi::Result<ffi::Buffer<ffi::S32>> send_pos,
-                        ffi::RemainingRets recv_payloads, int64_t buffer_id, int64_t num_sms,
-                        int64_t num_experts, int64_t layout, int64_t expert_alignment,
-                        int64_t cast_fp8) {
-  auto state_or = lookup(buffer_id, device, "dispatch");
+                        ffi::RemainingRets recv_payloads, DispatchAttrs attrs) {
+  auto state_or = lookup_buffer(attrs.buffer_id, device, "dispatch");
   if (state_or.has_error()) return state_or.error();
   const BufferState& s = *state_or.value();
   const auto idx_dims = topk_idx.dimensions();
   const int T = int(idx_dims[0]), K = int(idx_dims[1]);
   const int R = s.num_ranks;
   const int cap = int(recv_src_rank->dimensions()[0]);
-  if (K > kMaxTopk) return invalid("dispatch: num_topk > " + std::to_string(kMaxTopk));
+  // recv_topk_idx is [cap, K] in the rank layout, [cap] in the expert layout.
+  const int64_t layout = recv_topk_idx->dimensions().size() == 2 ? 0 : 1;
+  const int64_t num_experts = int64_t(recv_per_expert->element_count()) * R;  // L * R
+  if (K > kMaxTopk) return invalid("dispatch", "num_topk > " + std::to_string(kMaxTopk));
   if (num_experts > kMaxExperts || num_experts % R)
-    return invalid("dispatch: num_experts must divide by the ranks and be <= " +
+    return invalid("dispatch", "num_experts must divide by the ranks and be <= " +
                    std::to_string(kMaxExperts));
   if (layout == 1 && buffer_bytes_for_rows(cap) > std::min(s.num_bytes, kLowLatencyOffset))
-    return invalid("dispatch: the buffer holds " + std::to_string(s.num_bytes) + " bytes but " +
+    return invalid("dispatch", "the buffer holds " + std::to_string(s.num_bytes) + " bytes but " +
                    std::to_string(buffer_bytes_for_rows(cap)) + " are needed");
   const int np = int(recv_payloads.size());  // payload arrays received
-  if (cast_fp8 ? (payloads.size() != 1 || np != 2)
-               : (np < 1 || np > 2 || int(payloads.size()) != np))
-    return invalid("dispatch: expected 1 or 2 payload arrays (cast_fp8: 1 in, 2 out)");
+  // cast_fp8: one bf16 input becomes e4m3 values and f32 scales (checked below).
+  const bool cast_fp8 = payloads.size() == 1 && np == 2;
+  if (!cast_fp8 && (np < 1 || np > 2 || int(payloads.size()) != np))
+    return invalid("dispatch", "expected 1 or 2 payload arrays (cast_fp8: 1 in, 2 out)");
 
   DispatchArgs a{};
   a.peers = peer_bases(s);
@@ -178,7 +179,7 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S3
     const auto d = in.value().dimensions();
     if (in.value().element_type() != ffi::DataType::BF16 || d.size() != 2 || d[1] % 128 ||
         a.payload_row_bytes[0] != int(d[1]) || a.payload_row_bytes[1] != int(d[1] / 128) * 4)
-      return invalid("dispatch: cast_fp8 takes bf16 x [T, H], H % 128 == 0, and returns "
+      return invalid("dispatch", "cast_fp8 takes bf16 x [T, H], H % 128 == 0, and returns "
                      "e4m3 [cap, H] values and f32 [cap, H/128] scales");
     a.cast_fp8_hidden = int(d[1]);
   }
@@ -192,7 +193,7 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S3
   a.recv_src_slot = recv_src_slot->typed_data();
   a.recv_per_expert = recv_per_expert->typed_data();
   a.group_sizes = group_sizes->typed_data();
-  a.num_blocks = num_blocks_of(num_sms);
+  a.num_blocks = num_blocks_of(attrs.num_sms);
   a.min_bulk_row_bytes = kDefaultMinBulkRowBytes;
 
   cudaError_t err = launch_send_positions(a.topk_idx, T, K, a.num_experts, R, a.layout, a.send_pos,
@@ -205,7 +206,7 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S3
   n.num_ranks = R;
   n.num_experts = a.num_experts;
   n.capacity = cap;
-  n.expert_alignment = int(expert_alignment < 1 ? 1 : expert_alignment);
+  n.expert_alignment = int(attrs.expert_alignment < 1 ? 1 : attrs.expert_alignment);
   n.layout = a.layout;
   // Slot order must match intranode_dispatch.cu's DispatchSlot.
   n.publish[0] = addr(a.recv_payload[0]);
@@ -250,9 +251,8 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S3
 ffi::Error CachedDispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
                               ffi::Buffer<ffi::S32> recv_src_rank,
                               ffi::Buffer<ffi::S32> recv_src_token,
-                              ffi::Result<ffi::AnyBuffer> out, int64_t buffer_id,
-                              int64_t num_sms) {
-  auto state_or = lookup(buffer_id, device, "cached_dispatch");
+                              ffi::Result<ffi::AnyBuffer> out, CommAttrs attrs) {
+  auto state_or = lookup_buffer(attrs.buffer_id, device, "cached_dispatch");
   if (state_or.has_error()) return state_or.error();
   const BufferState& s = *state_or.value();
   const auto d = x.dimensions();
@@ -266,7 +266,7 @@ ffi::Error CachedDispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffe
   a.recv_src_rank = recv_src_rank.typed_data();
   a.recv_src_token = recv_src_token.typed_data();
   a.out = static_cast<char*>(out->untyped_data());
-  a.num_blocks = num_blocks_of(num_sms);
+  a.num_blocks = num_blocks_of(attrs.num_sms);
   uint64_t publish[1] = {addr(x.untyped_data())};
   if (s.multi_process) {  // receivers pull our rows from the staging area
     const size_t bytes[1] = {x.size_bytes()};
@@ -283,34 +283,31 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
                        ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> send_pos,
                        ffi::Buffer<ffi::S32> recv_src_rank, ffi::Buffer<ffi::S32> recv_src_token,
                        ffi::Buffer<ffi::S32> recv_src_slot, ffi::Result<ffi::AnyBuffer> out,
-                       int64_t buffer_id, int64_t num_sms, int64_t layout, int64_t num_topk,
-                       bool has_weights) {
-  auto state_or = lookup(buffer_id, device, "combine");
+                       CombineAttrs attrs) {
+  auto state_or = lookup_buffer(attrs.buffer_id, device, "combine");
   if (state_or.has_error()) return state_or.error();
   const BufferState& s = *state_or.value();
   CombineArgs a{};
-  switch (y.element_type()) {
-    case ffi::DataType::BF16: a.dtype = ElemType::kBF16; break;
-    case ffi::DataType::F16: a.dtype = ElemType::kF16; break;
-    case ffi::DataType::F32: a.dtype = ElemType::kF32; break;
-    default: return invalid("combine: y must be bfloat16, float16 or float32");
-  }
+  if (!elem_type_of(y.element_type(), &a.dtype))
+    return invalid("combine", "y must be bfloat16, float16 or float32");
   const auto yd = y.dimensions();
   a.peers = peer_bases(s);
   a.me = s.rank;
   a.num_ranks = s.num_ranks;
   a.num_tokens = int(out->dimensions()[0]);
-  a.num_topk = int(num_topk);
+  a.layout = attrs.layout == 0 ? Layout::kRank : Layout::kExpert;
+  if (send_pos.dimensions().size() != 2) return invalid("combine", "send_pos must be 2-D");
+  // Expert layout: send_pos is [T, K]; the rank layout's kernel does not read num_topk.
+  a.num_topk = a.layout == Layout::kExpert ? int(send_pos.dimensions()[1]) : 0;
   a.capacity = int(yd[0]);
   a.width = int(yd[1]);
   if ((a.width * ffi::ByteWidth(y.element_type())) % 16)
-    return invalid("combine: rows of y must be a multiple of 16 bytes");
-  if (a.num_topk > kMaxTopk) return invalid("combine: num_topk > " + std::to_string(kMaxTopk));
-  a.layout = layout == 0 ? Layout::kRank : Layout::kExpert;
-  a.has_weights = has_weights;
+    return invalid("combine", "rows of y must be a multiple of 16 bytes");
+  if (a.num_topk > kMaxTopk) return invalid("combine", "num_topk > " + std::to_string(kMaxTopk));
+  a.has_weights = attrs.has_weights;
   a.send_pos = send_pos.typed_data();
   a.out = out->untyped_data();
-  a.num_blocks = num_blocks_of(num_sms);
+  a.num_blocks = num_blocks_of(attrs.num_sms);
   // Slot order must match intranode_combine.cu's CombineSlot.
   uint64_t publish[5] = {addr(y.untyped_data()), addr(weights.typed_data()),
                          addr(recv_src_rank.typed_data()), addr(recv_src_token.typed_data()),
@@ -333,9 +330,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpDispatchLayout, DispatchLayoutImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::PRED>>()
-                                  .Attr<int64_t>("num_experts")
-                                  .Attr<int64_t>("num_ranks"),
+                                  .Ret<ffi::Buffer<ffi::PRED>>(),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpDispatch, DispatchImpl,
@@ -356,12 +351,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpDispatch, DispatchImpl,
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .RemainingRets()
-                                  .Attr<int64_t>("buffer_id")
-                                  .Attr<int64_t>("num_sms")
-                                  .Attr<int64_t>("num_experts")
-                                  .Attr<int64_t>("layout")
-                                  .Attr<int64_t>("expert_alignment")
-                                  .Attr<int64_t>("cast_fp8"),
+                                  .Attrs<DispatchAttrs>(),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpCachedDispatch, CachedDispatchImpl,
@@ -372,8 +362,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpCachedDispatch, CachedDispatchImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("buffer_id")
-                                  .Attr<int64_t>("num_sms"),
+                                  .Attrs<CommAttrs>(),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpCombine, CombineImpl,
@@ -387,11 +376,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpCombine, CombineImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("buffer_id")
-                                  .Attr<int64_t>("num_sms")
-                                  .Attr<int64_t>("layout")
-                                  .Attr<int64_t>("num_topk")
-                                  .Attr<bool>("has_weights"),
+                                  .Attrs<CombineAttrs>(),
                               {ffi::Traits::kCmdBufferCompatible});
 
 }  // namespace jax_ep
