@@ -51,6 +51,9 @@ def moe_forward(x: jax.Array, params: MoEParams, config: MoEConfig, mesh, *, dty
     if not isinstance(config, MoEConfig):
         raise TypeError(f"{where}: config must be a jax_ep.moe.MoEConfig, got "
                         f"{type(config).__name__}")
+    if not isinstance(params, MoEParams):
+        raise TypeError(f"{where}: params must be a jax_ep.moe.MoEParams, got "
+                        f"{type(params).__name__}")
     hidden = params.router.shape[0]
     if x.shape[-1] != hidden:
         raise ValueError(f"{where}: x.shape[-1]={x.shape[-1]} != hidden={hidden}")
