@@ -50,7 +50,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax_ep  # noqa: E402
 from inputs import deepep_inputs, put_global  # noqa: E402  (bench/inputs.py)
-from jax_ep.backends import cuda_low_latency as cll  # noqa: E402
+from jax_ep.backends.cuda import low_latency as cll  # noqa: E402
 from jax_ep.types import LowLatencyConfig  # noqa: E402
 
 AXIS = "ep"
@@ -140,8 +140,8 @@ def main():
     ap.add_argument("--hidden", type=int, default=7168)
     ap.add_argument("--topk", type=int, default=8)
     ap.add_argument("--experts", type=int, default=256)
-    ap.add_argument("--num-sms", type=int, default=cll.DEFAULT_NUM_SMS)
-    ap.add_argument("--num-warps", type=int, default=cll.DEFAULT_NUM_WARPS)
+    ap.add_argument("--num-sms", type=int, default=cll.DEFAULT_LL_NUM_SMS)
+    ap.add_argument("--num-warps", type=int, default=cll.DEFAULT_LL_NUM_WARPS)
     ap.add_argument("--calls", type=int, default=16, help="ops per chain (the ring holds 16)")
     ap.add_argument("--reps", type=int, default=3, help="chains per op")
     ap.add_argument("--label", default="", help="names this build in the output")
@@ -162,7 +162,8 @@ def main():
     R = len(devices)
     dev_ids = [int(d.local_hardware_id) for d in devices]
     mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
-    buf = jax_ep.Buffer(mesh, AXIS, backend="cuda", num_nvl_bytes=cll.ll_bytes_hint(M, H, E, R))
+    buf = jax_ep.Buffer(mesh, AXIS, backend="cuda",
+                        num_nvl_bytes=jax_ep.Buffer.get_low_latency_size_hint(M, H, E, R))
     cfg = LowLatencyConfig(num_experts=E, num_ranks=R, axis_name=AXIS, max_tokens_per_rank=M,
                            num_tokens=T, num_topk=K, hidden=H, use_fp8=True, backend="cuda",
                            buffer_id=buf.buffer_id)

@@ -10,12 +10,12 @@ import importlib
 from typing import Optional
 
 from jax_ep import _native
+from jax_ep.types import DEFAULT_NUM_SMS
 
-DEFAULT_NUM_SMS = 24
 
-
-def _cuda_module():
-    return importlib.import_module("jax_ep.backends.cuda")
+def _cuda_buffer():
+    """The CUDA backend's buffer module (imported lazily: it needs nothing at import)."""
+    return importlib.import_module("jax_ep.backends.cuda.buffer")
 
 
 class Buffer:
@@ -75,13 +75,13 @@ class Buffer:
         if use_cuda:
             if num_nvl_bytes is None:
                 self.num_nvl_bytes = self.get_dispatch_size_hint(4096, 7168, self.num_ranks)
-            _cuda_module().allocate_buffer(self)  # sets buffer_id
+            _cuda_buffer().allocate_buffer(self)  # sets buffer_id
 
     @staticmethod
     def get_dispatch_size_hint(num_tokens: int, hidden: int, num_ranks: int,
                                dtype_bytes: int = 2) -> int:
         """NVLink bytes per GPU that a normal dispatch/combine of this size needs."""
-        return int(_cuda_module().nvl_bytes_hint(num_tokens, hidden, num_ranks, dtype_bytes))
+        return int(_cuda_buffer().nvl_bytes_hint(num_tokens, hidden, num_ranks, dtype_bytes))
 
     @staticmethod
     def get_staging_size_hint(num_tokens: int, hidden: int, num_ranks: int,
@@ -89,32 +89,30 @@ class Buffer:
         """Staging bytes per GPU (one process per GPU only) for rank-layout dispatch and
         combine of ``num_tokens`` per rank at the default capacity; an expert-layout call
         needs about ``max_recv_tokens / (R*T)`` times that."""
-        return int(_cuda_module().staging_bytes_hint(num_tokens, hidden, num_ranks,
+        return int(_cuda_buffer().staging_bytes_hint(num_tokens, hidden, num_ranks,
                                                      dtype_bytes, num_topk))
 
     @staticmethod
     def get_low_latency_size_hint(max_tokens_per_rank: int, hidden: int, num_experts: int,
                                   num_ranks: int, dtype_bytes: int = 2) -> int:
         """NVLink bytes per GPU for low-latency ops of this size (normal ops still fit)."""
-        from jax_ep.backends import cuda_low_latency
-        return int(cuda_low_latency.ll_bytes_hint(max_tokens_per_rank, hidden, num_experts,
-                                                  num_ranks, dtype_bytes))
+        return int(_cuda_buffer().ll_bytes_hint(max_tokens_per_rank, hidden, num_experts,
+                                                num_ranks, dtype_bytes))
 
     def check_fits_low_latency(self, cfg, dtype) -> None:
         """Raises a clear error at trace time when a low-latency call needs a larger buffer."""
         if self.buffer_id is not None:
-            from jax_ep.backends import cuda_low_latency
-            cuda_low_latency.check_fits(self, cfg, dtype)
+            _cuda_buffer().check_fits_low_latency(self, cfg, dtype)
 
     def check_fits(self, cfg, payload) -> None:
         """Raises a clear error at trace time when a call needs more than this buffer."""
         if self.buffer_id is not None:
-            _cuda_module().check_fits(self, cfg, payload)
+            _cuda_buffer().check_fits(self, cfg, payload)
 
     def close(self) -> None:
         """Frees the GPU memory (safe to call twice; collective across processes)."""
         if self.buffer_id is not None:
-            _cuda_module().free_buffer(self)
+            _cuda_buffer().free_buffer(self)
             self.buffer_id = None
 
     def __enter__(self):

@@ -39,13 +39,14 @@ def _config(op, x, topk_idx, num_experts, max_tokens_per_rank, axis_name, use_fp
                          f"{max_tokens_per_rank}; raise max_tokens_per_rank to at least "
                          f"{x.shape[0]}")
     resolved = backends.resolve(backend, buffer, "low_latency")
+    uses_buffer = backends.uses_buffer(resolved)
     cfg = LowLatencyConfig(
         num_experts=num_experts, num_ranks=num_ranks, axis_name=axis_name,
         max_tokens_per_rank=max_tokens_per_rank, num_tokens=x.shape[0],
         num_topk=topk_idx.shape[1], hidden=x.shape[1], use_fp8=bool(use_fp8), backend=resolved,
-        buffer_id=getattr(buffer, "buffer_id", None) if resolved == "cuda" else None,
+        buffer_id=getattr(buffer, "buffer_id", None) if uses_buffer else None,
         zero_padding=bool(zero_padding))
-    if resolved == "cuda":
+    if uses_buffer:
         buffer.check_fits_low_latency(cfg, x.dtype)
     return cfg
 
@@ -197,21 +198,16 @@ def _grad_config(cfg: LowLatencyConfig, d_out, zero_padding: bool) -> LowLatency
 
 # ----------------------------------------------------------------------------- split form
 #
-# CUDA: *_send is one custom call that pushes the rows into the peers' receive slots and
-# returns a one-int ticket; *_recv is a second custom call that takes the ticket (a data
-# dependency, so XLA runs it after the send) and waits for the peers' rows. XLA may
-# schedule independent work between them. On one Buffer every *_send must be followed by
-# its *_recv before the next low-latency op (the kernels trap otherwise); XLA orders
-# custom calls only along data dependencies, so chain consecutive low-latency ops by data
-# (the next dispatch's tokens come from the last combine in a decode loop).
+# *_send returns a pending state with the backend's "sent" pytree; *_recv completes it. On
+# CUDA these are two custom calls tied by a one-int ticket (a data dependency, so XLA runs
+# the recv after the send and may schedule independent work between them); on one Buffer
+# every *_send must be followed by its *_recv before the next low-latency op (the kernels
+# trap otherwise). XLA orders custom calls only along data dependencies, so chain
+# consecutive low-latency ops by data (the next dispatch's tokens come from the last
+# combine in a decode loop). The reference backend runs what it can in *_send (an
+# all_to_all has nothing to overlap).
 # The receive halves are custom VJPs: gradients flow from recv's outputs to send's inputs
-# (which the pending state carries), as through the fused ops. Reference backend: the
-# whole op runs in *_send (an all_to_all has nothing to overlap).
-
-def _cuda_ll():
-    from jax_ep.backends import cuda_low_latency
-    return cuda_low_latency
-
+# (which the pending state carries), as through the fused ops; no tangents enter a send.
 
 def _no_grad(*trees):
     return jax.tree.map(jax.lax.stop_gradient, trees)
@@ -252,11 +248,8 @@ def low_latency_dispatch_send(x, topk_idx, *, num_experts: int, max_tokens_per_r
     """
     cfg = _config("low_latency_dispatch_send", x, topk_idx, num_experts, max_tokens_per_rank,
                   axis_name, use_fp8, buffer, backend, zero_padding)
-    if cfg.backend != "cuda":
-        return LowLatencyDispatchPending(_ll_dispatch(cfg, x, topk_idx), cfg)
-    # No tangents into the send custom call (the recv's custom VJP carries the gradient).
-    sent = _cuda_ll().ll_dispatch_send(*_no_grad(x, topk_idx), cfg)
-    return LowLatencyDispatchPending((x, topk_idx, sent.send_pos, sent.ticket), cfg)
+    sent = backends.get(cfg.backend).ll_dispatch_send(*_no_grad(x, topk_idx), cfg)
+    return LowLatencyDispatchPending((x, topk_idx, sent), cfg)
 
 
 def low_latency_dispatch_recv(pending: LowLatencyDispatchPending) -> LowLatencyDispatchResult:
@@ -265,33 +258,28 @@ def low_latency_dispatch_recv(pending: LowLatencyDispatchPending) -> LowLatencyD
         raise TypeError("low_latency_dispatch_recv takes what low_latency_dispatch_send "
                         f"returned, got {type(pending).__name__}")
     cfg = pending.config
-    if cfg.backend != "cuda":
-        recv_x, recv_count, harr = pending.arrays
-    else:
-        recv_x, recv_count, harr = _ll_dispatch_recv(cfg, *pending.arrays)
+    recv_x, recv_count, harr = _ll_dispatch_recv(cfg, *pending.arrays)
     return LowLatencyDispatchResult(recv_x, recv_count, LowLatencyHandle(harr, cfg))
 
 
-def _dispatch_recv_call(cfg, x, send_pos, ticket):
-    cll = _cuda_ll()
-    return cll.ll_dispatch_recv(cll.DispatchSent(send_pos, ticket), cfg, x.dtype,
-                                hidden=x.shape[1])
+def _dispatch_recv_call(cfg, x, sent):
+    return backends.get(cfg.backend).ll_dispatch_recv(sent, cfg, x.dtype, hidden=x.shape[1])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ll_dispatch_recv(cfg, x, topk_idx, send_pos, ticket):
+def _ll_dispatch_recv(cfg, x, topk_idx, sent):
     del topk_idx  # carried for the VJP
-    return _dispatch_recv_call(cfg, x, send_pos, ticket)
+    return _dispatch_recv_call(cfg, x, sent)
 
 
-def _ll_dispatch_recv_fwd(cfg, x, topk_idx, send_pos, ticket):
-    outs = _dispatch_recv_call(_zero_padded(cfg), x, send_pos, ticket)
+def _ll_dispatch_recv_fwd(cfg, x, topk_idx, sent):
+    outs = _dispatch_recv_call(_zero_padded(cfg), x, sent)
     return outs, (topk_idx, outs[2])
 
 
 def _ll_dispatch_recv_bwd(cfg, residuals, cotangents):
     dx, _ = _ll_dispatch_bwd(cfg, residuals, cotangents)
-    return dx, None, None, None
+    return dx, None, None
 
 
 _ll_dispatch_recv.defvjp(_ll_dispatch_recv_fwd, _ll_dispatch_recv_bwd)
@@ -300,11 +288,8 @@ _ll_dispatch_recv.defvjp(_ll_dispatch_recv_fwd, _ll_dispatch_recv_bwd)
 def low_latency_combine_send(y, topk_idx, topk_weights, handle) -> LowLatencyCombinePending:
     """First half of :func:`low_latency_combine`; see :func:`low_latency_dispatch_send`."""
     cfg = _check_combine_args("low_latency_combine_send", y, topk_idx, topk_weights, handle)
-    if cfg.backend != "cuda":
-        return LowLatencyCombinePending(
-            (_ll_combine(cfg, y, topk_idx, topk_weights, handle.arrays),), cfg)
-    ticket = _cuda_ll().ll_combine_send(*_no_grad(y, handle.arrays), cfg)
-    return LowLatencyCombinePending((y, topk_idx, topk_weights, handle.arrays, ticket), cfg)
+    sent = backends.get(cfg.backend).ll_combine_send(*_no_grad(y, handle.arrays), cfg)
+    return LowLatencyCombinePending((y, topk_idx, topk_weights, handle.arrays, sent), cfg)
 
 
 def low_latency_combine_recv(pending: LowLatencyCombinePending) -> jax.Array:
@@ -312,19 +297,17 @@ def low_latency_combine_recv(pending: LowLatencyCombinePending) -> jax.Array:
     if not isinstance(pending, LowLatencyCombinePending):
         raise TypeError("low_latency_combine_recv takes what low_latency_combine_send "
                         f"returned, got {type(pending).__name__}")
-    if pending.config.backend != "cuda":
-        return pending.arrays[0]
     return _ll_combine_recv(pending.config, *pending.arrays)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ll_combine_recv(cfg, y, topk_idx, topk_weights, handle, ticket):
-    return _cuda_ll().ll_combine_recv(ticket, topk_idx, topk_weights, handle, cfg, y.dtype,
-                                      y.shape[2])
+def _ll_combine_recv(cfg, y, topk_idx, topk_weights, handle, sent):
+    return backends.get(cfg.backend).ll_combine_recv(sent, topk_idx, topk_weights, handle, cfg,
+                                                     y.dtype, y.shape[2])
 
 
-def _ll_combine_recv_fwd(cfg, y, topk_idx, topk_weights, handle, ticket):
-    out = _ll_combine_recv(cfg, y, topk_idx, topk_weights, handle, ticket)
+def _ll_combine_recv_fwd(cfg, y, topk_idx, topk_weights, handle, sent):
+    out = _ll_combine_recv(cfg, y, topk_idx, topk_weights, handle, sent)
     return out, (y, topk_idx, topk_weights, handle)
 
 

@@ -17,7 +17,8 @@ from jax.experimental import checkify
 
 from jax_ep import backends, fp8
 from jax_ep import validation as v
-from jax_ep.types import DispatchConfig, DispatchHandle, DispatchLayout, DispatchResult
+from jax_ep.types import (DEFAULT_NUM_SMS, DispatchConfig, DispatchHandle, DispatchLayout,
+                          DispatchResult)
 
 LAYOUTS = ("rank", "expert")
 
@@ -142,15 +143,15 @@ def dispatch(x, topk_idx: jax.Array, topk_weights: Optional[jax.Array] = None, *
         v.check_positive_int(op, "max_recv_tokens", max_recv_tokens, minimum=0)
     resolved = backends.resolve(backend, buffer, op)
     if num_sms is None:
-        num_sms = getattr(buffer, "num_sms", 24)
+        num_sms = getattr(buffer, "num_sms", DEFAULT_NUM_SMS)
     v.check_positive_int(op, "num_sms", num_sms)
     cfg = DispatchConfig(
         num_experts=num_experts, num_ranks=num_ranks, axis_name=axis_name, layout=layout,
         capacity=max_recv_tokens, expert_alignment=expert_alignment, num_tokens=num_tokens,
         num_topk=num_topk, backend=resolved, num_sms=num_sms,
-        buffer_id=getattr(buffer, "buffer_id", None) if resolved == "cuda" else None,
+        buffer_id=getattr(buffer, "buffer_id", None) if backends.uses_buffer(resolved) else None,
         cast_fp8=bool(cast_fp8))
-    if resolved == "cuda":
+    if backends.uses_buffer(resolved):
         buffer.check_fits(cfg, wire)
     if check_inputs:
         checkify.check(v.expert_ids_in_range(topk_idx, num_experts),

@@ -16,6 +16,9 @@ Array = jax.Array
 # A dispatch payload: a plain array, or an FP8 pair (e4m3 values, f32 scales per 128 channels).
 Payload = Union[Array, Tuple[Array, Array]]
 
+# SMs (blocks) of the normal CUDA kernels unless a Buffer or a call says otherwise.
+DEFAULT_NUM_SMS = 24
+
 
 @dataclasses.dataclass(frozen=True)
 class DispatchConfig:
@@ -31,7 +34,7 @@ class DispatchConfig:
     num_topk: int  # K
     backend: str  # resolved: "reference" or "cuda"
     buffer_id: Optional[int] = None
-    num_sms: int = 24
+    num_sms: int = DEFAULT_NUM_SMS
     cast_fp8: bool = False  # bf16 x cast to an FP8 pair on the way (dispatch(cast_fp8=True))
 
     @property

@@ -36,7 +36,7 @@ def test_buffer_refuses_an_ep_axis_over_several_nodes(monkeypatch):
     """Two logical nodes of 2 GPUs: the intranode kernels cannot serve that EP axis."""
     import numpy as np
 
-    from jax_ep.backends import cuda
+    from jax_ep.backends.cuda import buffer as cuda
 
     groups = np.array([_devices([0, 0, 0, 0])], dtype=object)
     cuda._check_one_nvlink_domain(groups, buffer_id=0)  # one host, one domain: fine

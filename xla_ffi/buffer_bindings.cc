@@ -27,6 +27,7 @@ void add_buffer_bindings(nb::module_& m) {
   limits["ll_max_tokens_per_rank"] = kLLMaxTokensPerRank;
   limits["ll_offset"] = int64_t(kLowLatencyOffset);
   limits["ll_data_offset"] = int64_t(kLLDataOffset);
+  limits["dup_src_offset"] = int64_t(kDupSrcOffset);
   m.attr("limits") = limits;
   m.def("buffer_bytes_for_rows",
         [](int64_t rows) { return int64_t(buffer_bytes_for_rows(size_t(rows))); },

@@ -1,5 +1,23 @@
 """Backend selection: ``"reference"`` (pure JAX) or ``"cuda"`` (XLA FFI kernels).
 
+The backend interface: each backend module (:mod:`.reference`, :mod:`.cuda`) provides,
+called per rank inside ``shard_map`` with the static config of the op,
+
+- ``get_dispatch_layout(topk_idx, *, num_experts, num_ranks)``;
+- ``dispatch(payload, topk_idx, topk_weights, cfg)``, ``cached_dispatch(x, handle, cfg)``,
+  ``combine(y, weights, handle, cfg)`` (:class:`~jax_ep.types.DispatchConfig`);
+- ``ll_dispatch(x, topk_idx, slot_scale, cfg)``,
+  ``ll_combine(y, topk_idx, topk_weights, handle, cfg)``
+  (:class:`~jax_ep.types.LowLatencyConfig`), and their split forms:
+  ``ll_dispatch_send(x, topk_idx, cfg, slot_scale=None) -> sent``,
+  ``ll_dispatch_recv(sent, cfg, dtype, *, hidden) -> (recv_x, recv_count, handle)``,
+  ``ll_combine_send(y, handle, cfg) -> sent``,
+  ``ll_combine_recv(sent, topk_idx, topk_weights, handle, cfg, dtype, width) -> out``,
+  where ``sent`` is a pytree of arrays that only the same backend's ``*_recv`` reads.
+
+Every function returns the same values (bitwise) on both backends; the reference backend
+defines them.
+
 ``"auto"`` picks CUDA when the extension is built, a GPU is present, a CUDA
 :class:`jax_ep.Buffer` was passed and the op has a CUDA kernel that is ready for
 "auto" (``AUTO_OPS``; the low-latency kernels need ``backend="cuda"`` for now); otherwise it
@@ -24,6 +42,12 @@ def get(name: str):
     if name == "cuda":
         return importlib.import_module("jax_ep.backends.cuda")
     raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+
+
+def uses_buffer(name: str) -> bool:
+    """Whether the resolved backend ``name`` communicates through a :class:`jax_ep.Buffer`
+    (its ops then take the buffer's id and check that the call fits)."""
+    return name == "cuda"
 
 
 def _cuda_has(op: str, auto: bool = False) -> bool:

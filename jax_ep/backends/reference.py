@@ -267,3 +267,26 @@ def ll_combine_reduce(home: jax.Array, topk_idx: jax.Array, topk_weights: jax.Ar
 def ll_combine(y, topk_idx, topk_weights, handle, cfg):
     home = ll_combine_exchange(y, cfg)
     return ll_combine_reduce(home, topk_idx, topk_weights, handle, cfg, y.dtype)
+
+
+# The split forms: an all_to_all has nothing to overlap, so the dispatch runs whole in
+# *_send (the "sent" state is its result); the combine's exchange runs in *_send and its
+# reduction in *_recv. Same values as the fused ops, bitwise.
+
+def ll_dispatch_send(x, topk_idx, cfg, slot_scale=None):
+    return ll_dispatch(x, topk_idx, slot_scale, cfg)
+
+
+def ll_dispatch_recv(sent, cfg, dtype, *, hidden=None):
+    del cfg, dtype, hidden  # the send did everything
+    return sent
+
+
+def ll_combine_send(y, handle, cfg):
+    del handle
+    return ll_combine_exchange(y, cfg)
+
+
+def ll_combine_recv(sent, topk_idx, topk_weights, handle, cfg, dtype, width):
+    del width
+    return ll_combine_reduce(sent, topk_idx, topk_weights, handle, cfg, dtype)

@@ -11,125 +11,52 @@ sit between them.
 
 Receive slots live in the low-latency region of each GPU's communication buffer (see
 ``cuda/low_latency.h``): create the ``jax_ep.Buffer`` with
-``num_nvl_bytes=ll_bytes_hint(...)``. Consecutive low-latency ops alternate between two
-halves of that region, so on one Buffer every ``*_send`` must be followed by its
-``*_recv`` before the next ``*_send`` (the kernels trap with a message otherwise).
+``num_nvl_bytes=jax_ep.Buffer.get_low_latency_size_hint(...)``. Consecutive low-latency ops
+alternate between two halves of that region, so on one Buffer every ``*_send`` must be
+followed by its ``*_recv`` before the next ``*_send`` (the kernels trap with a message
+otherwise).
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ep import _native
+from jax_ep.backends.cuda._ffi import F32, I32, call, limits
 from jax_ep.types import LowLatencyConfig, LowLatencyHandleArrays
 
-I32 = jnp.int32
-F32 = jnp.float32
-
-# Mirrors cuda/low_latency.h and cuda/buffer_layout.h (kept in sync by hand).
-MAX_TOKENS_PER_RANK = 1024
-_MAX_RANKS, _MAX_EXPERTS, _MAX_TOPK = 8, 1024, 16
-_LL_OFFSET = 64 << 20
-_LL_HEADER_BYTES = 24576  # align_up(sizeof(LowLatencyHeader) = 20608, 4096)
-_LL_DATA_OFFSET = _LL_OFFSET + _LL_HEADER_BYTES
 # Default launch shape: up to 128 blocks (about one per SM of an H100/H200; the fused ops'
 # single cooperative kernel is also capped at what fits on the GPU at once), 16 warps each
 # (the most the kernels are compiled for).
-DEFAULT_NUM_SMS = 128
-DEFAULT_NUM_WARPS = 16
+DEFAULT_LL_NUM_SMS = 128
+DEFAULT_LL_NUM_WARPS = 16
 
 _FLOAT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
-
-
-def _align(n: int, a: int) -> int:
-    return -(-int(n) // a) * a
-
-
-def _dispatch_half_bytes(E, R, M, H, elem_bytes, use_fp8) -> int:
-    # rows [R, M, stride] (one per (token, destination rank)), then three [E, M] lists
-    stride = _align(H + H // 128 * 4 if use_fp8 else H * elem_bytes, 16)
-    return _align(R * M * stride, 256) + 3 * E * M * 4
-
-
-def _combine_half_bytes(E, M, W, elem_bytes) -> int:
-    return E * M * _align(W * elem_bytes, 16)
-
-
-def ll_bytes_hint(max_tokens_per_rank: int, hidden: int, num_experts: int, num_ranks: int,
-                  dtype_bytes: int = 2) -> int:
-    """Communication-buffer bytes per GPU for low-latency ops of this size.
-
-    Covers bf16/f16 (``dtype_bytes=2``) or f32 (``4``) dispatch and combine, FP8 dispatch
-    included, and their gradients; the normal kernels keep working in the same Buffer.
-
-    Example::
-
-        buf = jax_ep.Buffer(mesh, "ep", num_nvl_bytes=ll_bytes_hint(128, 7168, 256, 8))
-    """
-    E, R, M, H = int(num_experts), int(num_ranks), int(max_tokens_per_rank), int(hidden)
-    half = max(_dispatch_half_bytes(E, R, M, H, dtype_bytes, False),
-               _dispatch_half_bytes(E, R, M, H, dtype_bytes, H % 128 == 0),
-               _combine_half_bytes(E, M, H, dtype_bytes))
-    return _LL_DATA_OFFSET + 2 * _align(half, 4096)
-
-
-def _half_available(num_bytes: int) -> int:
-    if num_bytes <= _LL_DATA_OFFSET:
-        return 0
-    return (num_bytes - _LL_DATA_OFFSET) // 2 // 4096 * 4096
-
-
-def check_fits(buffer, cfg: LowLatencyConfig, dtype=jnp.bfloat16) -> None:
-    """Raises at trace time when a low-latency call of ``cfg`` needs more than ``buffer``."""
-    E, R, M, H = cfg.num_experts, cfg.num_ranks, cfg.max_tokens_per_rank, cfg.hidden
-    b = jnp.dtype(dtype).itemsize
-    half = max(_dispatch_half_bytes(E, R, M, H, b, cfg.use_fp8), _combine_half_bytes(E, M, H, b))
-    if half > _half_available(int(buffer.num_nvl_bytes)):
-        need = _LL_DATA_OFFSET + 2 * _align(half, 4096)
-        raise ValueError(
-            f"low_latency_dispatch: this call needs a communication buffer of {need} bytes per "
-            f"GPU (max_tokens_per_rank={M}, hidden={H}, num_experts={E}) but the Buffer has "
-            f"{buffer.num_nvl_bytes}; create it with num_nvl_bytes="
-            f"jax_ep.backends.cuda_low_latency.ll_bytes_hint({M}, {H}, {E}, {cfg.num_ranks})")
-
-
-# ----------------------------------------------------------------------------- helpers
-
-def _cuda():
-    # Imported lazily: jax_ep.backends.cuda imports this module.
-    return importlib.import_module("jax_ep.backends.cuda")
-
-
-def _call(name: str, results, *args, axis_name: str, **attrs):
-    _native.load()
-    varying = _cuda()._varying
-    args = tuple(varying(a, axis_name) for a in args)
-    out = jax.ffi.ffi_call(name, results, has_side_effect=True)(*args, **attrs)
-    return jax.tree.map(lambda a: varying(a, axis_name), out)
 
 
 def _check(op: str, cfg: LowLatencyConfig, num_tokens: int, num_topk: int) -> int:
     if cfg.buffer_id is None:
         raise ValueError(f"{op}: the CUDA backend needs buffer=jax_ep.Buffer(mesh, axis_name, "
-                         "num_nvl_bytes=ll_bytes_hint(...))")
+                         "num_nvl_bytes=jax_ep.Buffer.get_low_latency_size_hint(...))")
     R, E, M = cfg.num_ranks, cfg.num_experts, cfg.max_tokens_per_rank
-    if R > _MAX_RANKS:
-        raise ValueError(f"{op}: the CUDA kernels support up to {_MAX_RANKS} ranks, got {R}")
-    if E > _MAX_EXPERTS or E % R:
-        raise ValueError(f"{op}: num_experts must be a multiple of {R} and <= {_MAX_EXPERTS}, "
+    lim = limits()
+    max_ranks, max_experts, max_topk = lim["max_ranks"], lim["max_experts"], lim["max_topk"]
+    max_tokens = lim["ll_max_tokens_per_rank"]
+    if R > max_ranks:
+        raise ValueError(f"{op}: the CUDA kernels support up to {max_ranks} ranks, got {R}")
+    if E > max_experts or E % R:
+        raise ValueError(f"{op}: num_experts must be a multiple of {R} and <= {max_experts}, "
                          f"got {E}")
-    if not 1 <= M <= MAX_TOKENS_PER_RANK:
+    if not 1 <= M <= max_tokens:
         raise ValueError(f"{op}: the CUDA kernels support max_tokens_per_rank in [1, "
-                         f"{MAX_TOKENS_PER_RANK}], got {M}")
+                         f"{max_tokens}], got {M}")
     if num_tokens > M:
         raise ValueError(f"{op}: {num_tokens} tokens but max_tokens_per_rank is {M}")
-    if not 1 <= num_topk <= _MAX_TOPK:
-        raise ValueError(f"{op}: the CUDA kernels support 1 to {_MAX_TOPK} top-k slots, got "
+    if not 1 <= num_topk <= max_topk:
+        raise ValueError(f"{op}: the CUDA kernels support 1 to {max_topk} top-k slots, got "
                          f"{num_topk}")
     return int(cfg.buffer_id)
 
@@ -144,8 +71,8 @@ def _attrs(cfg: LowLatencyConfig, buffer_id: int, num_sms: Optional[int],
     """The attributes every handler takes; ``sizes``: also num_experts and
     max_tokens_per_rank, for the two ops whose buffers cannot give them (dispatch_send,
     combine_recv; the others read them from recv_x or y)."""
-    attrs = dict(buffer_id=np.int64(buffer_id), num_sms=np.int64(num_sms or DEFAULT_NUM_SMS),
-                 num_warps=np.int64(num_warps or DEFAULT_NUM_WARPS))
+    attrs = dict(buffer_id=np.int64(buffer_id), num_sms=np.int64(num_sms or DEFAULT_LL_NUM_SMS),
+                 num_warps=np.int64(num_warps or DEFAULT_LL_NUM_WARPS))
     if sizes:
         attrs.update(num_experts=np.int64(cfg.num_experts),
                      max_tokens_per_rank=np.int64(cfg.max_tokens_per_rank))
@@ -198,7 +125,7 @@ def ll_dispatch(x: jax.Array, topk_idx: jax.Array, slot_scale: Optional[jax.Arra
     buffer_id = _check(op, cfg, T, idx.shape[1])
     counts, payload = _recv_results(cfg, H, x.dtype)
     results = [jax.ShapeDtypeStruct(idx.shape, I32)] + counts + payload  # send_pos first
-    outs = _call("jax_ep_ll_dispatch", results, x, idx, scale, axis_name=cfg.axis_name,
+    outs = call("jax_ep_ll_dispatch", results, x, idx, scale, axis_name=cfg.axis_name,
                  has_slot_scale=bool(has_scale),
                  zero_padding=bool(cfg.zero_padding),
                  **_attrs(cfg, buffer_id, num_sms, num_warps))
@@ -221,7 +148,7 @@ def ll_dispatch_send(x: jax.Array, topk_idx: jax.Array, cfg: LowLatencyConfig,
     x, idx, scale, has_scale = _sender_operands(op, x, topk_idx, slot_scale, cfg)
     buffer_id = _check(op, cfg, x.shape[0], idx.shape[1])
     results = (jax.ShapeDtypeStruct(idx.shape, I32), jax.ShapeDtypeStruct((1,), I32))
-    send_pos, ticket = _call("jax_ep_ll_dispatch_send", results, x, idx, scale,
+    send_pos, ticket = call("jax_ep_ll_dispatch_send", results, x, idx, scale,
                              axis_name=cfg.axis_name, use_fp8=bool(cfg.use_fp8),
                              has_slot_scale=bool(has_scale),
                              **_attrs(cfg, buffer_id, num_sms, num_warps, sizes=True))
@@ -242,7 +169,7 @@ def ll_dispatch_recv(sent: DispatchSent, cfg: LowLatencyConfig, dtype, *,
         raise TypeError(f"{op}: dtype must be bfloat16, float16 or float32, got {dtype}")
     _check_row(op, hidden, dtype, cfg.use_fp8)
     counts, payload = _recv_results(cfg, hidden, jnp.dtype(dtype))
-    outs = _call("jax_ep_ll_dispatch_recv", counts + payload, sent.ticket,
+    outs = call("jax_ep_ll_dispatch_recv", counts + payload, sent.ticket,
                  axis_name=cfg.axis_name, zero_padding=bool(cfg.zero_padding),
                  **_attrs(cfg, buffer_id, num_sms, num_warps))
     recv_count, src_token, count_per_rank = outs[:3]
@@ -268,7 +195,7 @@ def ll_combine(y: jax.Array, topk_idx: jax.Array, topk_weights: jax.Array,
     buffer_id = _check(op, cfg, T, K)
     _check_y(op, y, cfg)
     out = jax.ShapeDtypeStruct((T, y.shape[2]), y.dtype)
-    return _call("jax_ep_ll_combine", out, y, topk_idx.astype(I32), topk_weights.astype(F32),
+    return call("jax_ep_ll_combine", out, y, topk_idx.astype(I32), topk_weights.astype(F32),
                  handle.send_pos.astype(I32), handle.recv_count_per_rank.astype(I32),
                  axis_name=cfg.axis_name, **_attrs(cfg, buffer_id, num_sms, num_warps))
 
@@ -279,7 +206,7 @@ def ll_combine_send(y: jax.Array, handle: LowLatencyHandleArrays, cfg: LowLatenc
     op = "low_latency_combine_send"
     buffer_id = _check(op, cfg, 0, 1)
     _check_y(op, y, cfg)
-    return _call("jax_ep_ll_combine_send", jax.ShapeDtypeStruct((1,), I32), y,
+    return call("jax_ep_ll_combine_send", jax.ShapeDtypeStruct((1,), I32), y,
                  handle.recv_count_per_rank.astype(I32), axis_name=cfg.axis_name,
                  **_attrs(cfg, buffer_id, num_sms, num_warps))
 
@@ -294,6 +221,6 @@ def ll_combine_recv(ticket: jax.Array, topk_idx: jax.Array, topk_weights: jax.Ar
     if jnp.dtype(dtype) not in _FLOAT_DTYPES:
         raise TypeError(f"{op}: dtype must be bfloat16, float16 or float32, got {dtype}")
     out = jax.ShapeDtypeStruct((T, int(width)), jnp.dtype(dtype))
-    return _call("jax_ep_ll_combine_recv", out, ticket, topk_idx.astype(I32),
+    return call("jax_ep_ll_combine_recv", out, ticket, topk_idx.astype(I32),
                  topk_weights.astype(F32), handle.send_pos.astype(I32),
                  axis_name=cfg.axis_name, **_attrs(cfg, buffer_id, num_sms, num_warps, sizes=True))

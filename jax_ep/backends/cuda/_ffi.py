@@ -1,0 +1,84 @@
+"""The custom-call helper of the CUDA backend and the limits its kernels are built for.
+
+Every op is one ``jax.ffi.ffi_call`` (``has_side_effect=True``: the ops communicate, so
+XLA must neither drop nor merge them) whose results are marked varying over the EP axis.
+Limits come from the extension (``_jax_ep_ffi.limits``, i.e. cuda/buffer_layout.h and
+cuda/low_latency.h) where it is built with CUDA; :data:`FALLBACK_LIMITS` serves size hints
+and checks without it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_ep import _native
+
+I32 = jnp.int32
+F32 = jnp.float32
+
+# The extension's table, for installs without the CUDA build (a CPU test compares them).
+FALLBACK_LIMITS = {
+    "max_ranks": 8,                    # kMaxRanks: one NVLink domain
+    "max_experts": 1024,               # kMaxExperts
+    "max_topk": 16,                    # kMaxTopk
+    "ll_max_tokens_per_rank": 1024,    # kLLMaxTokensPerRank
+    "ll_offset": 64 << 20,             # kLowLatencyOffset: start of the low-latency region
+    "ll_data_offset": (64 << 20) + 24576,  # kLLDataOffset: past the low-latency header
+    "dup_src_offset": 61440,           # kDupSrcOffset: start of the expert layout's row table
+}
+
+
+@functools.lru_cache(maxsize=None)
+def limits() -> dict:
+    """What the kernels are compiled for: the extension's table, else the fallback."""
+    ext = _native.load()
+    table = getattr(ext, "limits", None) if ext is not None else None
+    return dict(table) if table is not None else dict(FALLBACK_LIMITS)
+
+
+def extension():
+    return _native.extension()
+
+
+def i64(v) -> np.int64:
+    return np.int64(v)
+
+
+def call(name: str, results, *args, axis_name: Optional[str] = None, **attrs):
+    """``jax.ffi.ffi_call(name)`` on ``args`` with attributes ``attrs``; with ``axis_name``
+    every operand and result is marked varying over that axis."""
+    _native.load()
+    if axis_name is not None:  # ffi_call wants every operand of the same vma type
+        args = tuple(varying(a, axis_name) for a in args)
+    out = jax.ffi.ffi_call(name, results, has_side_effect=True)(*args, **attrs)
+    if axis_name is None:
+        return out
+    return jax.tree.map(lambda a: varying(a, axis_name), out)
+
+
+def varying(x: jax.Array, axis_name: str) -> jax.Array:
+    """Marks a custom call's per-rank result as varying over the EP axis.
+
+    ffi_call results carry no varying-manual-axes type, while the reference backend's
+    (collective) results vary over the axis; custom VJPs and scans under shard_map's
+    check_vma compare the two, so the CUDA results must say so too.
+    """
+    try:
+        aval = jax.typeof(x)
+        vma = getattr(aval, "vma", None)
+        if vma is None:  # jax 0.10 spells it aval.mat.varying
+            vma = getattr(getattr(aval, "mat", None), "varying", None)
+    except Exception:
+        vma = None
+    if vma is None or axis_name in vma:  # no vma types here, or already varying
+        return x
+    if hasattr(jax.lax, "pcast"):
+        return jax.lax.pcast(x, axis_name, to="varying")
+    if hasattr(jax.lax, "pvary"):
+        return jax.lax.pvary(x, axis_name)
+    return x
