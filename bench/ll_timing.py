@@ -4,7 +4,7 @@ Runs chains of back-to-back ``ll_dispatch`` (FP8) and ``ll_combine`` (BF16) call
 jit on every visible GPU (one process, the bench shape of bench/low_latency.py: T=128,
 H=7168, K=8, E=256), on a profiling build of the extension: thread 0 of every block of
 the kernels records ``%globaltimer`` (ns) and ``clock64`` at each phase point
-(cuda/low_latency.h, ``LLTimingPoint``) into a per-GPU debug ring of the last 16 ops. After
+(cuda/low_latency/low_latency.h, ``LLTimingPoint``) into a per-GPU debug ring of the last 16 ops. After
 each chain the ring is read back (``jax_ep._native.load_testing().ll_timing(device)``,
 which waits for the GPU).
 
@@ -54,7 +54,7 @@ from jax_ep.backends.cuda import low_latency as cll  # noqa: E402
 from jax_ep.types import LowLatencyConfig  # noqa: E402
 
 AXIS = "ep"
-# cuda/low_latency.h LLTimingPoint (names by index).
+# cuda/low_latency/low_latency.h LLTimingPoint (names by index).
 POINTS = ["entry", "op_known", "staged", "rows_issued", "lists_issued", "released",
           "recv_entry", "flags_seen", "recv_copied", "counts", "exit"]
 KIND = {"dispatch": 1, "combine": 2}

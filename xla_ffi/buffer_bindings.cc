@@ -9,8 +9,8 @@
 #include <string>
 #include <vector>
 
-#include "cuda/buffer_layout.h"
-#include "cuda/low_latency.h"
+#include "cuda/common/buffer_layout.h"
+#include "cuda/low_latency/low_latency.h"
 #include "xla_ffi/bindings.h"
 #include "xla_ffi/buffer_registry.h"
 

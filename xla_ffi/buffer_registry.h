@@ -19,7 +19,7 @@
 #include <string>
 #include <vector>
 
-#include "cuda/buffer_layout.h"
+#include "cuda/common/buffer_layout.h"
 
 namespace jax_ep {
 

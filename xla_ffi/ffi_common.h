@@ -9,7 +9,8 @@
 #include <cstdint>
 #include <string>
 
-#include "cuda/kernels.h"  // ElemType, PeerBases
+#include "cuda/common/buffer_layout.h"  // PeerBases
+#include "cuda/common/types.h"          // ElemType
 #include "xla/ffi/api/ffi.h"
 #include "xla_ffi/buffer_registry.h"
 

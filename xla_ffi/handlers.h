@@ -25,7 +25,7 @@ XLA_FFI_Error* JaxEpLLCombineRecv(XLA_FFI_CallFrame* call_frame);
 #ifdef JAX_EP_WITH_CUDA
 namespace jax_ep {
 // Phase timing (profiling builds, JAX_EP_LL_TIMING): waits for every stream of `device`,
-// then copies its ring of kLLTimingRing LLTimingRecords (cuda/low_latency.h) into *out;
+// then copies its ring of kLLTimingRing LLTimingRecords (cuda/low_latency/low_latency.h) into *out;
 // *out is empty when no timed op ran there. Returns an error message, or "" on success.
 std::string ll_timing_read(int device, std::string* out);
 }  // namespace jax_ep

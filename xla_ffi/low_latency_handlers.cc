@@ -14,7 +14,7 @@
 #include <mutex>
 #include <string>
 
-#include "cuda/low_latency.h"
+#include "cuda/low_latency/low_latency.h"
 #include "xla_ffi/ffi_common.h"
 #include "xla_ffi/handlers.h"
 

@@ -9,8 +9,8 @@
 #include <cstddef>
 #include <string>
 
-#include "cuda/kernels.h"
-#include "cuda/low_latency.h"  // kLowLatencyOffset: where the normal region ends
+#include "cuda/intranode/intranode.h"
+#include "cuda/low_latency/low_latency.h"  // kLowLatencyOffset: where the normal region ends
 #include "xla_ffi/ffi_common.h"
 #include "xla_ffi/handlers.h"
 
@@ -208,7 +208,7 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S3
   n.capacity = cap;
   n.expert_alignment = int(attrs.expert_alignment < 1 ? 1 : attrs.expert_alignment);
   n.layout = a.layout;
-  // Slot order must match intranode_dispatch.cu's DispatchSlot.
+  // Slot order must match cuda/intranode/dispatch.cu's DispatchSlot.
   n.publish[0] = addr(a.recv_payload[0]);
   n.publish[1] = addr(np > 1 ? a.recv_payload[1] : nullptr);
   n.publish[2] = addr(a.recv_topk_idx);
@@ -308,7 +308,7 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
   a.send_pos = send_pos.typed_data();
   a.out = out->untyped_data();
   a.num_blocks = num_blocks_of(attrs.num_sms);
-  // Slot order must match intranode_combine.cu's CombineSlot.
+  // Slot order must match cuda/intranode/combine.cu's CombineSlot.
   uint64_t publish[5] = {addr(y.untyped_data()), addr(weights.typed_data()),
                          addr(recv_src_rank.typed_data()), addr(recv_src_token.typed_data()),
                          addr(recv_src_slot.typed_data())};

@@ -1,5 +1,5 @@
 // The extension module jax_ep._jax_ep_nvshmem: NVSHMEM bootstrap bindings (see
-// cuda/nvshmem_runtime.h). A module of its own, so that only it depends on
+// cuda/nvshmem/runtime.h). A module of its own, so that only it depends on
 // libnvshmem_host.so: jax_ep._jax_ep_ffi imports where NVSHMEM is missing, and
 // jax_ep/nvshmem.py imports this one lazily, after preloading the host library.
 #include <nanobind/nanobind.h>
@@ -9,7 +9,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "cuda/nvshmem_runtime.h"
+#include "cuda/nvshmem/runtime.h"
 
 namespace nb = nanobind;
 

@@ -21,7 +21,7 @@
 #ifdef JAX_EP_WITH_CUDA
 #include <cuda_runtime.h>
 
-#include "cuda/low_latency.h"
+#include "cuda/low_latency/low_latency.h"
 #include "xla_ffi/handlers.h"
 #endif
 

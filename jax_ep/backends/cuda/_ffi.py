@@ -2,8 +2,8 @@
 
 Every op is one ``jax.ffi.ffi_call`` (``has_side_effect=True``: the ops communicate, so
 XLA must neither drop nor merge them) whose results are marked varying over the EP axis.
-Limits come from the extension (``_jax_ep_ffi.limits``, i.e. cuda/buffer_layout.h and
-cuda/low_latency.h) where it is built with CUDA; :data:`FALLBACK_LIMITS` serves size hints
+Limits come from the extension (``_jax_ep_ffi.limits``, i.e. cuda/common/buffer_layout.h and
+cuda/low_latency/low_latency.h) where it is built with CUDA; :data:`FALLBACK_LIMITS` serves size hints
 and checks without it.
 """
 

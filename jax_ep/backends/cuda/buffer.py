@@ -10,7 +10,7 @@ per-peer offset).
 
 The buffer of each GPU holds the normal kernels' counts, flags and published pointers
 (rows move directly between XLA's buffers), then, at ``ll_offset``, the low-latency region
-(``cuda/low_latency.h``): a header and two halves of receive slots that consecutive
+(``cuda/low_latency/low_latency.h``): a header and two halves of receive slots that consecutive
 low-latency ops alternate between.
 """
 
@@ -38,7 +38,7 @@ _id_lock = threading.Lock()
 
 def buffer_bytes_for_rows(rows: int) -> int:
     """Bytes a buffer needs for dispatches that receive up to ``rows`` rows per rank
-    (cuda/buffer_layout.h ``buffer_bytes_for_rows``)."""
+    (cuda/common/buffer_layout.h ``buffer_bytes_for_rows``)."""
     return limits()["dup_src_offset"] + _align(4 * int(rows), 4096)
 
 

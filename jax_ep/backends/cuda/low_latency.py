@@ -10,7 +10,7 @@ The split form (``ll_dispatch_send`` / ``ll_dispatch_recv``, ``ll_combine_send``
 sit between them.
 
 Receive slots live in the low-latency region of each GPU's communication buffer (see
-``cuda/low_latency.h``): create the ``jax_ep.Buffer`` with
+``cuda/low_latency/low_latency.h``): create the ``jax_ep.Buffer`` with
 ``num_nvl_bytes=jax_ep.Buffer.get_low_latency_size_hint(...)``. Consecutive low-latency ops
 alternate between two halves of that region, so on one Buffer every ``*_send`` must be
 followed by its ``*_recv`` before the next ``*_send`` (the kernels trap with a message

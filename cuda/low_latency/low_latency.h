@@ -20,8 +20,8 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "cuda/buffer_layout.h"
-#include "cuda/kernels.h"  // ElemType
+#include "cuda/common/buffer_layout.h"
+#include "cuda/common/types.h"
 
 namespace jax_ep {
 
@@ -47,7 +47,7 @@ struct alignas(128) LowLatencyHeader {
   uint32_t send_rows[kMaxExperts];
 };
 
-static_assert(sizeof(LowLatencyHeader) == 20608, "mirrored in jax_ep/backends/cuda_low_latency.py");
+static_assert(sizeof(LowLatencyHeader) == 20608, "ll_data_offset of jax_ep/backends/cuda/_ffi.py FALLBACK_LIMITS");
 constexpr size_t kLLDataOffset = kLowLatencyOffset + align_up(sizeof(LowLatencyHeader), 4096);
 static_assert(kLowLatencyOffset >= buffer_bytes_for_rows(1 << 20),
               "the low-latency region must start past the normal kernels' region");

@@ -1,8 +1,8 @@
 // NVSHMEM host bootstrap for jax_ep: unique-id initialisation (one process per GPU), the
 // symmetric heap, teardown, and a device-side ring test that proves the device library is
-// linked and initialised. Implemented in cuda/nvshmem_runtime.cu (compiled with relocatable
-// device code and device-linked against libnvshmem_device.a); exposed to Python by the
-// extension module jax_ep._jax_ep_nvshmem (xla_ffi/nvshmem_bootstrap.cc).
+// linked and initialised. Implemented in cuda/nvshmem/runtime.cu and ring.cu (compiled
+// with relocatable device code and device-linked against libnvshmem_device.a); exposed to
+// Python by the extension module jax_ep._jax_ep_nvshmem (xla_ffi/nvshmem_bootstrap.cc).
 //
 // Every function returns an empty string on success and an error message otherwise; none
 // of them exits the process on an error NVSHMEM reports through a status code (NVSHMEM

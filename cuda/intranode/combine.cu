@@ -6,15 +6,13 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "cuda/device_sync.cuh"
-#include "cuda/kernels.h"
-#include "cuda/row_copy.cuh"
-#include "cuda/tma.cuh"
+#include "cuda/common/device_sync.cuh"
+#include "cuda/intranode/kernels.h"
+#include "cuda/common/row_copy.cuh"
+#include "cuda/common/tma.cuh"
 
 namespace jax_ep {
 namespace {
-
-constexpr int kCombineThreads = 256;
 
 enum CombineSlot { kY = 0, kWeights, kSrcRank, kSrcToken, kSrcSlot };
 
@@ -71,14 +69,6 @@ template <> struct Pack<float> {
                      __float_as_int(f[3]));
   }
 };
-
-// Per warp: two shared-memory stages; a stage holds one chunk of every row of the token
-// (pair i at i * chunk), bulk-loaded from the peers while the previous chunk is reduced.
-constexpr int kCombineWarps = kCombineThreads / 32;
-constexpr int kCombineStage = 8192;
-constexpr size_t kCombineBarrierBytes = 128;
-constexpr size_t kCombineSmem = kCombineBarrierBytes + size_t(kCombineWarps) * 2 * kCombineStage;
-static_assert(kCombineWarps * 2 * sizeof(uint64_t) <= kCombineBarrierBytes, "barrier area");
 
 // kMaxPairs: most rows one token can have (R in the rank layout, K in the expert layout).
 // One 16-byte vector of a token's output: the sum over its num_pairs staged rows (pair i at
@@ -239,32 +229,14 @@ __global__ void __launch_bounds__(kCombineThreads) intranode_combine_kernel(Comb
   finish_op(a.peers, a.me, R, "combine");
 }
 
-template <typename T, int kMaxPairs>
-cudaError_t launch_one(const CombineArgs& a, cudaStream_t stream) {
-  auto kernel = intranode_combine_kernel<T, kMaxPairs>;
-  // Per device (the attribute belongs to each GPU's context); cheap, no stream work.
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         int(kCombineSmem));
-  if (err != cudaSuccess) return err;
-  kernel<<<a.num_blocks, kCombineThreads, kCombineSmem, stream>>>(a);
-  return cudaGetLastError();
-}
-
-template <typename T>
-cudaError_t launch_typed(const CombineArgs& a, cudaStream_t stream) {
-  return a.layout == Layout::kRank ? launch_one<T, kMaxRanks>(a, stream)
-                                   : launch_one<T, kMaxTopk>(a, stream);
-}
-
 }  // namespace
 
-cudaError_t launch_intranode_combine(const CombineArgs& args, cudaStream_t stream) {
-  switch (args.dtype) {
-    case ElemType::kBF16: return launch_typed<__nv_bfloat16>(args, stream);
-    case ElemType::kF16: return launch_typed<__half>(args, stream);
-    case ElemType::kF32: return launch_typed<float>(args, stream);
-  }
-  return cudaErrorInvalidValue;
-}
+// Rank layout: at most one row per rank (kMaxRanks pairs); expert layout: one per slot.
+const CombineKernel kCombineKernels[3][2] = {
+    {intranode_combine_kernel<__nv_bfloat16, kMaxRanks>,
+     intranode_combine_kernel<__nv_bfloat16, kMaxTopk>},
+    {intranode_combine_kernel<__half, kMaxRanks>, intranode_combine_kernel<__half, kMaxTopk>},
+    {intranode_combine_kernel<float, kMaxRanks>, intranode_combine_kernel<float, kMaxTopk>},
+};
 
 }  // namespace jax_ep

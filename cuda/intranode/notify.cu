@@ -1,9 +1,9 @@
 // Start of an op: bump the op sequence number, publish this rank's buffers, and (for
 // dispatch) all-gather every rank's count row so that each rank knows where its rows
 // land at every destination and how many rows it receives.
-#include "cuda/block_scan.cuh"
-#include "cuda/device_sync.cuh"
-#include "cuda/kernels.h"
+#include "cuda/common/block_scan.cuh"
+#include "cuda/common/device_sync.cuh"
+#include "cuda/intranode/kernels.h"
 
 namespace jax_ep {
 namespace {
@@ -27,7 +27,7 @@ __global__ void begin_op_kernel(char* local, PeerBases unused, uint64_t p0, uint
 
 __device__ __forceinline__ int round_up(int n, int a) { return (n + a - 1) / a * a; }
 
-__global__ void __launch_bounds__(1024) notify_dispatch_kernel(NotifyArgs a) {
+__global__ void __launch_bounds__(kNotifyThreads) notify_dispatch_kernel(NotifyArgs a) {
   __shared__ uint64_t s_seq;
   char* local = a.peers.base[a.me];
   Workspace* ws = workspace_of(local);
@@ -125,18 +125,6 @@ __global__ void __launch_bounds__(1024) notify_dispatch_kernel(NotifyArgs a) {
 
 }  // namespace
 
-cudaError_t launch_notify_dispatch(const NotifyArgs& args, cudaStream_t stream) {
-  notify_dispatch_kernel<<<1, 1024, 0, stream>>>(args);
-  return cudaGetLastError();
-}
-
-cudaError_t launch_begin_op(char* local_buffer, const uint64_t* publish, int num_publish,
-                            cudaStream_t stream) {
-  uint64_t p[5] = {0, 0, 0, 0, 0};
-  for (int i = 0; i < num_publish && i < 5; ++i) p[i] = publish[i];
-  begin_op_kernel<<<1, 1, 0, stream>>>(local_buffer, PeerBases{}, p[0], p[1], p[2], p[3], p[4],
-                                       num_publish < 5 ? num_publish : 5);
-  return cudaGetLastError();
-}
+const NotifyKernels kNotifyKernels = {begin_op_kernel, notify_dispatch_kernel};
 
 }  // namespace jax_ep

@@ -8,23 +8,14 @@
 // (dispatch_finalize_kernel), so no separate permute pass and no duplicate NVLink
 // traffic. Receivers clear the rows nobody writes (XLA outputs start uninitialised) in
 // the same local finalize kernel, which may use more SMs than the communication kernel.
-#include "cuda/device_sync.cuh"
-#include "cuda/fp8_cast.cuh"
-#include "cuda/kernels.h"
-#include "cuda/row_copy.cuh"
-#include "cuda/tma.cuh"
+#include "cuda/common/device_sync.cuh"
+#include "cuda/common/fp8_cast.cuh"
+#include "cuda/intranode/kernels.h"
+#include "cuda/common/row_copy.cuh"
+#include "cuda/common/tma.cuh"
 
 namespace jax_ep {
 namespace {
-
-constexpr int kDispatchThreads = 512;
-constexpr int kDispatchWarps = kDispatchThreads / 32;
-// Each warp stages rows through two shared-memory buffers: the bulk load of one chunk
-// overlaps the bulk stores (to every destination) of the previous one.
-constexpr int kStageBytes = 4096;
-constexpr size_t kBarrierBytes = 256;  // 2 mbarriers per warp
-constexpr size_t kDispatchSmem = kBarrierBytes + size_t(kDispatchWarps) * 2 * kStageBytes;
-static_assert(kDispatchWarps * 2 * sizeof(uint64_t) <= kBarrierBytes, "barrier area");
 
 // One warp's double-buffered bulk-copy pipeline (driven by its lane 0).
 struct RowPipe {
@@ -364,26 +355,7 @@ __global__ void __launch_bounds__(kDispatchThreads) cached_dispatch_kernel(Cache
 
 }  // namespace
 
-cudaError_t launch_intranode_dispatch(const DispatchArgs& args, cudaStream_t stream,
-                                      const StagedCopy* staged) {
-  // Per device (the attribute belongs to each GPU's context); cheap, no stream work.
-  const cudaError_t attr_err = cudaFuncSetAttribute(
-      intranode_dispatch_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kDispatchSmem));
-  if (attr_err != cudaSuccess) return attr_err;
-  intranode_dispatch_kernel<<<args.num_blocks, kDispatchThreads, kDispatchSmem, stream>>>(args);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  if (staged != nullptr && (err = launch_staged_copy(*staged, stream)) != cudaSuccess) return err;
-  const int L = args.num_experts / args.num_ranks;
-  const size_t smem = args.layout == Layout::kRank ? sizeof(int) * L : 0;
-  const int finalize_blocks = args.num_blocks * 8 < 512 ? args.num_blocks * 8 : 512;
-  dispatch_finalize_kernel<<<finalize_blocks, kDispatchThreads, smem, stream>>>(args);
-  return cudaGetLastError();
-}
-
-cudaError_t launch_cached_dispatch(const CachedDispatchArgs& args, cudaStream_t stream) {
-  cached_dispatch_kernel<<<args.num_blocks, kDispatchThreads, 0, stream>>>(args);
-  return cudaGetLastError();
-}
+const DispatchKernels kDispatchKernels = {intranode_dispatch_kernel, dispatch_finalize_kernel,
+                                          cached_dispatch_kernel};
 
 }  // namespace jax_ep

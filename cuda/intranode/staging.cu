@@ -2,12 +2,12 @@
 // communication buffer (CUDA IPC can map that, not XLA's memory), so the receiver copies
 // what its peers wrote there into its XLA outputs. The row count is known only on the
 // device (after the count exchange), hence a kernel rather than cudaMemcpyAsync.
-#include "cuda/kernels.h"
+#include "cuda/intranode/kernels.h"
 
 namespace jax_ep {
 namespace {
 
-__global__ void __launch_bounds__(512) staged_copy_kernel(StagedCopy c) {
+__global__ void __launch_bounds__(kStagedCopyThreads) staged_copy_kernel(StagedCopy c) {
   const long long rows = c.num_rows != nullptr ? *c.num_rows : c.fixed_rows;
   const long long stride = (long long)gridDim.x * blockDim.x;
   for (int p = 0; p < c.num; ++p) {
@@ -26,10 +26,6 @@ __global__ void __launch_bounds__(512) staged_copy_kernel(StagedCopy c) {
 
 }  // namespace
 
-cudaError_t launch_staged_copy(const StagedCopy& c, cudaStream_t stream) {
-  if (c.num == 0) return cudaSuccess;
-  staged_copy_kernel<<<264, 512, 0, stream>>>(c);
-  return cudaGetLastError();
-}
+void (*const kStagedCopyKernel)(StagedCopy c) = staged_copy_kernel;
 
 }  // namespace jax_ep

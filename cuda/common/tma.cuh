@@ -6,7 +6,7 @@
 #include <cstdint>
 #include <cstdio>
 
-#include "cuda/device_sync.cuh"
+#include "cuda/common/device_sync.cuh"
 
 namespace jax_ep {
 

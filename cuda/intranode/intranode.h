@@ -1,17 +1,16 @@
-// Host-side entry points of the CUDA kernels (plain C++: included by the FFI handlers).
-// Every launcher enqueues on `stream`, never synchronises, and returns the launch error.
+// Host-side entry points of the intranode (normal) kernels (plain C++: included by the FFI
+// handlers), all defined in launch.cu. Every launcher enqueues on `stream`, never
+// synchronises, and returns the launch error.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
-#include "cuda/buffer_layout.h"
+#include "cuda/common/buffer_layout.h"
+#include "cuda/common/types.h"
 
 namespace jax_ep {
-
-enum class Layout : int { kRank = 0, kExpert = 1 };
-enum class ElemType : int { kBF16 = 0, kF16 = 1, kF32 = 2 };
 
 // ---- layout.cu: local routing statistics (no communication).
 cudaError_t launch_dispatch_layout(const int* topk_idx, int num_tokens, int num_topk,
@@ -44,7 +43,7 @@ cudaError_t launch_notify_dispatch(const NotifyArgs& args, cudaStream_t stream);
 cudaError_t launch_begin_op(char* local_buffer, const uint64_t* publish, int num_publish,
                             cudaStream_t stream);
 
-// ---- intranode_dispatch.cu
+// ---- dispatch.cu
 struct DispatchArgs {
   PeerBases peers;
   int me, num_ranks, num_experts, num_tokens, num_topk, capacity;
@@ -102,7 +101,7 @@ struct CachedDispatchArgs {
 };
 cudaError_t launch_cached_dispatch(const CachedDispatchArgs& args, cudaStream_t stream);
 
-// ---- intranode_combine.cu: out[t] = sum over the rows of t (all ranks, ascending;
+// ---- combine.cu: out[t] = sum over the rows of t (all ranks, ascending;
 // within a rank in row order) of weights[row] * y[row], accumulated in fp32.
 struct CombineArgs {
   PeerBases peers;

@@ -5,7 +5,7 @@
 #include <cstdint>
 #include <cstdio>
 
-#include "cuda/buffer_layout.h"
+#include "cuda/common/buffer_layout.h"
 
 namespace jax_ep {
 

@@ -1,8 +1,8 @@
 // Local routing statistics: which ranks and experts each token goes to, and each
 // token's position in its destination's list (no communication).
-#include "cuda/block_scan.cuh"
-#include "cuda/device_sync.cuh"
-#include "cuda/kernels.h"
+#include "cuda/common/block_scan.cuh"
+#include "cuda/common/device_sync.cuh"
+#include "cuda/intranode/kernels.h"
 
 namespace jax_ep {
 namespace {
@@ -115,34 +115,7 @@ expert_positions_kernel(const int* __restrict__ topk_idx, int num_tokens, int nu
 
 }  // namespace
 
-cudaError_t launch_dispatch_layout(const int* topk_idx, int num_tokens, int num_topk,
-                                   int num_experts, int num_ranks, int* tokens_per_rank,
-                                   int* tokens_per_expert, bool* is_token_in_rank,
-                                   cudaStream_t stream) {
-  cudaMemsetAsync(tokens_per_rank, 0, sizeof(int) * num_ranks, stream);
-  cudaMemsetAsync(tokens_per_expert, 0, sizeof(int) * num_experts, stream);
-  if (num_tokens == 0) return cudaGetLastError();
-  const int threads = 256;
-  const int blocks = (num_tokens + threads - 1) / threads < 32 ? (num_tokens + threads - 1) / threads : 32;
-  const size_t smem = sizeof(int) * (num_ranks + num_experts);
-  dispatch_layout_kernel<<<blocks, threads, smem, stream>>>(
-      topk_idx, num_tokens, num_topk, num_experts, num_ranks, tokens_per_rank,
-      tokens_per_expert, is_token_in_rank);
-  return cudaGetLastError();
-}
-
-cudaError_t launch_send_positions(const int* topk_idx, int num_tokens, int num_topk,
-                                  int num_experts, int num_ranks, Layout layout, int* send_pos,
-                                  char* local_buffer, cudaStream_t stream) {
-  Workspace* ws = reinterpret_cast<Workspace*>(local_buffer + kWorkspaceOffset);
-  if (layout == Layout::kRank) {
-    rank_positions_kernel<<<num_ranks, kScanThreads, 0, stream>>>(
-        topk_idx, num_tokens, num_topk, num_experts, num_ranks, send_pos, ws);
-  } else {
-    expert_positions_kernel<<<num_experts, kScanThreads, 0, stream>>>(
-        topk_idx, num_tokens, num_topk, num_experts, num_ranks, send_pos, ws);
-  }
-  return cudaGetLastError();
-}
+const LayoutKernels kLayoutKernels = {dispatch_layout_kernel, rank_positions_kernel,
+                                      expert_positions_kernel};
 
 }  // namespace jax_ep
