@@ -4,8 +4,8 @@ Runs chains of back-to-back ``ll_dispatch`` (FP8) and ``ll_combine`` (BF16) call
 jit on every visible GPU (one process, the bench shape of bench/low_latency.py: T=128,
 H=7168, K=8, E=256), on a profiling build of the extension: thread 0 of every block of
 the kernels records ``%globaltimer`` (ns) and ``clock64`` at each phase point
-(cuda/low_latency/low_latency.h, ``LLTimingPoint``) into a per-GPU debug ring of the last 16 ops. After
-each chain the ring is read back (``jax_ep._native.load_testing().ll_timing(device)``,
+(cuda/low_latency/low_latency.h, ``LLTimingPoint``) into a per-GPU debug ring of the last
+16 ops. After each chain the ring is read back (``jax_ep._native.load_testing().ll_timing(device)``,
 which waits for the GPU).
 
 For every op, times are taken relative to t0 = the earliest kernel entry over all GPUs and
@@ -225,7 +225,8 @@ def main():
         span = float(np.median(spans))
         spans_all[opname] = span
         report["results"][opname] = dict(span_us=span, points=s, ops=len(tables))
-        print(f"\n{opname}{' (' + a.label + ')' if a.label else ''}: {len(tables)} ops, median span "
+        label = f" ({a.label})" if a.label else ""
+        print(f"\n{opname}{label}: {len(tables)} ops, median span "
               f"{span:.1f} us (first entry on any GPU -> last exit on any GPU)")
         print(f"  {'point':<14}{'med':>8}{'p90':>8}{'max':>8}{'gpu min':>9}{'gpu max':>9}"
               f"{'blk(clk)':>10}   (us from the op's first entry)")

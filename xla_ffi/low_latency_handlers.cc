@@ -21,7 +21,7 @@
 namespace jax_ep {
 
 // Attributes of the ops (decoded from the custom call's attribute dictionary). num_sms and
-// num_warps: launch shape (blocks clamped to [1, 1024], warps to [1, 16]).
+// num_warps: launch shape (clamped to kLLMaxBlocks blocks of at most kLLMaxThreads).
 struct LLLaunchAttrs {        // combine, combine_send
   int64_t buffer_id, num_sms, num_warps;
 };
@@ -109,9 +109,11 @@ LLTimingRecord* timing_ring(int device, cudaStream_t stream) {
 }
 
 
-int blocks_of(int64_t num_sms) { return clamp_int(num_sms, 1, 1024); }
-// At most 16 warps: the kernels are compiled for 512 threads (up to 128 registers each).
-int threads_of(int64_t num_warps) { return 32 * clamp_int(num_warps, 1, 16); }
+// Blocks per launch: the cooperative launch caps them further at what is co-resident.
+constexpr int kLLMaxBlocks = 1024;
+
+int blocks_of(int64_t num_sms) { return clamp_int(num_sms, 1, kLLMaxBlocks); }
+int threads_of(int64_t num_warps) { return 32 * clamp_int(num_warps, 1, kLLMaxThreads / 32); }
 
 // Experts and slots per (expert, source rank) of one op.
 struct LLShape {

@@ -19,7 +19,7 @@ namespace jax_ep {
 // Attributes of the ops (decoded from the custom call's attribute dictionary).
 struct CommAttrs {          // cached_dispatch
   int64_t buffer_id;
-  int64_t num_sms;          // blocks of the communication kernel (clamped to [1, 132])
+  int64_t num_sms;          // blocks of the communication kernel (clamped, kMaxNormalBlocks)
 };
 struct DispatchAttrs {
   int64_t buffer_id;

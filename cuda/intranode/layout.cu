@@ -50,8 +50,7 @@ __global__ void dispatch_layout_kernel(const int* __restrict__ topk_idx, int num
 // counts them with ballots (and keeps each lane's first 32 answers in a register), one
 // block scan gives every warp its offset, pass 2 writes the positions. Order is item
 // order, loads stay coalesced, and a block synchronises once (a block scan per 1024
-// items made these kernels barrier-bound: 12 us for 4096 tokens in the rank layout,
-// 70 us for 32768 pairs in the expert layout, on H200).
+// items makes these kernels barrier-bound).
 template <typename Hit, typename Write>
 __device__ __forceinline__ int number_hits(int num_items, Hit hit, Write write, ScanSmem& smem) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;

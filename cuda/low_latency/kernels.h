@@ -6,10 +6,6 @@
 
 namespace jax_ep {
 
-// Threads per block: at most 16 warps (the handlers clamp num_warps), so the compiler may
-// use up to 128 registers without spilling.
-constexpr int kLLMaxThreads = 512;
-
 // Both kernels take (args, phases: LLPhases).
 using LLDispatchKernel = void (*)(LLDispatchArgs a, int phases);
 using LLCombineKernel = void (*)(LLCombineArgs a, int phases);

@@ -26,6 +26,9 @@
 namespace jax_ep {
 
 constexpr int kLLMaxTokensPerRank = 1024;  // M
+// Threads per block the kernels are compiled for: at most 16 warps (the handlers clamp
+// num_warps), so the compiler may use up to 128 registers without spilling.
+constexpr int kLLMaxThreads = 512;
 // The normal kernels use [0, buffer_bytes_for_rows(cap)); 64 MiB leaves room for
 // 16M received rows there (the default normal Buffer is 16 MiB).
 constexpr size_t kLowLatencyOffset = size_t(64) << 20;
@@ -47,7 +50,8 @@ struct alignas(128) LowLatencyHeader {
   uint32_t send_rows[kMaxExperts];
 };
 
-static_assert(sizeof(LowLatencyHeader) == 20608, "ll_data_offset of jax_ep/backends/cuda/_ffi.py FALLBACK_LIMITS");
+// kLLDataOffset is mirrored in FALLBACK_LIMITS (jax_ep/backends/cuda/_ffi.py).
+static_assert(sizeof(LowLatencyHeader) == 20608, "update FALLBACK_LIMITS['ll_data_offset']");
 constexpr size_t kLLDataOffset = kLowLatencyOffset + align_up(sizeof(LowLatencyHeader), 4096);
 static_assert(kLowLatencyOffset >= buffer_bytes_for_rows(1 << 20),
               "the low-latency region must start past the normal kernels' region");

@@ -2,9 +2,9 @@
 
 Every op is one ``jax.ffi.ffi_call`` (``has_side_effect=True``: the ops communicate, so
 XLA must neither drop nor merge them) whose results are marked varying over the EP axis.
-Limits come from the extension (``_jax_ep_ffi.limits``, i.e. cuda/common/buffer_layout.h and
-cuda/low_latency/low_latency.h) where it is built with CUDA; :data:`FALLBACK_LIMITS` serves size hints
-and checks without it.
+Limits come from the extension (``_jax_ep_ffi.limits``, i.e. cuda/common/buffer_layout.h
+and cuda/low_latency/low_latency.h) where it is built with CUDA; :data:`FALLBACK_LIMITS`
+serves size hints and checks without it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from jax_ep import _native
 I32 = jnp.int32
 F32 = jnp.float32
 
-# The extension's table, for installs without the CUDA build (a CPU test compares them).
+# The extension's table (xla_ffi/buffer_bindings.cc), for installs without the CUDA build.
 FALLBACK_LIMITS = {
     "max_ranks": 8,                    # kMaxRanks: one NVLink domain
     "max_experts": 1024,               # kMaxExperts

@@ -10,8 +10,8 @@ per-peer offset).
 
 The buffer of each GPU holds the normal kernels' counts, flags and published pointers
 (rows move directly between XLA's buffers), then, at ``ll_offset``, the low-latency region
-(``cuda/low_latency/low_latency.h``): a header and two halves of receive slots that consecutive
-low-latency ops alternate between.
+(``cuda/low_latency/low_latency.h``): a header and two halves of receive slots that
+consecutive low-latency ops alternate between.
 """
 
 from __future__ import annotations
