@@ -5,8 +5,8 @@ jit on every visible GPU (one process, the bench shape of bench/low_latency.py: 
 H=7168, K=8, E=256), on a profiling build of the extension: thread 0 of every block of
 the kernels records ``%globaltimer`` (ns) and ``clock64`` at each phase point
 (cuda/low_latency/low_latency.h, ``LLTimingPoint``) into a per-GPU debug ring of the last
-16 ops. After each chain the ring is read back (``jax_ep._native.load_testing().ll_timing(device)``,
-which waits for the GPU).
+16 ops. After each chain the ring is read back
+(``jax_ep._native.load_testing().ll_timing(device)``, which waits for the GPU).
 
 For every op, times are taken relative to t0 = the earliest kernel entry over all GPUs and
 blocks; per point the script prints, as medians over the ops of the chain (the first op of
