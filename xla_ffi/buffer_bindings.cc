@@ -19,7 +19,7 @@ namespace nb = nanobind;
 namespace jax_ep {
 
 void add_buffer_bindings(nb::module_& m) {
-  // jax_ep/_limits.py reads these (and falls back to its own table without CUDA).
+  // jax_ep/backends/cuda/_ffi.py reads these (FALLBACK_LIMITS where CUDA is not built).
   nb::dict limits;
   limits["max_ranks"] = kMaxRanks;
   limits["max_experts"] = kMaxExperts;

@@ -108,7 +108,6 @@ LLTimingRecord* timing_ring(int device, cudaStream_t stream) {
   return p;
 }
 
-
 // Blocks per launch: the cooperative launch caps them further at what is co-resident.
 constexpr int kLLMaxBlocks = 1024;
 
