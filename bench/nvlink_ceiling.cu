@@ -28,8 +28,8 @@
 #include <string>
 #include <vector>
 
-#include "cuda/row_copy.cuh"
-#include "cuda/tma.cuh"
+#include "cuda/common/row_copy.cuh"
+#include "cuda/common/tma.cuh"
 
 namespace {
 

@@ -43,6 +43,14 @@ def pytest_configure(config):
                                    local_device_ids=[int(i) for i in ids.split(",")]
                                    if ids else None,
                                    initialization_timeout=120)
+        if "JAX_EP_TEST_SEED" not in os.environ:  # the same random inputs on every rank
+            import time
+
+            from jax_ep import distributed
+
+            mine = str(time.time_ns() % (1 << 31)).encode()
+            os.environ["JAX_EP_TEST_SEED"] = distributed.all_gather_bytes(
+                "tests/seed", mine)[0].decode()
 
 
 def _ranks_of_this_run():
@@ -78,3 +86,16 @@ def pytest_sessionfinish(session, exitstatus):
     harness = sys.modules.get("tests.harness")
     if harness is not None and session.config.getoption("--distributed"):
         harness.remove_shared_dir()
+
+
+def pytest_runtest_logreport(report):
+    """One rank of a job: print a failure as it happens (the other ranks' output goes to
+    files, and a job stopped at its time limit never prints its summary)."""
+    if report.failed and getattr(report, "longreprtext", ""):
+        import sys
+
+        jax = sys.modules.get("jax")
+        if jax is not None and jax.process_count() > 1:
+            lines = report.longreprtext.splitlines()
+            print(f"\n[rank {jax.process_index()}] FAILED {report.nodeid} ({report.when}):\n"
+                  + "\n".join(lines[-40:]), flush=True)

@@ -98,12 +98,12 @@ def exchange_with_missing_rank():
 def buffer_exchange(fail_rank: int = -1):
     """The exchange behind multi-process Buffer creation: every process gets every export,
     or, when one process failed, every process raises with that process's error."""
-    from jax_ep.backends import cuda
+    from jax_ep.backends.cuda import buffer
 
     me = jax.process_index()
     error = f"planted export failure on {me}" if me == fail_rank else ""
     try:
-        got = cuda._exchange(f"test/exchange/{fail_rank}", error, {str(me): bytes([me]) * 3})
+        got = buffer._exchange(f"test/exchange/{fail_rank}", error, {str(me): bytes([me]) * 3})
     except RuntimeError as err:
         return {"rank": me, "error": str(err)}
     return {"rank": me, "data": {k: v.hex() for k, v in sorted(got.items())}}
@@ -121,7 +121,7 @@ def buffer_lifecycle(rounds: int = 20):
     """Create, use and close a Buffer ``rounds`` times; report GPU memory before/after."""
     from jax_ep import _native
 
-    ext = _native.extension()
+    probes = _native.load_testing()
     dev = jax.local_devices()[0]
     R = jax.process_count()
     mesh = _gpu_mesh()
@@ -145,10 +145,10 @@ def buffer_lifecycle(rounds: int = 20):
         return out
 
     one_round()  # compiles; first-use allocations of CUDA/XLA happen here
-    free_before, _ = ext.device_memory_info(int(dev.local_hardware_id))
+    free_before, _ = probes.device_memory_info(int(dev.local_hardware_id))
     for _ in range(rounds):
         one_round()
-    free_after, _ = ext.device_memory_info(int(dev.local_hardware_id))
+    free_after, _ = probes.device_memory_info(int(dev.local_hardware_id))
     return {"rank": jax.process_index(), "free_before": free_before, "free_after": free_after}
 
 

@@ -1,9 +1,9 @@
 """Starts EP ranks as processes on this host: whole pytest sessions, or one test body.
 
 Ranks go to the visible GPUs round-robin, so there may be more ranks than GPUs: ranks that
-share a GPU reach each other through the one-process-per-GPU path (CUDA IPC), run
-concurrently under CUDA MPS when its control daemon can be started here (it is started for
-the run and stopped after), else by time slicing, and split the GPU's SMs
+share a GPU reach each other through the one-process-per-GPU path (CUDA IPC), take turns on
+it by time slicing (with ``--mps``: run concurrently under a CUDA MPS control daemon
+started for the run and stopped after, where it can be started), and split the GPU's SMs
 (``JAX_EP_TEST_RANKS_PER_GPU``, read by tests/harness.py) and its memory (no XLA
 preallocation). The placement is printed.
 
@@ -255,9 +255,12 @@ def run_pytest_job(num_ranks: int, pytest_args: List[str], *, platform: str, num
             env["JAX_EP_REAL_DEVICES"] = "1"
         return subprocess.run(base + pytest_args, env=env, cwd=ROOT).returncode
     port = _free_port()
+    seed = os.environ.get("JAX_EP_TEST_SEED", str(time.time_ns() % (1 << 31)))
+    print(f"tests.multiprocess: JAX_EP_TEST_SEED={seed}", flush=True)
     procs, files = [], []
     for rank in range(num_ranks):
         env = rank_env(rank, num_ranks, port, platform, num_gpus, mps_env)
+        env["JAX_EP_TEST_SEED"] = seed  # every rank builds the same inputs
         out = None if rank == 0 else open(logs / f"ranks{num_ranks}-rank{rank}.log", "w")
         files.append(out)
         procs.append(subprocess.Popen(base + ["--distributed"] + pytest_args, env=env,
@@ -288,8 +291,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--platform", choices=("gpu", "cpu"), default=None,
                         help="default: gpu when this host shows GPUs")
     parser.add_argument("--gpus", type=int, default=None, help="GPUs to place ranks on")
-    parser.add_argument("--no-mps", action="store_true",
-                        help="time-slice ranks that share a GPU instead of CUDA MPS")
+    parser.add_argument("--mps", action="store_true",
+                        help="run ranks that share a GPU concurrently under CUDA MPS (default: "
+                             "time slicing; on one H200 with MPS the low-latency kernels "
+                             "failed with 'unspecified launch failure')")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per EP size")
     parser.add_argument("--logs", default=None, help="folder for the other ranks' output")
     parser.add_argument("pytest_args", nargs=argparse.REMAINDER,
@@ -305,7 +310,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     sizes = [int(r) for r in a.ranks.split(",") if r.strip()]
     shares = platform == "gpu" and any(r > gpus for r in sizes)
     results = []
-    with mps_daemon(shares and not a.no_mps) as mps_env:
+    with mps_daemon(shares and a.mps) as mps_env:
         for r in sizes:
             where = ("1 process driving every local device" if r == 1 else
                      placement(r, platform, gpus, mps_env is not None and r > gpus))

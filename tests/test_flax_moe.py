@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from jax_ep.flax import MoE, linen_moe, route
-from tests import ep
+from tests import harness
 
 R = 4
 H, F, E, K, FS = 32, 48, 8, 3, 16
@@ -16,9 +16,9 @@ H, F, E, K, FS = 32, 48, 8, 3, 16
 
 def _mesh(explicit=False):
     if explicit:
-        return jax.make_mesh((R,), (ep.AXIS,), devices=jax.devices()[:R],
+        return jax.make_mesh((R,), (harness.AXIS,), devices=jax.devices()[:R],
                              axis_types=(jax.sharding.AxisType.Explicit,))
-    return ep.mesh(R)
+    return harness.mesh(R)
 
 
 def _layer(mesh=None, **kw):
@@ -68,7 +68,7 @@ def test_forward_matches_dense_reference(explicit):
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
     # [B, S, H] input sharded over the sequence dim: same tokens, same result
     xs = jax.device_put(x.reshape(2, 32, H), jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec(None, ep.AXIS)))
+        mesh, jax.sharding.PartitionSpec(None, harness.AXIS)))
     out3, _ = nnx.jit(lambda m, x: m(x))(moe, xs)
     assert out3.shape == (2, 32, H)
     np.testing.assert_allclose(np.asarray(out3).reshape(-1, H), np.asarray(want),
@@ -199,7 +199,7 @@ def test_layer_group_limited_sigmoid_routing_is_valid():
 
 def test_data_and_expert_axes_match_dense_reference():
     devices = np.array(jax.devices()[:R]).reshape(2, 2)
-    mesh = jax.sharding.Mesh(devices, ("data", ep.AXIS))
+    mesh = jax.sharding.Mesh(devices, ("data", harness.AXIS))
     moe = _layer(mesh, token_axes=("data",))
     x = _tokens()
     out, stats = nnx.jit(lambda m, x: m(x))(moe, x.reshape(8, 8, H))

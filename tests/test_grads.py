@@ -8,7 +8,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jax.test_util import check_grads
 
 import jax_ep
-from tests import ep
+from tests import harness
 
 R, E, T, K, H = 4, 8, 5, 3, 16
 L = E // R
@@ -16,20 +16,20 @@ L = E // R
 
 def _inputs(seed):
     rng = np.random.default_rng(seed)
-    x = np.concatenate(ep.random_tokens(rng, R, T, H))
-    idx = np.concatenate(ep.random_routing(rng, R, T, K, E, mask_prob=0.2))
-    w = np.concatenate(ep.random_weights(rng, R, T, K))
+    x = np.concatenate(harness.random_tokens(rng, R, T, H))
+    idx = np.concatenate(harness.random_routing(rng, R, T, K, E, mask_prob=0.2))
+    w = np.concatenate(harness.random_weights(rng, R, T, K))
     return x, idx, w
 
 
 def _sharded(fn, num_args):
-    m = ep.mesh(R)
-    return jax.jit(jax.shard_map(fn, mesh=m, in_specs=(P(ep.AXIS),) * num_args,
-                                 out_specs=P(ep.AXIS)))
+    m = harness.mesh(R)
+    return jax.jit(jax.shard_map(fn, mesh=m, in_specs=(P(harness.AXIS),) * num_args,
+                                 out_specs=P(harness.AXIS)))
 
 
 def _put(*arrays):
-    sh = NamedSharding(ep.mesh(R), P(ep.AXIS))
+    sh = NamedSharding(harness.mesh(R), P(harness.AXIS))
     return [jax.device_put(jnp.asarray(a), sh) for a in arrays]
 
 
@@ -38,16 +38,16 @@ def _expert_scale():
 
 
 def _moe_expert_layout(x, idx, w):
-    r = jax_ep.dispatch(x, idx, w, num_experts=E, axis_name=ep.AXIS, layout="expert")
-    me = jax.lax.axis_index(ep.AXIS)
+    r = jax_ep.dispatch(x, idx, w, num_experts=E, axis_name=harness.AXIS, layout="expert")
+    me = jax.lax.axis_index(harness.AXIS)
     e = jnp.where(r.recv_topk_idx >= 0, r.recv_topk_idx + me * L, 0)
     y = jnp.sin(r.recv_x * _expert_scale()[e][:, None])
     return jax_ep.combine(y, r.handle, r.recv_topk_weights)
 
 
 def _moe_rank_layout(x, idx, w):
-    r = jax_ep.dispatch(x, idx, w, num_experts=E, axis_name=ep.AXIS, layout="rank")
-    me = jax.lax.axis_index(ep.AXIS)
+    r = jax_ep.dispatch(x, idx, w, num_experts=E, axis_name=harness.AXIS, layout="rank")
+    me = jax.lax.axis_index(harness.AXIS)
     e = jnp.where(r.recv_topk_idx >= 0, r.recv_topk_idx + me * L, 0)
     f = jnp.sin(r.recv_x[:, None, :] * _expert_scale()[e][..., None])
     y = jnp.sum(f * r.recv_topk_weights[..., None], axis=1)
@@ -86,7 +86,7 @@ def test_check_grads_dispatch(layout):
     _, idxs, _ = _put(x, idx, w)
 
     def body(x, idx, w):
-        r = jax_ep.dispatch(x, idx, w, num_experts=E, axis_name=ep.AXIS, layout=layout)
+        r = jax_ep.dispatch(x, idx, w, num_experts=E, axis_name=harness.AXIS, layout=layout)
         # a scalar per rank that depends on both outputs
         wsum = r.recv_topk_weights if layout == "expert" else jnp.sum(r.recv_topk_weights, 1)
         return (jnp.sum(jnp.sin(r.recv_x) * (1.0 + wsum[:, None])))[None]
@@ -105,7 +105,7 @@ def test_check_grads_combine():
     rw = rng.random(R * cap).astype(np.float32)
 
     def body(x, idx, w, y, rw):
-        r = jax_ep.dispatch(x, idx, w, num_experts=E, axis_name=ep.AXIS, layout="expert")
+        r = jax_ep.dispatch(x, idx, w, num_experts=E, axis_name=harness.AXIS, layout="expert")
         return jnp.sin(jax_ep.combine(y, r.handle, rw)) + jax_ep.combine(y, r.handle) ** 2
 
     f = _sharded(body, 5)
@@ -120,7 +120,7 @@ def test_fp8_dispatch_gives_weight_grads_and_no_value_grads():
 
     def body(x, idx, w):
         r = jax_ep.dispatch(jax_ep.fp8.per_token_cast(x), idx, w, num_experts=E,
-                            axis_name=ep.AXIS, layout="expert")
+                            axis_name=harness.AXIS, layout="expert")
         vals = jax_ep.fp8.per_token_cast_back(*r.recv_x, dtype=jnp.float32)
         return jnp.sum(vals * r.recv_topk_weights[:, None])[None]
 

@@ -11,19 +11,19 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jax_ep
-from tests import ep, oracle
+from tests import harness, oracle
 
 
 def _case(seed, R, T, K, E, H=32, mask_prob=0.15):
     rng = np.random.default_rng(seed)
-    return (ep.random_tokens(rng, R, T, H), ep.random_routing(rng, R, T, K, E, mask_prob),
-            ep.random_weights(rng, R, T, K))
+    return (harness.random_tokens(rng, R, T, H), harness.random_routing(rng, R, T, K, E, mask_prob),
+            harness.random_weights(rng, R, T, K))
 
 
 def _ll_dispatch(E, M, use_fp8=False):
     def fn(x, idx):
         return jax_ep.low_latency_dispatch(x, idx, num_experts=E, max_tokens_per_rank=M,
-                                           axis_name=ep.AXIS, use_fp8=use_fp8)
+                                           axis_name=harness.AXIS, use_fp8=use_fp8)
     return fn
 
 
@@ -31,7 +31,7 @@ def _ll_dispatch(E, M, use_fp8=False):
 def test_low_latency_dispatch_matches_oracle(R, T):
     E, K, M = 2 * R if R > 1 else 4, 2, 8
     xs, idxs, _ = _case(R * 10 + T, R, T, K, E)
-    got = ep.run(_ll_dispatch(E, M), R, xs, idxs)
+    got = harness.run(_ll_dispatch(E, M), R, xs, idxs)
     want = oracle.low_latency_dispatch(xs, idxs, E, M)
     for r in range(R):
         np.testing.assert_array_equal(got.recv_x[r], want[r]["recv_x"])
@@ -44,7 +44,7 @@ def test_low_latency_fp8_dispatch_equals_cast_of_bf16_rows():
     R, E, T, K, M, H = 4, 8, 6, 3, 8, 256
     xs, idxs, _ = _case(3, R, T, K, E, H=H)
     xs = [x.astype(jnp.bfloat16) for x in xs]
-    (rq, rs), count, _ = ep.run(_ll_dispatch(E, M, use_fp8=True), R, xs, idxs)
+    (rq, rs), count, _ = harness.run(_ll_dispatch(E, M, use_fp8=True), R, xs, idxs)
     want = oracle.low_latency_dispatch(xs, idxs, E, M)
     for r in range(R):
         w = want[r]["recv_x"].reshape(-1, H)
@@ -64,13 +64,13 @@ def test_low_latency_combine_matches_oracle_and_duplicates():
 
     def fn(x, idx, w):
         r = jax_ep.low_latency_dispatch(x, idx, num_experts=E, max_tokens_per_rank=M,
-                                        axis_name=ep.AXIS)
-        me = jax.lax.axis_index(ep.AXIS)
+                                        axis_name=harness.AXIS)
+        me = jax.lax.axis_index(harness.AXIS)
         local_scale = jax.lax.dynamic_slice(jnp.asarray(scale), (me * (E // R),), (E // R,))
         y = jnp.tanh(r.recv_x * local_scale[:, None, None])
         return jax_ep.low_latency_combine(y, idx, w, r.handle)
 
-    got = ep.run(fn, R, xs, idxs, ws)
+    got = harness.run(fn, R, xs, idxs, ws)
     want = oracle.moe(xs, idxs, ws, E, lambda e, x: np.tanh(x * scale[e]))
     for r in range(R):
         np.testing.assert_allclose(got[r], want[r], rtol=1e-5, atol=1e-5)
@@ -82,19 +82,19 @@ def test_split_form_equals_fused():
 
     def fused(x, idx, w):
         r = jax_ep.low_latency_dispatch(x, idx, num_experts=E, max_tokens_per_rank=M,
-                                        axis_name=ep.AXIS)
+                                        axis_name=harness.AXIS)
         return r.recv_x, jax_ep.low_latency_combine(r.recv_x * 3.0, idx, w, r.handle)
 
     def split(x, idx, w):
         pending = jax_ep.low_latency_dispatch_send(x, idx, num_experts=E, max_tokens_per_rank=M,
-                                                   axis_name=ep.AXIS)
+                                                   axis_name=harness.AXIS)
         other = jnp.sin(x)  # independent work between send and receive
         r = jax_ep.low_latency_dispatch_recv(pending)
         cp = jax_ep.low_latency_combine_send(r.recv_x * 3.0, idx, w, r.handle)
         return r.recv_x, jax_ep.low_latency_combine_recv(cp) + 0.0 * other
 
-    a = ep.run(fused, R, xs, idxs, ws)
-    b = ep.run(split, R, xs, idxs, ws)
+    a = harness.run(fused, R, xs, idxs, ws)
+    b = harness.run(split, R, xs, idxs, ws)
     for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(u, v)
 
@@ -102,7 +102,7 @@ def test_split_form_equals_fused():
 def test_decode_loop_in_scan():
     R, E, T, K, M, H, steps = 4, 8, 4, 2, 4, 16, 20
     rng = np.random.default_rng(6)
-    idxs = [np.stack(ep.random_routing(rng, steps, T, K, E)) for _ in range(R)]
+    idxs = [np.stack(harness.random_routing(rng, steps, T, K, E)) for _ in range(R)]
     ws = [rng.random((steps, T, K)).astype(np.float32) for _ in range(R)]
     xs = [rng.standard_normal((T, H)).astype(np.float32) for _ in range(R)]
 
@@ -110,12 +110,12 @@ def test_decode_loop_in_scan():
         def step(x, inp):
             i, wi = inp
             r = jax_ep.low_latency_dispatch(x, i, num_experts=E, max_tokens_per_rank=M,
-                                            axis_name=ep.AXIS)
+                                            axis_name=harness.AXIS)
             out = jax_ep.low_latency_combine(jnp.tanh(r.recv_x), i, wi, r.handle)
             return out, out
         return jax.lax.scan(step, x0, (idx, w))[1]
 
-    got = ep.run(fn, R, xs, idxs, ws)
+    got = harness.run(fn, R, xs, idxs, ws)
     cur = [x.astype(np.float64) for x in xs]
     for s in range(steps):
         cur = oracle.moe(cur, [i[s] for i in idxs], [w[s] for w in ws], E,
@@ -127,24 +127,24 @@ def test_decode_loop_in_scan():
 def test_low_latency_grads_equal_dense():
     R, E, T, K, M, H = 4, 8, 5, 3, 8, 16
     rng = np.random.default_rng(7)
-    x = np.concatenate(ep.random_tokens(rng, R, T, H))
-    idx = np.concatenate(ep.random_routing(rng, R, T, K, E, 0.2))
+    x = np.concatenate(harness.random_tokens(rng, R, T, H))
+    idx = np.concatenate(harness.random_routing(rng, R, T, K, E, 0.2))
     idx[0] = [1, 1, 5]  # duplicate expert in one token
-    w = np.concatenate(ep.random_weights(rng, R, T, K))
+    w = np.concatenate(harness.random_weights(rng, R, T, K))
     scale = jnp.linspace(0.5, 1.5, E, dtype=jnp.float32)
     cot = rng.standard_normal((R * T, H)).astype(np.float32)
-    m = ep.mesh(R)
-    sh = NamedSharding(m, P(ep.AXIS))
+    m = harness.mesh(R)
+    sh = NamedSharding(m, P(harness.AXIS))
 
     def body(x, idx, w):
         r = jax_ep.low_latency_dispatch(x, idx, num_experts=E, max_tokens_per_rank=M,
-                                        axis_name=ep.AXIS)
-        me = jax.lax.axis_index(ep.AXIS)
+                                        axis_name=harness.AXIS)
+        me = jax.lax.axis_index(harness.AXIS)
         local = jax.lax.dynamic_slice(scale, (me * (E // R),), (E // R,))
         return jax_ep.low_latency_combine(jnp.sin(r.recv_x * local[:, None, None]), idx, w,
                                           r.handle)
 
-    f = jax.jit(jax.shard_map(body, mesh=m, in_specs=P(ep.AXIS), out_specs=P(ep.AXIS)))
+    f = jax.jit(jax.shard_map(body, mesh=m, in_specs=P(harness.AXIS), out_specs=P(harness.AXIS)))
     xs, idxs, ws = [jax.device_put(jnp.asarray(a), sh) for a in (x, idx, w)]
     gx, gw = jax.grad(lambda x, w: jnp.sum(f(x, idxs, w) * cot), argnums=(0, 1))(xs, ws)
 
@@ -164,11 +164,11 @@ def test_fp8_low_latency_dispatch_is_not_differentiable():
 
     def loss(x, idx):
         r = jax_ep.low_latency_dispatch(x, idx, num_experts=E, max_tokens_per_rank=M,
-                                        axis_name=ep.AXIS, use_fp8=True)
+                                        axis_name=harness.AXIS, use_fp8=True)
         return jnp.sum(r.recv_x[1])[None]
 
     with pytest.raises(TypeError, match="use_fp8=True is not differentiable"):
-        ep.run(lambda x, idx: jax.grad(lambda x: loss(x, idx)[0])(x), R, xs, idxs)
+        harness.run(lambda x, idx: jax.grad(lambda x: loss(x, idx)[0])(x), R, xs, idxs)
 
 
 def test_zero_padding_option_on_the_reference_backend():
@@ -178,14 +178,14 @@ def test_zero_padding_option_on_the_reference_backend():
 
     def fn(x, idx):
         a = jax_ep.low_latency_dispatch(x, idx, num_experts=E, max_tokens_per_rank=M,
-                                        axis_name=ep.AXIS)
+                                        axis_name=harness.AXIS)
         b = jax_ep.low_latency_dispatch(x, idx, num_experts=E, max_tokens_per_rank=M,
-                                        axis_name=ep.AXIS, zero_padding=True)
+                                        axis_name=harness.AXIS, zero_padding=True)
         p = jax_ep.low_latency_dispatch_send(x, idx, num_experts=E, max_tokens_per_rank=M,
-                                             axis_name=ep.AXIS, zero_padding=True)
+                                             axis_name=harness.AXIS, zero_padding=True)
         c = jax_ep.low_latency_dispatch_recv(p)
         return a.recv_x, b.recv_x, c.recv_x, a.handle.arrays.recv_count_per_rank
-    a, b, c, counts = ep.run(fn, R, xs, idxs)
+    a, b, c, counts = harness.run(fn, R, xs, idxs)
     for r in range(R):
         np.testing.assert_array_equal(a[r], b[r])
         np.testing.assert_array_equal(a[r], c[r])
@@ -197,28 +197,28 @@ def test_zero_padding_option_on_the_reference_backend():
 def test_split_form_grads_equal_fused():
     R, E, T, K, M, H = 4, 8, 5, 3, 8, 16
     rng = np.random.default_rng(10)
-    x = np.concatenate(ep.random_tokens(rng, R, T, H))
-    idx = np.concatenate(ep.random_routing(rng, R, T, K, E, 0.2))
+    x = np.concatenate(harness.random_tokens(rng, R, T, H))
+    idx = np.concatenate(harness.random_routing(rng, R, T, K, E, 0.2))
     idx[0] = [1, 1, 5]
-    w = np.concatenate(ep.random_weights(rng, R, T, K))
-    m = ep.mesh(R)
-    sh = NamedSharding(m, P(ep.AXIS))
+    w = np.concatenate(harness.random_weights(rng, R, T, K))
+    m = harness.mesh(R)
+    sh = NamedSharding(m, P(harness.AXIS))
     xs, idxs, ws = [jax.device_put(jnp.asarray(a), sh) for a in (x, idx, w)]
 
     def fused(x, idx, w):
         r = jax_ep.low_latency_dispatch(x, idx, num_experts=E, max_tokens_per_rank=M,
-                                        axis_name=ep.AXIS)
+                                        axis_name=harness.AXIS)
         return jax_ep.low_latency_combine(jnp.sin(r.recv_x), idx, w, r.handle)
 
     def split(x, idx, w):
         p = jax_ep.low_latency_dispatch_send(x, idx, num_experts=E, max_tokens_per_rank=M,
-                                             axis_name=ep.AXIS)
+                                             axis_name=harness.AXIS)
         r = jax_ep.low_latency_dispatch_recv(p)
         c = jax_ep.low_latency_combine_send(jnp.sin(r.recv_x), idx, w, r.handle)
         return jax_ep.low_latency_combine_recv(c)
 
     def grads(body):
-        f = jax.shard_map(body, mesh=m, in_specs=P(ep.AXIS), out_specs=P(ep.AXIS))
+        f = jax.shard_map(body, mesh=m, in_specs=P(harness.AXIS), out_specs=P(harness.AXIS))
         return jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, idxs, w) ** 2), argnums=(0, 1)))(
             xs, ws)
 
@@ -245,8 +245,8 @@ def cuda_lowering(monkeypatch):
 
 
 def _lowered(fn, R, T, H, K, grad=False):
-    m = ep.mesh(R)
-    f = jax.shard_map(fn, mesh=m, in_specs=P(ep.AXIS), out_specs=P(ep.AXIS))
+    m = harness.mesh(R)
+    f = jax.shard_map(fn, mesh=m, in_specs=P(harness.AXIS), out_specs=P(harness.AXIS))
     x = jnp.zeros((R * T, H), jnp.float32)
     idx = jnp.zeros((R * T, K), jnp.int32)
     w = jnp.ones((R * T, K), jnp.float32)
@@ -275,7 +275,7 @@ def test_cuda_split_form_lowers_to_separate_send_and_recv_calls(cuda_lowering):
 
     def split(x, idx, w):
         p = jax_ep.low_latency_dispatch_send(x, idx, num_experts=E, max_tokens_per_rank=M,
-                                             axis_name=ep.AXIS, buffer=buf, backend="cuda")
+                                             axis_name=harness.AXIS, buffer=buf, backend="cuda")
         h = jnp.tanh(x)  # independent work XLA may place between the halves
         r = jax_ep.low_latency_dispatch_recv(p)
         c = jax_ep.low_latency_combine_send(r.recv_x * 2.0, idx, w, r.handle)
@@ -303,7 +303,7 @@ def test_cuda_zero_padding_only_where_promised(cuda_lowering):
     def fused(zero_padding):
         def f(x, idx, w):
             r = jax_ep.low_latency_dispatch(x, idx, num_experts=E, max_tokens_per_rank=M,
-                                            axis_name=ep.AXIS, buffer=buf, backend="cuda",
+                                            axis_name=harness.AXIS, buffer=buf, backend="cuda",
                                             zero_padding=zero_padding)
             return jax_ep.low_latency_combine(jnp.sin(r.recv_x), idx, w, r.handle)
         return f

@@ -14,14 +14,14 @@ import jax_ep.flax
 import jax_ep.moe
 from jax_ep.moe import (MoEConfig, MoEParams, batched_swiglu, moe_forward, moe_per_rank,
                         ragged_swiglu)
-from tests import ep
+from tests import harness
 
 R = 4
 H, F, E, K, FS = 32, 48, 8, 3, 16
 
 
 def _layer(**kw):
-    args = dict(hidden=H, ffn_hidden=F, num_experts=E, top_k=K, mesh=ep.mesh(R),
+    args = dict(hidden=H, ffn_hidden=F, num_experts=E, top_k=K, mesh=harness.mesh(R),
                 shared_ffn_hidden=FS, backend="reference", rngs=nnx.Rngs(0))
     args.update(kw)
     moe = jax_ep.flax.MoE(**args)
@@ -32,7 +32,7 @@ def _layer(**kw):
 
 
 def _specs(params):
-    espec = P(ep.AXIS)
+    espec = P(harness.AXIS)
     return MoEParams(router=P(), w_gate=espec, w_up=espec, w_down=espec,
                      expert_bias=None if params.expert_bias is None else P(),
                      shared=tuple(P() for _ in params.shared))
@@ -45,8 +45,8 @@ def _user_block(moe, **call_kw):
         return out, stats
 
     params = moe.moe_params()
-    return jax.jit(jax.shard_map(body, mesh=moe.mesh, in_specs=(P(ep.AXIS), _specs(params)),
-                                 out_specs=(P(ep.AXIS), P())))
+    return jax.jit(jax.shard_map(body, mesh=moe.mesh, in_specs=(P(harness.AXIS), _specs(params)),
+                                 out_specs=(P(harness.AXIS), P())))
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(expert_capacity=16),
@@ -122,13 +122,13 @@ def test_moe_per_rank_argument_errors():
         moe_per_rank(x, params, {"num_experts": E})
 
     def run(body, in_params):
-        return jax.shard_map(body, mesh=moe.mesh, in_specs=(P(ep.AXIS), _specs(in_params)),
-                             out_specs=P(ep.AXIS))(x, in_params)
+        return jax.shard_map(body, mesh=moe.mesh, in_specs=(P(harness.AXIS), _specs(in_params)),
+                             out_specs=P(harness.AXIS))(x, in_params)
 
     replicated = _specs(params)._replace(w_gate=P(), w_up=P(), w_down=P())
     with pytest.raises(ValueError, match="w_gate must have 2 experts on its first dim"):
         jax.shard_map(lambda x, p: moe_per_rank(x, p, moe.config)[0], mesh=moe.mesh,
-                      in_specs=(P(ep.AXIS), replicated), out_specs=P(ep.AXIS))(x, params)
+                      in_specs=(P(harness.AXIS), replicated), out_specs=P(harness.AXIS))(x, params)
     with pytest.raises(ValueError, match="max_tokens_per_rank must be an int >= the 4"):
         run(lambda x, p: moe_per_rank(x, p, moe.config, low_latency=True,
                                       max_tokens_per_rank=2)[0], params)
@@ -177,7 +177,7 @@ def test_ragged_and_batched_swiglu_match_per_expert_dense_swiglu():
 
 
 def test_place_on_mesh_replicates_unplaced_arrays_and_keeps_the_experts():
-    mesh = ep.mesh(R)
+    mesh = harness.mesh(R)
 
     class Model(nnx.Module):
         def __init__(self, rngs):
@@ -189,7 +189,7 @@ def test_place_on_mesh_replicates_unplaced_arrays_and_keeps_the_experts():
     assert not isinstance(model.proj.kernel[...].sharding, NamedSharding)
     jax_ep.flax.place_on_mesh(mesh, model)
     assert model.proj.kernel[...].sharding == NamedSharding(mesh, P())
-    assert model.moe.w_gate[...].sharding.spec == P(ep.AXIS, None, None)
+    assert model.moe.w_gate[...].sharding.spec == P(harness.AXIS, None, None)
     for leaf in jax.tree.leaves(nnx.state(model)):
         assert isinstance(leaf.sharding, NamedSharding) and leaf.sharding.mesh == mesh
 

@@ -7,17 +7,18 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jax_ep
-from tests import ep
+from tests import harness
 
 R, E, T, K, H = 2, 4, 3, 2, 16
 
 
 def _trace(fn, *arrays):
     """Traces ``fn`` per rank under shard_map (errors are raised at trace time)."""
-    m = ep.mesh(R)
-    sh = NamedSharding(m, P(ep.AXIS))
+    m = harness.mesh(R)
+    sh = NamedSharding(m, P(harness.AXIS))
     args = [jax.device_put(jnp.asarray(np.concatenate([a] * R)), sh) for a in arrays]
-    return jax.jit(jax.shard_map(fn, mesh=m, in_specs=P(ep.AXIS), out_specs=P(ep.AXIS)))(*args)
+    f = jax.shard_map(fn, mesh=m, in_specs=P(harness.AXIS), out_specs=P(harness.AXIS))
+    return jax.jit(f)(*args)
 
 
 X = np.ones((T, H), np.float32)
@@ -26,7 +27,7 @@ W = np.ones((T, K), np.float32)
 
 
 def _dispatch(**kw):
-    args = dict(num_experts=E, axis_name=ep.AXIS)
+    args = dict(num_experts=E, axis_name=harness.AXIS)
     args.update(kw)
     return lambda x, idx, w: jax_ep.dispatch(x, idx, w, **args).recv_x
 
@@ -63,7 +64,7 @@ def test_fp8_pair_validation():
     q, s = jax_ep.fp8.per_token_cast(jnp.ones((T, 128), jnp.float32))
     with pytest.raises(ValueError, match="scales of shape"):
         _trace(lambda q, s, idx: jax_ep.dispatch((q, s[:, :0]), idx, num_experts=E,
-                                                  axis_name=ep.AXIS).recv_x[0][None],
+                                                  axis_name=harness.AXIS).recv_x[0][None],
                np.asarray(q), np.asarray(s), IDX)
 
 
@@ -71,14 +72,14 @@ def test_expert_ids_out_of_range_are_caught_by_check_inputs():
     from jax.experimental import checkify
     bad = IDX.copy()
     bad[0, 0] = E  # one past the last expert
-    m = ep.mesh(R)
-    sh = NamedSharding(m, P(ep.AXIS))
+    m = harness.mesh(R)
+    sh = NamedSharding(m, P(harness.AXIS))
 
     def fn(x, idx):
-        return jax_ep.dispatch(x, idx, num_experts=E, axis_name=ep.AXIS,
+        return jax_ep.dispatch(x, idx, num_experts=E, axis_name=harness.AXIS,
                                check_inputs=True).num_recv_tokens[None]
 
-    f = jax.shard_map(fn, mesh=m, in_specs=P(ep.AXIS), out_specs=P(ep.AXIS))
+    f = jax.shard_map(fn, mesh=m, in_specs=P(harness.AXIS), out_specs=P(harness.AXIS))
     args = [jax.device_put(jnp.asarray(np.concatenate([a] * R)), sh) for a in (X, bad)]
     err, _ = jax.jit(checkify.checkify(f))(*args)
     with pytest.raises(checkify.JaxRuntimeError, match=r"expert ids outside \[-1, 4\)"):
@@ -90,14 +91,14 @@ def test_expert_ids_out_of_range_are_caught_by_check_inputs():
 
 def test_combine_rejects_wrong_rows_and_weights():
     def fn(x, idx, w):
-        r = jax_ep.dispatch(x, idx, w, num_experts=E, axis_name=ep.AXIS)
+        r = jax_ep.dispatch(x, idx, w, num_experts=E, axis_name=harness.AXIS)
         return jax_ep.combine(r.recv_x[:-1], r.handle)
 
     with pytest.raises(ValueError, match="y has 5 rows but the dispatch produced 6"):
         _trace(fn, X, IDX, W)
 
     def fn2(x, idx, w):
-        r = jax_ep.dispatch(x, idx, w, num_experts=E, axis_name=ep.AXIS)
+        r = jax_ep.dispatch(x, idx, w, num_experts=E, axis_name=harness.AXIS)
         return jax_ep.combine(r.recv_x, r.handle, r.recv_topk_weights)
 
     with pytest.raises(ValueError, match="weights must be 1-D"):
@@ -117,7 +118,7 @@ def test_combine_rejects_wrong_rows_and_weights():
     (dict(num_experts=3), "num_experts=3 is not divisible"),
 ])
 def test_low_latency_rejects(kw, match):
-    args = dict(num_experts=E, max_tokens_per_rank=8, axis_name=ep.AXIS)
+    args = dict(num_experts=E, max_tokens_per_rank=8, axis_name=harness.AXIS)
     args.update(kw)
 
     def fn(x, idx):
@@ -130,7 +131,7 @@ def test_low_latency_rejects(kw, match):
 def test_low_latency_combine_rejects_wrong_layout():
     def fn(x, idx, w):
         r = jax_ep.low_latency_dispatch(x, idx, num_experts=E, max_tokens_per_rank=8,
-                                        axis_name=ep.AXIS)
+                                        axis_name=harness.AXIS)
         return jax_ep.low_latency_combine(r.recv_x[:, :4], idx, w, r.handle)
 
     with pytest.raises(ValueError, match=r"y must have shape \(2, 16, 'H'\)"):
@@ -138,12 +139,12 @@ def test_low_latency_combine_rejects_wrong_layout():
 
 
 def test_buffer_validation():
-    m = ep.mesh(R)
+    m = harness.mesh(R)
     with pytest.raises(ValueError, match="axis_name 'tp' is not an axis"):
         jax_ep.Buffer(m, "tp")
     with pytest.raises(ValueError, match="num_sms must be a positive int"):
-        jax_ep.Buffer(m, ep.AXIS, num_sms=0)
-    buf = jax_ep.Buffer(m, ep.AXIS)
+        jax_ep.Buffer(m, harness.AXIS, num_sms=0)
+    buf = jax_ep.Buffer(m, harness.AXIS)
     assert buf.backend == "reference" and buf.num_ranks == R
     buf.close()
 
@@ -154,3 +155,14 @@ def test_fp8_helpers_validate():
     q, s = jax_ep.fp8.per_token_cast(jnp.ones((2, 128)))
     with pytest.raises(ValueError, match="scales must have shape"):
         jax_ep.fp8.per_token_cast_back(q, s[:1])
+
+
+def test_fallback_limits_mirror_the_extension():
+    """The pure-Python install's limits are the kernels' (where the extension is built)."""
+    from jax_ep import _native
+    from jax_ep.backends.cuda import _ffi
+
+    ext = _native.load()
+    if ext is None or getattr(ext, "limits", None) is None:
+        pytest.skip("the jax_ep extension is not built (pure-Python install)")
+    assert dict(ext.limits) == _ffi.FALLBACK_LIMITS

@@ -17,6 +17,7 @@ def test_native_import_never_raises():
 def test_cpu_ffi_target_runs_through_ffi_call():
     if _native.load() is None:
         pytest.skip("the jax_ep extension is not built (pure-Python install)")
+    _native.load_testing()  # registers the probe's CPU target
     cpu = jax.devices("cpu")[0]
     call = jax.ffi.ffi_call("jax_ep_cpu_add_one", jax.ShapeDtypeStruct((2, 3), jnp.float32))
     with jax.default_device(cpu):  # the probe is a CPU target, also on GPU machines

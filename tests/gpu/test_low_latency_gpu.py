@@ -1,14 +1,14 @@
-"""CUDA low-latency kernels == reference backend, on the real GPUs of this process.
+"""CUDA low-latency kernels == reference backend.
 
 Dispatch outputs (recv_x, FP8 values and scales included, counts, handle arrays) must
 match bitwise: recv_x on the rows each (local expert, source rank) count covers (the rows
 past it are undefined on CUDA by default), and on every row (zeros) with
-``zero_padding=True`` or under differentiation. Combine outputs must match value for value
-(``assert_array_equal``: the one allowed difference is the sign of an exact zero for a
-token whose every slot is masked, where the reference multiplies an arbitrary row by 0).
-Every test runs at each EP size R of ``h.RANKS`` the run has ranks for (tests/conftest.py);
-the reference backend runs on this process's CPU devices. Fresh random routing every run
-(seed printed; replay with JAX_EP_TEST_SEED).
+``zero_padding=True`` or under differentiation; FP8 rows against XLA's cast on the GPU.
+Combine outputs and gradients are sums: within ``h.assert_reduction_close`` of the
+reference, which runs on this process's CPU devices. Split forms equal the fused ones
+bitwise. Every test runs at each EP size R of ``h.RANKS`` the run has ranks for
+(tests/conftest.py). Fresh random routing every run (seed printed; replay with
+JAX_EP_TEST_SEED).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import jax_ep
-from jax_ep.backends import cuda_low_latency as cll
+from jax_ep.backends import cuda as cll
 from jax_ep.backends import reference as ref
 from jax_ep.types import LowLatencyConfig
 from tests import harness as h
@@ -40,7 +40,7 @@ _buffers = {}
 
 
 def _rng(*salt):
-    return np.random.default_rng([SEED, *[hash(s) % (1 << 31) for s in salt]])
+    return h.rng(SEED, *salt)
 
 
 def _buffer(R):
@@ -76,17 +76,6 @@ def _assert_bitwise(name, got, want):
                              f"{bad[:4].tolist()}{detail} (seed {SEED})")
 
 
-def _assert_values(name, got, want):
-    got, want = np.asarray(got), np.asarray(want)
-    assert got.shape == want.shape and got.dtype == want.dtype, (name, got.shape, want.shape)
-    g, w = got.astype(np.float32), want.astype(np.float32)
-    if not np.array_equal(g, w, equal_nan=True):
-        bad = np.argwhere(~((g == w) | (np.isnan(g) & np.isnan(w))))
-        raise AssertionError(f"{name} differs at {len(bad)} of {got.size} places, first "
-                             f"{bad[:4].tolist()}: got {g[tuple(bad.T)][:4].tolist()} want "
-                             f"{w[tuple(bad.T)][:4].tolist()} (seed {SEED})")
-
-
 def _routing(rng, R, T, K, E, case="random"):
     idx, w = h.routing(rng, R, T, K, E, mask_prob=0.15)
     if case == "random":
@@ -105,12 +94,25 @@ def _routing(rng, R, T, K, E, case="random"):
 
 
 def _dispatch_both(R, T, H, K, E, M, fp8, idx, x, zero_padding=False):
-    outs = {}
-    for backend, run in (("reference", h.run_reference), ("cuda", h.run)):
-        cfg = _cfg(R, T, H, K, E, M, fp8, backend, zero_padding)
-        fn = lambda x, i, cfg=cfg, backend=backend: _backend(backend).ll_dispatch(x, i, None, cfg)
-        outs[backend] = run(fn, R, x, idx)
-    return outs["cuda"], outs["reference"]
+    cfg = _cfg(R, T, H, K, E, M, fp8, "cuda", zero_padding)
+    with h.xla_may_reject_zero_tokens(T):
+        got = h.run(lambda x, i: cll.ll_dispatch(x, i, None, cfg), R, x, idx)
+    return got, _reference_dispatch(R, T, H, K, E, M, fp8, idx, x, zero_padding)
+
+
+def _reference_dispatch(R, T, H, K, E, M, fp8, idx, x, zero_padding=False):
+    """The reference's rows; FP8: its bf16 rows cast by XLA on the GPU afterwards (a row's
+    cast does not depend on where it travels), zeros past the counts as the reference has."""
+    cfg = _cfg(R, T, H, K, E, M, False, "reference", zero_padding)
+    recv_x, count, handle = h.run_reference(lambda x, i: ref.ll_dispatch(x, i, None, cfg), R,
+                                            x, idx)
+    if not fp8:
+        return recv_x, count, handle
+    q, s = h.gpu_fp8_cast(recv_x)
+    valid = np.asarray(handle.recv_src_token) >= 0  # [R, L, R*M]
+    q = np.where(valid[..., None], q, np.zeros_like(q))
+    s = np.where(valid[..., None], s, np.zeros_like(s))
+    return (q, s), count, handle
 
 
 def _valid_rows(count_per_rank, M):
@@ -243,7 +245,7 @@ def test_combine_matches_reference(R, T, dtype):
     args = (x, idx, w)
     want = h.run_reference(_combine_fn("reference", R, T, H, K, E, M), R, *args)
     got = h.run(_combine_fn("cuda", R, T, H, K, E, M), R, *args)
-    _assert_values("combine out", got, want)
+    h.assert_reduction_close("combine out", got, want, f"(seed {SEED})")
 
 
 @pytest.mark.parametrize("case", ["one_expert", "all_masked"])
@@ -256,7 +258,7 @@ def test_combine_edge_routing(R, case):
     args = (x, idx, w)
     want = h.run_reference(_combine_fn("reference", R, T, H, K, E, M), R, *args)
     got = h.run(_combine_fn("cuda", R, T, H, K, E, M), R, *args)
-    _assert_values("combine out", got, want)
+    h.assert_reduction_close("combine out", got, want, f"(seed {SEED})")
 
 
 @pytest.mark.parametrize("R", h.RANKS)
@@ -265,10 +267,25 @@ def test_fp8_dispatch_then_bf16_combine(R):
     rng = _rng("fp8-combine")
     idx, w = _routing(rng, R, T, K, E)
     x = rng.standard_normal((R, T, H)).astype(jnp.bfloat16)
-    args = (x, idx, w)
-    want = h.run_reference(_combine_fn("reference", R, T, H, K, E, M, fp8=True), R, *args)
-    got = h.run(_combine_fn("cuda", R, T, H, K, E, M, fp8=True), R, *args)
-    _assert_values("combine out", got, want)
+    cfg = _cfg(R, T, H, K, E, M, True, "cuda")
+    cfg_ref = _cfg(R, T, H, K, E, M, False, "reference")
+
+    def expert(values):  # the expert reads e4m3 values
+        l = jnp.arange(cfg.num_local_experts, dtype=jnp.float32)[:, None, None]
+        return (values.astype(jnp.float32) * (l + 1.5) + 0.25).astype(jnp.bfloat16)
+
+    def cuda(x, idx, w):
+        recv_x, _, handle = cll.ll_dispatch(x, idx, None, cfg)
+        y = expert(recv_x[0])
+        return y, cll.ll_combine(y, idx, w, handle, cfg)
+
+    def reference(x, idx, w, y):  # the same expert outputs, combined by the reference
+        _, _, handle = ref.ll_dispatch(x, idx, None, cfg_ref)
+        return ref.ll_combine(y, idx, w, handle, cfg_ref)
+
+    y, got = h.run(cuda, R, x, idx, w)
+    want = h.run_reference(reference, R, x, idx, w, y)
+    h.assert_reduction_close("combine out", got, want, f"(seed {SEED})")
 
 
 @pytest.mark.parametrize("R", h.RANKS)
@@ -297,7 +314,7 @@ def test_combine_never_reads_padding_rows(R):
     want = h.run_reference(fn("reference", False), R, *args)
     got = h.run(fn("cuda", True), R, *args)
     assert np.all(np.isfinite(np.asarray(got, np.float32)))
-    _assert_values("combine out (NaN padding in y)", got, want)
+    h.assert_reduction_close("combine out (NaN padding in y)", got, want, f"(seed {SEED})")
 
 
 @pytest.mark.parametrize("R", h.RANKS)
@@ -474,7 +491,7 @@ def test_decode_scan_1000_steps(R):
     for i in (0, 1, 2, 499, 998, 999):
         want = h.run_reference(lambda x, idx, w, i=i: ref_step(x, idx, w, jnp.int32(i)), R,
                                *args)
-        _assert_values(f"decode step {i}", outs[:, i], want)
+        h.assert_reduction_close(f"decode step {i}", outs[:, i], want, f"(seed {SEED})")
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -505,8 +522,12 @@ def test_grads_match_reference(R, dtype):
 
     want = grads("reference")
     got = grads("cuda")
-    _assert_values("d loss / d x", got[0], want[0])
-    _assert_values("d loss / d topk_weights", got[1], want[1])
+    # sums of sums on two platforms; bf16 rounding of the outputs makes ulp flips count
+    tol = 1e-5 if dtype == jnp.float32 else 1e-3
+    for name, g, r in (("d loss / d x", got[0], want[0]), ("d loss / d topk_weights", got[1],
+                                                           want[1])):
+        err = h.rel_err(g, r)
+        assert err <= tol, f"{name}: relative error {err} (seed {SEED})"
 
 
 # ----------------------------------------------------------------------------- errors
@@ -517,8 +538,8 @@ def test_buffer_too_small_is_a_clear_error(R):
     small = h.new_buffer(R, num_nvl_bytes=70 << 20)
     try:
         cfg = dataclasses.replace(_cfg(R, T, H, K, E, M, False, "cuda"), buffer_id=small.buffer_id)
-        with pytest.raises(ValueError, match="ll_bytes_hint"):
-            cll.check_fits(small, cfg)
+        with pytest.raises(ValueError, match="get_low_latency_size_hint"):
+            cll.check_fits_low_latency(small, cfg)
         rng = _rng("small")
         idx, w = _routing(rng, R, T, K, E)
         x = rng.standard_normal((R, T, H)).astype(jnp.bfloat16)
@@ -526,7 +547,7 @@ def test_buffer_too_small_is_a_clear_error(R):
         def f(x, i, w):  # the dispatch's slots fit (one row per token and rank); the
             recv_x, _, handle = cll.ll_dispatch(x, i, None, cfg)  # combine's [E, M] do not
             return cll.ll_combine(recv_x, i, w, handle, cfg)
-        with pytest.raises(Exception, match="ll_bytes_hint"):
+        with pytest.raises(Exception, match="get_low_latency_size_hint"):
             h.run(f, R, x, idx, w)
     finally:
         small.close()
