@@ -46,7 +46,7 @@ import processes  # noqa: E402  (bench/processes.py)
 import trace_summary  # noqa: E402  (bench/trace_summary.py)
 from inputs import deepep_inputs, put_global  # noqa: E402  (bench/inputs.py)
 from timing import per_call_us  # noqa: E402  (bench/timing.py)
-from jax_ep.backends import cuda_low_latency as cll  # noqa: E402
+from jax_ep.backends import cuda as cll  # noqa: E402
 from jax_ep.types import LowLatencyConfig  # noqa: E402
 
 AXIS = "ep"
@@ -58,9 +58,9 @@ def main():
     ap.add_argument("--hidden", type=int, default=7168)
     ap.add_argument("--topk", type=int, default=8)
     ap.add_argument("--experts", type=int, default=256)
-    ap.add_argument("--num-sms", type=int, default=cll.DEFAULT_NUM_SMS,
+    ap.add_argument("--num-sms", type=int, default=cll.DEFAULT_LL_NUM_SMS,
                     help="most blocks per LL kernel (one per expert at the default)")
-    ap.add_argument("--num-warps", type=int, default=cll.DEFAULT_NUM_WARPS)
+    ap.add_argument("--num-warps", type=int, default=cll.DEFAULT_LL_NUM_WARPS)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--profile", action="store_true",
                     help="also profile the long chains (kernel durations, gaps, GPU skew: "

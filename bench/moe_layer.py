@@ -407,7 +407,7 @@ def main(argv=None) -> int:
                      "its local experts' [E/R, C, H] slots -> batched SwiGLU einsums -> "
                      "weighted sum of each row's local expert outputs -> jax_ep.combine "
                      "(one row per (token, rank))",
-        "jax_ep_cf_expert": f"the same layer with exchange='expert': jax_ep dispatch (expert "
+        "jax_ep_cf_expert": "the same layer with exchange='expert': jax_ep dispatch (expert "
                             "layout, one row per (token, local expert)) -> gather into "
                             "[E/R, C, H] slots -> batched SwiGLU -> gather back -> "
                             "jax_ep.combine with the routing weights",
