@@ -253,7 +253,12 @@ def run_pytest_job(num_ranks: int, pytest_args: List[str], *, platform: str, num
         env = {**os.environ, **SAFE_ENV, "PYTHONPATH": str(ROOT)}
         if platform == "gpu":
             env["JAX_EP_REAL_DEVICES"] = "1"
-        return subprocess.run(base + pytest_args, env=env, cwd=ROOT).returncode
+        proc = subprocess.Popen(base + pytest_args, env=env, cwd=ROOT)
+        if _watch([proc], timeout, grace=None):
+            print(f"tests.multiprocess: 1 process stopped: timed out after {timeout:.0f} s",
+                  flush=True)
+            return 1
+        return proc.returncode
     port = _free_port()
     seed = os.environ.get("JAX_EP_TEST_SEED", str(time.time_ns() % (1 << 31)))
     print(f"tests.multiprocess: JAX_EP_TEST_SEED={seed}", flush=True)
