@@ -225,8 +225,11 @@ class MoE(nnx.Module):
 
         E, H, F = num_experts, hidden, ffn_hidden
         self.router = param("router", (H, E), (None, None), jnp.float32)
-        self.expert_bias = ExpertBias(jax.device_put(
-            jnp.zeros((E,), jnp.float32), jax.sharding.NamedSharding(mesh, P(None))))
+        # Made in place: moving a one-device array onto a mesh that spans processes is a
+        # collective (NCCL on GPUs).
+        self.expert_bias = ExpertBias(jax.jit(
+            lambda: jnp.zeros((E,), jnp.float32),
+            out_shardings=jax.sharding.NamedSharding(mesh, P(None)))())
         expert_spec = (axis_name, None, None)
         self.w_gate = param("expert", (E, H, F), expert_spec)
         self.w_up = param("expert", (E, H, F), expert_spec)

@@ -78,6 +78,21 @@ def reference_mesh(num_ranks: int) -> Mesh:
     return Mesh(np.array(cpus[:num_ranks]), (AXIS,))
 
 
+def ranks_share_a_gpu() -> bool:
+    """Ranks of this job share GPUs (tests/multiprocess.py placed them so)."""
+    return distributed() and int(os.environ.get(RANKS_PER_GPU_ENV, "1")) > 1
+
+
+def needs_xla_collectives() -> None:
+    """Skips a test whose computation holds XLA collectives between the ranks (psum, a
+    sum over a sharded axis) where they cannot run: NCCL refuses two ranks on one GPU
+    ("Duplicate GPU detected"). jax_ep's own exchanges need no NCCL."""
+    if ranks_share_a_gpu():
+        import pytest
+
+        pytest.skip("XLA collectives between ranks sharing a GPU: NCCL refuses them")
+
+
 def num_sms(default: int = 24) -> int:
     """SMs per kernel: ranks that share a GPU split its SMs, so that their co-resident
     spin-waits cannot starve each other."""

@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 import jax_ep
 from jax_ep.backends import cuda as cll
@@ -422,7 +421,6 @@ def test_public_split_api_grads_equal_fused(R):
     idx, w = _routing(rng, R, T, K, E)
     x = rng.standard_normal((R, T, H)).astype(jnp.float32)
     buf = _buffer(R)
-    mesh = h.mesh(R)
     kw = dict(num_experts=E, max_tokens_per_rank=M, axis_name=h.AXIS, buffer=buf,
               backend="cuda")
 
@@ -435,12 +433,9 @@ def test_public_split_api_grads_equal_fused(R):
         return jax_ep.low_latency_combine_recv(
             jax_ep.low_latency_combine_send(jnp.tanh(r.recv_x), idx, w, r.handle))
 
-    def grads(body):
-        def per_rank(x, idx, w):
-            return body(x[0], idx[0], w[0])[None]
-        f = jax.shard_map(per_rank, mesh=mesh, in_specs=P(h.AXIS), out_specs=P(h.AXIS))
-        loss = lambda x, w, idx: jnp.sum(f(x, idx, w) ** 2)
-        return h.fetch(jax.jit(jax.grad(loss, argnums=(0, 1)))(*h.put(mesh, (x, w, idx))))
+    def grads(body):  # each rank's loss: the exchanges' VJPs carry every rank's cotangents
+        loss = lambda x, w, idx: jnp.sum(body(x, idx, w) ** 2)
+        return h.run(jax.grad(loss, argnums=(0, 1)), R, x, w, idx)
 
     want, got = grads(fused), grads(split)
     _assert_bitwise("d/dx split vs fused", got[0], want[0])
@@ -505,20 +500,18 @@ def test_grads_match_reference(R, dtype):
     x = rng.standard_normal((R, T, H)).astype(dtype)
 
     def grads(backend):
-        mesh = h.mesh(R) if backend == "cuda" else h.reference_mesh(R)
         buf = _buffer(R) if backend == "cuda" else None
 
-        def body(x, idx, w):
-            x, idx, w = x[0], idx[0], w[0]
+        def loss(x, w, idx):  # each rank's loss; the VJPs carry every rank's cotangents
             r = jax_ep.low_latency_dispatch(x, idx, num_experts=E, max_tokens_per_rank=M,
                                             axis_name=h.AXIS, buffer=buf, backend=backend)
             l = jnp.arange(E // R, dtype=jnp.float32)[:, None, None]
             y = (jnp.tanh(r.recv_x.astype(jnp.float32)) * (l + 1.0)).astype(x.dtype)
-            return jax_ep.low_latency_combine(y, idx, w, r.handle)[None]
+            out = jax_ep.low_latency_combine(y, idx, w, r.handle)
+            return jnp.sum(out.astype(jnp.float32) ** 2)
 
-        f = jax.shard_map(body, mesh=mesh, in_specs=P(h.AXIS), out_specs=P(h.AXIS))
-        loss = lambda x, w, idx: jnp.sum(f(x, idx, w).astype(jnp.float32) ** 2)
-        return h.fetch(jax.jit(jax.grad(loss, argnums=(0, 1)))(*h.put(mesh, (x, w, idx))))
+        run = h.run if backend == "cuda" else h.run_reference
+        return run(jax.grad(loss, argnums=(0, 1)), R, x, w, idx)
 
     want = grads("reference")
     got = grads("cuda")
