@@ -7,7 +7,6 @@ NVLink figures (:func:`fixed_cost_reason`), and NCCL refuses the all_to_all base
 
 import argparse
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -15,8 +14,7 @@ from typing import Optional
 
 import jax
 
-SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-            "NVSHMEM_DISABLE_NVLS": "1"}
+from tests.multiprocess import SAFE_ENV, visible_gpus  # the test launcher's placement rules
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -25,16 +23,6 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--process-id", type=int, help=argparse.SUPPRESS)  # set for the children
     ap.add_argument("--coordinator", help=argparse.SUPPRESS)
     ap.add_argument("--gpus", type=int, help=argparse.SUPPRESS)
-
-
-def visible_gpus() -> int:
-    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if listed is not None:
-        return len([g for g in listed.split(",") if g.strip()])
-    if shutil.which("nvidia-smi") is None:
-        return 0
-    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
-    return len([l for l in out.stdout.splitlines() if l.startswith("GPU ")])
 
 
 def start(args, script: str) -> None:
