@@ -1,0 +1,94 @@
+"""examples/multiprocess_dispatch.py's multi-host options, on CPU: processes on loopback
+joined by jax.distributed (gloo collectives), as a cluster launcher would start them.
+
+The 2-D mode (--data) and --backend are run by the example's own launcher; the rank mode
+(--coordinator/--process-id/--local-device, what an srun line passes) is run by starting
+each rank here.
+"""
+
+import os
+import pathlib
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXAMPLE = "examples/multiprocess_dispatch.py"
+LINE = re.compile(r"process (\d+)/(\d+) \(data row (\d+)/(\d+), ep rank (\d+)/(\d+)\) .*"
+                  r"backend=(\w+), received (\d+) rows, max \|jax_ep - reference\| = "
+                  r"([0-9.e+-]+), max \|jax_ep - numpy\| = ([0-9.e+-]+)")
+
+
+def _env():
+    return {k: v for k, v in os.environ.items() if not k.startswith("XLA_")}
+
+
+def _run(*args, timeout=300):
+    return subprocess.run([sys.executable, EXAMPLE, *args], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _lines(out: str):
+    return [m.groups() for m in map(LINE.search, out.splitlines()) if m]
+
+
+def test_help_describes_the_options_and_starts_nothing():
+    proc = _run("--help", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for opt in ("--backend", "--data", "--coordinator", "--process-id", "--local-device",
+                "srun"):
+        assert opt in proc.stdout
+    assert "process 0/" not in proc.stdout and "Gloo" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_data_by_ep_mesh_every_process_matches_reference_and_numpy(backend):
+    proc = _run("--num-processes", "4", "--data", "2", "--backend", backend,
+                "--platform", "cpu", "--tokens", "16", "--hidden", "32")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = _lines(proc.stdout)
+    assert sorted(int(l[0]) for l in lines) == [0, 1, 2, 3], proc.stdout[-3000:]
+    for p, n, row, rows, rank, ep, used, recv, err_ref, err_np in lines:
+        assert (n, rows, ep) == ("4", "2", "2")
+        assert (int(row), int(rank)) == divmod(int(p), 2)  # EP groups: consecutive processes
+        assert used == "reference"  # CPU: auto picks the reference backend
+        assert int(recv) > 0
+        assert float(err_ref) <= 1e-5 and float(err_np) <= 1e-4
+
+
+def test_ranks_started_one_by_one_as_a_launcher_would():
+    """What an srun line runs: each rank given its id, the job size and the coordinator."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(_env(), JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    procs = [subprocess.Popen(
+        [sys.executable, EXAMPLE, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+         "--process-id", str(i), "--local-device", str(i), "--platform", "cpu",
+         "--backend", "reference", "--data", "2", "--tokens", "8", "--hidden", "16"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=300)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    lines = [l for o in outs for l in _lines(o)]
+    # --data 2 over 2 processes: two EP groups of one rank each.
+    assert sorted((l[0], l[2], l[4], l[5]) for l in lines) == [("0", "0", "0", "1"),
+                                                               ("1", "1", "0", "1")]
+
+
+def test_bad_options_fail_before_starting_processes():
+    proc = _run("--num-processes", "3", "--data", "2", "--platform", "cpu", timeout=60)
+    assert proc.returncode == 2 and "--data 2 must divide" in proc.stderr
+    proc = _run("--backend", "cuda", "--platform", "cpu", timeout=60)
+    assert proc.returncode == 2 and "--backend cuda needs GPUs" in proc.stderr
