@@ -92,3 +92,56 @@ def test_bad_options_fail_before_starting_processes():
     assert proc.returncode == 2 and "--data 2 must divide" in proc.stderr
     proc = _run("--backend", "cuda", "--platform", "cpu", timeout=60)
     assert proc.returncode == 2 and "--backend cuda needs GPUs" in proc.stderr
+
+
+def _readme_multihost_snippet() -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Multi-process and multi-host"):]
+    section = section[:section.index("\n## ", 1)]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
+
+
+CHECK = """
+import numpy as _np
+_shards = sorted(out.addressable_shards, key=lambda s: s.index[0].start or 0)
+_mine = _np.concatenate([_np.asarray(s.data) for s in _shards])
+_err = float(_np.max(_np.abs(_mine - 2 * x_local)))  # the weights sum to 1: out == 2 x
+_row, _rank = divmod(jax.devices().index(jax.local_devices()[0]), EP)
+print(f"README snippet: process {jax.process_index()} mesh {dict(mesh.shape)} "
+      f"row {_row} rank {_rank} err {_err:.2e}", flush=True)
+jax.distributed.shutdown()
+"""
+
+
+def test_readme_multihost_snippet_runs_on_a_data_by_ep_mesh():
+    """The README's (data, ep) snippet, as 4 srun tasks on one host would run it (EP 2)."""
+    script = ('import jax\njax.config.update("jax_cpu_collectives_implementation", "gloo")\n'
+              + _readme_multihost_snippet() + CHECK)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    n = 4
+    procs = []
+    for i in range(n):
+        env = dict(_env(), JAX_PLATFORMS="cpu", COORDINATOR=f"127.0.0.1:{port}",
+                   SLURM_NTASKS=str(n), SLURM_PROCID=str(i), SLURM_LOCALID="0", EP_SIZE="2",
+                   XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                   PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        procs.append(subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=300)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0] * n, "\n".join(o[-2000:] for o in outs)
+    found = sorted(re.findall(r"README snippet: process (\d) mesh (\{.*?\}) row (\d) rank (\d) "
+                              r"err ([0-9.e+-]+)", "".join(outs)))
+    assert [(p, r, k) for p, _, r, k, _ in found] == [("0", "0", "0"), ("1", "0", "1"),
+                                                      ("2", "1", "0"), ("3", "1", "1")], outs
+    assert all(m == "{'data': 2, 'ep': 2}" for _, m, _, _, _ in found)
+    assert all(float(e) <= 1e-5 for *_, e in found)
