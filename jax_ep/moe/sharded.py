@@ -26,7 +26,11 @@ def moe_forward(x: jax.Array, params: MoEParams, config: MoEConfig, mesh, *, dty
     The tokens are sharded over ``config.token_axes`` and ``config.axis_name`` (in that
     order), the routed experts over ``config.axis_name`` on their first dim; the router,
     bias and shared expert are replicated. Inputs are placed with those shardings first
-    (on Explicit meshes too). :class:`jax_ep.flax.MoE` calls this.
+    (on Explicit meshes too). The output has the input's sharding on an Explicit mesh
+    (replicated for an input on no mesh, e.g. without ``jax.set_mesh``, so the user's
+    unplaced layers around it can take gradients); on an Auto mesh it is a sharding
+    constraint over the token axes. Auto or Explicit, with or without ``jax.set_mesh``:
+    all work. :class:`jax_ep.flax.MoE` calls this.
 
     Args:
       x: ``[..., H]`` tokens; the product of the leading dims must be divisible by R times
@@ -75,9 +79,10 @@ def moe_forward(x: jax.Array, params: MoEParams, config: MoEConfig, mesh, *, dty
         rows = config.capacity or num_ranks * (n // token_shards) * config.top_k
         _check_ragged_dot_cost(mesh, config.num_experts // num_ranks, rows, hidden, dtype)
     params = _cast(params, dtype)
-    x = _flatten(x, mesh, config, token_shards).astype(dtype)
-    out, stats = _forward_jit(config, mesh, bool(low_latency), max_tokens_per_rank, x, params)
-    return _unflatten(out, lead, mesh, config, token_shards), stats
+    x_in = _flatten(x, mesh, config, token_shards).astype(dtype)
+    out, stats = _forward_jit(config, mesh, bool(low_latency), max_tokens_per_rank, x_in,
+                              params)
+    return _like_input(_unflatten(out, lead, mesh, config, token_shards), x, mesh), stats
 
 
 def _token_dim(token_axes, axis_name):
@@ -115,6 +120,22 @@ def _place(mesh, a, spec):
     if _is_explicit(mesh):
         return jax.sharding.reshard(a, sharding)
     return jax.lax.with_sharding_constraint(a, sharding)
+
+
+def _like_input(out, x, mesh):
+    """On an Explicit mesh the output gets the input's sharding type. A token-sharded
+    output of an input on no mesh (a model whose other layers are not placed, no
+    ``jax.set_mesh``) breaks those layers' backward pass: their weight gradients would
+    contract a sharded token dim ("Contracting dimensions are sharded"). Such inputs get
+    a replicated output; inputs on the mesh get their own spec back."""
+    if not _is_explicit(mesh):
+        return out
+    src = getattr(jax.typeof(x), "sharding", None)
+    src_mesh = getattr(src, "mesh", None)
+    on_mesh = src_mesh is not None and not src_mesh.empty and any(
+        t == jax.sharding.AxisType.Explicit for t in src_mesh.axis_types)
+    spec = src.spec if on_mesh else P()
+    return jax.sharding.reshard(out, jax.sharding.NamedSharding(mesh, spec))
 
 
 def _lead_spec(lead, config, token_shards):
