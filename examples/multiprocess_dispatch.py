@@ -12,9 +12,11 @@ On one machine (starts the processes itself; GPUs if present, else one CPU devic
     python examples/multiprocess_dispatch.py --num-processes 4 --data 2 --backend reference
 
 As one rank of a job you launch yourself (SLURM: one task per GPU, every task sees all GPUs
-of its node; single quotes, so that each task expands its own variables):
-    srun --ntasks-per-node=8 --gpus-per-node=8 bash -c 'python \\
-        examples/multiprocess_dispatch.py --coordinator HEAD_NODE:12345 \\
+of its node, hence no --gpus-per-task; single quotes, so that each task expands its own
+variables):
+    export COORDINATOR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1):12345
+    srun --ntasks-per-node=8 --gpus-per-node=8 --gpu-bind=none bash -c 'python \\
+        examples/multiprocess_dispatch.py --coordinator $COORDINATOR \\
         --num-processes $SLURM_NTASKS --process-id $SLURM_PROCID \\
         --local-device $SLURM_LOCALID --data $SLURM_NNODES'
 

@@ -3,7 +3,8 @@ joined by jax.distributed (gloo collectives), as a cluster launcher would start 
 
 The 2-D mode (--data) and --backend are run by the example's own launcher; the rank mode
 (--coordinator/--process-id/--local-device, what an srun line passes) is run by starting
-each rank here.
+each rank here. The README's (data, ep) snippet runs in 4 processes the same way. Last, the
+CMake configure step says what a build makes (README's install notes point at those lines).
 """
 
 import os
@@ -145,3 +146,36 @@ def test_readme_multihost_snippet_runs_on_a_data_by_ep_mesh():
                                                       ("2", "1", "0"), ("3", "1", "1")], outs
     assert all(m == "{'data': 2, 'ep': 2}" for _, m, _, _, _ in found)
     assert all(float(e) <= 1e-5 for *_, e in found)
+
+
+def _cmake_configure(tmp_path, *defines):
+    import importlib.util
+    import shutil
+
+    if shutil.which("cmake") is None or importlib.util.find_spec("nanobind") is None:
+        pytest.skip("needs cmake and nanobind in this environment (the build's requirements)")
+    proc = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(tmp_path / "build"),
+                           f"-DPython_EXECUTABLE={sys.executable}", *defines],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [l.split("-- ", 1)[1] for l in proc.stdout.splitlines() if "-- jax_ep:" in l]
+
+
+def test_cmake_says_what_a_cpu_only_build_makes(tmp_path):
+    lines = _cmake_configure(tmp_path, "-DJAX_EP_CUDA=OFF")
+    assert "jax_ep: JAX_EP_CUDA=OFF (AUTO, ON or OFF; set it in pip's environment)" in lines
+    assert any(l.startswith("jax_ep: module jax_ep._jax_ep_ffi: CPU-only") for l in lines)
+    assert "jax_ep: module jax_ep._jax_ep_nvshmem: not built (needs the CUDA build)" in lines
+
+
+def test_cmake_says_what_a_cuda_build_makes(tmp_path):
+    import shutil
+
+    if shutil.which("nvcc") is None:
+        pytest.skip("no nvcc: the CUDA build is not configured here")
+    lines = _cmake_configure(tmp_path, "-DJAX_EP_CUDA=ON", "-DJAX_EP_NVSHMEM=AUTO")
+    assert any(l.startswith("jax_ep: CUDA compiler ") for l in lines), lines
+    assert any("sm_90a only (Hopper: H100, H200)" in l for l in lines), lines
+    assert any(l.startswith("jax_ep: module jax_ep._jax_ep_ffi: XLA FFI handlers with the "
+                            "CUDA kernels") for l in lines), lines
+    assert any(l.startswith("jax_ep: module jax_ep._jax_ep_nvshmem: ") for l in lines), lines
