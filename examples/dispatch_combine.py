@@ -5,12 +5,25 @@ of the machine with the CUDA kernels when they are built. Checks the result
 against a dense computation and prints it.
 
     python examples/dispatch_combine.py
+    python examples/dispatch_combine.py --gpu       # the GPUs and the CUDA kernels
 """
 
+import argparse
 import os
 import sys
 
-if "--gpu" not in sys.argv:  # default: 8 simulated CPU devices
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--gpu", action="store_true",
+                   help="use the machine's GPUs (default: 8 simulated CPU devices)")
+    return p.parse_args(argv)
+
+
+# Parsed before jax is imported: --help prints and exits without starting anything, and
+# the simulated devices must be requested before jax starts.
+ARGS = parse_args() if __name__ == "__main__" else None
+if ARGS is not None and not ARGS.gpu:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                " --xla_force_host_platform_device_count=8")

@@ -14,9 +14,18 @@ Run::
 
     PYTHONPATH=. python3 examples/train_moe.py                  # 8 simulated CPU devices
     PYTHONPATH=. python3 examples/train_moe.py --steps 100 --devices 4
+    PYTHONPATH=. python3 examples/train_moe.py --steps 3        # smoke run
 
-It prints the first and last loss and exits with status 1 if the loss did not fall by
-at least 20%.
+Under ``jax.distributed`` (one process per device, the same command in every process;
+CPU processes use gloo collectives)::
+
+    python3 examples/train_moe.py --coordinator host0:12345 --num-processes 2 \
+        --process-id 0            # and --process-id 1 in the second process
+
+It prints the first and last loss and writes a PNG of the loss curve and of each
+layer's expert load (``--plot``; needs matplotlib). Runs of at least 200 steps (the
+default is 300) exit with status 1 if the loss did not fall by 20%; shorter runs only
+report it.
 """
 
 from __future__ import annotations
@@ -27,11 +36,16 @@ import shutil
 import sys
 import time
 
+import numpy as np  # before jax is fine: only jax reads the platform flags
+
 CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "corpus.txt")
+CHECK_STEPS = 200  # fewer steps are a smoke run: the loss need not have fallen yet
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog=f"Runs of --steps >= {CHECK_STEPS} fail (exit 1) if "
+                                "the loss did not fall by 20%.")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps")
     p.add_argument("--batch", type=int, default=16, help="global batch (sequences)")
     p.add_argument("--seq", type=int, default=64, help="sequence length (bytes)")
@@ -54,7 +68,17 @@ def parse_args(argv=None):
                    help="weight of the load-balancing auxiliary loss (0: off)")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    p.add_argument("--plot", default="train_moe.png",
+                   help="PNG of the loss curve and expert load ('' for none)")
+    d = p.add_argument_group("jax.distributed (one process per device)")
+    d.add_argument("--coordinator", help="host:port of process 0")
+    d.add_argument("--num-processes", type=int, default=1)
+    d.add_argument("--process-id", type=int, help="this process (0 .. num-processes-1)")
+    d.add_argument("--local-device", type=int, help="GPU index of this process")
+    args = p.parse_args(argv)
+    if args.num_processes > 1 and (args.coordinator is None or args.process_id is None):
+        p.error("--num-processes > 1 needs --coordinator and --process-id")
+    return args
 
 
 def _has_gpu() -> bool:
@@ -67,9 +91,22 @@ def setup_platform(args) -> None:
     if use_cpu:
         os.environ["JAX_PLATFORMS"] = "cpu"
         flags = os.environ.get("XLA_FLAGS", "")
+        per_process = 1 if getattr(args, "num_processes", 1) > 1 else args.devices
         if "xla_force_host_platform_device_count" not in flags:
             os.environ["XLA_FLAGS"] = (
-                f"{flags} --xla_force_host_platform_device_count={args.devices}").strip()
+                f"{flags} --xla_force_host_platform_device_count={per_process}").strip()
+
+
+def join_job(args) -> None:
+    """Joins the jax.distributed job of ``--num-processes`` processes (if more than one)."""
+    if getattr(args, "num_processes", 1) <= 1:
+        return
+    if os.environ.get("JAX_PLATFORMS") == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    local = None if args.local_device is None else [args.local_device]
+    jax.distributed.initialize(coordinator_address=args.coordinator,
+                               num_processes=args.num_processes, process_id=args.process_id,
+                               local_device_ids=local)
 
 
 # Model code below imports jax lazily (after setup_platform) through these globals.
@@ -191,10 +228,9 @@ def build_model_classes():
 def expert_parallel_setup(args):
     """Devices, an "ep" mesh over them and (on GPUs) a jax_ep.Buffer; None (after saying
     why) when ``args.batch`` does not split over the devices."""
-    import numpy as np
     devices = jax.devices()
     on_gpu = devices[0].platform == "gpu"
-    if not on_gpu:
+    if not on_gpu and jax.process_count() == 1:
         devices = devices[: args.devices]
     if args.batch % len(devices):
         print(f"--batch={args.batch} must be divisible by the {len(devices)} devices",
@@ -204,29 +240,74 @@ def expert_parallel_setup(args):
     return devices, mesh, (jax_ep.Buffer(mesh, "ep") if on_gpu else None)
 
 
+def _host(a):
+    """A replicated result as NumPy (process 0's copy: works under jax.distributed)."""
+    return np.asarray(a.addressable_data(0))
+
+
+def save_plot(path, losses, loads):
+    """Loss per step and, per MoE layer, each expert's share of the routed slots.
+
+    Returns why it wrote nothing, or None."""
+    try:
+        import matplotlib
+    except ImportError:
+        return "matplotlib is not installed (pip install '.[flax]')"
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+    loads = np.asarray(loads, np.float64)  # [steps, layers, experts]
+    steps, layers, experts = loads.shape
+    fig, axes = plt.subplots(1, 1 + layers, figsize=(5 * (1 + layers), 4))
+    x = np.arange(1, steps + 1)
+    axes[0].plot(x, losses, lw=0.8, label="loss")
+    if steps >= 10:
+        w = max(1, steps // 20)
+        axes[0].plot(x[w - 1:], np.convolve(losses, np.ones(w) / w, "valid"),
+                     label=f"mean of {w} steps")
+    axes[0].set(xlabel="step", ylabel="cross-entropy (nats/byte)", title="training loss")
+    axes[0].legend()
+    share = loads / np.maximum(loads.sum(-1, keepdims=True), 1)
+    for layer in range(layers):
+        ax = axes[1 + layer]
+        ax.stackplot(x, share[:, layer].T, labels=[f"expert {e}" for e in range(experts)])
+        for k in range(1, experts):  # the balanced split
+            ax.axhline(k / experts, color="k", lw=0.3, ls=":")
+        ax.set(xlabel="step", ylabel="share of routed (token, expert) slots",
+               title=f"expert load, MoE layer {layer}", xlim=(1, max(steps, 2)), ylim=(0, 1))
+    axes[-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_platform(args)
     _imports()
-    import numpy as np
+    join_job(args)
 
     setup = expert_parallel_setup(args)
     if setup is None:
         return 2
     devices, mesh, buffer = setup
     num_ranks = len(devices)
-    print(f"devices: {num_ranks} x {devices[0].device_kind} ({devices[0].platform}); "
-          f"jax_ep backend: {buffer.backend if buffer else 'reference'}")
+    main_process = jax.process_index() == 0
+    say = print if main_process else (lambda *a, **k: None)
+    say(f"devices: {num_ranks} x {devices[0].device_kind} ({devices[0].platform}"
+        f"{f', {jax.process_count()} processes' if jax.process_count() > 1 else ''}); "
+        f"jax_ep backend: {buffer.backend if buffer else 'reference'}")
 
     data = np.frombuffer(open(CORPUS, "rb").read(), dtype=np.uint8)
     rng = np.random.default_rng(args.seed)
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("ep"))
 
     def get_batch():
+        # every process draws the same global batch and places its own devices' rows
         starts = rng.integers(0, len(data) - args.seq - 1, size=args.batch)
         chunk = np.stack([data[s: s + args.seq + 1] for s in starts]).astype(np.int32)
-        return (jax.device_put(chunk[:, :-1], batch_sharding),
-                jax.device_put(chunk[:, 1:], batch_sharding))
+        return tuple(jax.make_array_from_callback(a.shape, batch_sharding, lambda i, a=a: a[i])
+                     for a in (chunk[:, :-1], chunk[:, 1:]))
 
     TinyMoELM = build_model_classes()
     model = TinyMoELM(seq=args.seq, dim=args.dim, heads=args.heads, ffn_hidden=args.ffn,
@@ -253,27 +334,32 @@ def main(argv=None) -> int:
         if args.bias_rate:
             model.update_bias(stats, args.bias_rate)
         dropped = sum(s.dropped for s in stats)
-        return loss, dropped, stats[-1].load
+        return loss, dropped, jnp.stack([s.load for s in stats])
 
-    try:
-        from tqdm import tqdm
-        progress = tqdm(total=args.steps, unit="step")
-    except ImportError:
-        progress = None
+    progress = None
+    if main_process:
+        try:
+            from tqdm import tqdm
+            progress = tqdm(total=args.steps, unit="step", disable=None)  # None: tty only
+            if not progress.disable:
+                say = progress.write
+        except ImportError:
+            pass
 
     tokens_per_step = args.batch * args.seq
-    losses = []
+    losses, loads = [], []
     t0 = time.perf_counter()
     t_log = t0
     for step in range(args.steps):
         loss, dropped, load = train_step(model, optimizer, *get_batch())
-        losses.append(float(loss))  # blocks: keeps the timing honest
+        losses.append(float(_host(loss)))  # blocks: keeps the timing honest
+        loads.append(_host(load))
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{losses[-1]:.3f}")
         if step == 0:
-            print(f"step {step:4d}  loss {losses[-1]:.4f}  (compiled in "
-                  f"{time.perf_counter() - t0:.1f}s)", flush=True)
+            say(f"step {step:4d}  loss {losses[-1]:.4f}  (compiled in "
+                f"{time.perf_counter() - t0:.1f}s)")
             t_log = time.perf_counter()
         elif (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             now = time.perf_counter()
@@ -282,22 +368,34 @@ def main(argv=None) -> int:
             if step + 1 == args.log_every:
                 steps_done -= 1  # step 0 (compile) is not in this window
             tps = steps_done * tokens_per_step / max(now - t_log, 1e-9)
-            print(f"step {step + 1:4d}  loss {np.mean(losses[-steps_done:]):.4f}  "
-                  f"tokens/s {tps:9.0f}  dropped {int(dropped)}  "
-                  f"last-layer load {np.asarray(load).tolist()}", flush=True)
+            say(f"step {step + 1:4d}  loss {np.mean(losses[-steps_done:]):.4f}  "
+                f"tokens/s {tps:9.0f}  dropped {int(_host(dropped))}  "
+                f"last-layer load {loads[-1][-1].tolist()}")
             t_log = now
     if progress is not None:
         progress.close()
+    say = print if main_process else say
 
     elapsed = time.perf_counter() - t0
     first = losses[0]
     last = float(np.mean(losses[-min(10, len(losses)):]))
-    print(f"first loss {first:.4f}  last loss {last:.4f} (mean of last "
-          f"{min(10, len(losses))} steps)  drop {100 * (1 - last / first):.1f}%  "
-          f"total {elapsed:.1f}s")
+    drop = 100 * (1 - last / first)
+    say(f"first loss {first:.4f}  last loss {last:.4f} (mean of last "
+        f"{min(10, len(losses))} steps)  drop {drop:.1f}%  total {elapsed:.1f}s")
+    if main_process and args.plot:
+        why_not = save_plot(args.plot, losses, loads)
+        say(f"plot: {os.path.abspath(args.plot)}" if why_not is None else
+            f"no plot: {why_not}")
+    if jax.process_count() > 1:
+        jax.distributed.shutdown()
+    if args.steps < CHECK_STEPS:
+        say(f"done: {args.steps} steps (a smoke run; the 20% loss-drop check needs "
+            f"--steps >= {CHECK_STEPS})")
+        return 0
     if not last <= 0.8 * first:
         print("FAIL: the loss did not fall by 20%", file=sys.stderr)
         return 1
+    say(f"OK: the loss fell by {drop:.0f}% (>= 20%) in {args.steps} steps")
     return 0
 
 
