@@ -107,7 +107,10 @@ class MoE(nnx.Module):
       axis_name: the expert-parallel mesh axis.
       token_axes: other mesh axes the tokens are also sharded over (e.g. ``("data",)``
         on a ``("data", "ep")`` mesh); experts are replicated over them, each group of
-        EP ranks exchanges its own tokens, and the stats sum over all of them.
+        EP ranks exchanges its own tokens, and the stats sum over all of them. A mesh
+        axis of size > 1 that is neither ``axis_name`` nor in ``token_axes`` gets a
+        ``UserWarning``: the layer would run replicated over it (every device of that
+        axis computing the same tokens).
       score_func: ``"softmax"`` or ``"sigmoid"`` router scores.
       n_groups, topk_groups: DeepSeek-V3 group-limited routing (see :func:`route`).
       shared_ffn_hidden: width of the shared expert (0: none).

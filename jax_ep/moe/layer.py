@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, NamedTuple, Optional, Tuple
 
 import jax
@@ -181,6 +182,18 @@ def _check_mesh(where, config, mesh) -> int:
     if config.num_experts % num_ranks:
         raise ValueError(f"{where}: num_experts={config.num_experts} is not divisible by the "
                          f"{num_ranks} ranks of mesh axis {ax!r}")
+    # Tokens are sharded over axis_name and token_axes only: over any other axis of size
+    # > 1 every device of it runs the same tokens (replicated work, easy to miss).
+    other = [a for a in mesh.shape if a != ax and a not in config.token_axes
+             and int(mesh.shape[a]) > 1]
+    if other:
+        warnings.warn(
+            f"{where}: mesh axes {tuple(other)} are neither axis_name={ax!r} nor in "
+            f"token_axes={config.token_axes!r}: the layer runs replicated over them (each "
+            f"device of those axes computes the same tokens). Pass token_axes="
+            f"{tuple(config.token_axes) + tuple(other)!r} to shard the tokens over them "
+            "(data parallelism), or filter this warning if the replication is intended.",
+            UserWarning, stacklevel=3)
     return num_ranks * math.prod(int(mesh.shape[a]) for a in config.token_axes)
 
 
