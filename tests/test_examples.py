@@ -42,7 +42,7 @@ print("EXIT", code, "JAX_IMPORTED", "jax" in sys.modules)
 
 def test_every_example_is_covered():
     assert EXAMPLES == ["decode_moe.py", "dispatch_combine.py", "multiprocess_dispatch.py",
-                        "train_moe.py"]
+                        "stacked_moe.py", "train_moe.py"]
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
@@ -74,6 +74,17 @@ def test_decode_smoke_run_exits_0():
                 "--prompt-len", "4", "--batch", "4", "--devices", "4")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "greedy tokens match" in proc.stdout
+
+
+def test_stacked_layers_scan_compile_once_and_restore_from_orbax(tmp_path):
+    pytest.importorskip("orbax.checkpoint")
+    proc = _run("examples/stacked_moe.py", "--steps", "2", "--layers", "2", "--devices", "4",
+                "--tokens", "64", "--checkpoint-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "sharded P(None, 'ep')" in proc.stdout
+    assert "train step compiled 1 time(s)" in proc.stdout
+    assert "restored w_gate sharded P(None, 'ep'); outputs bitwise equal" in proc.stdout
+    assert (tmp_path / "state").is_dir()
 
 
 def _first_loss(out):

@@ -56,10 +56,24 @@ def ragged_swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.
         y = ragged_swiglu(x, jnp.ones((2, 8, 16)), jnp.ones((2, 8, 16)),
                           jnp.ones((2, 16, 8)), jnp.array([4, 2]))   # [6, 8]
     """
-    gate = jax.lax.ragged_dot(x, w_gate, group_sizes)
-    up = jax.lax.ragged_dot(x, w_up, group_sizes)
+    gate = _ragged_dot(x, w_gate, group_sizes)
+    up = _ragged_dot(x, w_up, group_sizes)
     h = _glu(gate, up, x.dtype)
-    return jax.lax.ragged_dot(h, w_down, group_sizes).astype(x.dtype)
+    return _ragged_dot(h, w_down, group_sizes).astype(x.dtype)
+
+
+def _ragged_dot(x, w, group_sizes):
+    """``jax.lax.ragged_dot``; its vmap NotImplementedError gets the way around it."""
+    try:
+        return jax.lax.ragged_dot(x, w, group_sizes)
+    except NotImplementedError as e:
+        if "vmap" not in str(e):
+            raise
+        raise NotImplementedError(
+            f"{e}: jax.lax.ragged_dot cannot be batched here (jax.vmap / nnx.vmap over "
+            "stacked MoE layers or their inputs). Make the layers with expert_capacity=C "
+            "(dense batched matmuls over [E/R, C, H], which vmap), or loop over the layers "
+            "with nnx.scan instead of vmapping them") from e
 
 
 def batched_swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array,
