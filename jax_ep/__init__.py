@@ -6,9 +6,9 @@ backend. See README.md for the API and examples.
 """
 
 from jax_ep import fp8
-from jax_ep._native import cuda_available
+from jax_ep._native import cuda_available, cuda_status
 from jax_ep.buffer import Buffer
-from jax_ep.check import CapacityError, check
+from jax_ep.check import CapacityError, ExpertIdError, check
 from jax_ep.low_latency import (
     LowLatencyCombinePending,
     LowLatencyDispatchPending,
@@ -33,6 +33,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Buffer", "CapacityError", "DispatchHandle", "DispatchLayout", "DispatchResult",
+    "ExpertIdError", "cuda_status",
     "LowLatencyCombinePending", "LowLatencyDispatchPending", "LowLatencyDispatchResult",
     "LowLatencyHandle", "check", "combine", "cuda_available", "default_capacity", "dispatch",
     "fp8", "get_dispatch_layout", "low_latency_combine", "low_latency_combine_recv",

@@ -65,8 +65,10 @@ class Buffer:
         self.multi_process = False  # the EP axis spans several processes (set on allocation)
         on_gpu = all(d.platform == "gpu" for d in mesh.devices.flat)
         if backend == "cuda" and not (_native.cuda_available() and on_gpu):
-            raise RuntimeError("Buffer(backend='cuda') needs the jax_ep CUDA extension and a "
-                               "mesh of GPUs; use backend='reference' or 'auto'")
+            why = (_native.cuda_status() if not _native.cuda_available() else
+                   "the mesh is not made of GPUs")
+            raise RuntimeError(f"Buffer(backend='cuda') needs the jax_ep CUDA kernels and a "
+                               f"mesh of Hopper GPUs: {why}; use backend='reference' or 'auto'")
         use_cuda = backend == "cuda" or (backend == "auto" and on_gpu and
                                          _native.cuda_available())
         self.backend = "cuda" if use_cuda else "reference"

@@ -31,9 +31,10 @@ def _config(op, x, topk_idx, num_experts, max_tokens_per_rank, axis_name, use_fp
     v.check_hidden(op, "x", x)
     if use_fp8 and x.shape[1] % 128:
         raise ValueError(f"{op}: use_fp8=True needs hidden % 128 == 0, got {x.shape[1]}")
-    v.check_num_experts(op, num_experts, num_ranks)
+    num_experts = v.check_num_experts(op, num_experts, num_ranks)
     v.check_topk(op, topk_idx, None, x.shape[0])
-    v.check_positive_int(op, "max_tokens_per_rank", max_tokens_per_rank)
+    v.check_buffer(op, buffer, axis_name, num_ranks)
+    max_tokens_per_rank = v.check_positive_int(op, "max_tokens_per_rank", max_tokens_per_rank)
     if x.shape[0] > max_tokens_per_rank:
         raise ValueError(f"{op}: x has {x.shape[0]} tokens but max_tokens_per_rank is "
                          f"{max_tokens_per_rank}; raise max_tokens_per_rank to at least "
@@ -80,7 +81,8 @@ def low_latency_dispatch(x: jax.Array, topk_idx: jax.Array, *, num_experts: int,
     cfg = _config("low_latency_dispatch", x, topk_idx, num_experts, max_tokens_per_rank,
                   axis_name, use_fp8, buffer, backend, zero_padding)
     recv_x, recv_count, harr = _ll_dispatch(cfg, x, topk_idx)
-    return LowLatencyDispatchResult(recv_x, recv_count, LowLatencyHandle(harr, cfg))
+    invalid = v.num_invalid_ids(topk_idx, cfg.num_experts)
+    return LowLatencyDispatchResult(recv_x, recv_count, LowLatencyHandle(harr, cfg, invalid))
 
 
 def _zero_padded(cfg: LowLatencyConfig) -> LowLatencyConfig:
@@ -155,7 +157,7 @@ def low_latency_combine(y: jax.Array, topk_idx: jax.Array, topk_weights: jax.Arr
         out = jax_ep.low_latency_combine(expert_out, topk_idx, topk_weights, r.handle)
     """
     cfg = _check_combine_args("low_latency_combine", y, topk_idx, topk_weights, handle)
-    return _ll_combine(cfg, y, topk_idx, topk_weights, handle.arrays)
+    return _ll_combine(cfg, y, topk_idx, v.weights_f32(topk_weights), handle.arrays)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -259,7 +261,8 @@ def low_latency_dispatch_recv(pending: LowLatencyDispatchPending) -> LowLatencyD
                         f"returned, got {type(pending).__name__}")
     cfg = pending.config
     recv_x, recv_count, harr = _ll_dispatch_recv(cfg, *pending.arrays)
-    return LowLatencyDispatchResult(recv_x, recv_count, LowLatencyHandle(harr, cfg))
+    invalid = v.num_invalid_ids(pending.arrays[1], cfg.num_experts)
+    return LowLatencyDispatchResult(recv_x, recv_count, LowLatencyHandle(harr, cfg, invalid))
 
 
 def _dispatch_recv_call(cfg, x, sent):
@@ -288,6 +291,7 @@ _ll_dispatch_recv.defvjp(_ll_dispatch_recv_fwd, _ll_dispatch_recv_bwd)
 def low_latency_combine_send(y, topk_idx, topk_weights, handle) -> LowLatencyCombinePending:
     """First half of :func:`low_latency_combine`; see :func:`low_latency_dispatch_send`."""
     cfg = _check_combine_args("low_latency_combine_send", y, topk_idx, topk_weights, handle)
+    topk_weights = v.weights_f32(topk_weights)
     sent = backends.get(cfg.backend).ll_combine_send(*_no_grad(y, handle.arrays), cfg)
     return LowLatencyCombinePending((y, topk_idx, topk_weights, handle.arrays, sent), cfg)
 

@@ -13,10 +13,9 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import checkify
-
 from jax_ep import backends, fp8
 from jax_ep import validation as v
+from jax_ep.check import emit as emit_checks
 from jax_ep.types import (DEFAULT_NUM_SMS, DispatchConfig, DispatchHandle, DispatchLayout,
                           DispatchResult)
 
@@ -37,7 +36,7 @@ def get_dispatch_layout(topk_idx: jax.Array, num_experts: int, *, axis_name: str
     """
     op = "get_dispatch_layout"
     num_ranks = v.axis_size(axis_name, op)
-    v.check_num_experts(op, num_experts, num_ranks)
+    num_experts = v.check_num_experts(op, num_experts, num_ranks)
     v.check_array(op, "topk_idx", topk_idx, 2, (jnp.int32,))
     be = backends.get(backends.resolve(backend, None, op, needs_buffer=False))
     return DispatchLayout(*be.get_dispatch_layout(
@@ -64,8 +63,9 @@ def dispatch(x, topk_idx: jax.Array, topk_weights: Optional[jax.Array] = None, *
       x: ``[T, H]`` bf16/f16/f32 tokens of this rank, or an FP8 pair
         ``(e4m3 [T, H], f32 scales [T, H/128])`` from :func:`jax_ep.fp8.per_token_cast`.
       topk_idx: ``[T, K]`` int32 global expert ids, -1 for an unused slot.
-      topk_weights: ``[T, K]`` f32 routing weights (ones if None).
-      num_experts: E, divisible by the axis size R; expert e lives on rank ``e // (E/R)``.
+      topk_weights: ``[T, K]`` routing weights (ones if None); bf16/f16 are cast to f32.
+      num_experts: E (a static int, NumPy integers accepted), divisible by the axis size R;
+        expert e lives on rank ``e // (E/R)``.
       axis_name: the ``shard_map`` mesh axis that holds the experts.
       layout: ``"rank"`` (one row per token and receiving rank, ordered by source rank
         then source token) or ``"expert"`` (one row per (token, local expert) slot, grouped
@@ -76,9 +76,10 @@ def dispatch(x, topk_idx: jax.Array, topk_weights: Optional[jax.Array] = None, *
       buffer: a :class:`jax_ep.Buffer`; required for the CUDA kernels.
       backend: ``"auto"``, ``"cuda"`` or ``"reference"``.
       num_sms: SMs for the CUDA kernels (default: the buffer's).
-      check_inputs: add a ``checkify`` check that every expert id is in ``[-1, E)``
-        (run the caller under ``checkify.checkify``); ids out of range are otherwise
-        treated as -1.
+      check_inputs: check that every expert id is in ``[-1, E)``, as
+        :func:`jax_ep.check` does (``mode="auto"``: a ``checkify`` check under a
+        ``checkify.checkify`` wrapper, else an error raised when the step runs). Either way
+        ids out of range are treated as -1 and counted in ``num_invalid_ids``.
       cast_fp8: ``x`` is bf16 ``[T, H]`` (``H % 128 == 0``) and travels as FP8: each row is
         cast on the way, as :func:`jax_ep.fp8.per_token_cast` does (the CUDA kernel casts
         while it copies, bitwise equal to that function as XLA compiles it, with no separate
@@ -127,11 +128,12 @@ def dispatch(x, topk_idx: jax.Array, topk_weights: Optional[jax.Array] = None, *
     # what travels: the FP8 pair when cast on the way
     wire = fp8.cast_shapes(x) if cast_fp8 else payload
     num_tokens = payload[0].shape[0]
-    v.check_num_experts(op, num_experts, num_ranks)
+    num_experts = v.check_num_experts(op, num_experts, num_ranks)
     v.check_topk(op, topk_idx, topk_weights, num_tokens)
+    v.check_buffer(op, buffer, axis_name, num_ranks)
     if layout not in LAYOUTS:
         raise ValueError(f"{op}: layout must be one of {LAYOUTS}, got {layout!r}")
-    v.check_positive_int(op, "expert_alignment", expert_alignment)
+    expert_alignment = v.check_positive_int(op, "expert_alignment", expert_alignment)
     if layout == "rank" and expert_alignment != 1:
         raise ValueError(f"{op}: expert_alignment applies to layout='expert' only")
     num_topk = topk_idx.shape[1]
@@ -140,11 +142,12 @@ def dispatch(x, topk_idx: jax.Array, topk_weights: Optional[jax.Array] = None, *
         max_recv_tokens = default_capacity(num_tokens, num_ranks, num_topk, local, layout,
                                            expert_alignment)
     else:
-        v.check_positive_int(op, "max_recv_tokens", max_recv_tokens, minimum=0)
+        max_recv_tokens = v.check_positive_int(op, "max_recv_tokens", max_recv_tokens,
+                                               minimum=0)
     resolved = backends.resolve(backend, buffer, op)
     if num_sms is None:
         num_sms = getattr(buffer, "num_sms", DEFAULT_NUM_SMS)
-    v.check_positive_int(op, "num_sms", num_sms)
+    num_sms = v.check_positive_int(op, "num_sms", num_sms)
     cfg = DispatchConfig(
         num_experts=num_experts, num_ranks=num_ranks, axis_name=axis_name, layout=layout,
         capacity=max_recv_tokens, expert_alignment=expert_alignment, num_tokens=num_tokens,
@@ -153,16 +156,19 @@ def dispatch(x, topk_idx: jax.Array, topk_weights: Optional[jax.Array] = None, *
         cast_fp8=bool(cast_fp8))
     if backends.uses_buffer(resolved):
         buffer.check_fits(cfg, wire)
+    # counted here, outside the backends: the same on every backend, no kernel change
+    invalid = v.num_invalid_ids(topk_idx, num_experts)
     if check_inputs:
-        checkify.check(v.expert_ids_in_range(topk_idx, num_experts),
-                       f"{op}: topk_idx holds expert ids outside [-1, {num_experts})")
+        emit_checks(None, None, invalid, num_experts=num_experts, axis_name=axis_name,
+                    what=f"{op}(check_inputs)")
     if topk_weights is None:
         topk_weights = jnp.ones(topk_idx.shape, jnp.float32)
+    topk_weights = v.weights_f32(topk_weights)
     outs = _dispatch(cfg, payload, topk_idx, topk_weights)
     recv_payload, recv_idx, recv_w, num_recv, per_expert, group_sizes, overflow, harr = outs
     recv_x = tuple(recv_payload) if is_fp8 or cast_fp8 else recv_payload[0]
     return DispatchResult(recv_x, recv_idx, recv_w, num_recv, per_expert, group_sizes, overflow,
-                          DispatchHandle(harr, cfg))
+                          DispatchHandle(harr, cfg, invalid))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -83,18 +83,22 @@ class HandleArrays(NamedTuple):
 
 
 class _Handle:
-    """Routing of one dispatch: traced arrays (pytree children) plus its static config."""
+    """Routing of one dispatch: traced arrays (pytree children) plus its static config.
 
-    def __init__(self, arrays, config):
+    ``num_invalid_ids`` (``[]`` int32 or None) rides along here rather than as a result
+    field, so the result tuples keep their length (code unpacks them by position)."""
+
+    def __init__(self, arrays, config, num_invalid_ids=None):
         self.arrays = arrays
         self.config = config
+        self.num_invalid_ids = num_invalid_ids
 
     def tree_flatten(self):
-        return (self.arrays,), self.config
+        return (self.arrays, self.num_invalid_ids), self.config
 
     @classmethod
     def tree_unflatten(cls, config, children):
-        return cls(children[0], config)
+        return cls(children[0], config, children[1])
 
 
 @jax.tree_util.register_pytree_node_class
@@ -143,6 +147,9 @@ class DispatchResult(NamedTuple):
     num_overflow: ``[]`` int32, rows dropped on this rank because ``max_recv_tokens``
         was too small (always 0 with the default capacity).
     handle: routing for :func:`jax_ep.combine`.
+    num_invalid_ids (a property, kept on the handle): ``[]`` int32, slots of this rank's
+        ``topk_idx`` holding an id outside ``[-1, E)`` (treated as -1;
+        :func:`jax_ep.check` reports them).
     """
 
     recv_x: Payload
@@ -154,6 +161,10 @@ class DispatchResult(NamedTuple):
     num_overflow: Array
     handle: DispatchHandle
 
+    @property
+    def num_invalid_ids(self):
+        return self.handle.num_invalid_ids
+
 
 class LowLatencyDispatchResult(NamedTuple):
     """recv_x ``[E/R, R*M, H]`` (or FP8 pair with scales ``[E/R, R*M, H/128]``);
@@ -162,8 +173,14 @@ class LowLatencyDispatchResult(NamedTuple):
     Rows of expert e from source rank s sit at ``[e, s*M : s*M + n]`` in source
     token order (n = ``handle.arrays.recv_count_per_rank[e, s]``). Other rows are
     undefined on the CUDA backend unless ``zero_padding=True`` or the dispatch is
-    differentiated (then zero); the reference backend always writes zeros."""
+    differentiated (then zero); the reference backend always writes zeros.
+    num_invalid_ids (a property, kept on the handle) ``[]`` int32: slots of ``topk_idx``
+    outside ``[-1, E)`` (ignored; :func:`jax_ep.check` reports them)."""
 
     recv_x: Payload
     recv_count: Array
     handle: LowLatencyHandle
+
+    @property
+    def num_invalid_ids(self):
+        return self.handle.num_invalid_ids

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import jax
 import jax.numpy as jnp
 
@@ -41,13 +43,29 @@ def check_hidden(op: str, name: str, x) -> None:
             f"dtype {x.dtype} ({VECTOR_BYTES}-byte rows); pad the hidden dimension")
 
 
-def check_num_experts(op: str, num_experts, num_ranks: int) -> None:
-    if not isinstance(num_experts, int) or num_experts <= 0:
-        raise ValueError(f"{op}: num_experts must be a positive int, got {num_experts!r}")
-    if num_experts % num_ranks:
+def as_int(value):
+    """``value`` as a Python int when it is integer-like (int, np.int64, a 0-d integer
+    NumPy array), else None. Bools and traced values are not integer-like here."""
+    if isinstance(value, (bool, jax.core.Tracer)) or (
+            hasattr(value, "dtype") and not jnp.issubdtype(value.dtype, jnp.integer)):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def check_num_experts(op: str, num_experts, num_ranks: int) -> int:
+    """Returns ``num_experts`` as an int (np.int64 etc. are accepted)."""
+    n = as_int(num_experts)
+    if n is None or n <= 0:
+        raise ValueError(f"{op}: num_experts must be a positive int (a static Python or "
+                         f"NumPy integer, not a traced value), got {num_experts!r}")
+    if n % num_ranks:
         raise ValueError(
-            f"{op}: num_experts={num_experts} is not divisible by the {num_ranks} ranks of the "
+            f"{op}: num_experts={n} is not divisible by the {num_ranks} ranks of the "
             "expert-parallel axis; choose a multiple of the axis size")
+    return n
 
 
 def check_topk(op: str, topk_idx, topk_weights, num_tokens: int) -> None:
@@ -57,16 +75,52 @@ def check_topk(op: str, topk_idx, topk_weights, num_tokens: int) -> None:
                          "tokens; they must match")
     if topk_idx.shape[1] < 1:
         raise ValueError(f"{op}: topk_idx must have at least one column (top-k >= 1)")
-    if topk_weights is not None:
-        check_array(op, "topk_weights", topk_weights, 2, (jnp.float32,))
+    if topk_weights is not None:  # bf16/f16 are cast to f32 by the ops
+        check_array(op, "topk_weights", topk_weights, 2, FLOAT_DTYPES)
         if topk_weights.shape != topk_idx.shape:
             raise ValueError(f"{op}: topk_weights shape {tuple(topk_weights.shape)} must equal "
                              f"topk_idx shape {tuple(topk_idx.shape)}")
 
 
-def check_positive_int(op: str, name: str, value, minimum: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+def check_positive_int(op: str, name: str, value, minimum: int = 1) -> int:
+    """Returns ``value`` as an int (NumPy integers are accepted)."""
+    n = as_int(value)
+    if n is None or n < minimum:
         raise ValueError(f"{op}: {name} must be an int >= {minimum}, got {value!r}")
+    return n
+
+
+def weights_f32(weights):
+    """Routing weights in f32: bf16/f16 weights are cast (the ops accumulate in f32)."""
+    return None if weights is None else weights.astype(jnp.float32)
+
+
+def num_invalid_ids(topk_idx, num_experts: int):
+    """Traced ``[]`` int32: slots holding an id outside ``[-1, E)`` (treated as -1)."""
+    return jnp.sum((topk_idx < -1) | (topk_idx >= num_experts), dtype=jnp.int32)
+
+
+def check_buffer(op: str, buffer, axis_name: str, num_ranks: int) -> None:
+    """A Buffer made for another axis or mesh is refused, naming both."""
+    if buffer is None:
+        return
+    got_axis = getattr(buffer, "axis_name", None)
+    if got_axis is None:  # not a jax_ep.Buffer (a test's stand-in): nothing to compare
+        return
+    if got_axis != axis_name or getattr(buffer, "num_ranks", num_ranks) != num_ranks:
+        raise ValueError(
+            f"{op}: buffer was made for axis {got_axis!r} of size {buffer.num_ranks} but this "
+            f"call runs over axis {axis_name!r} of size {num_ranks}; create the Buffer with "
+            f"jax_ep.Buffer(mesh, {axis_name!r}) for the shard_map's mesh")
+    mesh = getattr(buffer, "mesh", None)
+    try:  # the shard_map's mesh (names and sizes): absent on older JAX
+        here = dict(jax.sharding.get_abstract_mesh().shape)
+    except Exception:
+        here = {}
+    if here and mesh is not None and dict(mesh.shape) != here:
+        raise ValueError(
+            f"{op}: buffer was made for the mesh {dict(mesh.shape)} but this call runs in a "
+            f"shard_map over the mesh {here}; create the Buffer for the mesh you shard_map over")
 
 
 def expert_ids_in_range(topk_idx, num_experts: int):

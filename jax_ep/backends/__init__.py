@@ -77,8 +77,8 @@ def resolve(backend: str, buffer, op: str, needs_buffer: bool = True) -> str:
     if backend == "cuda":
         if not cuda_ok:
             raise RuntimeError(
-                "backend='cuda' needs the jax_ep CUDA extension and a CUDA GPU visible to JAX "
-                f"({_why_unavailable(_native)}); use backend='reference' or 'auto'")
+                "backend='cuda' needs the jax_ep CUDA kernels and a Hopper GPU visible to JAX, "
+                f"but {_why_unavailable(_native)}; use backend='reference' or 'auto'")
         if not _cuda_has(op):
             raise NotImplementedError(
                 f"the CUDA backend has no kernel for {op!r} yet; use backend='reference'")
