@@ -23,6 +23,19 @@ LINE = re.compile(r"process (\d+)/(\d+) \(data row (\d+)/(\d+), ep rank (\d+)/(\
                   r"([0-9.e+-]+), max \|jax_ep - numpy\| = ([0-9.e+-]+)")
 
 
+def _outputs(procs, timeout=300):
+    """Each process's output; every process is killed if one overruns ``timeout``."""
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return outs
+
+
 def _env():
     return {k: v for k, v in os.environ.items() if not k.startswith("XLA_")}
 
@@ -73,14 +86,7 @@ def test_ranks_started_one_by_one_as_a_launcher_would():
          "--backend", "reference", "--data", "2", "--tokens", "8", "--hidden", "16"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(2)]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=300)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    outs = _outputs(procs)
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
     lines = [l for o in outs for l in _lines(o)]
     # --data 2 over 2 processes: two EP groups of one rank each.
@@ -131,14 +137,7 @@ def test_readme_multihost_snippet_runs_on_a_data_by_ep_mesh():
         procs.append(subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=300)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    outs = _outputs(procs)
     assert [p.returncode for p in procs] == [0] * n, "\n".join(o[-2000:] for o in outs)
     found = sorted(re.findall(r"README snippet: process (\d) mesh (\{.*?\}) row (\d) rank (\d) "
                               r"err ([0-9.e+-]+)", "".join(outs)))
