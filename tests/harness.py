@@ -59,10 +59,6 @@ def devices_under_test() -> List[Any]:
     return [first[p] for p in sorted(first)]
 
 
-def num_gpus() -> int:
-    return len([d for d in jax.local_devices() if d.platform == "gpu"])
-
-
 def mesh(num_ranks: int) -> Mesh:
     devices = devices_under_test()
     if len(devices) < num_ranks:
@@ -93,13 +89,15 @@ def needs_xla_collectives() -> None:
         pytest.skip("XLA collectives between ranks sharing a GPU: NCCL refuses them")
 
 
-def num_sms(default: int = 24) -> int:
+def num_sms() -> int:
     """SMs per kernel: ranks that share a GPU split its SMs, so that their co-resident
     spin-waits cannot starve each other."""
+    from jax_ep.types import DEFAULT_NUM_SMS
+
     share = int(os.environ.get(RANKS_PER_GPU_ENV, "1"))
     gpus = [d for d in jax.local_devices() if d.platform == "gpu"]
     total = getattr(gpus[0], "core_count", 132) if gpus else 132
-    return max(1, min(default, total // share))
+    return max(1, min(DEFAULT_NUM_SMS, total // share))
 
 
 _buffers: Dict[int, Any] = {}
@@ -233,8 +231,12 @@ def shared_dir() -> pathlib.Path:
 
 
 def remove_shared_dir() -> None:
-    """Process 0 removes the directory at the end of the run (tests/conftest.py)."""
-    if _shared_dir and jax.process_index() == 0:
+    """At the end of the run (tests/conftest.py), once every process has read its last
+    results, process 0 removes the directory."""
+    if not _shared_dir:
+        return
+    _barrier("tests/harness/end")
+    if jax.process_index() == 0:
         shutil.rmtree(_shared_dir[0], ignore_errors=True)
 
 
