@@ -8,7 +8,6 @@ around it and an optax training step must work in all four, with the same number
 import contextlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
