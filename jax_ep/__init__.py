@@ -38,5 +38,5 @@ __all__ = [
     "LowLatencyHandle", "check", "combine", "cuda_available", "default_capacity", "dispatch",
     "fp8", "get_dispatch_layout", "low_latency_combine", "low_latency_combine_recv",
     "low_latency_combine_send", "low_latency_dispatch", "low_latency_dispatch_recv",
-    "low_latency_dispatch_send",
+    "low_latency_dispatch_send", "moe",
 ]
