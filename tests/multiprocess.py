@@ -116,8 +116,8 @@ def mps_daemon(wanted: bool):
     started = subprocess.run([control, "-d"], env={**os.environ, **env}, capture_output=True,
                              text=True)
     if started.returncode != 0:
-        print(f"tests.multiprocess: CUDA MPS did not start ({started.stderr.strip() or 'rc '}"
-              f"{started.returncode}); ranks sharing a GPU are time-sliced", flush=True)
+        print(f"tests.multiprocess: CUDA MPS did not start (exit {started.returncode}: "
+              f"{started.stderr.strip()}); ranks sharing a GPU are time-sliced", flush=True)
         shutil.rmtree(folder, ignore_errors=True)
         yield None
         return
