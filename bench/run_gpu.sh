@@ -5,6 +5,7 @@
 # tool brings back at most 8 files).
 # Usage (on the GPU machine, repo root): bash bench/run_gpu.sh [pytest args...]
 #   TEST_RANKS=1,2,4,8  EP sizes of the suite (1: one process driving every local GPU)
+#   RANK_TIMEOUT=1800   seconds each EP size may take
 #   SKIP_TESTS=1 / SKIP_BENCH=1 / LL_BENCH=1 / MOE_BENCH=1 / CEILING=1   what runs
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 JAX_EP_REAL_DEVICES=1
@@ -32,7 +33,7 @@ if [ "${SKIP_TESTS:-0}" != "1" ]; then
   t0=$(date +%s)
   echo "+ python -m tests.multiprocess --ranks ${TEST_RANKS:-1,2,4,8} -- -q -m gpu tests/gpu -rs $*" | tee "$OUT/gpu_tests.log"
   timeout ${TEST_TIMEOUT:-1500} $PY -m tests.multiprocess --ranks ${TEST_RANKS:-1,2,4,8} \
-    --logs "$OUT/all/rank_logs" -- -q -m gpu tests/gpu -rs "$@" 2>&1 | tee -a "$OUT/gpu_tests.log"
+    --timeout ${RANK_TIMEOUT:-1800} --logs "$OUT/all/rank_logs" -- -q -m gpu tests/gpu -rs "$@" 2>&1 | tee -a "$OUT/gpu_tests.log"
   rc_tests=$?
   echo "tests rc=$rc_tests in $(( $(date +%s) - t0 ))s" | tee -a "$OUT/gpu_tests.log"
 fi
