@@ -31,7 +31,7 @@ $PY -c "import jax, jax_ep; print(jax.__version__, jax.devices(), jax_ep.cuda_av
 rc_tests=0
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
   t0=$(date +%s)
-  echo "+ python -m tests.multiprocess --ranks ${TEST_RANKS:-1,2,4,8} -- -q -m gpu tests/gpu -rs $*" | tee "$OUT/gpu_tests.log"
+  echo "+ python -m tests.multiprocess --ranks ${TEST_RANKS:-1,2,4,8} --timeout ${RANK_TIMEOUT:-1800} -- -q -m gpu tests/gpu -rs $*" | tee "$OUT/gpu_tests.log"
   timeout ${TEST_TIMEOUT:-1500} $PY -m tests.multiprocess --ranks ${TEST_RANKS:-1,2,4,8} \
     --timeout ${RANK_TIMEOUT:-1800} --logs "$OUT/all/rank_logs" -- -q -m gpu tests/gpu -rs "$@" 2>&1 | tee -a "$OUT/gpu_tests.log"
   rc_tests=$?
