@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,7 @@ from jax_ep.types import LowLatencyConfig, LowLatencyDispatchResult, LowLatencyH
 
 
 def _config(op, x, topk_idx, num_experts, max_tokens_per_rank, axis_name, use_fp8, buffer,
-            backend, zero_padding=False) -> LowLatencyConfig:
+            backend, zero_padding=False, num_sms=None) -> LowLatencyConfig:
     num_ranks = v.axis_size(axis_name, op)
     v.check_array(op, "x", x, 2, v.FLOAT_DTYPES)
     v.check_hidden(op, "x", x)
@@ -39,6 +40,8 @@ def _config(op, x, topk_idx, num_experts, max_tokens_per_rank, axis_name, use_fp
         raise ValueError(f"{op}: x has {x.shape[0]} tokens but max_tokens_per_rank is "
                          f"{max_tokens_per_rank}; raise max_tokens_per_rank to at least "
                          f"{x.shape[0]}")
+    if num_sms is not None:
+        num_sms = v.check_positive_int(op, "num_sms", num_sms)
     resolved = backends.resolve(backend, buffer, "low_latency")
     uses_buffer = backends.uses_buffer(resolved)
     cfg = LowLatencyConfig(
@@ -46,7 +49,7 @@ def _config(op, x, topk_idx, num_experts, max_tokens_per_rank, axis_name, use_fp
         max_tokens_per_rank=max_tokens_per_rank, num_tokens=x.shape[0],
         num_topk=topk_idx.shape[1], hidden=x.shape[1], use_fp8=bool(use_fp8), backend=resolved,
         buffer_id=getattr(buffer, "buffer_id", None) if uses_buffer else None,
-        zero_padding=bool(zero_padding))
+        zero_padding=bool(zero_padding), num_sms=num_sms)
     if uses_buffer:
         buffer.check_fits_low_latency(cfg, x.dtype)
     return cfg
@@ -54,8 +57,8 @@ def _config(op, x, topk_idx, num_experts, max_tokens_per_rank, axis_name, use_fp
 
 def low_latency_dispatch(x: jax.Array, topk_idx: jax.Array, *, num_experts: int,
                          max_tokens_per_rank: int, axis_name: str, use_fp8: bool = False,
-                         zero_padding: bool = False, buffer=None,
-                         backend: str = "auto") -> LowLatencyDispatchResult:
+                         zero_padding: bool = False, buffer=None, backend: str = "auto",
+                         num_sms: Optional[int] = None) -> LowLatencyDispatchResult:
     """Dispatch for decoding: output ``[E/R, R*max_tokens_per_rank, H]`` whatever the routing.
 
     Args:
@@ -68,6 +71,9 @@ def low_latency_dispatch(x: jax.Array, topk_idx: jax.Array, *, num_experts: int,
         DeepEP; writing them costs about as much as the whole transfer) and no jax_ep op
         reads them; the reference backend always writes zeros. Under differentiation the
         rows are always zero (a NaN there would poison the expert weights' gradients).
+      num_sms: thread blocks of the CUDA kernels of this dispatch and of its combine
+        (default 128: nearly every SM of an H100/H200). Lower it to leave SMs to
+        work that runs beside the exchange, or when several ranks share one GPU.
 
     Returns :class:`LowLatencyDispatchResult` (``recv_x``, ``recv_count [E/R]``, ``handle``).
 
@@ -79,7 +85,7 @@ def low_latency_dispatch(x: jax.Array, topk_idx: jax.Array, *, num_experts: int,
         out = jax_ep.low_latency_combine(y, idx, weights, r.handle)
     """
     cfg = _config("low_latency_dispatch", x, topk_idx, num_experts, max_tokens_per_rank,
-                  axis_name, use_fp8, buffer, backend, zero_padding)
+                  axis_name, use_fp8, buffer, backend, zero_padding, num_sms)
     recv_x, recv_count, harr = _ll_dispatch(cfg, x, topk_idx)
     invalid = v.num_invalid_ids(topk_idx, cfg.num_experts)
     return LowLatencyDispatchResult(recv_x, recv_count, LowLatencyHandle(harr, cfg, invalid))
@@ -235,7 +241,8 @@ class LowLatencyCombinePending(_Handle):
 
 def low_latency_dispatch_send(x, topk_idx, *, num_experts: int, max_tokens_per_rank: int,
                               axis_name: str, use_fp8: bool = False, zero_padding: bool = False,
-                              buffer=None, backend: str = "auto") -> LowLatencyDispatchPending:
+                              buffer=None, backend: str = "auto",
+                              num_sms: Optional[int] = None) -> LowLatencyDispatchPending:
     """First half of :func:`low_latency_dispatch`: issues the sends and returns at once.
 
     Put independent computation between this and :func:`low_latency_dispatch_recv`;
@@ -249,7 +256,7 @@ def low_latency_dispatch_send(x, topk_idx, *, num_experts: int, max_tokens_per_r
         r = jax_ep.low_latency_dispatch_recv(pending)
     """
     cfg = _config("low_latency_dispatch_send", x, topk_idx, num_experts, max_tokens_per_rank,
-                  axis_name, use_fp8, buffer, backend, zero_padding)
+                  axis_name, use_fp8, buffer, backend, zero_padding, num_sms)
     sent = backends.get(cfg.backend).ll_dispatch_send(*_no_grad(x, topk_idx), cfg)
     return LowLatencyDispatchPending((x, topk_idx, sent), cfg)
 

@@ -60,6 +60,9 @@ class LowLatencyConfig:
     # False the CUDA kernels leave them undefined (never read by jax_ep's ops) and skip
     # writing them. Differentiated dispatches, and the combine's VJP, always zero them.
     zero_padding: bool = False
+    # Blocks of the CUDA kernels of this dispatch and its combine (None: the backend's
+    # default, nearly every SM of an H100/H200).
+    num_sms: Optional[int] = None
 
     @property
     def num_local_experts(self) -> int:

@@ -94,9 +94,8 @@ def rank_env(rank: int, num_ranks: int, port: int, platform: str, num_gpus: int,
         env.pop("XLA_PYTHON_CLIENT_MEM_FRACTION", None)
     else:  # the launching process may hold most of the GPU already
         env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.15")
-    if mps_env:
-        env.update(mps_env)
-        env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(max(1, 100 // per_gpu))
+    if mps_env:  # no CUDA_MPS_ACTIVE_THREAD_PERCENTAGE: a percentage could leave a rank fewer
+        env.update(mps_env)  # SMs than its kernels' co-resident grid; num_sms splits the GPU
     return env
 
 

@@ -71,7 +71,8 @@ def _attrs(cfg: LowLatencyConfig, buffer_id: int, num_sms: Optional[int],
     """The attributes every handler takes; ``sizes``: also num_experts and
     max_tokens_per_rank, for the two ops whose buffers cannot give them (dispatch_send,
     combine_recv; the others read them from recv_x or y)."""
-    attrs = dict(buffer_id=np.int64(buffer_id), num_sms=np.int64(num_sms or DEFAULT_LL_NUM_SMS),
+    num_sms = num_sms or cfg.num_sms or DEFAULT_LL_NUM_SMS
+    attrs = dict(buffer_id=np.int64(buffer_id), num_sms=np.int64(num_sms),
                  num_warps=np.int64(num_warps or DEFAULT_LL_NUM_WARPS))
     if sizes:
         attrs.update(num_experts=np.int64(cfg.num_experts),
