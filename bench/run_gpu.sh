@@ -6,7 +6,8 @@
 # Usage (on the GPU machine, repo root): bash bench/run_gpu.sh [pytest args...]
 #   TEST_RANKS=1,2,4,8  EP sizes of the suite (1: one process driving every local GPU)
 #   RANK_TIMEOUT=1800   seconds each EP size may take
-#   MPS=1               ranks sharing a GPU run concurrently under CUDA MPS (else time-sliced)
+#   MPS=0               ranks sharing a GPU take turns by time slicing (default: concurrent
+#                       under CUDA MPS where its daemon can be started)
 #   SKIP_TESTS=1 / SKIP_BENCH=1 / LL_BENCH=1 / MOE_BENCH=1 / CEILING=1   what runs
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 JAX_EP_REAL_DEVICES=1
@@ -32,7 +33,7 @@ $PY -c "import jax, jax_ep; print(jax.__version__, jax.devices(), jax_ep.cuda_av
 rc_tests=0
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
   t0=$(date +%s)
-  MPS_ARG=$([ "${MPS:-0}" = "1" ] && echo --mps)
+  MPS_ARG=$([ "${MPS:-1}" = "0" ] && echo --no-mps)
   echo "+ python -m tests.multiprocess --ranks ${TEST_RANKS:-1,2,4,8} $MPS_ARG --timeout ${RANK_TIMEOUT:-1800} -- -q -m gpu tests/gpu -rs $*" | tee "$OUT/gpu_tests.log"
   timeout ${TEST_TIMEOUT:-1500} $PY -m tests.multiprocess --ranks ${TEST_RANKS:-1,2,4,8} $MPS_ARG \
     --timeout ${RANK_TIMEOUT:-1800} --logs "$OUT/all/rank_logs" -- -q -m gpu tests/gpu -rs "$@" 2>&1 | tee -a "$OUT/gpu_tests.log"

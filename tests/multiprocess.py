@@ -1,10 +1,10 @@
 """Starts EP ranks as processes on this host: whole pytest sessions, or one test body.
 
 Ranks go to the visible GPUs round-robin, so there may be more ranks than GPUs: ranks that
-share a GPU reach each other through the one-process-per-GPU path (CUDA IPC), take turns on
-it by time slicing (with ``--mps``: run concurrently under a CUDA MPS control daemon
-started for the run and stopped after, where it can be started), and split the GPU's SMs
-(``JAX_EP_TEST_RANKS_PER_GPU``, read by tests/harness.py) and its memory (no XLA
+share a GPU reach each other through the one-process-per-GPU path (CUDA IPC), run on it
+concurrently under a CUDA MPS control daemon started for the run and stopped after, where
+one can be started (else, or with ``--no-mps``, they take turns by time slicing), and split
+the GPU's SMs (``JAX_EP_TEST_RANKS_PER_GPU``, read by tests/harness.py) and its memory (no XLA
 preallocation). The placement is printed.
 
 Command line: one pytest per rank, for each EP size asked for (1 = this process alone,
@@ -295,10 +295,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--platform", choices=("gpu", "cpu"), default=None,
                         help="default: gpu when this host shows GPUs")
     parser.add_argument("--gpus", type=int, default=None, help="GPUs to place ranks on")
-    parser.add_argument("--mps", action="store_true",
-                        help="run ranks that share a GPU concurrently under CUDA MPS (default: "
-                             "time slicing; on one H200 with MPS the low-latency kernels "
-                             "failed with 'unspecified launch failure')")
+    parser.add_argument("--mps", action=argparse.BooleanOptionalAction, default=True,
+                        help="ranks that share a GPU run concurrently under a CUDA MPS daemon "
+                             "started for the run, where one can be started (default); "
+                             "--no-mps: they take turns by time slicing (several times slower)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per EP size")
     parser.add_argument("--logs", default=None, help="folder for the other ranks' output")
     parser.add_argument("pytest_args", nargs=argparse.REMAINDER,

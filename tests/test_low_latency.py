@@ -322,3 +322,41 @@ def test_cuda_zero_padding_only_where_promised(cuda_lowering):
     assert len(dispatches) == 3
     flags = [(("has_slot_scale = true" in d), ("zero_padding = true" in d)) for d in dispatches]
     assert sorted(flags) == [(False, False), (False, True), (True, True)], flags
+
+
+def test_cuda_num_sms_reaches_every_call_of_the_op(cuda_lowering):
+    """A dispatch's num_sms sizes its kernels and its combine's (default 128), fused and split."""
+    R, E, T, K, M, H = 4, 8, 4, 2, 8, 128
+    buf = cuda_lowering
+
+    def ops(num_sms, split):
+        kw = dict(num_experts=E, max_tokens_per_rank=M, axis_name=harness.AXIS, buffer=buf,
+                  backend="cuda", num_sms=num_sms)
+
+        def f(x, idx, w):
+            if split:
+                r = jax_ep.low_latency_dispatch_recv(jax_ep.low_latency_dispatch_send(x, idx, **kw))
+                c = jax_ep.low_latency_combine_send(r.recv_x * 2.0, idx, w, r.handle)
+                return jax_ep.low_latency_combine_recv(c)
+            r = jax_ep.low_latency_dispatch(x, idx, **kw)
+            return jax_ep.low_latency_combine(r.recv_x * 2.0, idx, w, r.handle)
+        return f
+
+    for num_sms, want in [(None, 128), (33, 33)]:
+        for split in (False, True):
+            lines = [line for line in _lowered(ops(num_sms, split), R, T, H, K).splitlines()
+                     if "stablehlo.custom_call @jax_ep_ll_" in line]
+            assert len(lines) == (4 if split else 2)
+            got = [int(re.search(r"num_sms = (\d+)", line).group(1)) for line in lines]
+            assert got == [want] * len(lines), (num_sms, split, got)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5])
+def test_num_sms_must_be_a_positive_int(bad):
+    x, idx, _ = _case(0, 2, 4, 2, 8)
+
+    def f(x, idx):
+        return jax_ep.low_latency_dispatch(x, idx, num_experts=8, max_tokens_per_rank=4,
+                                           axis_name=harness.AXIS, num_sms=bad)
+    with pytest.raises((ValueError, TypeError), match="num_sms"):
+        harness.run(f, 2, x, idx)
