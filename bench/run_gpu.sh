@@ -8,7 +8,7 @@
 #   RANK_TIMEOUT=1800   seconds each EP size may take
 #   MPS=0               ranks sharing a GPU take turns by time slicing (default: concurrent
 #                       under CUDA MPS where its daemon can be started)
-#   SKIP_TESTS=1 / SKIP_BENCH=1 / LL_BENCH=1 / MOE_BENCH=1 / CEILING=1   what runs
+#   SKIP_TESTS=1 / SKIP_BENCH=1 / LL_BENCH=1 / MOE_BENCH=1 / GM_BENCH=1 / CEILING=1   what runs
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 JAX_EP_REAL_DEVICES=1
 set -o pipefail
@@ -56,6 +56,9 @@ if [ "${SKIP_BENCH:-0}" != "1" ]; then
 fi
 if [ "${LL_BENCH:-0}" = "1" ]; then
   timeout ${BENCH_TIMEOUT:-200} $PY bench/low_latency.py --out "$OUT/all" ${LL_ARGS:-} 2>&1 | tee "$OUT/bench_low_latency.log" | tail -12
+fi
+if [ "${GM_BENCH:-0}" = "1" ]; then
+  timeout ${GM_TIMEOUT:-240} $PY bench/grouped_matmul.py --out "$OUT/all" ${GM_ARGS:-} 2>&1 | tee "$OUT/bench_grouped_matmul.log" | tail -6
 fi
 if [ "${MOE_BENCH:-0}" = "1" ]; then
   timeout ${MOE_TIMEOUT:-240} $PY bench/moe_layer.py --platform gpu --impls ${MOE_IMPLS:-jax_ep_cf,a2a_cf} \

@@ -9,6 +9,9 @@ namespace jax_ep {
 // kernels are compiled for.
 void add_buffer_bindings(nanobind::module_& m);
 
+// grouped_matmul_bindings.cc (builds with CUTLASS): the grouped matmul's workspace size.
+void add_grouped_matmul_bindings(nanobind::module_& m);
+
 // testing.cc: probes for tests and profiling (never needed to run the ops).
 void add_testing_bindings(nanobind::module_& m);
 

@@ -20,6 +20,11 @@ XLA_FFI_Error* JaxEpLLCombine(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* JaxEpLLCombineSend(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* JaxEpLLCombineRecv(XLA_FFI_CallFrame* call_frame);
 #endif
+#ifdef JAX_EP_WITH_GROUPED_MATMUL
+// grouped_matmul_handlers.cc
+XLA_FFI_Error* JaxEpGroupedMatmul(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxEpGroupedMatmulWeightGrad(XLA_FFI_CallFrame* call_frame);
+#endif
 }
 
 #ifdef JAX_EP_WITH_CUDA

@@ -29,6 +29,10 @@ nb::dict cuda_targets() {
   d["jax_ep_ll_combine_send"] = handler_capsule(JaxEpLLCombineSend);
   d["jax_ep_ll_combine_recv"] = handler_capsule(JaxEpLLCombineRecv);
 #endif
+#ifdef JAX_EP_WITH_GROUPED_MATMUL
+  d["jax_ep_grouped_matmul"] = handler_capsule(JaxEpGroupedMatmul);
+  d["jax_ep_grouped_matmul_weight_grad"] = handler_capsule(JaxEpGroupedMatmulWeightGrad);
+#endif
   return d;
 }
 
@@ -45,6 +49,12 @@ NB_MODULE(_jax_ep_ffi, m) {
   m.def("cuda_targets", &cuda_targets, "FFI targets for platform 'CUDA': name -> capsule");
 #ifdef JAX_EP_WITH_CUDA
   jax_ep::add_buffer_bindings(m);
+#endif
+#ifdef JAX_EP_WITH_GROUPED_MATMUL
+  m.attr("with_grouped_matmul") = true;
+  jax_ep::add_grouped_matmul_bindings(m);
+#else
+  m.attr("with_grouped_matmul") = false;
 #endif
   nb::module_ testing = m.def_submodule(
       "testing", "Probes for tests and profiling; the ops never need them");

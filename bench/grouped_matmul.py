@@ -1,0 +1,120 @@
+"""Grouped-matmul benchmark on one GPU: jax_ep.grouped_matmul (CUTLASS) beside the dense
+batched einsum over the capacity-padded layout (capacity factor 1.25, what a JAX MoE does
+today) and jax.lax.ragged_dot, forward and forward+backward, at DeepSeek-like per-rank
+shapes: ~26k rows over 32 or 64 local experts, H=7168, F=2048.
+
+Useful TFLOP/s count real rows only: 2*rows*H*F per forward, three times that per
+forward+backward. Timing: medians of jitted calls (bench/timing.py).
+
+    python3 bench/grouped_matmul.py --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import jax_ep  # noqa: E402
+from timing import timed  # noqa: E402  (bench/timing.py)
+
+
+def sizes_of(rng, rows, experts):
+    """Uneven rows per expert (DeepSeek-like load imbalance), summing to ``rows``."""
+    return rng.multinomial(rows, rng.dirichlet(np.full(experts, 8.0))).astype(np.int32)
+
+
+def case(rng, experts, rows, H, F, capacity_factor, reps, ragged_reps):
+    bf = jnp.bfloat16
+    sizes = sizes_of(rng, rows, experts)
+    cap = int(np.ceil(capacity_factor * rows / experts))
+    x = jnp.asarray(rng.standard_normal((rows, H)) * 0.5, bf)
+    w = jnp.asarray(rng.standard_normal((experts, H, F)) / np.sqrt(H), bf)
+    dy = jnp.asarray(rng.standard_normal((rows, F)), bf)
+    xp = jnp.asarray(rng.standard_normal((experts, cap, H)) * 0.5, bf)
+    dyp = jnp.asarray(rng.standard_normal((experts, cap, F)), bf)
+    s = jnp.asarray(sizes)
+
+    def grouped(x, w):
+        return jax_ep.grouped_matmul(x, w, s, backend="cuda")
+
+    def ragged(x, w):
+        return jax.lax.ragged_dot(x, w, s, preferred_element_type=jnp.float32).astype(bf)
+
+    def dense(x, w):
+        return jnp.einsum("ech,ehf->ecf", x, w, preferred_element_type=jnp.float32).astype(bf)
+
+    def fwd_bwd(f, dy):
+        def g(x, w):
+            y, vjp = jax.vjp(f, x, w)
+            return y, vjp(dy)
+        return jax.jit(g)
+
+    flops = 2.0 * rows * H * F
+    out = {"experts": experts, "rows": rows, "hidden": H, "ffn": F, "capacity": cap,
+           "capacity_factor": capacity_factor, "max_group": int(sizes.max()),
+           "min_group": int(sizes.min()),
+           "rows_dropped_by_capacity": int(np.maximum(sizes - cap, 0).sum())}
+    impls = {"jax_ep": (grouped, (x, w), dy, reps), "dense_capacity": (dense, (xp, w), dyp, reps),
+             "ragged_dot": (ragged, (x, w), dy, ragged_reps)}
+    for name, (f, args, cot, n) in impls.items():
+        t_f = timed(jax.jit(f), args, n)
+        t_fb = timed(fwd_bwd(f, cot), args, n)
+        out[name] = {"fwd_ms": t_f * 1e3, "fwd_bwd_ms": t_fb * 1e3,
+                     "fwd_useful_tflops": flops / t_f / 1e12,
+                     "fwd_bwd_useful_tflops": 3 * flops / t_fb / 1e12}
+    j, d, r = out["jax_ep"], out["dense_capacity"], out["ragged_dot"]
+    for k in ("fwd_ms", "fwd_bwd_ms"):
+        out[f"{k}_ratio_dense_over_jax_ep"] = d[k] / j[k]
+        out[f"{k}_ratio_ragged_over_jax_ep"] = r[k] / j[k]
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=None, help="folder for grouped_matmul-<N>x<GPU>.json")
+    p.add_argument("--experts", default="32,64")
+    p.add_argument("--rows", type=int, default=26223)
+    p.add_argument("--hidden", type=int, default=7168)
+    p.add_argument("--ffn", type=int, default=2048)
+    p.add_argument("--capacity-factor", type=float, default=1.25)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--ragged-reps", type=int, default=3)
+    a = p.parse_args()
+    dev = jax.devices()[0]
+    rng = np.random.default_rng(0)
+    cases = [case(rng, int(e), a.rows, a.hidden, a.ffn, a.capacity_factor, a.reps, a.ragged_reps)
+             for e in a.experts.split(",")]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    result = {"bench": "grouped_matmul", "device": dev.device_kind, "num_gpus": 1,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": "python3 bench/grouped_matmul.py " + " ".join(sys.argv[1:]),
+              "commit": commit, "jax": jax.__version__, "cases": cases}
+    for c in cases:
+        print(f"E={c['experts']} rows={c['rows']} cap={c['capacity']}: "
+              + "; ".join(f"{n} fwd {c[n]['fwd_ms']:.2f} ms ({c[n]['fwd_useful_tflops']:.0f} TF/s) "
+                          f"fwd+bwd {c[n]['fwd_bwd_ms']:.2f} ms ({c[n]['fwd_bwd_useful_tflops']:.0f})"
+                          for n in ("jax_ep", "dense_capacity", "ragged_dot"))
+              + f"; dense/jax_ep fwd {c['fwd_ms_ratio_dense_over_jax_ep']:.2f}x fwd+bwd "
+                f"{c['fwd_bwd_ms_ratio_dense_over_jax_ep']:.2f}x; ragged/jax_ep fwd "
+                f"{c['fwd_ms_ratio_ragged_over_jax_ep']:.1f}x", flush=True)
+    if a.out:
+        name = f"grouped_matmul-1x{dev.device_kind.replace(' ', '-')}.json"
+        with open(os.path.join(a.out, name), "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""``jax_ep.grouped_matmul``: the expert matmul over rows grouped by expert (the expert
+layout of :func:`jax_ep.dispatch`), dropless, with a custom VJP.
+
+The CUDA path is one CUTLASS SM90 grouped GEMM per product (forward; backward: the rows'
+gradient with each group's matrix transposed, and each group's weight gradient), with the
+group sizes read on the device: no host synchronisation, so it runs under ``jit``,
+``shard_map``, ``lax.scan`` and CUDA graphs. The reference path is ``jax.lax.ragged_dot``.
+"""
+
+from __future__ import annotations
+
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_ep import validation as v
+
+OP = "grouped_matmul"
+BACKENDS = ("auto", "cuda", "reference")
+
+
+def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
+                   backend: str = "auto") -> jax.Array:
+    """Rows of ``x`` times their group's matrix: ``out[r] = x[r] @ w[g]`` for the rows
+    ``r`` of group ``g`` — the contract of ``jax.lax.ragged_dot``.
+
+    Args:
+      x: ``[M, K]`` rows grouped by expert: group 0's ``group_sizes[0]`` rows first, then
+        group 1's, and so on (the expert layout of :func:`jax_ep.dispatch`; rows past the
+        last group, such as ``expert_alignment`` padding at the end, are allowed).
+      w: ``[G, K, N]``, one matrix per group, same dtype as ``x``.
+      group_sizes: ``[G]`` integer rows per group, summing to at most ``M`` (on the CUDA
+        path sizes are clamped to the rows left, in group order).
+      backend: ``"cuda"`` (the CUTLASS kernel: bfloat16, ``K`` and ``N`` multiples of 8,
+        Hopper GPU), ``"reference"`` (``jax.lax.ragged_dot``) or ``"auto"`` (the kernel
+        where it applies, else the reference).
+
+    Returns ``[M, N]`` in ``x.dtype``, accumulated in float32; rows past the last group
+    are zeros. Differentiable in ``x`` and ``w``.
+
+    Example::
+
+        r = jax_ep.dispatch(x, idx, w_topk, num_experts=E, axis_name="ep", layout="expert")
+        h = jax_ep.grouped_matmul(r.recv_x, w_up, r.group_sizes)  # w_up [E/R, H, F]
+    """
+    _check(x, w, group_sizes)
+    group_sizes = jnp.asarray(group_sizes).astype(jnp.int32)
+    resolved = _resolve(backend, x, w)
+    if resolved == "reference":
+        return _reference(x, w, group_sizes)
+    return _cuda(x, w, group_sizes)
+
+
+def _check(x, w, group_sizes) -> None:
+    v.check_array(OP, "x", x, 2, v.FLOAT_DTYPES)
+    v.check_array(OP, "w", w, 3, v.FLOAT_DTYPES)
+    if w.dtype != x.dtype:
+        raise TypeError(f"{OP}: w has dtype {w.dtype} but x has {x.dtype}; cast one of them")
+    if w.shape[1] != x.shape[1]:
+        raise ValueError(f"{OP}: x is [M, K] = {tuple(x.shape)} and w must be [G, K, N], but "
+                         f"w.shape[1] = {w.shape[1]} != K = {x.shape[1]}")
+    if not hasattr(group_sizes, "shape") or not hasattr(group_sizes, "dtype"):
+        raise TypeError(f"{OP}: group_sizes must be an integer array, got "
+                        f"{type(group_sizes).__name__}")
+    if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise TypeError(f"{OP}: group_sizes must be integers, got {group_sizes.dtype}")
+    if tuple(group_sizes.shape) != (w.shape[0],):
+        raise ValueError(f"{OP}: group_sizes must be [G] = [{w.shape[0]}] (one size per matrix "
+                         f"of w), got shape {tuple(group_sizes.shape)}")
+    if not isinstance(group_sizes, jax.core.Tracer):
+        sizes = np.asarray(group_sizes).astype(np.int64)
+        if (sizes < 0).any():
+            raise ValueError(f"{OP}: group_sizes must be >= 0, got {sizes.tolist()}")
+        if sizes.sum() > x.shape[0]:
+            raise ValueError(f"{OP}: group_sizes sum to {int(sizes.sum())} rows but x has "
+                             f"{x.shape[0]}; a group cannot hold rows x does not have")
+
+
+def kernel_applies(x, w) -> bool:
+    """Whether the CUDA kernel can run these operands (bfloat16, K and N multiples of 8)."""
+    return (x.dtype == jnp.bfloat16 and w.dtype == jnp.bfloat16 and x.shape[1] % 8 == 0
+            and w.shape[2] % 8 == 0)
+
+
+def _resolve(backend: str, x, w) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"{OP}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return "reference"
+    from jax_ep.backends.cuda import grouped_matmul as cuda_gm
+
+    if backend == "cuda":
+        if not cuda_gm.available():
+            raise RuntimeError(f"{OP}: backend='cuda' needs the extension built with CUTLASS "
+                               "(pip install nvidia-cutlass before building) and a Hopper GPU; "
+                               "use backend='reference' or 'auto'")
+        if not kernel_applies(x, w):
+            raise ValueError(f"{OP}: the CUDA kernel takes bfloat16 x and w with K and N "
+                             f"multiples of 8; got {x.dtype} x {tuple(x.shape)}, {w.dtype} w "
+                             f"{tuple(w.shape)}; use backend='reference' or pad/cast")
+        return "cuda"
+    return "cuda" if cuda_gm.available() and kernel_applies(x, w) else "reference"
+
+
+def _reference(x, w, group_sizes):
+    out = jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=jnp.float32)
+    return out.astype(x.dtype)
+
+
+@jax.custom_vjp
+def _cuda(x, w, group_sizes):
+    from jax_ep.backends.cuda import grouped_matmul as cuda_gm
+
+    return cuda_gm.matmul(x, w, group_sizes)
+
+
+def _cuda_fwd(x, w, group_sizes):
+    return _cuda(x, w, group_sizes), (x, w, group_sizes)
+
+
+def _cuda_bwd(residuals, dy):
+    from jax_ep.backends.cuda import grouped_matmul as cuda_gm
+
+    x, w, group_sizes = residuals
+    dy = dy.astype(jnp.bfloat16)
+    dx = cuda_gm.matmul(dy, w, group_sizes, transpose_rhs=True)
+    dw = cuda_gm.weight_grad(x, dy, group_sizes)
+    return dx, dw, np.zeros(group_sizes.shape, jax.dtypes.float0)
+
+
+_cuda.defvjp(_cuda_fwd, _cuda_bwd)
