@@ -36,8 +36,9 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
         Hopper GPU), ``"reference"`` (``jax.lax.ragged_dot``) or ``"auto"`` (the kernel
         where it applies, else the reference).
 
-    Returns ``[M, N]`` in ``x.dtype``, accumulated in float32; rows past the last group
-    are zeros. Differentiable in ``x`` and ``w``.
+    Returns ``[M, N]`` in ``x.dtype`` (the kernel accumulates in float32, the reference as
+    ``jax.lax.ragged_dot`` does); rows past the last group are zeros. Differentiable in
+    ``x`` and ``w``; the backward matmuls take operands of ``x.dtype`` too.
 
     Example::
 
@@ -104,8 +105,8 @@ def _resolve(backend: str, x, w) -> str:
 
 
 def _reference(x, w, group_sizes):
-    out = jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=jnp.float32)
-    return out.astype(x.dtype)
+    # x's dtype out, so that the backward matmuls stay in it (bf16 x bf16) as well
+    return jax.lax.ragged_dot(x, w, group_sizes)
 
 
 @jax.custom_vjp

@@ -41,14 +41,15 @@ def _glu(gate, up, dtype):
 
 def ragged_swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
                   group_sizes: jax.Array) -> jax.Array:
-    """SwiGLU of each row with its group's expert, one ``jax.lax.ragged_dot`` per matmul.
+    """SwiGLU of each row with its group's expert, one :func:`jax_ep.grouped_matmul` per
+    matmul (the CUTLASS kernel on Hopper GPUs, ``jax.lax.ragged_dot`` elsewhere).
 
     ``x [M, H]`` holds ``L`` consecutive groups of ``group_sizes [L]`` rows (rows past
     their sum give zeros), ``w_gate, w_up [L, H, F]``, ``w_down [L, F, H]``: the expert
     layout ``jax_ep.dispatch(layout="expert")`` returns. Matmul outputs in ``x``'s dtype,
-    ``silu * up`` in f32 (as :func:`swiglu`). On GPUs XLA may lower ``ragged_dot`` to a
-    dense matmul over ``[M, L * H]``; :func:`batched_swiglu` over fixed expert slots
-    avoids that.
+    ``silu * up`` in f32 (as :func:`swiglu`). Where the kernel does not apply (not
+    bfloat16, or H, F not multiples of 8), XLA may lower ``ragged_dot`` on GPUs to a dense
+    matmul over ``[M, L * H]``; :func:`batched_swiglu` over fixed expert slots avoids that.
 
     Example::
 
@@ -63,9 +64,13 @@ def ragged_swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.
 
 
 def _ragged_dot(x, w, group_sizes):
-    """``jax.lax.ragged_dot``; its vmap NotImplementedError gets the way around it."""
+    """:func:`jax_ep.grouped_matmul` (the CUTLASS grouped GEMM on Hopper GPUs,
+    ``jax.lax.ragged_dot`` elsewhere); ragged_dot's vmap NotImplementedError gets the way
+    around it."""
+    from jax_ep.grouped_matmul import grouped_matmul
+
     try:
-        return jax.lax.ragged_dot(x, w, group_sizes)
+        return grouped_matmul(x, w, group_sizes)
     except NotImplementedError as e:
         if "vmap" not in str(e):
             raise
@@ -102,10 +107,17 @@ def _on_gpus(mesh) -> bool:
 _RAGGED_DENSE_WARN_BYTES = 1 << 30
 
 
-def _check_ragged_dot_cost(mesh, num_local: int, rows: int, hidden: int, dtype) -> None:
+def _check_ragged_dot_cost(mesh, num_local: int, rows: int, hidden: int, ffn: int,
+                           dtype) -> None:
     """Warns when XLA's dense lowering of ``ragged_dot`` on GPUs would multiply a large
-    ``[rows, num_local * hidden]`` operand (the small demo model is fine)."""
+    ``[rows, num_local * hidden]`` operand (the small demo model is fine); not when the
+    grouped-matmul kernel runs the experts instead."""
+    from jax_ep.backends.cuda import grouped_matmul as cuda_gm
+
     if not _on_gpus(mesh):
+        return
+    if (cuda_gm.available() and jnp.dtype(dtype) == jnp.bfloat16 and hidden % 8 == 0
+            and ffn % 8 == 0):
         return
     dense_bytes = rows * num_local * hidden * jnp.dtype(dtype).itemsize
     if dense_bytes >= _RAGGED_DENSE_WARN_BYTES:

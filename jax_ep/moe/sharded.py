@@ -77,7 +77,8 @@ def moe_forward(x: jax.Array, params: MoEParams, config: MoEConfig, mesh, *, dty
     if not low_latency and config.expert_capacity is None:
         # XLA's dense lowering of ragged_dot multiplies [rows, E/R * H]
         rows = config.capacity or num_ranks * (n // token_shards) * config.top_k
-        _check_ragged_dot_cost(mesh, config.num_experts // num_ranks, rows, hidden, dtype)
+        _check_ragged_dot_cost(mesh, config.num_experts // num_ranks, rows, hidden,
+                               params.w_gate.shape[-1], dtype)
     params = _cast(params, dtype)
     x_in = _flatten(x, mesh, config, token_shards).astype(dtype)
     out, stats = _forward_jit(config, mesh, bool(low_latency), max_tokens_per_rank, x_in,
