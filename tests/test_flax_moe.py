@@ -406,6 +406,16 @@ def test_ragged_experts_on_gpus_warn_once(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # not on GPUs: no warning
         _layer()(x)
+    # where the grouped-matmul kernel runs the experts (bf16, H and F multiples of 8)
+    from jax_ep.backends.cuda import grouped_matmul as cuda_gm
+    monkeypatch.setattr(jf, "_on_gpus", lambda mesh: True)
+    monkeypatch.setattr(cuda_gm, "available", lambda: True)
+    jf._warn_ragged_dot_on_gpus.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jf._check_ragged_dot_cost(None, 8, 1 << 20, 1024, 1024, jnp.bfloat16)
+    with pytest.warns(RuntimeWarning, match="needs bfloat16"):
+        jf._check_ragged_dot_cost(None, 8, 1 << 20, 1024, 1024, jnp.float32)
 
 
 def test_rank_exchange_argument_errors():

@@ -129,10 +129,12 @@ def _warn_ragged_dot_on_gpus(num_local: int, dense_gib: float) -> None:
     """Once per shape: the ragged path's cost on GPUs is easy to miss."""
     warnings.warn(
         f"MoE: expert_capacity=None runs the {num_local} local experts with "
-        "jax.lax.ragged_dot; XLA lowers it on GPUs to a dense matmul (its operand here: "
-        f"~{dense_gib} GiB) unless its cuDNN grouped-matmul path is available (cuDNN >= "
-        "9.22): 108 ms against 1.9 ms for the "
-        "capacity layout in one H200 measurement (bench/ragged_probe.py), and out of memory "
-        "at DeepSeek-like shapes. Pass expert_capacity=ceil(1.25 * R * T * K / E) (rows "
-        "per local expert; R ranks, T tokens per rank) for dense batched matmuls.",
+        "jax.lax.ragged_dot here (the grouped-matmul kernel needs bfloat16, H and F "
+        "multiples of 8, and the extension built with CUTLASS); XLA lowers it on GPUs to a "
+        f"dense matmul (its operand here: ~{dense_gib} GiB) unless its cuDNN grouped-matmul "
+        "path is available (cuDNN >= 9.22): 65 ms against 2.2 ms for the capacity layout "
+        "at 64 groups on one H200 (bench/results/grouped_matmul-1xNVIDIA-H200.json), and "
+        "out of memory at DeepSeek-like shapes. Use bfloat16, or pass "
+        "expert_capacity=ceil(1.25 * R * T * K / E) (rows per local expert; R ranks, T "
+        "tokens per rank) for dense batched matmuls.",
         RuntimeWarning, stacklevel=5)
