@@ -151,7 +151,7 @@ def main() -> None:
             for ep, r in rdma.items()) + ". Where it predicts NVLink-bound with less RDMA "
         "traffic than DeepEP shows, the model's NVLink forwarding estimate is the weak part.")
     lines.append("- Not yet checked against a 2x2 logical-node measurement: the internode "
-                 "kernels do not exist yet (issue 6).")
+                 "kernels do not exist yet.")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         f.write("\n".join(lines) + "\n")
