@@ -61,6 +61,18 @@ def call(name: str, results, *args, axis_name: Optional[str] = None, **attrs):
     return jax.tree.map(lambda a: varying(a, axis_name), out)
 
 
+def vma_of(x):
+    """The manual mesh axes ``x`` varies over, or None where this jax has no vma types."""
+    try:
+        aval = jax.typeof(x)
+        vma = getattr(aval, "vma", None)
+        if vma is None:  # jax 0.10 spells it aval.mat.varying
+            vma = getattr(getattr(aval, "mat", None), "varying", None)
+        return vma
+    except Exception:
+        return None
+
+
 def varying(x: jax.Array, axis_name: str) -> jax.Array:
     """Marks a custom call's per-rank result as varying over the EP axis.
 
@@ -68,13 +80,7 @@ def varying(x: jax.Array, axis_name: str) -> jax.Array:
     (collective) results vary over the axis; custom VJPs and scans under shard_map's
     check_vma compare the two, so the CUDA results must say so too.
     """
-    try:
-        aval = jax.typeof(x)
-        vma = getattr(aval, "vma", None)
-        if vma is None:  # jax 0.10 spells it aval.mat.varying
-            vma = getattr(getattr(aval, "mat", None), "varying", None)
-    except Exception:
-        vma = None
+    vma = vma_of(x)
     if vma is None or axis_name in vma:  # no vma types here, or already varying
         return x
     if hasattr(jax.lax, "pcast"):

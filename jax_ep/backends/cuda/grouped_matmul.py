@@ -30,17 +30,7 @@ def _workspace(kind: int, groups: int, rows: int, k: int, n: int) -> jax.ShapeDt
 
 def _vma(*arrays):
     """The manual axes any of ``arrays`` varies over (empty outside shard_map)."""
-    axes = set()
-    for a in arrays:
-        try:
-            aval = jax.typeof(a)
-        except Exception:
-            continue
-        vma = getattr(aval, "vma", None)
-        if vma is None:
-            vma = getattr(getattr(aval, "mat", None), "varying", None)
-        axes |= set(vma or ())
-    return sorted(axes)
+    return sorted(set().union(*[set(_ffi.vma_of(a) or ()) for a in arrays]))
 
 
 def _call(name, result, workspace, *args, **attrs):
