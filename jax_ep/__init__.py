@@ -37,7 +37,7 @@ __all__ = [
     "ExpertIdError", "cuda_status",
     "LowLatencyCombinePending", "LowLatencyDispatchPending", "LowLatencyDispatchResult",
     "LowLatencyHandle", "check", "combine", "cuda_available", "default_capacity", "dispatch",
-    "fp8", "get_dispatch_layout", "grouped_matmul", "low_latency_combine", "low_latency_combine_recv",
-    "low_latency_combine_send", "low_latency_dispatch", "low_latency_dispatch_recv",
-    "low_latency_dispatch_send", "moe",
+    "fp8", "get_dispatch_layout", "grouped_matmul", "low_latency_combine",
+    "low_latency_combine_recv", "low_latency_combine_send", "low_latency_dispatch",
+    "low_latency_dispatch_recv", "low_latency_dispatch_send", "moe",
 ]

@@ -9,7 +9,6 @@ group sizes read on the device: no host synchronisation, so it runs under ``jit`
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,10 +77,10 @@ def _check(x, w, group_sizes) -> None:
                              f"{x.shape[0]}; a group cannot hold rows x does not have")
 
 
-def kernel_applies(x, w) -> bool:
-    """Whether the CUDA kernel can run these operands (bfloat16, K and N multiples of 8)."""
-    return (x.dtype == jnp.bfloat16 and w.dtype == jnp.bfloat16 and x.shape[1] % 8 == 0
-            and w.shape[2] % 8 == 0)
+def kernel_applies(dtype, k: int, n: int) -> bool:
+    """Whether the CUDA kernel can run operands of ``dtype`` with ``w[g]`` of ``[k, n]``
+    (bfloat16, k and n multiples of 8)."""
+    return jnp.dtype(dtype) == jnp.bfloat16 and k % 8 == 0 and n % 8 == 0
 
 
 def _resolve(backend: str, x, w) -> str:
@@ -96,12 +95,12 @@ def _resolve(backend: str, x, w) -> str:
             raise RuntimeError(f"{OP}: backend='cuda' needs the extension built with CUTLASS "
                                "(pip install nvidia-cutlass before building) and a Hopper GPU; "
                                "use backend='reference' or 'auto'")
-        if not kernel_applies(x, w):
+        if not kernel_applies(x.dtype, *w.shape[1:]):
             raise ValueError(f"{OP}: the CUDA kernel takes bfloat16 x and w with K and N "
                              f"multiples of 8; got {x.dtype} x {tuple(x.shape)}, {w.dtype} w "
                              f"{tuple(w.shape)}; use backend='reference' or pad/cast")
         return "cuda"
-    return "cuda" if cuda_gm.available() and kernel_applies(x, w) else "reference"
+    return "cuda" if cuda_gm.available() and kernel_applies(x.dtype, *w.shape[1:]) else "reference"
 
 
 def _reference(x, w, group_sizes):

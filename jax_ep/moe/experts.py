@@ -113,11 +113,11 @@ def _check_ragged_dot_cost(mesh, num_local: int, rows: int, hidden: int, ffn: in
     ``[rows, num_local * hidden]`` operand (the small demo model is fine); not when the
     grouped-matmul kernel runs the experts instead."""
     from jax_ep.backends.cuda import grouped_matmul as cuda_gm
+    from jax_ep.grouped_matmul import kernel_applies
 
     if not _on_gpus(mesh):
         return
-    if (cuda_gm.available() and jnp.dtype(dtype) == jnp.bfloat16 and hidden % 8 == 0
-            and ffn % 8 == 0):
+    if cuda_gm.available() and kernel_applies(dtype, hidden, ffn):
         return
     dense_bytes = rows * num_local * hidden * jnp.dtype(dtype).itemsize
     if dense_bytes >= _RAGGED_DENSE_WARN_BYTES:
