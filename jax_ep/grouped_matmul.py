@@ -9,6 +9,9 @@ group sizes read on the device: no host synchronisation, so it runs under ``jit`
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,7 +103,23 @@ def _resolve(backend: str, x, w) -> str:
                              f"multiples of 8; got {x.dtype} x {tuple(x.shape)}, {w.dtype} w "
                              f"{tuple(w.shape)}; use backend='reference' or pad/cast")
         return "cuda"
-    return "cuda" if cuda_gm.available() and kernel_applies(x.dtype, *w.shape[1:]) else "reference"
+    if cuda_gm.available() and kernel_applies(x.dtype, *w.shape[1:]):
+        return "cuda"
+    _say_reference_on_gpu(cuda_gm.available(), x.dtype, tuple(w.shape[1:]))
+    return "reference"
+
+
+@functools.lru_cache(maxsize=None)
+def _say_reference_on_gpu(built: bool, dtype, kn) -> None:
+    """backend="auto" chose ragged_dot: say so once per case where a GPU was there."""
+    from jax_ep.backends import _default_platform_is_gpu
+
+    if not _default_platform_is_gpu():
+        return
+    why = (f"the kernel takes bfloat16 with K and N multiples of 8, got {jnp.dtype(dtype).name} "
+           f"with [K, N] = {list(kn)}" if built else
+           "the extension was built without it (pip install nvidia-cutlass, then rebuild)")
+    warnings.warn(f"jax_ep.{OP}: using jax.lax.ragged_dot on GPU because {why}", stacklevel=4)
 
 
 def _reference(x, w, group_sizes):

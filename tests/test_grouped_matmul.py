@@ -3,6 +3,7 @@ gradients), the argument checks, and how the CUDA path lowers (three custom call
 jax.grad), checked through the lowered StableHLO text."""
 
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -133,3 +134,24 @@ def test_auto_uses_the_reference_where_the_kernel_does_not_apply(cuda_lowering):
     assert "jax_ep_grouped" not in text
     with pytest.raises(ValueError, match="K and N multiples of 8"):
         jax_ep.grouped_matmul(x, w, jnp.array([4, 4]), backend="cuda")
+
+
+def test_auto_says_once_when_it_uses_ragged_dot_on_a_gpu(monkeypatch):
+    import importlib
+
+    from jax_ep import backends
+    from jax_ep.backends.cuda import grouped_matmul as cuda_gm
+
+    gm = importlib.import_module("jax_ep.grouped_matmul")  # the module, not the function
+
+    monkeypatch.setattr(backends, "_default_platform_is_gpu", lambda: True)
+    x, w, s = jnp.zeros((4, 8)), jnp.zeros((2, 8, 8)), jnp.array([2, 2])
+    for built, match in [(False, "built without it"), (True, "takes bfloat16")]:
+        monkeypatch.setattr(cuda_gm, "available", lambda built=built: built)
+        gm._say_reference_on_gpu.cache_clear()
+        with pytest.warns(UserWarning, match=match):
+            jax_ep.grouped_matmul(x, w, s)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per case, not per call
+            jax_ep.grouped_matmul(x, w, s)
+    gm._say_reference_on_gpu.cache_clear()
