@@ -23,6 +23,13 @@ the GEMMs, ``silu * up`` in f32, so that the backward matmuls take bf16 operands
   receiver sorts (token, slot) rows by local expert for ``ragged_dot``, weights and sums
   them per token, and sends ``[R, T, H]`` back.
 
+* ``jax_ep_cf_mb2``: ``jax_ep_cf`` with ``micro_batches=2`` (each rank's tokens in two
+  halves, each with its own dispatch, experts and combine), exchanges on XLA's compute
+  stream: what splitting alone costs.
+* ``jax_ep_cf_overlap``: the same on a ``Buffer(side_stream=True)``: the exchanges run
+  on a second stream, so one half's tokens move while the other half's experts compute.
+  ``--overlap`` runs these two beside ``jax_ep_cf`` and reports the ratios.
+
 * ``no_comm``: a communication-free ceiling: the ``jax_ep_cf`` layer with dispatch and
   combine replaced by local work of the same shapes. Each rank sends its own (token, slot)
   rows to *its own* local expert ``e % (E/R)`` (so each local expert receives about
@@ -56,6 +63,7 @@ Run::
     PYTHONPATH=. python3 bench/moe_layer.py                     # GPUs, DeepSeek-like shape
     PYTHONPATH=. python3 bench/moe_layer.py --tokens 1024 --impls jax_ep,a2a_peer
     PYTHONPATH=. python3 bench/moe_layer.py --impls jax_ep_cf,a2a_cf,no_comm --breakdown
+    PYTHONPATH=. python3 bench/moe_layer.py --overlap --profile   # serial vs overlapped
 """
 
 from __future__ import annotations
@@ -73,7 +81,8 @@ import sys
 import time
 
 DEFAULT_IMPLS = ("jax_ep", "jax_ep_cf", "jax_ep_cf_expert", "a2a_cf", "a2a_peer", "no_comm")
-IMPLS = DEFAULT_IMPLS
+OVERLAP_IMPLS = ("jax_ep_cf", "jax_ep_cf_mb2", "jax_ep_cf_overlap")
+IMPLS = DEFAULT_IMPLS + OVERLAP_IMPLS[1:]
 PARTS = ("router", "jax_ep_dispatch_combine", "a2a_dispatch_combine",
          "local_dispatch_combine", "expert_slots", "expert_ffn")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -127,8 +136,13 @@ def parse_args(argv=None):
     p.add_argument("--dump-hlo", action="store_true",
                    help="write each impl's optimised fwd+bwd HLO (hlo_<impl>_fwd_bwd.txt) to "
                         "--out: maps the profile's fusion names to the ops they hold")
+    p.add_argument("--overlap", action="store_true",
+                   help=f"run {','.join(OVERLAP_IMPLS)}: the serial layer, split into two "
+                        "micro-batches, and overlapped on a side stream (replaces --impls)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.overlap:
+        args.impls = ",".join(OVERLAP_IMPLS)
     small = dict(tokens=64, hidden=128, experts=16, top_k=4, ffn=64, dtype="float32")
     full = dict(tokens=4096, hidden=7168, experts=256, top_k=8, ffn=2048, dtype="bfloat16")
     for key, value in (small if args.small else full).items():
@@ -238,15 +252,19 @@ def main(argv=None) -> int:
         return 2
     mesh = jax.sharding.Mesh(np.array(devices), ("ep",))
     buffer = jax_ep.Buffer(mesh, "ep") if on_gpu else None
+    side_buffer = (jax_ep.Buffer(mesh, "ep", side_stream=True)
+                   if on_gpu and "jax_ep_cf_overlap" in args.impls else None)
     backend = buffer.backend if buffer is not None else "reference"
     print(f"{R} x {devices[0].device_kind}: T={T}/rank H={H} E={E} K={K} F={F} {dtype.name}, "
           f"jax_ep backend {backend}", flush=True)
 
-    def make_layer(capacity, expert_capacity=None, exchange="auto"):
+    def make_layer(capacity, expert_capacity=None, exchange="auto", micro_batches=1,
+                   buf=buffer):
         return MoE(hidden=H, ffn_hidden=F, num_experts=E, top_k=K, mesh=mesh,
                    score_func=args.score_func, capacity=capacity,
-                   expert_capacity=expert_capacity, exchange=exchange, buffer=buffer,
-                   backend="auto", dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(args.seed))
+                   expert_capacity=expert_capacity, exchange=exchange, buffer=buf,
+                   backend="auto", micro_batches=micro_batches, dtype=dtype,
+                   param_dtype=dtype, rngs=nnx.Rngs(args.seed))
 
     layer = make_layer(None)
     graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
@@ -259,6 +277,11 @@ def main(argv=None) -> int:
         ep_expert_cap = max(1, math.ceil(args.expert_capacity_factor * R * T * K / E))
     graphdef_cf, _, _ = nnx.split(make_layer(ep_cap, ep_expert_cap), nnx.Param, ...)
     graphdef_cfx, _, _ = nnx.split(make_layer(ep_cap, ep_expert_cap, "expert"), nnx.Param, ...)
+    # two micro-batches: capacities are per micro-batch (ceil(value / 2)), same totals
+    graphdef_mb2, _, _ = nnx.split(make_layer(ep_cap, ep_expert_cap, micro_batches=2),
+                                   nnx.Param, ...)
+    graphdef_ovl, _, _ = nnx.split(make_layer(ep_cap, ep_expert_cap, micro_batches=2,
+                                              buf=side_buffer), nnx.Param, ...)
     bias = layer.expert_bias[...]
     nc_cap = max(ep_cap, T * K)  # no_comm keeps every row (it has no dispatch capacity)
 
@@ -387,6 +410,8 @@ def main(argv=None) -> int:
 
     forwards = {"jax_ep": layer_fwd(graphdef), "jax_ep_cf": layer_fwd(graphdef_cf),
                 "jax_ep_cf_expert": layer_fwd(graphdef_cfx),
+                "jax_ep_cf_mb2": layer_fwd(graphdef_mb2),
+                "jax_ep_cf_overlap": layer_fwd(graphdef_ovl),
                 "a2a_cf": baseline(a2a_cf_rank), "a2a_peer": baseline(a2a_peer_rank),
                 "no_comm": baseline(no_comm_rank)}
     method = {
@@ -415,6 +440,11 @@ def main(argv=None) -> int:
                       "ragged_swiglu): matmul outputs in the activation dtype (f32 "
                       "accumulation inside the GEMMs), silu * up in f32, so the backward "
                       "matmuls take bf16 operands at bf16",
+        "jax_ep_cf_mb2": "jax_ep_cf with micro_batches=2 (capacities per micro-batch: "
+                         "ceil(value / 2)), exchanges on XLA's compute stream",
+        "jax_ep_cf_overlap": "jax_ep_cf_mb2 on jax_ep.Buffer(side_stream=True): the "
+                             "exchanges run on a second GPU stream beside the expert "
+                             "matmuls of the other micro-batch",
         "a2a_cf": f"GShard style: pack [E, C={a2a_C}, H] per rank, jax.lax.all_to_all, "
                   "batched SwiGLU on [E/R, R*C, H], all_to_all back, weighted sum",
         "a2a_peer": "[R, T, H] slabs per peer over all_to_all, ragged_dot experts",
@@ -568,6 +598,16 @@ def main(argv=None) -> int:
             print(f"  {name} vs a2a_cf (fwd+bwd): {r['speedup_vs_a2a_cf']:.3f}x per call, "
                   f"{r['speedup_vs_a2a_cf_back_to_back']:.3f}x back to back (target 1.5x); "
                   f"per round {', '.join(f'{v:.3f}' for v in r['speedup_vs_a2a_cf_per_round'])}")
+    serial = results.get("jax_ep_cf", {})
+    for name in OVERLAP_IMPLS[1:]:  # the overlapped layer against the serial one
+        r = results.get(name, {})
+        if "fwd_bwd_ms_median" in r and "fwd_bwd_ms_median" in serial:
+            r["speedup_vs_jax_ep_cf"] = serial["fwd_bwd_ms_median"] / r["fwd_bwd_ms_median"]
+            r["speedup_vs_jax_ep_cf_per_round"] = [
+                b / m for b, m in zip(serial["fwd_bwd_ms_round_medians"],
+                                      r["fwd_bwd_ms_round_medians"])]
+            print(f"  {name} vs jax_ep_cf (fwd+bwd): {r['speedup_vs_jax_ep_cf']:.3f}x; per "
+                  f"round {', '.join(f'{v:.3f}' for v in r['speedup_vs_jax_ep_cf_per_round'])}")
     for base_name, nc_name in (("a2a_cf", "no_comm"),):
         if "fwd_bwd_ms_median" in results.get(nc_name, {}) and \
                 "fwd_bwd_ms_median" in results.get(base_name, {}):

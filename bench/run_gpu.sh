@@ -8,7 +8,8 @@
 #   RANK_TIMEOUT=1800   seconds each EP size may take
 #   MPS=0               ranks sharing a GPU take turns by time slicing (default: concurrent
 #                       under CUDA MPS where its daemon can be started)
-#   SKIP_TESTS=1 / SKIP_BENCH=1 / LL_BENCH=1 / MOE_BENCH=1 / GM_BENCH=1 / CEILING=1   what runs
+#   SKIP_TESTS=1 / SKIP_BENCH=1 / LL_BENCH=1 / MOE_BENCH=1 / GM_BENCH=1 / CEILING=1 /
+#   OVERLAP_BENCH=1 (bench/moe_layer.py --overlap --profile, bench/decode_overlap.py)   what runs
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 JAX_EP_REAL_DEVICES=1
 set -o pipefail
@@ -34,6 +35,7 @@ rc_tests=0
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
   t0=$(date +%s)
   MPS_ARG=$([ "${MPS:-1}" = "0" ] && echo --no-mps)
+  export JAX_EP_HLO_DIR="$OUT/all"  # tests/gpu/test_overlap_gpu.py leaves its compiled HLO
   echo "+ python -m tests.multiprocess --ranks ${TEST_RANKS:-1,2,4,8} $MPS_ARG --timeout ${RANK_TIMEOUT:-1800} -- -q -m gpu tests/gpu -rs $*" | tee "$OUT/gpu_tests.log"
   timeout ${TEST_TIMEOUT:-1500} $PY -m tests.multiprocess --ranks ${TEST_RANKS:-1,2,4,8} $MPS_ARG \
     --timeout ${RANK_TIMEOUT:-1800} --logs "$OUT/all/rank_logs" -- -q -m gpu tests/gpu -rs "$@" 2>&1 | tee -a "$OUT/gpu_tests.log"
@@ -63,6 +65,11 @@ fi
 if [ "${MOE_BENCH:-0}" = "1" ]; then
   timeout ${MOE_TIMEOUT:-240} $PY bench/moe_layer.py --platform gpu --impls ${MOE_IMPLS:-jax_ep_cf,a2a_cf} \
     --iters 20 --warmup 1 --out "$OUT/all" ${MOE_ARGS:-} 2>&1 | tee "$OUT/bench_moe_layer.log" | tail -12
+fi
+if [ "${OVERLAP_BENCH:-0}" = "1" ]; then
+  timeout ${MOE_TIMEOUT:-240} $PY bench/moe_layer.py --platform gpu --overlap --profile \
+    --iters 20 --warmup 1 --out "$OUT/all" ${MOE_ARGS:-} 2>&1 | tee "$OUT/bench_overlap_layer.log" | tail -14
+  timeout ${BENCH_TIMEOUT:-200} $PY bench/decode_overlap.py --out "$OUT/all" ${DECODE_ARGS:-} 2>&1 | tee "$OUT/bench_overlap_decode.log" | tail -6
 fi
 (cd "$OUT" && tar czf results.tgz all && rm -rf all)
 exit $rc_tests

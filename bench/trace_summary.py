@@ -51,6 +51,38 @@ def category(name: str) -> str:
     return "xla_fusion_or_other"
 
 
+def _union(intervals):
+    """Sorted disjoint [start, end) covering the given (start, duration) pairs."""
+    out = []
+    for s, d in sorted(intervals):
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], s + d)
+        else:
+            out.append([s, s + d])
+    return out
+
+
+def concurrent_ns(a, b) -> float:
+    """Time during which some interval of ``a`` and some of ``b`` run at once (both lists
+    of (start, duration)): how much of one kind of kernel another kind overlapped."""
+    ua, ub = _union(a), _union(b)
+    total, j = 0.0, 0
+    for s, e in ua:
+        while j < len(ub) and ub[j][1] <= s:
+            j += 1
+        k = j
+        while k < len(ub) and ub[k][0] < e:
+            total += min(e, ub[k][1]) - max(s, ub[k][0])
+            k += 1
+    return total
+
+
+def _streams_of(plane, cat: str):
+    """Names of the stream lines that ran kernels of category ``cat``."""
+    return sorted({line.name for line in plane.lines if line.name.startswith("Stream")
+                   and any(category(e.name) == cat for e in line.events)})
+
+
 def summarize(xplane_path: str, match: str | None = None, top: int = 12,
               all_kernels: bool = False, gap_count: int = 12) -> dict:
     """Per GPU: span (first start to last end), busy (kernel time, overlaps merged), the
@@ -80,8 +112,15 @@ def summarize(xplane_path: str, match: str | None = None, top: int = 12,
         cats = {}
         for name, _, d in ks:
             cats[category(name)] = cats.get(category(name), 0.0) + d
+        comm = [(s, d) for name, s, d in ks if category(name) == "jax_ep"]
+        rest = [(s, d) for name, s, d in ks if category(name) != "jax_ep"]
+        plane = next(p for p in _gpu_planes(data) if p.name == plane_name)
         rec = dict(kernels=len(ks), span_us=round(span / 1e3, 1), busy_us=round(busy / 1e3, 1),
                    category_us={c: round(v / 1e3, 1) for c, v in sorted(cats.items())},
+                   # jax_ep kernels running at the same time as other kernels (overlap)
+                   jax_ep_concurrent_us=round(concurrent_ns(comm, rest) / 1e3, 1),
+                   jax_ep_busy_us=round(sum(e - s for s, e in _union(comm)) / 1e3, 1),
+                   jax_ep_streams=_streams_of(plane, "jax_ep"),
                    top=[dict(name=n[:120], count=len(v), total_us=round(sum(v) / 1e3, 1),
                              median_us=round(statistics.median(v) / 1e3, 2)) for n, v in heavy])
         if match:
@@ -170,7 +209,9 @@ def print_summary(summary: dict) -> None:
     print(f"profile {summary['label']}: skew {summary.get('matched_start_skew_us')}")
     for name, g in summary["gpus"].items():
         print(f"  {name}: {g['kernels']} kernels, span {g['span_us']} us, busy {g['busy_us']} us,"
-              f" {g['category_us']}, matched {g.get('matched')}")
+              f" {g['category_us']}, matched {g.get('matched')}; jax_ep kernels "
+              f"{g['jax_ep_busy_us']} us on {g['jax_ep_streams']}, "
+              f"{g['jax_ep_concurrent_us']} us of it beside other kernels")
     first = next(iter(summary["gpus"].values()), None)
     if first:
         for k in first["top"][:8]:

@@ -152,6 +152,15 @@ class MoE(nnx.Module):
         numerical difference. ``"auto"`` (default): ``"rank"`` when ``expert_capacity``
         is set and ``expert_alignment`` is 1, else ``"expert"``. ``capacity`` counts
         (token, rank) rows with ``"rank"`` (at most ``R * T`` are ever needed).
+      micro_batches: split each rank's tokens into this many micro-batches, each with its
+        own dispatch, experts and combine (forward and backward); ``capacity`` and
+        ``expert_capacity`` are then per micro-batch limits of ``ceil(value / n)``. With a
+        ``buffer`` made with ``side_stream=True`` the exchanges run beside the expert
+        matmuls, so with 2 one micro-batch's tokens move while the other's experts
+        compute (README "Overlapping exchanges with compute"). Results equal the
+        layer's with 1 (default) where nothing is dropped: the rows meet the same
+        experts and each token's sum runs in the same order. The low-latency path
+        overlaps the shared expert with its dispatch instead and ignores it.
       dtype: compute dtype of the experts (default: the input's dtype).
       param_dtype: dtype of the parameters.
       rngs: ``nnx.Rngs`` for initialisation.
@@ -186,6 +195,7 @@ class MoE(nnx.Module):
     exchange = _config_field("exchange", '"rank" or "expert" (resolved from "auto").')
     buffer = _config_field("buffer", "The jax_ep.Buffer (None: reference backend).")
     backend = _config_field("backend", '"auto", "cuda" or "reference".')
+    micro_batches = _config_field("micro_batches", "Micro-batches of the exchanges (1: none).")
 
     def __init__(self, hidden: int, ffn_hidden: int, num_experts: int, top_k: int, mesh, *,
                  axis_name: str = "ep", token_axes: Sequence[str] = (),
@@ -194,7 +204,8 @@ class MoE(nnx.Module):
                  capacity: Optional[int] = None, expert_capacity: Optional[int] = None,
                  buffer=None, backend: str = "auto",
                  normalize_weights: Optional[bool] = None, routed_scaling: float = 1.0,
-                 expert_alignment: int = 1, exchange: str = "auto", dtype=None,
+                 expert_alignment: int = 1, exchange: str = "auto", micro_batches: int = 1,
+                 dtype=None,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         where = "MoE"
         for name, value in (("hidden", hidden), ("ffn_hidden", ffn_hidden)):
@@ -209,7 +220,7 @@ class MoE(nnx.Module):
             normalize_weights=normalize_weights, routed_scaling=routed_scaling,
             capacity=capacity, expert_capacity=expert_capacity,
             expert_alignment=expert_alignment, exchange=exchange, buffer=buffer,
-            backend=backend)
+            backend=backend, micro_batches=micro_batches)
         self.token_shards = _check_mesh(where, self.config, mesh)
         _check_hidden(where, hidden, dtype if dtype is not None else param_dtype)
         self.hidden, self.ffn_hidden = hidden, ffn_hidden

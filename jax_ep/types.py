@@ -36,6 +36,7 @@ class DispatchConfig:
     buffer_id: Optional[int] = None
     num_sms: int = DEFAULT_NUM_SMS
     cast_fp8: bool = False  # bf16 x cast to an FP8 pair on the way (dispatch(cast_fp8=True))
+    side_stream: bool = False  # CUDA: run on a stream beside XLA's compute stream (the Buffer's)
 
     @property
     def num_local_experts(self) -> int:
@@ -63,6 +64,7 @@ class LowLatencyConfig:
     # Blocks of the CUDA kernels of this dispatch and its combine (None: the backend's
     # default, nearly every SM of an H100/H200).
     num_sms: Optional[int] = None
+    side_stream: bool = False  # CUDA: run on a stream beside XLA's compute stream (the Buffer's)
 
     @property
     def num_local_experts(self) -> int:

@@ -43,6 +43,14 @@ def fake_profile(monkeypatch):
     monkeypatch.setattr(jax.profiler, "ProfileData", FakeProfileData, raising=False)
 
 
+def test_concurrent_time_of_two_kernel_kinds():
+    comm = [(0, 10), (5, 10), (30, 5)]      # union [0, 15) and [30, 35)
+    other = [(10, 25), (40, 1)]             # [10, 35) and [40, 41)
+    assert trace_summary.concurrent_ns(comm, other) == 5 + 5
+    assert trace_summary.concurrent_ns(comm, []) == 0
+    assert trace_summary.concurrent_ns(other, comm) == 10
+
+
 def test_summary_numbers(fake_profile):
     s = trace_summary.summarize("unused.xplane.pb", match="ll_dispatch")
     assert set(s["gpus"]) == {"/device:GPU:0", "/device:GPU:1"}  # host plane ignored
@@ -51,6 +59,10 @@ def test_summary_numbers(fake_profile):
     assert g0["busy_us"] == 2.5  # [1.0, 2.5) merged with [4.0, 5.0)
     assert g0["category_us"] == {"jax_ep": 2.0, "matmul": 1.0}
     assert g1["category_us"] == {"jax_ep": 1.4, "nccl": 0.1}
+    # the gemm [1.5, 2.5) overlaps the first jax_ep kernel [1.0, 2.0) by 0.5 us
+    assert g0["jax_ep_concurrent_us"] == 0.5 and g0["jax_ep_busy_us"] == 2.0
+    assert g0["jax_ep_streams"] == ["Stream #7"]
+    assert g1["jax_ep_concurrent_us"] == 0.0
     assert g0["matched"] == {"count": 2, "median_us": 1.0, "median_start_gap_us": 3.0}
     assert g1["matched"]["median_start_gap_us"] == 3.2
     # the i-th matched kernel's start across GPUs: 0.3 and 0.5 us apart

@@ -50,6 +50,13 @@ def uses_buffer(name: str) -> bool:
     return name == "cuda"
 
 
+def side_stream(buffer, name: str) -> bool:
+    """Whether the ops of the resolved backend ``name`` run on the side stream: the CUDA
+    backend's, when the Buffer asks for it (the reference backend's exchanges are XLA's
+    collectives, which XLA schedules on its own streams)."""
+    return uses_buffer(name) and bool(getattr(buffer, "side_stream", False))
+
+
 def _cuda_has(op: str, auto: bool = False) -> bool:
     """Whether the CUDA backend has a kernel for ``op`` (that "auto" may pick, if ``auto``)."""
     try:

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_ep import fp8
+from jax_ep.backends.vma import varying
 from jax_ep.types import DispatchConfig, HandleArrays, LowLatencyConfig, LowLatencyHandleArrays
 
 I32 = jnp.int32
@@ -23,7 +24,8 @@ I32 = jnp.int32
 
 def _exchange(x: jax.Array, axis_name: str) -> jax.Array:
     """``x[r]`` is sent to rank r; returns ``y[s]`` = what rank s sent here."""
-    return jax.lax.all_to_all(x, axis_name, split_axis=0, concat_axis=0, tiled=False)
+    out = jax.lax.all_to_all(x, axis_name, split_axis=0, concat_axis=0, tiled=False)
+    return varying(out, axis_name)  # (an empty x comes back without the axis in its type)
 
 
 def _dest_rank(topk_idx: jax.Array, num_experts: int, num_ranks: int) -> jax.Array:
@@ -151,8 +153,10 @@ def dispatch(payload: Tuple[jax.Array, ...], topk_idx: jax.Array, topk_weights: 
     padded_end = jnp.minimum(padded_start + padded, cap)
     group_sizes = (padded_end - jnp.minimum(padded_start, cap)).astype(I32)
     num_recv = jnp.minimum(needed, cap).astype(I32)
-    return (out_payload, out_idx, out_w, num_recv, kept_per_expert, group_sizes,
+    outs = (out_payload, out_idx, out_w, num_recv, kept_per_expert, group_sizes,
             jnp.maximum(needed - cap, 0).astype(I32), handle)
+    # per-rank results, also where they are built without the exchange (no rows: cap 0)
+    return jax.tree.map(lambda a: varying(a, cfg.axis_name), outs)
 
 
 def cached_dispatch(x: jax.Array, handle: HandleArrays, cfg: DispatchConfig) -> jax.Array:

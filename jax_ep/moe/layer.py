@@ -17,7 +17,8 @@ from typing import Any, NamedTuple, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from jax_ep.low_latency import low_latency_combine, low_latency_dispatch
+from jax_ep.low_latency import low_latency_combine, low_latency_dispatch_recv, \
+    low_latency_dispatch_send
 from jax_ep.moe.experts import batched_swiglu, ragged_swiglu, swiglu
 from jax_ep.moe.routing import _check_routing_args, route
 from jax_ep.moe.slots import fan_out, from_expert_slots, rank_slots, reduce_to_rows, \
@@ -86,7 +87,8 @@ class MoEConfig:
     (E), ``top_k`` (K), ``axis_name`` (the EP mesh axis), ``token_axes`` (other mesh axes
     the tokens are sharded over), ``score_func``, ``n_groups``, ``topk_groups``,
     ``normalize_weights`` (None: True for sigmoid), ``routed_scaling``, ``capacity``,
-    ``expert_capacity``, ``expert_alignment``, ``exchange``, ``buffer``, ``backend``.
+    ``expert_capacity``, ``expert_alignment``, ``exchange``, ``buffer``, ``backend``,
+    ``micro_batches``.
     The constructor checks them and resolves ``exchange="auto"`` and
     ``normalize_weights=None``; checks that need the mesh run in the forward functions.
 
@@ -111,10 +113,11 @@ class MoEConfig:
     exchange: str = "auto"
     buffer: Any = None
     backend: str = "auto"
+    micro_batches: int = 1
 
     def __post_init__(self):
         where = "MoEConfig"
-        for name in ("num_experts", "expert_alignment"):
+        for name in ("num_experts", "expert_alignment", "micro_batches"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{where}: {name} must be a positive int, got {value!r}")
@@ -313,53 +316,24 @@ def _per_rank(cfg: MoEConfig, low_latency, max_tokens_per_rank, x, p: MoEParams)
     ax = cfg.axis_name
     all_axes = cfg.token_axes + (ax,)  # every axis the tokens are sharded over
     E, K = cfg.num_experts, cfg.top_k
-    w_gate, w_up, w_down = p.w_gate, p.w_up, p.w_down
-    capacity = cfg.capacity
-    if capacity is not None and cfg.exchange == "rank":
-        # (token, rank) rows: more than every token of every rank is never needed
-        capacity = min(capacity, jax.lax.axis_size(ax) * x.shape[0])
     logits = jnp.dot(x.astype(jnp.float32), p.router.astype(jnp.float32))
     r = route(logits, top_k=K, score_func=cfg.score_func, bias=p.expert_bias,
               n_groups=cfg.n_groups, topk_groups=cfg.topk_groups,
               normalize=cfg.normalize_weights, scaling=cfg.routed_scaling)
     if low_latency:
-        d = low_latency_dispatch(
-            x, r.topk_idx, num_experts=E, max_tokens_per_rank=max_tokens_per_rank,
-            axis_name=ax, buffer=cfg.buffer, backend=cfg.backend)
-        y = batched_swiglu(d.recv_x, w_gate, w_up, w_down)
-        out = low_latency_combine(y, r.topk_idx, r.topk_weights, d.handle)
+        out = _low_latency_experts(cfg, max_tokens_per_rank, x, r, p)
         dropped = jnp.zeros((), jnp.int32)
-    elif cfg.exchange == "rank":  # one row per (token, rank) both ways; slots built here
-        d = dispatch(x, r.topk_idx, r.topk_weights, num_experts=E, axis_name=ax,
-                            layout="rank", max_recv_tokens=capacity, buffer=cfg.buffer,
-                            backend=cfg.backend)
-        num_local = w_gate.shape[0]
-        plan, lost = rank_slots(d.recv_topk_idx, num_local, cfg.expert_capacity)
-        slots = fan_out(d.recv_x, plan.slot_row, plan.pair_slot)
-        y = batched_swiglu(slots.reshape(num_local, cfg.expert_capacity, -1),
-                           w_gate, w_up, w_down)
-        weights = jnp.where(d.recv_topk_idx >= 0, d.recv_topk_weights, 0.0)
-        rows = reduce_to_rows(y.reshape(num_local * cfg.expert_capacity, -1), weights,
-                              plan.pair_slot, plan.slot_pair)
-        out = combine(rows, d.handle)
-        dropped = jax.lax.psum(d.num_overflow + lost, all_axes)
     else:
-        d = dispatch(x, r.topk_idx, r.topk_weights, num_experts=E, axis_name=ax,
-                            layout="expert", max_recv_tokens=capacity,
-                            expert_alignment=cfg.expert_alignment, buffer=cfg.buffer,
-                            backend=cfg.backend)
-        dropped = d.num_overflow
-        if cfg.expert_capacity is None:
-            y = ragged_swiglu(d.recv_x, w_gate, w_up, w_down, d.group_sizes)
-        else:  # fixed rows per expert: dense batched matmuls instead of ragged_dot
-            slots, slot_map, lost = to_expert_slots(d.recv_x, d.group_sizes,
-                                                    d.num_recv_tokens_per_expert,
-                                                    cfg.expert_capacity)
-            y = from_expert_slots(batched_swiglu(slots, w_gate, w_up, w_down), slot_map)
-            dropped = dropped + lost
-        out = combine(y, d.handle, d.recv_topk_weights)
-        dropped = jax.lax.psum(dropped, all_axes)
-    if p.shared:
+        # Micro-batches are independent exchanges: with Buffer(side_stream=True), XLA can
+        # move one micro-batch's tokens while another's experts compute.
+        n = cfg.micro_batches
+        sizes = [x.shape[0] // n + (i < x.shape[0] % n) for i in range(n)]
+        bounds = [sum(sizes[:i]) for i in range(n + 1)]
+        parts = [_exchange_and_experts(cfg, x[a:b], r.topk_idx[a:b], r.topk_weights[a:b], p)
+                 for a, b in zip(bounds[:-1], bounds[1:])]
+        out = jnp.concatenate([o for o, _ in parts]) if n > 1 else parts[0][0]
+        dropped = jax.lax.psum(sum(lost for _, lost in parts), all_axes)
+    if p.shared and not low_latency:  # (the low-latency path overlaps it with dispatch)
         out = out + swiglu(x, *p.shared)
     # Statistics over every rank's tokens.
     local_load = jnp.zeros((E,), jnp.int32).at[r.topk_idx.reshape(-1)].add(1)
@@ -370,3 +344,62 @@ def _per_rank(cfg: MoEConfig, low_latency, max_tokens_per_rank, x, p: MoEParams)
     aux = E * jnp.sum(frac * mean_score)
     return out, MoEStats(load, dropped, aux)
 
+
+def _per_micro_batch(limit: Optional[int], n: int) -> Optional[int]:
+    """A row limit of the layer split evenly over ``n`` micro-batches."""
+    return None if limit is None else -(-limit // n)
+
+
+def _exchange_and_experts(cfg: MoEConfig, x, topk_idx, topk_weights, p: MoEParams):
+    """Dispatch, local experts and combine of tokens ``x [T, H]`` (one micro-batch);
+    returns ``(out [T, H], rows dropped here)``."""
+    ax, E = cfg.axis_name, cfg.num_experts
+    w_gate, w_up, w_down = p.w_gate, p.w_up, p.w_down
+    capacity = _per_micro_batch(cfg.capacity, cfg.micro_batches)
+    expert_capacity = _per_micro_batch(cfg.expert_capacity, cfg.micro_batches)
+    if cfg.exchange == "rank":  # one row per (token, rank) both ways; slots built here
+        if capacity is not None:
+            # (token, rank) rows: more than every token of every rank is never needed
+            capacity = min(capacity, jax.lax.axis_size(ax) * x.shape[0])
+        d = dispatch(x, topk_idx, topk_weights, num_experts=E, axis_name=ax, layout="rank",
+                     max_recv_tokens=capacity, buffer=cfg.buffer, backend=cfg.backend)
+        num_local = w_gate.shape[0]
+        plan, lost = rank_slots(d.recv_topk_idx, num_local, expert_capacity)
+        slots = fan_out(d.recv_x, plan.slot_row, plan.pair_slot)
+        y = batched_swiglu(slots.reshape(num_local, expert_capacity, -1),
+                           w_gate, w_up, w_down)
+        weights = jnp.where(d.recv_topk_idx >= 0, d.recv_topk_weights, 0.0)
+        rows = reduce_to_rows(y.reshape(num_local * expert_capacity, -1), weights,
+                              plan.pair_slot, plan.slot_pair)
+        return combine(rows, d.handle), d.num_overflow + lost
+    d = dispatch(x, topk_idx, topk_weights, num_experts=E, axis_name=ax, layout="expert",
+                 max_recv_tokens=capacity, expert_alignment=cfg.expert_alignment,
+                 buffer=cfg.buffer, backend=cfg.backend)
+    dropped = d.num_overflow
+    if expert_capacity is None:
+        y = ragged_swiglu(d.recv_x, w_gate, w_up, w_down, d.group_sizes)
+    else:  # fixed rows per expert: dense batched matmuls instead of ragged_dot
+        slots, slot_map, lost = to_expert_slots(d.recv_x, d.group_sizes,
+                                                d.num_recv_tokens_per_expert, expert_capacity)
+        y = from_expert_slots(batched_swiglu(slots, w_gate, w_up, w_down), slot_map)
+        dropped = dropped + lost
+    return combine(y, d.handle, d.recv_topk_weights), dropped
+
+
+def _low_latency_experts(cfg: MoEConfig, max_tokens_per_rank, x, r, p: MoEParams):
+    """The decode path: low-latency dispatch, experts, combine. The shared expert (when
+    there is one) runs between the dispatch's send and receive halves, while the tokens
+    travel; the optimization barriers pin it there in XLA's schedule."""
+    ax = cfg.axis_name
+    pending = low_latency_dispatch_send(
+        x, r.topk_idx, num_experts=cfg.num_experts, max_tokens_per_rank=max_tokens_per_rank,
+        axis_name=ax, buffer=cfg.buffer, backend=cfg.backend)
+    shared = None
+    if p.shared:
+        pending, x_shared = jax.lax.optimization_barrier((pending, x))
+        shared = swiglu(x_shared, *p.shared)
+        pending, shared = jax.lax.optimization_barrier((pending, shared))
+    d = low_latency_dispatch_recv(pending)
+    y = batched_swiglu(d.recv_x, p.w_gate, p.w_up, p.w_down)
+    out = low_latency_combine(y, r.topk_idx, r.topk_weights, d.handle)
+    return out if shared is None else out + shared

@@ -34,8 +34,8 @@ def take_rows(a: jax.Array, idx: jax.Array) -> jax.Array:
     n = a.shape[0]
     per_word = 4 // a.dtype.itemsize if a.dtype.itemsize in (1, 2) else 0
     row = math.prod(a.shape[1:])
-    if n == 0:
-        return jnp.zeros((idx.shape[0],) + a.shape[1:], a.dtype)
+    if n == 0:  # zeros_like keeps a's vma type under shard_map
+        return jnp.zeros_like(a, shape=(idx.shape[0],) + a.shape[1:])
     if not per_word or row % per_word or a.dtype == jnp.bool_:
         # (take's fill mode would wrap negative indices)
         return jnp.take(a, jnp.where(idx < 0, n, idx), axis=0, mode="fill", fill_value=0)
@@ -254,6 +254,8 @@ def _reduce_to_rows_bwd(res, g):
     y_slots, weights, pair_slot, slot_pair = res
     cap, K = weights.shape
     n = cap * K
+    if n == 0:  # no rows arrived (a rank without tokens): nothing flows back
+        return jnp.zeros_like(y_slots), jnp.zeros_like(weights), None, None
     # per slot: its row's gradient (a zero row for an empty slot) and its pair's weight
     # g_slot stays in g's dtype: each consumer converts inside its fusion (an f32 copy of
     # [E/R * C, H] would be the largest array of the backward pass)

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_ep import _native
+from jax_ep.backends.cuda import _stream
+from jax_ep.backends.vma import varying, vma_of  # noqa: F401  (used by the op modules)
 
 I32 = jnp.int32
 F32 = jnp.float32
@@ -49,42 +51,16 @@ def i64(v) -> np.int64:
     return np.int64(v)
 
 
-def call(name: str, results, *args, axis_name: Optional[str] = None, **attrs):
+def call(name: str, results, *args, axis_name: Optional[str] = None,
+         side_stream: bool = False, **attrs):
     """``jax.ffi.ffi_call(name)`` on ``args`` with attributes ``attrs``; with ``axis_name``
-    every operand and result is marked varying over that axis."""
+    every operand and result is marked varying over that axis; with ``side_stream`` the
+    call runs on the stream beside XLA's compute stream (:mod:`._stream`)."""
     _native.load()
     if axis_name is not None:  # ffi_call wants every operand of the same vma type
         args = tuple(varying(a, axis_name) for a in args)
-    out = jax.ffi.ffi_call(name, results, has_side_effect=True)(*args, **attrs)
+    op = lambda *a: jax.ffi.ffi_call(name, results, has_side_effect=True)(*a, **attrs)  # noqa: E731
+    out = (_stream.on_side_stream(op) if side_stream else op)(*args)
     if axis_name is None:
         return out
     return jax.tree.map(lambda a: varying(a, axis_name), out)
-
-
-def vma_of(x):
-    """The manual mesh axes ``x`` varies over, or None where this jax has no vma types."""
-    try:
-        aval = jax.typeof(x)
-        vma = getattr(aval, "vma", None)
-        if vma is None:  # jax 0.10 spells it aval.mat.varying
-            vma = getattr(getattr(aval, "mat", None), "varying", None)
-        return vma
-    except Exception:
-        return None
-
-
-def varying(x: jax.Array, axis_name: str) -> jax.Array:
-    """Marks a custom call's per-rank result as varying over the EP axis.
-
-    ffi_call results carry no varying-manual-axes type, while the reference backend's
-    (collective) results vary over the axis; custom VJPs and scans under shard_map's
-    check_vma compare the two, so the CUDA results must say so too.
-    """
-    vma = vma_of(x)
-    if vma is None or axis_name in vma:  # no vma types here, or already varying
-        return x
-    if hasattr(jax.lax, "pcast"):
-        return jax.lax.pcast(x, axis_name, to="varying")
-    if hasattr(jax.lax, "pvary"):
-        return jax.lax.pvary(x, axis_name)
-    return x

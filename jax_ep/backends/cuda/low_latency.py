@@ -127,7 +127,7 @@ def ll_dispatch(x: jax.Array, topk_idx: jax.Array, slot_scale: Optional[jax.Arra
     counts, payload = _recv_results(cfg, H, x.dtype)
     results = [jax.ShapeDtypeStruct(idx.shape, I32)] + counts + payload  # send_pos first
     outs = call("jax_ep_ll_dispatch", results, x, idx, scale, axis_name=cfg.axis_name,
-                 has_slot_scale=bool(has_scale),
+                 side_stream=cfg.side_stream, has_slot_scale=bool(has_scale),
                  zero_padding=bool(cfg.zero_padding),
                  **_attrs(cfg, buffer_id, num_sms, num_warps))
     send_pos, recv_count, src_token, count_per_rank = outs[:4]
@@ -150,7 +150,8 @@ def ll_dispatch_send(x: jax.Array, topk_idx: jax.Array, cfg: LowLatencyConfig,
     buffer_id = _check(op, cfg, x.shape[0], idx.shape[1])
     results = (jax.ShapeDtypeStruct(idx.shape, I32), jax.ShapeDtypeStruct((1,), I32))
     send_pos, ticket = call("jax_ep_ll_dispatch_send", results, x, idx, scale,
-                             axis_name=cfg.axis_name, use_fp8=bool(cfg.use_fp8),
+                             axis_name=cfg.axis_name,
+                             side_stream=cfg.side_stream, use_fp8=bool(cfg.use_fp8),
                              has_slot_scale=bool(has_scale),
                              **_attrs(cfg, buffer_id, num_sms, num_warps, sizes=True))
     return DispatchSent(send_pos, ticket)
@@ -171,7 +172,8 @@ def ll_dispatch_recv(sent: DispatchSent, cfg: LowLatencyConfig, dtype, *,
     _check_row(op, hidden, dtype, cfg.use_fp8)
     counts, payload = _recv_results(cfg, hidden, jnp.dtype(dtype))
     outs = call("jax_ep_ll_dispatch_recv", counts + payload, sent.ticket,
-                 axis_name=cfg.axis_name, zero_padding=bool(cfg.zero_padding),
+                 axis_name=cfg.axis_name,
+                 side_stream=cfg.side_stream, zero_padding=bool(cfg.zero_padding),
                  **_attrs(cfg, buffer_id, num_sms, num_warps))
     recv_count, src_token, count_per_rank = outs[:3]
     recv_x = tuple(outs[3:]) if cfg.use_fp8 else outs[3]
@@ -198,7 +200,8 @@ def ll_combine(y: jax.Array, topk_idx: jax.Array, topk_weights: jax.Array,
     out = jax.ShapeDtypeStruct((T, y.shape[2]), y.dtype)
     return call("jax_ep_ll_combine", out, y, topk_idx.astype(I32), topk_weights.astype(F32),
                  handle.send_pos.astype(I32), handle.recv_count_per_rank.astype(I32),
-                 axis_name=cfg.axis_name, **_attrs(cfg, buffer_id, num_sms, num_warps))
+                 axis_name=cfg.axis_name,
+                 side_stream=cfg.side_stream, **_attrs(cfg, buffer_id, num_sms, num_warps))
 
 
 def ll_combine_send(y: jax.Array, handle: LowLatencyHandleArrays, cfg: LowLatencyConfig, *,
@@ -209,6 +212,7 @@ def ll_combine_send(y: jax.Array, handle: LowLatencyHandleArrays, cfg: LowLatenc
     _check_y(op, y, cfg)
     return call("jax_ep_ll_combine_send", jax.ShapeDtypeStruct((1,), I32), y,
                  handle.recv_count_per_rank.astype(I32), axis_name=cfg.axis_name,
+                 side_stream=cfg.side_stream,
                  **_attrs(cfg, buffer_id, num_sms, num_warps))
 
 
@@ -224,4 +228,5 @@ def ll_combine_recv(ticket: jax.Array, topk_idx: jax.Array, topk_weights: jax.Ar
     out = jax.ShapeDtypeStruct((T, int(width)), jnp.dtype(dtype))
     return call("jax_ep_ll_combine_recv", out, ticket, topk_idx.astype(I32),
                  topk_weights.astype(F32), handle.send_pos.astype(I32),
-                 axis_name=cfg.axis_name, **_attrs(cfg, buffer_id, num_sms, num_warps, sizes=True))
+                 axis_name=cfg.axis_name, side_stream=cfg.side_stream,
+                 **_attrs(cfg, buffer_id, num_sms, num_warps, sizes=True))

@@ -60,7 +60,8 @@ def dispatch(payload: Tuple[jax.Array, ...], topk_idx: jax.Array, topk_weights: 
     if T == 0:  # T is static and equal on every rank: nobody sends anything
         return _empty_dispatch(results, len(results) - 10, cfg)
     outs = call("jax_ep_dispatch", results, topk_idx.astype(I32), topk_weights.astype(F32),
-                 *payload, axis_name=cfg.axis_name, buffer_id=i64(buffer_id),
+                 *payload, axis_name=cfg.axis_name,
+                 side_stream=cfg.side_stream, buffer_id=i64(buffer_id),
                  num_sms=i64(cfg.num_sms), expert_alignment=i64(cfg.expert_alignment))
     (recv_idx, recv_w, num_recv, per_expert, group_sizes, overflow, src_rank, src_token,
      src_slot, send_pos) = outs[:10]
@@ -90,7 +91,8 @@ def cached_dispatch(x: jax.Array, handle: HandleArrays, cfg: DispatchConfig) -> 
     if cfg.num_tokens == 0:
         return varying(jnp.zeros(out.shape, out.dtype), cfg.axis_name)
     return call("jax_ep_cached_dispatch", out, x, handle.recv_src_rank, handle.recv_src_token,
-                 axis_name=cfg.axis_name, buffer_id=i64(buffer_id), num_sms=i64(cfg.num_sms))
+                 axis_name=cfg.axis_name,
+                 side_stream=cfg.side_stream, buffer_id=i64(buffer_id), num_sms=i64(cfg.num_sms))
 
 
 def combine(y: jax.Array, weights: Optional[jax.Array], handle: HandleArrays,
@@ -109,6 +111,7 @@ def combine(y: jax.Array, weights: Optional[jax.Array], handle: HandleArrays,
     out = jax.ShapeDtypeStruct((cfg.num_tokens, width + pad), y.dtype)
     res = call("jax_ep_combine", out, y, w, handle.send_pos, handle.recv_src_rank,
                 handle.recv_src_token, handle.recv_src_slot, axis_name=cfg.axis_name,
+                side_stream=cfg.side_stream,
                 buffer_id=i64(buffer_id),
                 num_sms=i64(cfg.num_sms), layout=i64(_LAYOUT_CODE[cfg.layout]),
                 has_weights=bool(has_weights))

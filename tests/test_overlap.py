@@ -1,0 +1,176 @@
+"""Overlap on CPU: what the side stream lowers to, the micro-batched layer against the
+serial one, and the decode path's shared expert between the dispatch's send and receive.
+
+The GPU side (kernels on the side stream, a profile showing the overlap) is
+tests/gpu/test_overlap_gpu.py and bench/overlap.py.
+"""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jax_ep
+from jax_ep.backends.cuda import low_latency as cuda_ll
+from jax_ep.backends.cuda import normal as cuda_normal
+from jax_ep.flax import MoE
+from jax_ep.types import DispatchConfig, LowLatencyConfig
+
+R, T, K, E, H = 4, 8, 2, 8, 32
+
+
+def _mesh():
+    return jax.make_mesh((R,), ("ep",), devices=jax.devices("cpu")[:R])
+
+
+def _lowered_text(fn, *shapes):
+    """StableHLO of ``fn`` per rank under shard_map (lowered only: no kernel runs)."""
+    mesh = _mesh()
+    wrapped = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"),
+                                    check_vma=False))
+    args = [jax.ShapeDtypeStruct((R * s[0],) + s[1:], d, sharding=NamedSharding(mesh, P("ep")))
+            for s, d in shapes]
+    return wrapped.lower(*args).as_text()
+
+
+def _annotated_targets(text):
+    """The jax_ep custom calls inside stream-annotated call regions, and all of them."""
+    regions = set(re.findall(r"func\.call @(\S+)\(.*_xla_stream_annotation = \"1\"", text))
+    inside, every = [], re.findall(r"custom_call @(jax_ep_\w+)", text)
+    for name in regions:
+        body = text.split(f"func.func private @{name}(")[1].split("\n  }\n")[0]
+        inside += re.findall(r"custom_call @(jax_ep_\w+)", body)
+    return sorted(inside), sorted(every)
+
+
+def _normal_ops(side_stream):
+    cfg = DispatchConfig(num_experts=E, num_ranks=R, axis_name="ep", layout="rank",
+                         capacity=R * T, expert_alignment=1, num_tokens=T, num_topk=K,
+                         backend="cuda", buffer_id=1, side_stream=side_stream)
+
+    def ops(x, idx):
+        out = cuda_normal.dispatch((x,), idx, jnp.ones(idx.shape, jnp.float32), cfg)
+        recv_x, handle = out[0][0], out[-1]
+        again = cuda_normal.cached_dispatch(x, handle, cfg)
+        return cuda_normal.combine(recv_x + again, None, handle, cfg)
+    return ops
+
+
+def _low_latency_ops(side_stream):
+    cfg = LowLatencyConfig(num_experts=E, num_ranks=R, axis_name="ep", max_tokens_per_rank=T,
+                           num_tokens=T, num_topk=K, hidden=H, use_fp8=False,
+                           backend="cuda", buffer_id=1, side_stream=side_stream)
+
+    def ops(x, idx):
+        w = jnp.ones(idx.shape, jnp.float32)
+        recv_x, count, handle = cuda_ll.ll_dispatch(x, idx, None, cfg)
+        y = cuda_ll.ll_combine(recv_x, idx, w, handle, cfg)
+        sent = cuda_ll.ll_dispatch_send(y, idx, cfg)
+        recv_x, count, handle = cuda_ll.ll_dispatch_recv(sent, cfg, x.dtype, hidden=H)
+        ticket = cuda_ll.ll_combine_send(recv_x, handle, cfg)
+        return cuda_ll.ll_combine_recv(ticket, idx, w, handle, cfg, x.dtype, H)
+    return ops
+
+
+@pytest.mark.parametrize("make_ops", [_normal_ops, _low_latency_ops])
+def test_side_stream_puts_every_exchange_in_a_stream_region(make_ops):
+    shapes = [((T, H), jnp.bfloat16), ((T, K), jnp.int32)]
+    text = _lowered_text(make_ops(True), *shapes)
+    inside, every = _annotated_targets(text)
+    assert every and inside == every  # none left on the main stream
+    # one region per op: consecutive ops stay separate async pairs in XLA's schedule
+    assert len(re.findall(r"func\.call @\S+\(.*_xla_stream_annotation", text)) == len(every)
+    inside, every = _annotated_targets(_lowered_text(make_ops(False), *shapes))
+    assert every and inside == []
+
+
+def test_buffer_side_stream_is_checked_and_reaches_the_configs():
+    mesh = _mesh()
+    with pytest.raises(ValueError, match="side_stream must be True or False"):
+        jax_ep.Buffer(mesh, "ep", backend="reference", side_stream=1)
+    buf = jax_ep.Buffer(mesh, "ep", backend="reference", side_stream=True)
+    assert "side_stream=True" in repr(buf)
+    seen = {}
+
+    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P("ep"), P("ep")),
+                       out_specs=P("ep"))
+    def run(x, idx):
+        r = jax_ep.dispatch(x, idx, num_experts=E, axis_name="ep", buffer=buf)
+        seen["cfg"] = r.handle.config
+        return jax_ep.combine(r.recv_x, r.handle)
+
+    sharded = NamedSharding(mesh, P("ep"))
+    x = jax.device_put(jax.random.normal(jax.random.key(0), (R * T, H)), sharded)
+    idx = jax.device_put(jnp.zeros((R * T, K), jnp.int32), sharded)
+    np.testing.assert_array_equal(jax.jit(run)(x, idx), x)  # one row per (token, rank)
+    # the reference backend's exchanges are XLA collectives: the option does not apply
+    assert seen["cfg"].side_stream is False
+
+
+def _layer(micro_batches, **kw):
+    return MoE(hidden=H, ffn_hidden=64, num_experts=E, top_k=3, mesh=_mesh(),
+               micro_batches=micro_batches, backend="reference", rngs=nnx.Rngs(0), **kw)
+
+
+def _value_and_grads(moe, x):
+    def loss(m, x):
+        out, stats = m(x)
+        return jnp.sum(out * jnp.cos(out)), (out, stats)
+    (_, (out, stats)), grads = nnx.jit(
+        lambda m, x: nnx.value_and_grad(loss, has_aux=True, argnums=(0, 1))(m, x))(moe, x)
+    return out, stats, grads
+
+
+@pytest.mark.parametrize("kw,bitwise", [
+    (dict(), True),                                    # expert layout, ragged experts
+    (dict(shared_ffn_hidden=32), True),
+    (dict(expert_capacity=64), False),                 # rank layout, dense slots
+    (dict(expert_capacity=64, exchange="expert"), False),
+])
+@pytest.mark.parametrize("tokens", [4 * 13, 4 * 1])    # odd split; one token per rank
+def test_micro_batched_layer_equals_the_serial_layer(kw, bitwise, tokens):
+    x = jax.random.normal(jax.random.key(1), (tokens, H))
+    out1, stats1, (gm1, gx1) = _value_and_grads(_layer(1, **kw), x)
+    out2, stats2, (gm2, gx2) = _value_and_grads(_layer(2, **kw), x)
+    for a, b in zip(stats1, stats2):
+        np.testing.assert_array_equal(a, b)
+    assert int(stats2.dropped) == 0
+    if bitwise:  # the same rows meet the same experts; each token sums in the same order
+        np.testing.assert_array_equal(out1, out2)
+    # dense slots change the matmuls' M, and weight gradients sum over the micro-batches
+    np.testing.assert_allclose(out1, out2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gx1, gx2, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(nnx.state(gm1, nnx.Param)),
+                    jax.tree.leaves(nnx.state(gm2, nnx.Param))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_micro_batches_split_the_capacities_and_count_drops():
+    x = jax.random.normal(jax.random.key(2), (4 * 16, H))
+    out, stats, _ = _value_and_grads(_layer(2, expert_capacity=4), x)
+    assert int(stats.dropped) > 0  # 2 rows per expert per micro-batch cannot hold them
+    assert np.isfinite(np.asarray(out)).all()
+    with pytest.raises(ValueError, match="micro_batches must be a positive int"):
+        _layer(0)
+
+
+def test_decode_layer_runs_the_shared_expert_between_send_and_receive():
+    moe = _layer(1, shared_ffn_hidden=32)
+    x = jax.random.normal(jax.random.key(3), (4 * 4, H))
+    want, _ = nnx.jit(lambda m, x: m(x))(moe, x)
+    got, _ = nnx.jit(lambda m, x: m(x, low_latency=True, max_tokens_per_rank=4))(moe, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # In the program: two barriers around the shared expert's matmuls, the first after the
+    # dispatch's send, the second before its receive.
+    text = str(jax.make_jaxpr(lambda m, x: m(x, low_latency=True, max_tokens_per_rank=4))(
+        moe, x))
+    body = text[text.index("optimization_barrier"):]
+    between = body[:body.index("optimization_barrier", 1)]
+    assert between.count("dot_general") == 3  # gate, up, down of the shared expert
+
