@@ -77,10 +77,21 @@ def concurrent_ns(a, b) -> float:
     return total
 
 
-def _streams_of(plane, cat: str):
-    """Names of the stream lines that ran kernels of category ``cat``."""
-    return sorted({line.name for line in plane.lines if line.name.startswith("Stream")
-                   and any(category(e.name) == cat for e in line.events)})
+def _streams_by_category(plane):
+    """{category: names of the stream lines that ran kernels of it}: whether the
+    exchanges ran on a stream of their own."""
+    out = {}
+    for line in plane.lines:
+        if line.name.startswith("Stream"):
+            for e in line.events:
+                out.setdefault(category(e.name), set()).add(line.name)
+    return {c: sorted(v) for c, v in sorted(out.items())}
+
+
+def _stream_of_kernel(plane):
+    """{(name, start_ns): stream line name} of the plane's kernels."""
+    return {(e.name, float(e.start_ns)): line.name for line in plane.lines
+            if line.name.startswith("Stream") for e in line.events}
 
 
 def summarize(xplane_path: str, match: str | None = None, top: int = 12,
@@ -120,7 +131,7 @@ def summarize(xplane_path: str, match: str | None = None, top: int = 12,
                    # jax_ep kernels running at the same time as other kernels (overlap)
                    jax_ep_concurrent_us=round(concurrent_ns(comm, rest) / 1e3, 1),
                    jax_ep_busy_us=round(sum(e - s for s, e in _union(comm)) / 1e3, 1),
-                   jax_ep_streams=_streams_of(plane, "jax_ep"),
+                   streams=_streams_by_category(plane),
                    top=[dict(name=n[:120], count=len(v), total_us=round(sum(v) / 1e3, 1),
                              median_us=round(statistics.median(v) / 1e3, 2)) for n, v in heavy])
         if match:
@@ -142,8 +153,11 @@ def summarize(xplane_path: str, match: str | None = None, top: int = 12,
                 (name[:60], round((s - t0) / 1e3, 1), round(d / 1e3, 1))
                 for name, s, d in ks if category(name) in ("jax_ep", "nccl")][:64]
             if all_kernels:  # every kernel in order: maps a step's time to its ops
+                plane = next(p for p in _gpu_planes(data) if p.name == plane_name)
+                stream = _stream_of_kernel(plane)
                 gpus[plane_name]["kernels_in_order"] = [
-                    (name[:80], round((s - t0) / 1e3, 1), round(d / 1e3, 1))
+                    (name[:80], round((s - t0) / 1e3, 1), round(d / 1e3, 1),
+                     stream.get((name, s), "?"))
                     for name, s, d in ks]
     summary = dict(gpus=gpus)
     # Where the GPUs sit idle (the longest gaps between kernels, with their neighbours)
@@ -210,7 +224,8 @@ def print_summary(summary: dict) -> None:
     for name, g in summary["gpus"].items():
         print(f"  {name}: {g['kernels']} kernels, span {g['span_us']} us, busy {g['busy_us']} us,"
               f" {g['category_us']}, matched {g.get('matched')}; jax_ep kernels "
-              f"{g['jax_ep_busy_us']} us on {g['jax_ep_streams']}, "
+              f"{g['jax_ep_busy_us']} us on {g['streams'].get('jax_ep')} (matmuls on "
+              f"{g['streams'].get('matmul')}), "
               f"{g['jax_ep_concurrent_us']} us of it beside other kernels")
     first = next(iter(summary["gpus"].values()), None)
     if first:

@@ -61,7 +61,7 @@ def test_summary_numbers(fake_profile):
     assert g1["category_us"] == {"jax_ep": 1.4, "nccl": 0.1}
     # the gemm [1.5, 2.5) overlaps the first jax_ep kernel [1.0, 2.0) by 0.5 us
     assert g0["jax_ep_concurrent_us"] == 0.5 and g0["jax_ep_busy_us"] == 2.0
-    assert g0["jax_ep_streams"] == ["Stream #7"]
+    assert g0["streams"] == {"jax_ep": ["Stream #7"], "matmul": ["Stream #7"]}
     assert g1["jax_ep_concurrent_us"] == 0.0
     assert g0["matched"] == {"count": 2, "median_us": 1.0, "median_start_gap_us": 3.0}
     assert g1["matched"]["median_start_gap_us"] == 3.2

@@ -324,15 +324,8 @@ def _per_rank(cfg: MoEConfig, low_latency, max_tokens_per_rank, x, p: MoEParams)
         out = _low_latency_experts(cfg, max_tokens_per_rank, x, r, p)
         dropped = jnp.zeros((), jnp.int32)
     else:
-        # Micro-batches are independent exchanges: with Buffer(side_stream=True), XLA can
-        # move one micro-batch's tokens while another's experts compute.
-        n = cfg.micro_batches
-        sizes = [x.shape[0] // n + (i < x.shape[0] % n) for i in range(n)]
-        bounds = [sum(sizes[:i]) for i in range(n + 1)]
-        parts = [_exchange_and_experts(cfg, x[a:b], r.topk_idx[a:b], r.topk_weights[a:b], p)
-                 for a, b in zip(bounds[:-1], bounds[1:])]
-        out = jnp.concatenate([o for o, _ in parts]) if n > 1 else parts[0][0]
-        dropped = jax.lax.psum(sum(lost for _, lost in parts), all_axes)
+        out, dropped = _micro_batched(cfg, x, r.topk_idx, r.topk_weights, p)
+        dropped = jax.lax.psum(dropped, all_axes)
     if p.shared and not low_latency:  # (the low-latency path overlaps it with dispatch)
         out = out + swiglu(x, *p.shared)
     # Statistics over every rank's tokens.
@@ -345,24 +338,64 @@ def _per_rank(cfg: MoEConfig, low_latency, max_tokens_per_rank, x, p: MoEParams)
     return out, MoEStats(load, dropped, aux)
 
 
-def _per_micro_batch(limit: Optional[int], n: int) -> Optional[int]:
-    """A row limit of the layer split evenly over ``n`` micro-batches."""
-    return None if limit is None else -(-limit // n)
+def _micro_batched(cfg: MoEConfig, x, topk_idx, topk_weights, p: MoEParams):
+    """Dispatch, local experts and combine of ``x [T, H]`` in ``cfg.micro_batches`` parts;
+    returns ``(out [T, H], rows dropped on this rank)``.
+
+    With several parts the program is a pipeline: part i+1's dispatch is issued when part
+    i's has arrived and must arrive before part i's combine starts; part i's combine must
+    have been issued before part i+1's experts finish. Optimization barriers pin that order
+    (and, transposed, the reverse order in the backward pass), so that with
+    ``Buffer(side_stream=True)`` each exchange runs beside the other part's matmuls."""
+    n = cfg.micro_batches
+    sizes = [x.shape[0] // n + (i < x.shape[0] % n) for i in range(n)]
+    bounds = [sum(sizes[:i]) for i in range(n + 1)]
+    parts = [(x[a:b], topk_idx[a:b], topk_weights[a:b]) for a, b in zip(bounds, bounds[1:])]
+    outs, dropped = [], 0
+    d = _dispatch_part(cfg, *parts[0])
+    for i in range(n):
+        nxt = None
+        if i + 1 < n:  # issued once part i's rows are here, beside part i's experts
+            nxt, _ = jax.lax.optimization_barrier((parts[i + 1], d.recv_x))
+        y, lost = _expert_part(cfg, d, p)
+        if nxt is not None:
+            d_next = _dispatch_part(cfg, *nxt)
+            y, d_next = jax.lax.optimization_barrier((y, d_next))
+        outs.append(_combine_part(cfg, y, d))  # beside part i+1's experts
+        dropped = dropped + d.num_overflow + lost
+        if nxt is not None:
+            d = d_next
+    return (jnp.concatenate(outs) if n > 1 else outs[0]), dropped
 
 
-def _exchange_and_experts(cfg: MoEConfig, x, topk_idx, topk_weights, p: MoEParams):
-    """Dispatch, local experts and combine of tokens ``x [T, H]`` (one micro-batch);
-    returns ``(out [T, H], rows dropped here)``."""
-    ax, E = cfg.axis_name, cfg.num_experts
-    w_gate, w_up, w_down = p.w_gate, p.w_up, p.w_down
-    capacity = _per_micro_batch(cfg.capacity, cfg.micro_batches)
-    expert_capacity = _per_micro_batch(cfg.expert_capacity, cfg.micro_batches)
+def _limits(cfg: MoEConfig, num_tokens: int):
+    """(dispatch capacity, rows per local expert) of one micro-batch of ``num_tokens``."""
+    n = cfg.micro_batches
+    capacity = None if cfg.capacity is None else -(-cfg.capacity // n)
+    expert_capacity = None if cfg.expert_capacity is None else -(-cfg.expert_capacity // n)
+    if capacity is not None and cfg.exchange == "rank":
+        # (token, rank) rows: more than every token of every rank is never needed
+        capacity = min(capacity, jax.lax.axis_size(cfg.axis_name) * num_tokens)
+    return capacity, expert_capacity
+
+
+def _dispatch_part(cfg: MoEConfig, x, topk_idx, topk_weights):
+    capacity, _ = _limits(cfg, x.shape[0])
     if cfg.exchange == "rank":  # one row per (token, rank) both ways; slots built here
-        if capacity is not None:
-            # (token, rank) rows: more than every token of every rank is never needed
-            capacity = min(capacity, jax.lax.axis_size(ax) * x.shape[0])
-        d = dispatch(x, topk_idx, topk_weights, num_experts=E, axis_name=ax, layout="rank",
-                     max_recv_tokens=capacity, buffer=cfg.buffer, backend=cfg.backend)
+        return dispatch(x, topk_idx, topk_weights, num_experts=cfg.num_experts,
+                        axis_name=cfg.axis_name, layout="rank", max_recv_tokens=capacity,
+                        buffer=cfg.buffer, backend=cfg.backend)
+    return dispatch(x, topk_idx, topk_weights, num_experts=cfg.num_experts,
+                    axis_name=cfg.axis_name, layout="expert", max_recv_tokens=capacity,
+                    expert_alignment=cfg.expert_alignment, buffer=cfg.buffer,
+                    backend=cfg.backend)
+
+
+def _expert_part(cfg: MoEConfig, d, p: MoEParams):
+    """The local experts on a dispatch's rows: ``(rows for combine, rows dropped)``."""
+    _, expert_capacity = _limits(cfg, d.handle.config.num_tokens)
+    w_gate, w_up, w_down = p.w_gate, p.w_up, p.w_down
+    if cfg.exchange == "rank":  # each row's local experts, weighted and summed here
         num_local = w_gate.shape[0]
         plan, lost = rank_slots(d.recv_topk_idx, num_local, expert_capacity)
         slots = fan_out(d.recv_x, plan.slot_row, plan.pair_slot)
@@ -371,19 +404,19 @@ def _exchange_and_experts(cfg: MoEConfig, x, topk_idx, topk_weights, p: MoEParam
         weights = jnp.where(d.recv_topk_idx >= 0, d.recv_topk_weights, 0.0)
         rows = reduce_to_rows(y.reshape(num_local * expert_capacity, -1), weights,
                               plan.pair_slot, plan.slot_pair)
-        return combine(rows, d.handle), d.num_overflow + lost
-    d = dispatch(x, topk_idx, topk_weights, num_experts=E, axis_name=ax, layout="expert",
-                 max_recv_tokens=capacity, expert_alignment=cfg.expert_alignment,
-                 buffer=cfg.buffer, backend=cfg.backend)
-    dropped = d.num_overflow
+        return rows, lost
     if expert_capacity is None:
-        y = ragged_swiglu(d.recv_x, w_gate, w_up, w_down, d.group_sizes)
-    else:  # fixed rows per expert: dense batched matmuls instead of ragged_dot
-        slots, slot_map, lost = to_expert_slots(d.recv_x, d.group_sizes,
-                                                d.num_recv_tokens_per_expert, expert_capacity)
-        y = from_expert_slots(batched_swiglu(slots, w_gate, w_up, w_down), slot_map)
-        dropped = dropped + lost
-    return combine(y, d.handle, d.recv_topk_weights), dropped
+        return ragged_swiglu(d.recv_x, w_gate, w_up, w_down, d.group_sizes), 0
+    # fixed rows per expert: dense batched matmuls instead of ragged_dot
+    slots, slot_map, lost = to_expert_slots(d.recv_x, d.group_sizes,
+                                            d.num_recv_tokens_per_expert, expert_capacity)
+    return from_expert_slots(batched_swiglu(slots, w_gate, w_up, w_down), slot_map), lost
+
+
+def _combine_part(cfg: MoEConfig, y, d):
+    if cfg.exchange == "rank":  # the weights were applied on this (the experts') rank
+        return combine(y, d.handle)
+    return combine(y, d.handle, d.recv_topk_weights)
 
 
 def _low_latency_experts(cfg: MoEConfig, max_tokens_per_rank, x, r, p: MoEParams):

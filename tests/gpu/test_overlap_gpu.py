@@ -142,7 +142,7 @@ def test_compiled_program_runs_each_exchange_as_an_async_call():
     assert starts >= len(targets) and len(re.findall(r"\bcall-done\(", text)) == starts
 
 
-@pytest.mark.parametrize("exchange,expert_capacity", [("expert", None), ("rank", 96)])
+@pytest.mark.parametrize("exchange,expert_capacity", [("expert", None), ("rank", 256)])
 def test_micro_batched_layer_on_the_side_stream_equals_the_serial_layer(exchange,
                                                                         expert_capacity):
     from flax import nnx
