@@ -1,0 +1,105 @@
+"""Which GPU stream a stream-annotated region runs on, under which XLA flags (a probe).
+
+Profiles two jitted programs, each with an independent 8192^3 bf16 matmul beside a
+region made by ``jax_ep.backends.cuda._stream.on_side_stream``: (a) the region holds a
+second matmul, (b) it holds a ``jax_ep.dispatch`` on a ``Buffer(side_stream=True)``.
+Prints, per XLA flag set (each in a fresh process), the stream of every kernel and how long
+the region's kernels ran beside the other matmul.
+
+Run (GPU)::
+
+    PYTHONPATH=. python3 bench/stream_probe.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+FLAG_SETS = {
+    "default": "",
+    "stream_annotation": "--xla_gpu_experimental_stream_annotation=true",
+    "no_command_buffer": "--xla_gpu_enable_command_buffer=",
+    "both": "--xla_gpu_experimental_stream_annotation=true --xla_gpu_enable_command_buffer=",
+}
+
+
+def probe() -> dict:
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import trace_summary
+
+    import jax_ep
+    from jax_ep.backends.cuda._stream import on_side_stream
+
+    mesh = jax.make_mesh((1,), ("ep",))
+    buf = jax_ep.Buffer(mesh, "ep", side_stream=True)
+    n = 8192
+    k = jax.random.split(jax.random.key(0), 4)
+    a, b, c, d = (jax.random.normal(kk, (n, n), jnp.bfloat16) for kk in k)
+    T, H, K, E = 4096, 7168, 8, 64
+    x = jax.random.normal(k[0], (T, H), jnp.bfloat16)
+    idx = jax.random.randint(k[1], (T, K), 0, E, jnp.int32)
+    w = jnp.ones((T, K), jnp.float32)
+
+    def dots(a, b, c, d):
+        inside = on_side_stream(lambda c, d: c @ d)(c, d)
+        return a @ b, inside
+
+    def exchange(a, b, x, idx, w):
+        sm = jax.shard_map(
+            lambda x, idx, w: jax_ep.dispatch(x, idx, w, num_experts=E, axis_name="ep",
+                                              layout="expert", buffer=buf).recv_x,
+            mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))
+        return a @ b, sm(x, idx, w)
+
+    out = {}
+    for label, fn, args in (("dot_in_region", dots, (a, b, c, d)),
+                            ("dispatch_in_region", exchange, (a, b, x, idx, w))):
+        jitted = jax.jit(fn)
+        hlo = jitted.lower(*args).compile().as_text()
+        summary = trace_summary.profile(jitted, args, "/tmp/stream_probe", label,
+                                        all_kernels=True)
+        g = next(iter(summary.get("gpus", {}).values()), {})
+        out[label] = dict(
+            call_starts=hlo.count("call-start("), streams=g.get("streams"),
+            jax_ep_concurrent_us=g.get("jax_ep_concurrent_us"),
+            kernels=[(k_[0][:48], k_[1], k_[2], k_[3]) for k_ in g.get("kernels_in_order", [])],
+            error=summary.get("error"))
+    buf.close()
+    return out
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        print("RESULT " + json.dumps(probe()))
+        return 0
+    results = {}
+    for name, flags in FLAG_SETS.items():
+        env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
+        run = subprocess.run([sys.executable, __file__, "--child"], env=env, text=True,
+                             capture_output=True, timeout=240)
+        line = [ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")]
+        results[name] = (json.loads(line[0][7:]) if line else
+                         dict(error=(run.stderr or run.stdout)[-1500:]))
+        print(f"== {name} ({flags or 'no flags'})")
+        for label, r in results[name].items() if line else [("error", results[name])]:
+            if not isinstance(r, dict) or "kernels" not in r:
+                print(f"  {label}: {r}")
+                continue
+            print(f"  {label}: call-start x{r['call_starts']}, streams {r['streams']}, "
+                  f"jax_ep beside others {r['jax_ep_concurrent_us']} us")
+            for kern in r["kernels"][:12]:
+                print(f"    {kern}")
+    with open(os.environ.get("PROBE_OUT", "/tmp/stream_probe.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
