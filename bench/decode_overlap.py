@@ -71,7 +71,6 @@ def main(argv=None) -> int:
                                    " --xla_force_host_platform_device_count=8")
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
     import jax_ep
