@@ -8,7 +8,8 @@ the region's kernels ran beside the other matmul.
 
 Run (GPU)::
 
-    PYTHONPATH=. python3 bench/stream_probe.py
+    PYTHONPATH=. python3 bench/stream_probe.py               # every flag set
+    PYTHONPATH=. python3 bench/stream_probe.py lhs,default   # some of them
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ FLAG_SETS = {
     "stream_annotation": "--xla_gpu_experimental_stream_annotation=true",
     "no_command_buffer": "--xla_gpu_enable_command_buffer=",
     "both": "--xla_gpu_experimental_stream_annotation=true --xla_gpu_enable_command_buffer=",
+    "lhs": "--xla_gpu_enable_latency_hiding_scheduler=true",
+    "lhs_no_command_buffer": "--xla_gpu_enable_latency_hiding_scheduler=true "
+                             "--xla_gpu_enable_command_buffer=",
 }
 
 
@@ -43,9 +47,10 @@ def probe() -> dict:
     k = jax.random.split(jax.random.key(0), 4)
     a, b, c, d = (jax.random.normal(kk, (n, n), jnp.bfloat16) for kk in k)
     T, H, K, E = 4096, 7168, 8, 64
-    x = jax.random.normal(k[0], (T, H), jnp.bfloat16)
-    idx = jax.random.randint(k[1], (T, K), 0, E, jnp.int32)
-    w = jnp.ones((T, K), jnp.float32)
+    on_mesh = jax.sharding.NamedSharding(mesh, P("ep"))
+    x = jax.device_put(jax.random.normal(k[0], (T, H), jnp.bfloat16), on_mesh)
+    idx = jax.device_put(jax.random.randint(k[1], (T, K), 0, E, jnp.int32), on_mesh)
+    w = jax.device_put(jnp.ones((T, K), jnp.float32), on_mesh)
 
     def dots(a, b, c, d):
         inside = on_side_stream(lambda c, d: c @ d)(c, d)
@@ -62,7 +67,11 @@ def probe() -> dict:
     for label, fn, args in (("dot_in_region", dots, (a, b, c, d)),
                             ("dispatch_in_region", exchange, (a, b, x, idx, w))):
         jitted = jax.jit(fn)
-        hlo = jitted.lower(*args).compile().as_text()
+        try:
+            hlo = jitted.lower(*args).compile().as_text()
+        except Exception as err:  # report it and go on with the other program
+            out[label] = dict(error=f"{type(err).__name__}: {str(err)[:800]}")
+            continue
         summary = trace_summary.profile(jitted, args, "/tmp/stream_probe", label,
                                         all_kernels=True)
         g = next(iter(summary.get("gpus", {}).values()), {})
@@ -80,7 +89,9 @@ def main() -> int:
         print("RESULT " + json.dumps(probe()))
         return 0
     results = {}
-    for name, flags in FLAG_SETS.items():
+    chosen = sys.argv[1].split(",") if len(sys.argv) > 1 else list(FLAG_SETS)
+    for name in chosen:
+        flags = FLAG_SETS[name]
         env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
         run = subprocess.run([sys.executable, __file__, "--child"], env=env, text=True,
                              capture_output=True, timeout=240)
