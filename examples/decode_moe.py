@@ -5,8 +5,11 @@ Builds the byte-level MoE model of ``train_moe.py``, trains it for ``--train-ste
 the bytes it prints are then gibberish), then
 generates ``--new-tokens`` bytes for a batch of prompts from the built-in corpus. Every
 step runs one token per sequence through the model with a KV cache, and each MoE layer
-moves its tokens with ``jax_ep.low_latency_dispatch`` / ``low_latency_combine``
-(``MoE(..., low_latency=True)``); the whole loop is one ``lax.fori_loop`` in one
+(``MoE(..., low_latency=True)``) moves its tokens with the split low-latency ops:
+``jax_ep.low_latency_dispatch_send``, then the layer's shared expert (its matmuls run while
+the tokens travel; a profile on one H200 shows them between the send and receive kernels,
+bench/results/overlap-1xNVIDIA-H200.md), then ``low_latency_dispatch_recv``, the routed
+experts and ``low_latency_combine``; the whole loop is one ``lax.fori_loop`` in one
 ``nnx.jit``. At the end it checks the decode-step logits against the full-sequence
 forward pass (normal ``dispatch``/``combine``) and exits non-zero if they disagree.
 

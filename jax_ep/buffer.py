@@ -32,11 +32,12 @@ class Buffer:
         7168 at the rank layout's default capacity).
       backend: ``"auto"`` (CUDA when built and the mesh is on GPUs), ``"cuda"`` or
         ``"reference"``.
-      side_stream: CUDA backend: run every exchange through this buffer on a GPU stream
-        beside XLA's compute stream, as an async region XLA schedules around (its matmuls
-        can run while tokens move; README "Overlapping exchanges with compute"). Results
-        are the same; each op costs a few microseconds more (two cross-stream event
-        waits). Default False: the exchanges run on XLA's compute stream. The reference
+      side_stream: CUDA backend: run every exchange through this buffer on a second GPU
+        stream, each op as an async region that XLA schedules (README "Overlapping
+        exchanges with compute"). Results are the same. With jax 0.11.2 XLA does not yet
+        place other work between a region's start and end (and with its command buffers
+        on, the regions run inside CUDA graphs on the main stream), so it saves no time
+        today. Default False: the exchanges run on XLA's compute stream. The reference
         backend ignores it (its all_to_all is XLA's own collective).
 
     One process per GPU (``jax.distributed.initialize``) works the same way: create the

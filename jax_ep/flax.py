@@ -153,14 +153,15 @@ class MoE(nnx.Module):
         is set and ``expert_alignment`` is 1, else ``"expert"``. ``capacity`` counts
         (token, rank) rows with ``"rank"`` (at most ``R * T`` are ever needed).
       micro_batches: split each rank's tokens into this many micro-batches, each with its
-        own dispatch, experts and combine (forward and backward); ``capacity`` and
-        ``expert_capacity`` are then per micro-batch limits of ``ceil(value / n)``. With a
-        ``buffer`` made with ``side_stream=True`` the exchanges run beside the expert
-        matmuls, so with 2 one micro-batch's tokens move while the other's experts
-        compute (README "Overlapping exchanges with compute"). Results equal the
-        layer's with 1 (default) where nothing is dropped: the rows meet the same
-        experts and each token's sum runs in the same order. The low-latency path
-        overlaps the shared expert with its dispatch instead and ignores it.
+        own dispatch, experts and combine (forward and backward), pipelined so that one
+        part's exchange can run beside another part's experts when the ``buffer`` was made
+        with ``side_stream=True``; ``capacity`` and ``expert_capacity`` are then per
+        micro-batch limits of ``ceil(value / n)``. Results equal the layer's with 1
+        (default) where nothing is dropped: bitwise for the grouped experts (the rows meet
+        the same experts, each token's sum runs in the same order), to rounding for dense
+        slots and gradients. With jax 0.11.2 XLA does not overlap the parts yet and the
+        split costs time (1.3x at EP1: README "Overlapping exchanges with compute"). The
+        low-latency path ignores it (it overlaps the shared expert with its dispatch).
       dtype: compute dtype of the experts (default: the input's dtype).
       param_dtype: dtype of the parameters.
       rngs: ``nnx.Rngs`` for initialisation.

@@ -256,7 +256,8 @@ def moe_per_rank(x: jax.Array, params: MoEParams, config: MoEConfig, *, dtype=No
       config: :class:`MoEConfig`.
       dtype: compute dtype of the experts: ``x`` and the expert weights are cast to it
         (default: ``x``'s dtype; the weights must then match it).
-      low_latency: use ``jax_ep.low_latency_dispatch/combine`` (decoding).
+      low_latency: use the low-latency ops (decoding); the shared expert runs between
+        ``jax_ep.low_latency_dispatch_send`` and ``_recv``.
       max_tokens_per_rank: low-latency capacity M (default: T).
 
     Returns:
