@@ -17,8 +17,8 @@ from typing import Any, NamedTuple, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from jax_ep.low_latency import low_latency_combine, low_latency_dispatch_recv, \
-    low_latency_dispatch_send
+from jax_ep.low_latency import low_latency_combine, low_latency_dispatch, \
+    low_latency_dispatch_recv, low_latency_dispatch_send
 from jax_ep.moe.experts import batched_swiglu, ragged_swiglu, swiglu
 from jax_ep.moe.routing import _check_routing_args, route
 from jax_ep.moe.slots import fan_out, from_expert_slots, rank_slots, reduce_to_rows, \
@@ -347,7 +347,8 @@ def _micro_batched(cfg: MoEConfig, x, topk_idx, topk_weights, p: MoEParams):
     i's has arrived and must arrive before part i's combine starts; part i's combine must
     have been issued before part i+1's experts finish. Optimization barriers pin that order
     (and, transposed, the reverse order in the backward pass), so that with
-    ``Buffer(side_stream=True)`` each exchange runs beside the other part's matmuls."""
+    ``Buffer(side_stream=True)`` each exchange may run beside the other part's matmuls
+    (XLA 0.11.2 still issues it after them: cuda/OVERLAP.md)."""
     n = cfg.micro_batches
     sizes = [x.shape[0] // n + (i < x.shape[0] % n) for i in range(n)]
     bounds = [sum(sizes[:i]) for i in range(n + 1)]
@@ -421,19 +422,21 @@ def _combine_part(cfg: MoEConfig, y, d):
 
 
 def _low_latency_experts(cfg: MoEConfig, max_tokens_per_rank, x, r, p: MoEParams):
-    """The decode path: low-latency dispatch, experts, combine. The shared expert (when
-    there is one) runs between the dispatch's send and receive halves, while the tokens
-    travel; the optimization barriers pin it there in XLA's schedule."""
-    ax = cfg.axis_name
-    pending = low_latency_dispatch_send(
-        x, r.topk_idx, num_experts=cfg.num_experts, max_tokens_per_rank=max_tokens_per_rank,
-        axis_name=ax, buffer=cfg.buffer, backend=cfg.backend)
+    """The decode path: low-latency dispatch, experts, combine. A shared expert runs
+    between the dispatch's send and receive halves, while the tokens travel (optimization
+    barriers pin it there in XLA's schedule); without one the fused dispatch (one launch
+    instead of two) has nothing to wait beside."""
+    kw = dict(num_experts=cfg.num_experts, max_tokens_per_rank=max_tokens_per_rank,
+              axis_name=cfg.axis_name, buffer=cfg.buffer, backend=cfg.backend)
     shared = None
     if p.shared:
+        pending = low_latency_dispatch_send(x, r.topk_idx, **kw)
         pending, x_shared = jax.lax.optimization_barrier((pending, x))
         shared = swiglu(x_shared, *p.shared)
         pending, shared = jax.lax.optimization_barrier((pending, shared))
-    d = low_latency_dispatch_recv(pending)
+        d = low_latency_dispatch_recv(pending)
+    else:
+        d = low_latency_dispatch(x, r.topk_idx, **kw)
     y = batched_swiglu(d.recv_x, p.w_gate, p.w_up, p.w_down)
     out = low_latency_combine(y, r.topk_idx, r.topk_weights, d.handle)
     return out if shared is None else out + shared
