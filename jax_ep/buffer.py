@@ -7,10 +7,14 @@ mesh axis. On the reference backend it only carries configuration.
 from __future__ import annotations
 
 import importlib
+import itertools
 from typing import Optional
 
-from jax_ep import _native
+from jax_ep import _native, distributed
 from jax_ep.types import DEFAULT_NUM_SMS
+
+
+_hosts_keys = itertools.count()  # one host exchange per Buffer, in creation order
 
 
 def _cuda_buffer():
@@ -27,6 +31,11 @@ class Buffer:
       num_nvl_bytes: NVLink buffer bytes per GPU (default:
         :meth:`get_dispatch_size_hint` for 4096 tokens of hidden 7168).
       num_sms: default SM count of the CUDA kernels (a per-call ``num_sms`` overrides it).
+
+    ``buffer.node_size`` is the number of EP ranks per NVLink domain (a host, or a logical
+    node of ``JAX_EP_NODE_SIZE`` ranks): the axis size when the axis stays in one node.
+    Where it spans several, combine sums each node's rows before adding the nodes (the
+    order of the internode kernels; the CUDA backend needs one node for now).
       num_staging_bytes: one process per GPU only: the staging area per GPU that rows
         travel through (default: :meth:`get_staging_size_hint` for 4096 tokens of hidden
         7168 at the rank layout's default capacity).
@@ -67,6 +76,9 @@ class Buffer:
         self.mesh = mesh
         self.axis_name = axis_name
         self.num_ranks = int(mesh.shape[axis_name])
+        # ranks per NVLink domain (node) of the EP axis; the normal combine sums node by node
+        self.node_size = distributed.node_size_of(
+            mesh, axis_name, hosts=distributed.process_hosts(f"buffer_hosts/{next(_hosts_keys)}"))
         if not isinstance(side_stream, bool):
             raise ValueError(f"Buffer: side_stream must be True or False, got {side_stream!r}")
         self.num_sms = num_sms

@@ -13,6 +13,7 @@ import socket
 from typing import Dict, List, Optional, Sequence
 
 import jax
+import numpy as np
 
 _TIMEOUT_MS = 120_000
 NODE_SIZE_ENV = "JAX_EP_NODE_SIZE"  # override: consecutive EP ranks per NVLink domain
@@ -64,8 +65,8 @@ def nvlink_domains(devices: Sequence, node_size: Optional[int] = None,
     that many ranks: one host with 4 GPUs can then run as 2 "nodes" of 2, which is how
     the internode path is tested on one machine.
     """
-    if node_size is None and os.environ.get(NODE_SIZE_ENV):
-        node_size = int(os.environ[NODE_SIZE_ENV])
+    if node_size is None:
+        node_size = env_node_size()
     if node_size is not None:
         if node_size < 1 or len(devices) % node_size:
             raise ValueError(f"jax_ep: node size {node_size} must divide the {len(devices)} "
@@ -77,3 +78,40 @@ def nvlink_domains(devices: Sequence, node_size: Optional[int] = None,
     for rank, d in enumerate(devices):
         groups.setdefault(hosts[d.process_index], []).append(rank)
     return list(groups.values())
+
+
+def env_node_size() -> Optional[int]:
+    """The ``JAX_EP_NODE_SIZE`` override (ranks per logical node), or None when unset."""
+    value = os.environ.get(NODE_SIZE_ENV)
+    return int(value) if value else None
+
+
+def ep_groups(mesh, axis_name: str):
+    """Device groups along ``axis_name`` (one per coordinate of the other axes), in rank
+    order: ``[groups, ranks]``."""
+    devices = np.asarray(mesh.devices)
+    axis = list(mesh.axis_names).index(axis_name)
+    moved = np.moveaxis(devices, axis, -1)
+    return moved.reshape(-1, moved.shape[-1])
+
+
+def node_size_of(mesh, axis_name: str, hosts: Optional[Sequence[str]] = None) -> int:
+    """Ranks per NVLink domain (node) of the EP axis: the axis size when it stays in one.
+
+    The hierarchical (internode) order numbers ranks node-major, ``rank = node * G +
+    local``, so every EP group must split into equal domains of consecutive ranks."""
+    groups = ep_groups(mesh, axis_name)
+    size = None
+    for group in groups:
+        domains = nvlink_domains(list(group), hosts=hosts)
+        G = len(domains[0])
+        if any(d != list(range(i * G, (i + 1) * G)) for i, d in enumerate(domains)):
+            raise ValueError(
+                f"jax_ep: the EP axis {axis_name!r} spans NVLink domains (nodes) {domains}; "
+                "they must hold equal numbers of consecutive ranks (rank = node * "
+                "ranks_per_node + local index): order the mesh's devices by host")
+        if size is not None and G != size:
+            raise ValueError(f"jax_ep: EP groups of axis {axis_name!r} have nodes of {size} "
+                             f"and {G} ranks; every group needs the same node size")
+        size = G
+    return size

@@ -153,7 +153,8 @@ def dispatch(x, topk_idx: jax.Array, topk_weights: Optional[jax.Array] = None, *
         capacity=max_recv_tokens, expert_alignment=expert_alignment, num_tokens=num_tokens,
         num_topk=num_topk, backend=resolved, num_sms=num_sms,
         buffer_id=getattr(buffer, "buffer_id", None) if backends.uses_buffer(resolved) else None,
-        cast_fp8=bool(cast_fp8), side_stream=backends.side_stream(buffer, resolved))
+        cast_fp8=bool(cast_fp8), side_stream=backends.side_stream(buffer, resolved),
+        node_size=v.node_size(op, buffer, num_ranks))
     if backends.uses_buffer(resolved):
         buffer.check_fits(cfg, wire)
     # counted here, outside the backends: the same on every backend, no kernel change

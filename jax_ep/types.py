@@ -37,6 +37,9 @@ class DispatchConfig:
     num_sms: int = DEFAULT_NUM_SMS
     cast_fp8: bool = False  # bf16 x cast to an FP8 pair on the way (dispatch(cast_fp8=True))
     side_stream: bool = False  # CUDA: run on a stream beside XLA's compute stream (the Buffer's)
+    # Ranks per node when the EP axis spans several NVLink domains (None: one): combine sums
+    # the ranks of each node, then the nodes, as the internode kernels do.
+    node_size: Optional[int] = None
 
     @property
     def num_local_experts(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -98,6 +99,22 @@ def weights_f32(weights):
 def num_invalid_ids(topk_idx, num_experts: int):
     """Traced ``[]`` int32: slots holding an id outside ``[-1, E)`` (treated as -1)."""
     return jnp.sum((topk_idx < -1) | (topk_idx >= num_experts), dtype=jnp.int32)
+
+
+def node_size(op: str, buffer, num_ranks: int) -> Optional[int]:
+    """Ranks per node of the EP axis (the Buffer's topology; without a Buffer the
+    ``JAX_EP_NODE_SIZE`` override), None when all ranks share one node."""
+    from jax_ep import distributed
+
+    size = getattr(buffer, "node_size", None) if buffer is not None else \
+        distributed.env_node_size()
+    if size is None or size == num_ranks:
+        return None
+    if size < 1 or num_ranks % size:
+        raise ValueError(f"{op}: a node size of {size} ranks ({distributed.NODE_SIZE_ENV} or "
+                         f"the Buffer's topology) does not divide the {num_ranks} ranks of the "
+                         "EP axis")
+    return int(size)
 
 
 def check_buffer(op: str, buffer, axis_name: str, num_ranks: int) -> None:

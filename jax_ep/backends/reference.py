@@ -43,6 +43,17 @@ def _sequential_sum(parts: jax.Array) -> jax.Array:
     return acc
 
 
+def _node_ordered_sum(parts: jax.Array, node_size) -> jax.Array:
+    """Sums per-source-rank partials ``[R, ...]``: the ranks of each node in rank order,
+    then the nodes in node order (the internode kernels reduce inside a node before the
+    network hop); rank order when all ranks share one node (``node_size`` None)."""
+    if node_size is None:
+        return _sequential_sum(parts)
+    per_node = [_sequential_sum(parts[i:i + node_size])
+                for i in range(0, parts.shape[0], node_size)]
+    return _sequential_sum(jnp.stack(per_node))
+
+
 def _scatter_rows(cap: int, rows: jax.Array, values: jax.Array, fill) -> jax.Array:
     """out[rows[i]] = values[i] for 0 <= rows[i] < cap; other rows hold ``fill``."""
     out = jnp.full((cap,) + values.shape[1:], fill, values.dtype)
@@ -181,7 +192,7 @@ def combine(y: jax.Array, weights: Optional[jax.Array], handle: HandleArrays,
     flat = jnp.where(valid, handle.recv_src_rank * T + handle.recv_src_token, R * T)
     partial = jnp.zeros((R * T, y.shape[1]), jnp.float32).at[flat].add(contrib, mode="drop")
     parts = _exchange(partial.reshape(R, T, y.shape[1]), cfg.axis_name)  # [R(src of rows)]
-    return _sequential_sum(parts).astype(y.dtype)
+    return _node_ordered_sum(parts, cfg.node_size).astype(y.dtype)
 
 
 # ----------------------------------------------------------------------------- low latency

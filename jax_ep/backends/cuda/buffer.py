@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_ep import distributed
 from jax_ep.backends.cuda._ffi import extension, limits
 from jax_ep.types import DispatchConfig, LowLatencyConfig
 
@@ -80,14 +81,6 @@ def staging_bytes_hint(num_tokens: int, hidden: int, num_ranks: int, dtype_bytes
     return staging_bytes_for_dispatch(cap, [hidden * dtype_bytes], num_topk, "rank") + (1 << 20)
 
 
-def _ep_groups(mesh, axis_name: str):
-    """Device groups along ``axis_name`` (one per coordinate of the other axes), rank order."""
-    devices = np.asarray(mesh.devices)
-    axis = list(mesh.axis_names).index(axis_name)
-    moved = np.moveaxis(devices, axis, -1)
-    return moved.reshape(-1, moved.shape[-1])
-
-
 def allocate_buffer(buffer) -> None:
     """Allocates and peer-maps the NVLink buffer of every GPU of ``buffer.mesh``; sets
     ``buffer.buffer_id``. Collective when the EP axis spans several processes: every
@@ -96,7 +89,7 @@ def allocate_buffer(buffer) -> None:
     if not ext.with_cuda:
         raise RuntimeError("jax_ep.Buffer: the extension was built without CUDA")
     num_bytes = int(buffer.num_nvl_bytes)
-    groups = _ep_groups(buffer.mesh, buffer.axis_name)
+    groups = distributed.ep_groups(buffer.mesh, buffer.axis_name)
     max_ranks = limits()["max_ranks"]
     if groups.shape[1] > max_ranks:
         raise ValueError(f"jax_ep.Buffer: the intranode kernels support up to {max_ranks} ranks "
@@ -130,8 +123,6 @@ def allocate_buffer(buffer) -> None:
 def _check_one_nvlink_domain(groups, buffer_id: int) -> None:
     """The intranode kernels need every rank of an EP group in one NVLink domain (a host,
     or a logical node of JAX_EP_NODE_SIZE ranks); the internode kernels do not exist yet."""
-    from jax_ep import distributed
-
     hosts = distributed.process_hosts(f"buffer/{buffer_id}/hosts")
     for group in groups:
         domains = distributed.nvlink_domains(list(group), hosts=hosts)
@@ -145,8 +136,6 @@ def _check_one_nvlink_domain(groups, buffer_id: int) -> None:
 
 def _exchange(key: str, error: str, data: dict) -> dict:
     """All-gathers ``data`` (str -> bytes) and fails on every process if any reported an error."""
-    from jax_ep import distributed
-
     payload = json.dumps({"error": error, "data": {k: v.hex() for k, v in data.items()}})
     gathered = [json.loads(b) for b in distributed.all_gather_bytes(key, payload.encode())]
     errors = [f"process {p}: {g['error']}" for p, g in enumerate(gathered) if g["error"]]
@@ -190,8 +179,6 @@ def _allocate_multi_process(ext, buffer_id: int, groups, num_bytes: int,
 
 def _free_multi_process(ext, buffer_id: int) -> None:
     """Close the peers' mappings everywhere before anyone frees what others mapped."""
-    from jax_ep import distributed
-
     ext.unmap_peers(buffer_id)
     try:
         distributed.all_gather_bytes(f"buffer/{buffer_id}/unmapped", b"", timeout_ms=60_000)
