@@ -174,3 +174,25 @@ def test_decode_layer_runs_the_shared_expert_between_send_and_receive():
     between = body[:body.index("optimization_barrier", 1)]
     assert between.count("dot_general") == 3  # gate, up, down of the shared expert
 
+
+
+def test_decode_overlap_bench_runs_and_records_its_figures(tmp_path):
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "bench" / "decode_overlap.py"
+    spec = importlib.util.spec_from_file_location("decode_overlap", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--small", "--iters", "3", "--out", str(tmp_path)]) == 0
+    (result,) = tmp_path.glob("decode_overlap-*.json")
+    record = json.loads(result.read_text())
+    assert set(record["median_us"]) == {"step_with_shared_expert", "step_without_shared_expert",
+                                        "shared_expert_alone", "serial_sum"}
+    assert record["serial_over_overlapped"] > 0
+    # the kernel list between send and receive (GPU profiles only; CPU runs have none)
+    kernels = [("ll_dispatch_kernel", 0.0, 1.0), ("gemm", 10.0, 1.0),
+               ("ll_dispatch_kernel", 20.0, 1.0)]
+    assert [k[0] for k in bench.between_send_and_recv(kernels)] == ["gemm"]
+    assert bench.between_send_and_recv(kernels[:1]) is None
