@@ -31,11 +31,6 @@ class Buffer:
       num_nvl_bytes: NVLink buffer bytes per GPU (default:
         :meth:`get_dispatch_size_hint` for 4096 tokens of hidden 7168).
       num_sms: default SM count of the CUDA kernels (a per-call ``num_sms`` overrides it).
-
-    ``buffer.node_size`` is the number of EP ranks per NVLink domain (a host, or a logical
-    node of ``JAX_EP_NODE_SIZE`` ranks): the axis size when the axis stays in one node.
-    Where it spans several, combine sums each node's rows before adding the nodes (the
-    order of the internode kernels; the CUDA backend needs one node for now).
       num_staging_bytes: one process per GPU only: the staging area per GPU that rows
         travel through (default: :meth:`get_staging_size_hint` for 4096 tokens of hidden
         7168 at the rank layout's default capacity).
@@ -48,6 +43,11 @@ class Buffer:
         on, the regions run inside CUDA graphs on the main stream), so it saves no time
         today. Default False: the exchanges run on XLA's compute stream. The reference
         backend ignores it (its all_to_all is XLA's own collective).
+
+    ``buffer.node_size`` is the number of EP ranks per NVLink domain (a host, or a logical
+    node of ``JAX_EP_NODE_SIZE`` ranks): the axis size when the axis stays in one node.
+    Where it spans several, combine sums each node's rows before adding the nodes (the
+    order of the internode kernels; the CUDA backend needs one node for now).
 
     One process per GPU (``jax.distributed.initialize``) works the same way: create the
     Buffer for the global mesh on every process, in the same order (creation and
@@ -76,11 +76,11 @@ class Buffer:
         self.mesh = mesh
         self.axis_name = axis_name
         self.num_ranks = int(mesh.shape[axis_name])
+        if not isinstance(side_stream, bool):
+            raise ValueError(f"Buffer: side_stream must be True or False, got {side_stream!r}")
         # ranks per NVLink domain (node) of the EP axis; the normal combine sums node by node
         self.node_size = distributed.node_size_of(
             mesh, axis_name, hosts=distributed.process_hosts(f"buffer_hosts/{next(_hosts_keys)}"))
-        if not isinstance(side_stream, bool):
-            raise ValueError(f"Buffer: side_stream must be True or False, got {side_stream!r}")
         self.num_sms = num_sms
         self.side_stream = side_stream
         self.buffer_id: Optional[int] = None

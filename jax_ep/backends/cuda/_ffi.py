@@ -18,7 +18,7 @@ import numpy as np
 
 from jax_ep import _native
 from jax_ep.backends.cuda import _stream
-from jax_ep.backends.vma import varying, vma_of  # noqa: F401  (used by the op modules)
+from jax_ep.backends.vma import varying
 
 I32 = jnp.int32
 F32 = jnp.float32

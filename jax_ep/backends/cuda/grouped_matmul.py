@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_ep import _native
-from jax_ep.backends.cuda import _ffi
+from jax_ep.backends import vma
 
 FORWARD, TRANSPOSED_RHS, WEIGHT_GRAD = 0, 1, 2  # cuda/grouped_matmul/grouped_matmul.h
 
@@ -30,17 +30,17 @@ def _workspace(kind: int, groups: int, rows: int, k: int, n: int) -> jax.ShapeDt
 
 def _vma(*arrays):
     """The manual axes any of ``arrays`` varies over (empty outside shard_map)."""
-    return sorted(set().union(*[set(_ffi.vma_of(a) or ()) for a in arrays]))
+    return sorted(set().union(*[set(vma.vma_of(a) or ()) for a in arrays]))
 
 
 def _call(name, result, workspace, *args, **attrs):
     _native.load()
     axes = _vma(*args)
     for axis in axes:  # ffi_call wants its operands of one vma type
-        args = tuple(_ffi.varying(a, axis) for a in args)
+        args = tuple(vma.varying(a, axis) for a in args)
     out, _ = jax.ffi.ffi_call(name, (result, workspace))(*args, **attrs)
     for axis in axes:
-        out = _ffi.varying(out, axis)
+        out = vma.varying(out, axis)
     return out
 
 

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from jax_ep import fp8
-from jax_ep.backends.cuda._ffi import F32, I32, call, i64, varying
+from jax_ep.backends.cuda._ffi import F32, I32, call, i64
+from jax_ep.backends.vma import varying
 from jax_ep.types import DispatchConfig, HandleArrays
 
 _LAYOUT_CODE = {"rank": 0, "expert": 1}
