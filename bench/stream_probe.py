@@ -1,8 +1,10 @@
 """Which GPU stream a stream-annotated region runs on, under which XLA flags (a probe).
 
-Profiles two jitted programs, each with an independent 8192^3 bf16 matmul beside a
+Profiles three jitted programs, each with an independent 8192^3 bf16 matmul beside a
 region made by ``jax_ep.backends.cuda._stream.on_side_stream``: (a) the region holds a
-second matmul, (b) it holds a ``jax_ep.dispatch`` on a ``Buffer(side_stream=True)``.
+second matmul, (b) the same with the region and the matmul in one XLA scheduling group
+(``_scheduling_group_id``), (c) the region holds a ``jax_ep.dispatch`` on a
+``Buffer(side_stream=True)``.
 Prints, per XLA flag set (each in a fresh process), the stream of every kernel and how long
 the region's kernels ran beside the other matmul.
 
@@ -56,6 +58,21 @@ def probe() -> dict:
         inside = on_side_stream(lambda c, d: c @ d)(c, d)
         return a @ b, inside
 
+    def grouped_dots(a, b, c, d):
+        """The region and the matmul beside it in one XLA scheduling group: with the
+        context-manager form of compute_on (jax 0.10.x) the region's call op keeps the
+        group id; the function form drops it (``call_has_group`` says which happened)."""
+        from jax.experimental import compute_on as co
+        from jax.experimental.xla_metadata import set_xla_metadata
+
+        with set_xla_metadata(_scheduling_group_id="1"):
+            try:
+                with co.compute_on("gpu_stream:1"):
+                    inside = jax.jit(lambda c, d: c @ d)(c, d)
+            except (TypeError, AttributeError):  # no context-manager form in this jax
+                inside = on_side_stream(lambda c, d: c @ d)(c, d)
+            return a @ b, inside
+
     def exchange(a, b, x, idx, w):
         sm = jax.shard_map(
             lambda x, idx, w: jax_ep.dispatch(x, idx, w, num_experts=E, axis_name="ep",
@@ -65,9 +82,13 @@ def probe() -> dict:
 
     out = {}
     for label, fn, args in (("dot_in_region", dots, (a, b, c, d)),
+                            ("dot_in_region_scheduling_group", grouped_dots, (a, b, c, d)),
                             ("dispatch_in_region", exchange, (a, b, x, idx, w))):
         jitted = jax.jit(fn)
         try:
+            stablehlo = jitted.lower(*args).as_text()
+            call_has_group = any("_scheduling_group_id" in ln and "_xla_stream_annotation" in ln
+                                 for ln in stablehlo.splitlines() if " call @" in ln)
             hlo = jitted.lower(*args).compile().as_text()
         except Exception as err:  # report it and go on with the other program
             out[label] = dict(error=f"{type(err).__name__}: {str(err)[:800]}")
@@ -76,7 +97,8 @@ def probe() -> dict:
                                         all_kernels=True)
         g = next(iter(summary.get("gpus", {}).values()), {})
         out[label] = dict(
-            call_starts=hlo.count("call-start("), streams=g.get("streams"),
+            call_starts=hlo.count("call-start("), call_has_group=call_has_group,
+            streams=g.get("streams"),
             jax_ep_concurrent_us=g.get("jax_ep_concurrent_us"),
             kernels=[(k_[0][:48], k_[1], k_[2], k_[3]) for k_ in g.get("kernels_in_order", [])],
             error=summary.get("error"))
@@ -103,7 +125,8 @@ def main() -> int:
             if not isinstance(r, dict) or "kernels" not in r:
                 print(f"  {label}: {r}")
                 continue
-            print(f"  {label}: call-start x{r['call_starts']}, streams {r['streams']}, "
+            print(f"  {label}: call-start x{r['call_starts']} (group id on the call: "
+                  f"{r['call_has_group']}), streams {r['streams']}, "
                   f"jax_ep beside others {r['jax_ep_concurrent_us']} us")
             for kern in r["kernels"][:12]:
                 print(f"    {kern}")
