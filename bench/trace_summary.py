@@ -106,16 +106,13 @@ def summarize(xplane_path: str, match: str | None = None, top: int = 12,
     data = ProfileData.from_file(xplane_path)
     gpus = {}
     matched_starts = []
-    kernels = {plane.name: _kernels(plane) for plane in _gpu_planes(data)}  # parsed once
+    planes = {plane.name: plane for plane in _gpu_planes(data)}
+    kernels = {name: _kernels(plane) for name, plane in planes.items()}  # parsed once
     for plane_name, ks in kernels.items():
         if not ks:
             continue
         span = max(s + d for _, s, d in ks) - ks[0][1]
-        busy, end = 0.0, float("-inf")  # union of [start, start + duration)
-        for _, s, d in ks:
-            if s + d > end:
-                busy += s + d - max(s, end)
-                end = s + d
+        busy = sum(e - s for s, e in _union([(s, d) for _, s, d in ks]))
         by_name = {}
         for name, _, d in ks:
             by_name.setdefault(name, []).append(d)
@@ -125,13 +122,12 @@ def summarize(xplane_path: str, match: str | None = None, top: int = 12,
             cats[category(name)] = cats.get(category(name), 0.0) + d
         comm = [(s, d) for name, s, d in ks if category(name) == "jax_ep"]
         rest = [(s, d) for name, s, d in ks if category(name) != "jax_ep"]
-        plane = next(p for p in _gpu_planes(data) if p.name == plane_name)
         rec = dict(kernels=len(ks), span_us=round(span / 1e3, 1), busy_us=round(busy / 1e3, 1),
                    category_us={c: round(v / 1e3, 1) for c, v in sorted(cats.items())},
                    # jax_ep kernels running at the same time as other kernels (overlap)
                    jax_ep_concurrent_us=round(concurrent_ns(comm, rest) / 1e3, 1),
                    jax_ep_busy_us=round(sum(e - s for s, e in _union(comm)) / 1e3, 1),
-                   streams=_streams_by_category(plane),
+                   streams=_streams_by_category(planes[plane_name]),
                    top=[dict(name=n[:120], count=len(v), total_us=round(sum(v) / 1e3, 1),
                              median_us=round(statistics.median(v) / 1e3, 2)) for n, v in heavy])
         if match:
@@ -153,8 +149,7 @@ def summarize(xplane_path: str, match: str | None = None, top: int = 12,
                 (name[:60], round((s - t0) / 1e3, 1), round(d / 1e3, 1))
                 for name, s, d in ks if category(name) in ("jax_ep", "nccl")][:64]
             if all_kernels:  # every kernel in order: maps a step's time to its ops
-                plane = next(p for p in _gpu_planes(data) if p.name == plane_name)
-                stream = _stream_of_kernel(plane)
+                stream = _stream_of_kernel(planes[plane_name])
                 gpus[plane_name]["kernels_in_order"] = [
                     (name[:80], round((s - t0) / 1e3, 1), round(d / 1e3, 1),
                      stream.get((name, s), "?"))

@@ -5,9 +5,9 @@ in a stream-annotated call region (``jax.experimental.compute_on`` with
 ``compute_type="gpu_stream:1"``). XLA turns that region into an async ``call-start`` /
 ``call-done`` pair on execution stream 1: the custom call gets that stream as its
 ``PlatformStream``, XLA inserts the cross-stream event waits (no host synchronisation),
-keeps the operands alive until ``call-done`` and its latency-hiding scheduler may place
-independent work (the expert matmuls) between start and done. cuda/OVERLAP.md says why
-this and not another mechanism.
+keeps the operands alive until ``call-done``, and its scheduler may place independent work
+(the expert matmuls) between start and done; with jax 0.11.2 it does not yet
+(cuda/OVERLAP.md, which also says why this and not another mechanism).
 
 Every op of one Buffer runs on the same stream (the option belongs to the Buffer), so
 consecutive exchanges through it stay in issue order: none starts while an earlier one
