@@ -10,7 +10,14 @@ Timing: one jit holds n back-to-back calls of an op; the time per call is the
 difference between n=N_LONG and n=N_SHORT runs over the difference in calls (launch
 and host overheads cancel); median over repetitions.
 
+``--node-size G`` (with one process per GPU, ``--processes``) cuts the EP axis into nodes
+of G ranks (``JAX_EP_NODE_SIZE``): the internode path runs, and the same ops through an
+intranode Buffer over the same ranks are timed beside it. Its bytes are reported the way
+DeepEP does: the RDMA hop's (one row per (token, other node)) and the NVLink hop's (one
+row per (token, rank)) separately.
+
 Usage: python bench/normal.py [--tokens 4096] [--hidden 7168] [--num-sms 24] [--out DIR]
+       python bench/normal.py --processes 4 --node-size 2
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import jax_ep  # noqa: E402
+from jax_ep import distributed  # noqa: E402
 from jax_ep.backends import cuda as cuda_backend  # noqa: E402
 import processes  # noqa: E402  (bench/processes.py)
 from inputs import deepep_inputs, put_global  # noqa: E402  (bench/inputs.py)
@@ -71,6 +79,9 @@ def main():
     ap.add_argument("--ceiling", default="",
                     help="comma-separated JSON outputs of bench/nvlink_ceiling.cu from this "
                          "machine: report each op against the NVLink rate that SMs reach there")
+    ap.add_argument("--node-size", type=int, default=0,
+                    help="ranks per node: the EP axis spans several (logical) nodes and the "
+                         "internode path runs, timed beside the intranode path")
     processes.add_arguments(ap)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                   "results"))
@@ -83,6 +94,13 @@ def main():
         sys.exit("bench/normal.py needs CUDA GPUs and the jax_ep CUDA extension")
     R = len(devices)
     mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
+    G = a.node_size or R
+    if R % G:
+        sys.exit(f"--node-size {G} must divide the {R} ranks")
+    intranode_buf = None
+    if G < R:
+        intranode_buf = jax_ep.Buffer(mesh, AXIS, backend="cuda", num_sms=a.num_sms)
+        os.environ[distributed.NODE_SIZE_ENV] = str(G)  # the next Buffer spans nodes
     buf = jax_ep.Buffer(mesh, AXIS, backend="cuda", num_sms=a.num_sms)
 
     x, idx, w = deepep_inputs(R, T, H, K, E)
@@ -98,7 +116,7 @@ def main():
                      for r in range(R)]
     rows = statistics.mean(rows_per_rank)
 
-    def dispatch_chain(n, fp8, num_sms=a.num_sms):
+    def dispatch_chain(n, fp8, num_sms=a.num_sms, buf=buf):
         def body(x, i, w):
             x, i, w = x[0], i[0], w[0]
             payload = jax_ep.fp8.per_token_cast(x) if fp8 else x
@@ -110,7 +128,7 @@ def main():
             return jnp.stack(keep)[None] if keep else jnp.zeros((1, 0), jnp.int32)
         return smap(body)
 
-    def combine_chain(n, num_sms=a.num_sms):
+    def combine_chain(n, num_sms=a.num_sms, buf=buf):
         def body(x, i, w):
             x, i, w = x[0], i[0], w[0]
             # combine runs with the SM count its handle's dispatch had
@@ -120,7 +138,7 @@ def main():
             return jnp.stack([o[0, :8] for o in outs])[None] if outs else r.recv_x[:1, :8][None]
         return smap(body)
 
-    def cached_dispatch_chain(n, num_sms=a.num_sms):
+    def cached_dispatch_chain(n, num_sms=a.num_sms, buf=buf):
         """combine's backward: rows back to the ranks of a dispatch's handle (pull)."""
         def body(x, i, w):
             x, i, w = x[0], i[0], w[0]
@@ -176,6 +194,27 @@ def main():
     cd_bf16 = per_call_us(cached_dispatch_chain, (x_d, idx_d, w_d), n_short, n_long, a.reps)
     record("cached_dispatch_bf16", cd_bf16, a2a_bf16, bf16_row)
 
+    hops = {}
+    if intranode_buf is not None:  # the same ops inside one NVLink domain, and the hops' bytes
+        node_of = np.where(idx >= 0, idx // (L * G), -1)
+        rdma_rows = statistics.mean(
+            sum(int(np.any(node_of[s] == m, axis=1).sum()) for m in range(R // G) if m != s // G)
+            for s in range(R))
+        intra = {}
+        for name, chain in (("dispatch_bf16", lambda n: dispatch_chain(n, False, buf=intranode_buf)),
+                            ("combine_bf16", lambda n: combine_chain(n, buf=intranode_buf))):
+            intra[name] = per_call_us(chain, (x_d, idx_d, w_d), n_short, n_long, a.reps)
+        for name in ("dispatch_bf16", "combine_bf16"):
+            us = results[name]["jax_ep_us"]
+            row = dict(node_size=G, num_nodes=R // G, internode_us=us,
+                       intranode_us=round(intra[name], 1),
+                       internode_over_intranode=round(us / intra[name], 3),
+                       rdma_rows_per_rank=round(rdma_rows, 1), nvlink_rows_per_rank=round(rows, 1))
+            if not fixed_cost:
+                row.update(rdma_GBps=round(rdma_rows * bf16_row / (us * 1e-6) / 1e9, 1),
+                           nvlink_GBps=round(rows * bf16_row / (us * 1e-6) / 1e9, 1))
+            hops[name] = row
+
     sweep = {}
     for sms in [int(v) for v in a.sms_sweep.split(",") if v]:
         d_us = per_call_us(lambda n: dispatch_chain(n, False, sms), (x_d, idx_d, w_d), n_short,
@@ -223,13 +262,16 @@ def main():
                   jax=jax.__version__, date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                   method=f"median of {a.reps}; per-call = (jit of {n_long} calls - jit of "
                          f"{n_short}) / {n_long - n_short}; layout='rank'",
-                  results=results, sms_sweep=sweep,
+                  results=results, sms_sweep=sweep, internode=hops,
                   nvlink_ceiling=dict(ceiling, sources=a.ceiling))
     if not lead:
         buf.close()  # collective across the processes
+        if intranode_buf is not None:
+            intranode_buf.close()
         return
     os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, f"normal-{device}.json")
+    suffix = f"-{R // G}x{G}nodes" if G < R else ""
+    path = os.path.join(a.out, f"normal-{device}{suffix}.json")
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
     print(f"\n{device}, T={T} H={H} K={K} E={E}, {a.num_sms} SMs, "
@@ -264,8 +306,18 @@ def main():
         print(f"  {sms:>3} SMs: dispatch bf16 {r['dispatch_bf16_us']} us "
               f"({r['dispatch_bf16_GBps']} GB/s), combine {r['combine_bf16_us']} us "
               f"({r['combine_bf16_GBps']} GB/s)")
+    for name, r in hops.items():
+        print(f"{name} over {r['num_nodes']} nodes of {r['node_size']}: internode "
+              f"{r['internode_us']} us vs intranode {r['intranode_us']} us "
+              f"({r['internode_over_intranode']}x); RDMA hop {r['rdma_rows_per_rank']} rows, "
+              f"NVLink hop {r['nvlink_rows_per_rank']} rows per rank"
+              + ("" if fixed_cost else f"; RDMA {r['rdma_GBps']} GB/s, NVLink "
+                                       f"{r['nvlink_GBps']} GB/s")
+              + (" (FIXED COST: ranks share a GPU, not network figures)" if fixed_cost else ""))
     print(f"saved {path}")
     buf.close()
+    if intranode_buf is not None:
+        intranode_buf.close()
 
 
 if __name__ == "__main__":

@@ -34,6 +34,9 @@ class Buffer:
       num_staging_bytes: one process per GPU only: the staging area per GPU that rows
         travel through (default: :meth:`get_staging_size_hint` for 4096 tokens of hidden
         7168 at the rank layout's default capacity).
+      num_rdma_bytes: EP axis over several nodes only: the NVSHMEM symmetric region per
+        GPU that the RDMA hop moves rows through (default: :meth:`get_rdma_size_hint` for
+        4096 tokens of hidden 7168).
       backend: ``"auto"`` (CUDA when built and the mesh is on GPUs), ``"cuda"`` or
         ``"reference"``.
       side_stream: CUDA backend: run every exchange through this buffer on a second GPU
@@ -46,8 +49,10 @@ class Buffer:
 
     ``buffer.node_size`` is the number of EP ranks per NVLink domain (a host, or a logical
     node of ``JAX_EP_NODE_SIZE`` ranks): the axis size when the axis stays in one node.
-    Where it spans several, combine sums each node's rows before adding the nodes (the
-    order of the internode kernels; the CUDA backend needs one node for now).
+    Where it spans several, the CUDA backend runs the internode path (an NVSHMEM hop
+    between the ranks of equal local index, then NVLink inside the node; one process per
+    GPU, README "Several nodes"), and combine sums each node's rows before adding the
+    nodes, on both backends.
 
     One process per GPU (``jax.distributed.initialize``) works the same way: create the
     Buffer for the global mesh on every process, in the same order (creation and
@@ -64,7 +69,8 @@ class Buffer:
 
     def __init__(self, mesh, axis_name: str, *, num_nvl_bytes: Optional[int] = None,
                  num_sms: int = DEFAULT_NUM_SMS, backend: str = "auto",
-                 num_staging_bytes: Optional[int] = None, side_stream: bool = False):
+                 num_staging_bytes: Optional[int] = None, side_stream: bool = False,
+                 num_rdma_bytes: Optional[int] = None):
         if axis_name not in mesh.shape:
             raise ValueError(f"Buffer: axis_name {axis_name!r} is not an axis of the mesh "
                              f"(axes: {tuple(mesh.shape)})")
@@ -96,6 +102,12 @@ class Buffer:
         self.backend = "cuda" if use_cuda else "reference"
         self.num_nvl_bytes = num_nvl_bytes
         self.num_staging_bytes = num_staging_bytes
+        if num_rdma_bytes is not None and (not isinstance(num_rdma_bytes, int) or
+                                           num_rdma_bytes <= 0):
+            raise ValueError(f"Buffer: num_rdma_bytes must be a positive int, got "
+                             f"{num_rdma_bytes!r}")
+        self.num_rdma_bytes = num_rdma_bytes
+        self.rdma_ptr: Optional[int] = None  # the NVSHMEM region (EP axis over several nodes)
         if use_cuda:
             if num_nvl_bytes is None:
                 self.num_nvl_bytes = self.get_dispatch_size_hint(4096, 7168, self.num_ranks)
@@ -115,6 +127,16 @@ class Buffer:
         needs about ``max_recv_tokens / (R*T)`` times that."""
         return int(_cuda_buffer().staging_bytes_hint(num_tokens, hidden, num_ranks,
                                                      dtype_bytes, num_topk))
+
+    @staticmethod
+    def get_rdma_size_hint(num_tokens: int, hidden: int, num_nodes: int,
+                           dtype_bytes: int = 2, num_topk: int = 8) -> int:
+        """RDMA (NVSHMEM) bytes per GPU that normal dispatch and combine of ``num_tokens``
+        per rank need when the EP axis spans ``num_nodes`` nodes (combine's partials
+        travel in fp32)."""
+        from jax_ep.backends.cuda import internode
+        return int(internode.rdma_bytes_hint(num_tokens, hidden, num_nodes, dtype_bytes,
+                                             num_topk))
 
     @staticmethod
     def get_low_latency_size_hint(max_tokens_per_rank: int, hidden: int, num_experts: int,

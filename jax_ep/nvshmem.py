@@ -304,3 +304,37 @@ def ring_test(num_bytes: int = 1 << 20, iterations: int = 1) -> Dict[str, Any]:
         raise ValueError(f"jax_ep.nvshmem: iterations must be >= 1, got {iterations}")
     with _lock:
         return dict(_require_initialized("ring_test").ring_test(num_bytes, int(iterations)))
+
+
+# ----------------------------------------------------------------------------- internode path
+_targets_registered = False
+
+
+def register_ffi_targets() -> None:
+    """Registers the internode exchange's XLA FFI target (``jax_ep_rail_exchange``), once."""
+    global _targets_registered
+    with _lock:
+        if _targets_registered:
+            return
+        ext = _require()
+        import jax
+
+        for name, capsule in ext.cuda_targets().items():
+            jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
+        _targets_registered = True
+
+
+def register_rail(buffer_id: int, ptr: int, num_bytes: int, my_node: int, my_pe: int,
+                  pes: Sequence[int]) -> None:
+    """Hands a Buffer's symmetric region to the internode exchange (this process only):
+    this rank is on node ``my_node``; ``pes[m]`` is the PE of the rank with its local index
+    on node ``m``. Clears the region's signals."""
+    with _lock:
+        _require_initialized("register_rail").register_rail(
+            int(buffer_id), int(ptr), int(num_bytes), int(my_node), int(my_pe),
+            [int(p) for p in pes])
+
+
+def unregister_rail(buffer_id: int) -> None:
+    with _lock:
+        _require_initialized("unregister_rail").unregister_rail(int(buffer_id))

@@ -90,6 +90,29 @@ class HandleArrays(NamedTuple):
     send_pos: Array
 
 
+class InternodeHandleArrays(NamedTuple):
+    """The handle of a dispatch over several nodes (the CUDA backend's internode path).
+
+    recv_src_rank, recv_src_token, recv_src_slot: as in :class:`HandleArrays` (global
+    source ranks; equal to the reference backend's).
+    rows: ``[cap]`` the row of each received row among the node hop's ``[N * cap]``
+    rows (node hop n's row i is ``n * cap + i``), -1 on empty and padding rows.
+    node_hops: :class:`HandleArrays` of the NVLink hop inside this node, one per source
+    node (leading axis ``N``): its "ranks" are this node's ranks and its "tokens" the
+    ``T`` rows that source node's rank with this local index forwarded.
+    sent_to_node: ``[N, T]`` int32, 1 where token t went to node m (the RDMA hop).
+    recv_from_node: ``[N, T]`` int32, 1 where source node n's token t came here.
+    """
+
+    recv_src_rank: Array
+    recv_src_token: Array
+    recv_src_slot: Array
+    rows: Array
+    node_hops: HandleArrays
+    sent_to_node: Array
+    recv_from_node: Array
+
+
 class _Handle:
     """Routing of one dispatch: traced arrays (pytree children) plus its static config.
 

@@ -32,17 +32,23 @@ def test_single_process_needs_no_store():
     assert distributed.nvlink_domains(jax.devices()[:2]) == [[0, 1]]
 
 
-def test_buffer_refuses_an_ep_axis_over_several_nodes(monkeypatch):
-    """Two logical nodes of 2 GPUs: the intranode kernels cannot serve that EP axis."""
+def test_buffer_over_several_nodes_needs_nvshmem_and_one_process_per_gpu(monkeypatch):
+    """Two logical nodes of 2 GPUs take the internode (NVSHMEM) path: without NVSHMEM, or
+    with one process driving several GPUs, the Buffer says what to do instead."""
     import numpy as np
 
+    from jax_ep import nvshmem
     from jax_ep.backends.cuda import buffer as cuda
 
     groups = np.array([_devices([0, 0, 0, 0])], dtype=object)
-    cuda._check_one_nvlink_domain(groups, buffer_id=0)  # one host, one domain: fine
-    monkeypatch.setenv(distributed.NODE_SIZE_ENV, "2")
-    with pytest.raises(NotImplementedError, match=r"spans 2 NVLink domains .*\[\[0, 1\], \[2, 3\]\]"):
-        cuda._check_one_nvlink_domain(groups, buffer_id=0)
+    monkeypatch.setattr(nvshmem, "is_available", lambda: False)
+    monkeypatch.setattr(nvshmem, "why_unavailable", lambda: "built without NVSHMEM")
+    with pytest.raises(RuntimeError, match=r"spans 2 nodes of 2 ranks.*built without NVSHMEM"
+                                           r".*nvidia-nvshmem-cu13"):
+        cuda._require_internode_process_model(groups, 2)
+    monkeypatch.setattr(nvshmem, "is_available", lambda: True)
+    with pytest.raises(nvshmem.ProcessModelError):  # CPU devices, several per process
+        cuda._require_internode_process_model(groups, 2)
 
 
 def test_one_process_per_gpu_staging_is_checked_at_trace_time():

@@ -128,6 +128,7 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S3
                         ffi::Result<ffi::Buffer<ffi::S32>> recv_src_token,
                         ffi::Result<ffi::Buffer<ffi::S32>> recv_src_slot,
                         ffi::Result<ffi::Buffer<ffi::S32>> send_pos,
+                        ffi::Result<ffi::Buffer<ffi::S32>> needed_per_expert,
                         ffi::RemainingRets recv_payloads, DispatchAttrs attrs) {
   auto state_or = lookup_buffer(attrs.buffer_id, device, "dispatch");
   if (state_or.has_error()) return state_or.error();
@@ -241,6 +242,7 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S3
   n.num_overflow = num_overflow->typed_data();
   n.recv_per_expert = a.recv_per_expert;
   n.group_sizes = a.group_sizes;
+  n.needed_per_expert = needed_per_expert->typed_data();
   err = launch_notify_dispatch(n, stream);
   if (err != cudaSuccess) return check_launch(err, "dispatch (notify)");
   return check_launch(launch_intranode_dispatch(a, stream, s.multi_process ? &staged : nullptr),
@@ -342,6 +344,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpDispatch, DispatchImpl,
                                   .RemainingArgs()
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()

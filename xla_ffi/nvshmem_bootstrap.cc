@@ -4,12 +4,15 @@
 // jax_ep/nvshmem.py imports this one lazily, after preloading the host library.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 
 #include "cuda/nvshmem/runtime.h"
+#include "cuda/internode/rail.h"
+#include "xla_ffi/rail_handlers.h"
 
 namespace nb = nanobind;
 
@@ -96,7 +99,28 @@ void register_nvshmem_bindings(nb::module_& m) {
      "Collective device-side test: a pattern travels to the next PE (put-with-signal).");
 }
 
+void register_internode_bindings(nb::module_& m) {
+  namespace in = jax_ep::internode;
+  m.def("cuda_targets", []() {
+    nb::dict d;
+    d["jax_ep_rail_exchange"] = nb::capsule(reinterpret_cast<void*>(JaxEpRailExchange));
+    return d;
+  }, "FFI targets for platform 'CUDA' (the internode exchange): name -> capsule");
+  m.def("register_rail", [](int64_t buffer_id, uint64_t ptr, int64_t num_bytes, int my_node,
+                            int my_pe, const std::vector<int>& pes) {
+    check(in::register_rail(buffer_id, uintptr_t(ptr), size_t(num_bytes), my_node, my_pe, pes));
+  }, nb::arg("buffer_id"), nb::arg("ptr"), nb::arg("num_bytes"), nb::arg("my_node"),
+     nb::arg("my_pe"), nb::arg("pes"),
+     "Registers a Buffer's symmetric region for the internode exchange (zeroes its header).");
+  m.def("unregister_rail", [](int64_t buffer_id) { check(in::unregister_rail(buffer_id)); },
+        nb::arg("buffer_id"));
+  m.attr("rail_data_offset") = in::kRailDataOffset;
+  m.attr("max_nodes") = in::kMaxNodes;
+}
+
 NB_MODULE(_jax_ep_nvshmem, m) {
-  m.doc() = "jax_ep NVSHMEM bootstrap (one process per GPU): init, symmetric heap, ring test";
+  m.doc() = "jax_ep NVSHMEM (one process per GPU): init, symmetric heap, ring test, and the "
+            "internode exchange's FFI target";
   register_nvshmem_bindings(m);
+  register_internode_bindings(m);
 }

@@ -36,6 +36,8 @@ struct NotifyArgs {
   int* num_overflow;
   int* recv_per_expert;             // [L]
   int* group_sizes;                 // [L]
+  int* needed_per_expert;           // [L] expert layout: rows before capacity and padding
+                                    // (the internode path sums them over nodes); rank: 0
 };
 cudaError_t launch_notify_dispatch(const NotifyArgs& args, cudaStream_t stream);
 

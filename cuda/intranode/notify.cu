@@ -72,6 +72,7 @@ __global__ void __launch_bounds__(kNotifyThreads) notify_dispatch_kernel(NotifyA
     for (int l = threadIdx.x; l < L; l += blockDim.x) {
       a.recv_per_expert[l] = 0;  // counted from the received rows at the end
       a.group_sizes[l] = 0;
+      a.needed_per_expert[l] = 0;
     }
     return;
   }
@@ -112,6 +113,7 @@ __global__ void __launch_bounds__(kNotifyThreads) notify_dispatch_kernel(NotifyA
   const int cap = a.capacity;
   ws->group_start[l] = start;
   ws->group_count[l] = total;
+  a.needed_per_expert[l] = total;
   a.recv_per_expert[l] = max(min(start + total, cap) - min(start, cap), 0);
   a.group_sizes[l] = min(start + padded, cap) - min(start, cap);
   if (l == 0) {

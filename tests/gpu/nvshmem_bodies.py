@@ -8,6 +8,7 @@ process sees all of them and uses one (``jax.distributed.initialize(local_device
 from __future__ import annotations
 
 import jax
+import numpy as np
 
 from jax_ep import nvshmem
 
@@ -83,3 +84,34 @@ def exit_without_finalize():
     assert nvshmem.ring_test(4096)["ok"]
     nvshmem.symmetric_alloc(1 << 20)
     return _me()
+
+
+def internode_rank_dies(rank: int = 1):
+    """Logical nodes (JAX_EP_NODE_SIZE): one internode dispatch, then rank ``rank`` leaves;
+    the others' second dispatch must fail with a timeout message, not hang."""
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    import jax_ep
+    from tests import harness
+
+    R = jax.process_count()
+    mesh = Mesh(np.array(jax.devices()), (harness.AXIS,))
+    buf = jax_ep.Buffer(mesh, harness.AXIS, backend="cuda", num_nvl_bytes=32 << 20,
+                        num_rdma_bytes=16 << 20, num_sms=8)
+    rng = np.random.default_rng(0)  # the same on every process
+    x = rng.standard_normal((R, 64, 256)).astype(np.float32)
+    idx, w = harness.routing(rng, R, 64, 2, 4 * R)
+    args = [harness.put(mesh, a) for a in (x, idx, w)]
+
+    def body(x, idx, w):
+        r = jax_ep.dispatch(x[0], idx[0], w[0], num_experts=4 * R, axis_name=harness.AXIS,
+                            buffer=buf, backend="cuda")
+        return r.recv_x[None]
+
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(harness.AXIS),
+                              out_specs=P(harness.AXIS)))
+    np.asarray(f(*args).addressable_shards[0].data)
+    if jax.process_index() == rank:
+        return {"rank": rank, "left": True}
+    np.asarray(f(*args).addressable_shards[0].data)  # `rank` never joins: must time out
+    return {"rank": jax.process_index(), "left": False}

@@ -84,27 +84,34 @@ def staging_bytes_hint(num_tokens: int, hidden: int, num_ranks: int, dtype_bytes
 def allocate_buffer(buffer) -> None:
     """Allocates and peer-maps the NVLink buffer of every GPU of ``buffer.mesh``; sets
     ``buffer.buffer_id``. Collective when the EP axis spans several processes: every
-    process must create its Buffers in the same order."""
+    process must create its Buffers in the same order. Where the axis spans several nodes
+    (``buffer.node_size`` ranks each) the NVLink buffers are per node and each process also
+    allocates the RDMA region of the internode path (:func:`_allocate_internode`)."""
     ext = extension()
     if not ext.with_cuda:
         raise RuntimeError("jax_ep.Buffer: the extension was built without CUDA")
     num_bytes = int(buffer.num_nvl_bytes)
     groups = distributed.ep_groups(buffer.mesh, buffer.axis_name)
+    num_ranks = groups.shape[1]
+    node_size = int(getattr(buffer, "node_size", None) or num_ranks)
     max_ranks = limits()["max_ranks"]
-    if groups.shape[1] > max_ranks:
-        raise ValueError(f"jax_ep.Buffer: the intranode kernels support up to {max_ranks} ranks "
-                         f"on the EP axis, got {groups.shape[1]}")
+    if node_size > max_ranks:
+        raise ValueError(f"jax_ep.Buffer: the NVLink kernels support up to {max_ranks} ranks "
+                         f"per node on the EP axis, got {node_size}")
     me = jax.process_index()
     multi_process = any(d.process_index != me for d in groups.flat)
     with _id_lock:
         buffer_id = next(_next_buffer_id)
-    _check_one_nvlink_domain(groups, buffer_id)
+    spans_nodes = node_size < num_ranks
+    node_groups = groups.reshape(-1, node_size)  # one row per node of each EP group
+    if spans_nodes:
+        _require_internode_process_model(groups, node_size)
     if multi_process:
         staging = buffer.num_staging_bytes
         if staging is None:
-            staging = staging_bytes_hint(4096, 7168, groups.shape[1])
+            staging = staging_bytes_hint(4096, 7168, num_ranks)
         buffer.num_staging_bytes = int(staging)
-        _allocate_multi_process(ext, buffer_id, groups, num_bytes, int(staging))
+        _allocate_multi_process(ext, buffer_id, node_groups, num_bytes, int(staging))
     else:
         created = False
         try:
@@ -118,20 +125,66 @@ def allocate_buffer(buffer) -> None:
             raise
     buffer.buffer_id = buffer_id
     buffer.multi_process = multi_process
+    if spans_nodes:
+        try:
+            _allocate_internode(buffer, buffer_id, groups, node_size)
+        except Exception:
+            _free_multi_process(ext, buffer_id)
+            buffer.buffer_id = None
+            raise
 
 
-def _check_one_nvlink_domain(groups, buffer_id: int) -> None:
-    """The intranode kernels need every rank of an EP group in one NVLink domain (a host,
-    or a logical node of JAX_EP_NODE_SIZE ranks); the internode kernels do not exist yet."""
-    hosts = distributed.process_hosts(f"buffer/{buffer_id}/hosts")
-    for group in groups:
-        domains = distributed.nvlink_domains(list(group), hosts=hosts)
-        if len(domains) > 1:
-            raise NotImplementedError(
-                f"jax_ep.Buffer: the EP axis spans {len(domains)} NVLink domains (nodes) "
-                f"{domains}; this version has only the intranode (NVLink) kernels. Use an EP "
-                "axis inside one node, or backend='reference' (unset JAX_EP_NODE_SIZE if it "
-                "was set for testing)")
+def _require_internode_process_model(groups, node_size: int) -> None:
+    """The RDMA hop is NVSHMEM's: one process per GPU, the extension built with it."""
+    from jax_ep import nvshmem
+
+    num_nodes = groups.shape[1] // node_size
+    if not nvshmem.is_available():
+        raise RuntimeError(
+            f"jax_ep.Buffer: the EP axis spans {num_nodes} nodes of {node_size} ranks, which "
+            f"needs the internode (NVSHMEM) kernels, but {nvshmem.why_unavailable()}. Install "
+            "nvidia-nvshmem-cu13 (or set NVSHMEM_DIR) before building jax_ep, keep the EP "
+            "axis inside one node, or use backend='reference'")
+    nvshmem.check_process_model()
+
+
+def _allocate_internode(buffer, buffer_id: int, groups, node_size: int) -> None:
+    """NVSHMEM (initialised here if needed) and this process's symmetric RDMA region,
+    registered with the rail exchange's FFI handler (collective, like the Buffer)."""
+    from jax_ep import nvshmem
+    from jax_ep.backends.cuda import internode
+
+    num_nodes = groups.shape[1] // node_size
+    rdma = buffer.num_rdma_bytes
+    if rdma is None:
+        rdma = internode.rdma_bytes_hint(4096, 7168, num_nodes)
+    rdma = int(rdma)
+    nvshmem.initialize(symmetric_size=max(1 << 30, rdma + (64 << 20)))
+    nvshmem.register_ffi_targets()
+    ptr = nvshmem.symmetric_alloc(rdma)
+    me = jax.process_index()
+    row, col = [(i, j) for i in range(groups.shape[0]) for j in range(groups.shape[1])
+                if groups[i, j].process_index == me][0]
+    local = col % node_size
+    pes = [int(groups[row, m * node_size + local].process_index) for m in range(num_nodes)]
+    try:
+        nvshmem.register_rail(buffer_id, ptr, rdma, col // node_size, me, pes)
+    except Exception:
+        nvshmem.symmetric_free(ptr)
+        raise
+    buffer.num_rdma_bytes = rdma
+    buffer.rdma_ptr = ptr
+    internode.rdma_bytes[buffer_id] = rdma
+
+
+def _free_internode(buffer) -> None:
+    from jax_ep import nvshmem
+    from jax_ep.backends.cuda import internode
+
+    internode.rdma_bytes.pop(buffer.buffer_id, None)
+    nvshmem.unregister_rail(int(buffer.buffer_id))
+    nvshmem.symmetric_free(buffer.rdma_ptr)  # collective: every process, same order
+    buffer.rdma_ptr = None
 
 
 def _exchange(key: str, error: str, data: dict) -> dict:
@@ -192,6 +245,8 @@ def free_buffer(buffer) -> None:
     """Frees the buffer (collective when it spans several processes)."""
     if buffer.buffer_id is None:
         return
+    if getattr(buffer, "rdma_ptr", None) is not None:
+        _free_internode(buffer)
     if buffer.multi_process:
         _free_multi_process(extension(), int(buffer.buffer_id))
     else:
@@ -204,14 +259,16 @@ def check_fits(buffer, cfg: DispatchConfig, payload) -> None:
         raise ValueError(f"dispatch: the buffer was made for {buffer.num_ranks} ranks but the "
                          f"axis {cfg.axis_name!r} has {cfg.num_ranks}")
     lim = limits()
+    node_ranks = cfg.node_size or cfg.num_ranks  # the NVLink kernels' ranks and experts
     if cfg.num_topk > lim["max_topk"]:
         raise ValueError(f"dispatch: the CUDA kernels support num_topk <= {lim['max_topk']}, got "
                          f"{cfg.num_topk}")
-    if cfg.num_experts > lim["max_experts"]:
-        raise ValueError(f"dispatch: the CUDA kernels support num_experts <= "
-                         f"{lim['max_experts']}, got {cfg.num_experts}")
-    if cfg.num_ranks > lim["max_ranks"]:
-        raise ValueError(f"dispatch: the CUDA kernels support up to {lim['max_ranks']} ranks")
+    if cfg.num_local_experts * node_ranks > lim["max_experts"]:
+        raise ValueError(f"dispatch: the CUDA kernels support up to {lim['max_experts']} "
+                         f"experts per node, got {cfg.num_local_experts * node_ranks}")
+    if node_ranks > lim["max_ranks"]:
+        raise ValueError(f"dispatch: the CUDA kernels support up to {lim['max_ranks']} ranks "
+                         "per node")
     if buffer.multi_process:
         payloads = payload if isinstance(payload, (tuple, list)) else (payload,)
         row_bytes = [int(np.prod(p.shape[1:])) * jnp.dtype(p.dtype).itemsize for p in payloads]
@@ -280,6 +337,12 @@ def _half_available(num_bytes: int) -> int:
 
 def check_fits_low_latency(buffer, cfg: LowLatencyConfig, dtype=jnp.bfloat16) -> None:
     """Raises at trace time when a low-latency call of ``cfg`` needs more than ``buffer``."""
+    if getattr(buffer, "rdma_ptr", None) is not None:
+        raise NotImplementedError(
+            f"low_latency_dispatch: this Buffer's EP axis spans {buffer.num_ranks // buffer.node_size}"
+            f" nodes; the low-latency kernels run inside one NVLink domain only for now. Use "
+            "the normal dispatch/combine (they cross nodes), an EP axis inside one node, or "
+            "backend='reference'")
     E, R, M, H = cfg.num_experts, cfg.num_ranks, cfg.max_tokens_per_rank, cfg.hidden
     b = jnp.dtype(dtype).itemsize
     half = max(_dispatch_half_bytes(E, R, M, H, b, cfg.use_fp8), _combine_half_bytes(E, M, H, b))

@@ -40,6 +40,14 @@ def get_dispatch_layout(topk_idx: jax.Array, *, num_experts: int, num_ranks: int
 
 def dispatch(payload: Tuple[jax.Array, ...], topk_idx: jax.Array, topk_weights: jax.Array,
              cfg: DispatchConfig):
+    return dispatch_with_totals(payload, topk_idx, topk_weights, cfg)[:8]
+
+
+def dispatch_with_totals(payload: Tuple[jax.Array, ...], topk_idx: jax.Array,
+                         topk_weights: jax.Array, cfg: DispatchConfig):
+    """:func:`dispatch`'s results, then ``needed_per_expert [L]``: in the expert layout the
+    rows each local expert gets before capacity and alignment (the internode path sums
+    them over the source nodes), zeros in the rank layout."""
     buffer_id = _require_buffer(cfg, "dispatch")
     R, T, K, L, cap = (cfg.num_ranks, cfg.num_tokens, cfg.num_topk, cfg.num_local_experts,
                        cfg.capacity)
@@ -56,20 +64,22 @@ def dispatch(payload: Tuple[jax.Array, ...], topk_idx: jax.Array, topk_weights: 
         jax.ShapeDtypeStruct((cap,), I32),       # recv_src_token
         jax.ShapeDtypeStruct((cap,), I32),       # recv_src_slot
         jax.ShapeDtypeStruct((T, R) if rank_layout else (T, K), I32),  # send_pos
+        jax.ShapeDtypeStruct((L,), I32),         # needed_per_expert
     ] + [jax.ShapeDtypeStruct((cap,) + p.shape[1:], p.dtype)
          for p in (fp8.cast_shapes(payload[0]) if cfg.cast_fp8 else payload)]
     if T == 0:  # T is static and equal on every rank: nobody sends anything
-        return _empty_dispatch(results, len(results) - 10, cfg)
+        return _empty_dispatch(results, len(results) - 11, cfg)
     outs = call("jax_ep_dispatch", results, topk_idx.astype(I32), topk_weights.astype(F32),
                  *payload, axis_name=cfg.axis_name,
                  side_stream=cfg.side_stream, buffer_id=i64(buffer_id),
                  num_sms=i64(cfg.num_sms), expert_alignment=i64(cfg.expert_alignment))
     (recv_idx, recv_w, num_recv, per_expert, group_sizes, overflow, src_rank, src_token,
-     src_slot, send_pos) = outs[:10]
-    recv_payload = tuple(outs[10:])
+     src_slot, send_pos, needed) = outs[:11]
+    recv_payload = tuple(outs[11:])
     handle = HandleArrays(recv_src_rank=src_rank, recv_src_token=src_token,
                           recv_src_slot=src_slot, send_pos=send_pos)
-    return (recv_payload, recv_idx, recv_w, num_recv, per_expert, group_sizes, overflow, handle)
+    return (recv_payload, recv_idx, recv_w, num_recv, per_expert, group_sizes, overflow, handle,
+            needed)
 
 
 def _empty_dispatch(results, num_payloads: int, cfg: DispatchConfig):
@@ -77,12 +87,13 @@ def _empty_dispatch(results, num_payloads: int, cfg: DispatchConfig):
     # Derived from axis_index so the values live inside the manual computation.
     zero = jax.lax.axis_index(cfg.axis_name).astype(I32) * 0
     fill = lambda r, v: jnp.full(r.shape, v, r.dtype) + zero.astype(r.dtype)
-    (idx_r, w_r, nrecv_r, per_r, grp_r, ovf_r, srank_r, stok_r, sslot_r, spos_r) = results[:10]
-    recv_payload = tuple(fill(r, 0) for r in results[10:10 + num_payloads])
+    (idx_r, w_r, nrecv_r, per_r, grp_r, ovf_r, srank_r, stok_r, sslot_r, spos_r,
+     need_r) = results[:11]
+    recv_payload = tuple(fill(r, 0) for r in results[11:11 + num_payloads])
     handle = HandleArrays(recv_src_rank=fill(srank_r, -1), recv_src_token=fill(stok_r, -1),
                           recv_src_slot=fill(sslot_r, -1), send_pos=fill(spos_r, -1))
     return (recv_payload, fill(idx_r, -1), fill(w_r, 0), fill(nrecv_r, 0), fill(per_r, 0),
-            fill(grp_r, 0), fill(ovf_r, 0), handle)
+            fill(grp_r, 0), fill(ovf_r, 0), handle, fill(need_r, 0))
 
 
 def cached_dispatch(x: jax.Array, handle: HandleArrays, cfg: DispatchConfig) -> jax.Array:
