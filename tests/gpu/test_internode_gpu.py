@@ -33,18 +33,20 @@ NODE_SIZES = (1, 2, 4)  # ranks per logical node; the run's rank count decides w
 _buffers = {}
 
 
-def _ranks() -> int:
-    return len(h.devices_under_test())
+def over_nodes(test):
+    """Runs ``test`` at every EP size R of a job and node size that makes several nodes
+    (tests/conftest.py keeps the R of this job)."""
+    test = pytest.mark.parametrize("node_size", NODE_SIZES, ids=lambda g: f"node{g}")(test)
+    return pytest.mark.parametrize("R", h.MULTI_RANKS)(test)
 
 
-@pytest.fixture(params=NODE_SIZES, ids=lambda g: f"node{g}")
-def internode(request, monkeypatch):
+@pytest.fixture
+def internode(R, node_size, monkeypatch):
     """Logical nodes of ``node_size`` ranks; ``h.buffer`` returns an internode Buffer.
     Yields the EP size R (all the run's ranks)."""
-    G = request.param
+    G = node_size
     if not h.distributed():
         pytest.skip("the internode path needs one process per GPU (tests.multiprocess)")
-    R = _ranks()
     if R % G or G == R:
         pytest.skip(f"{R} ranks do not make several nodes of {G}")
     monkeypatch.setenv(distributed.NODE_SIZE_ENV, str(G))
@@ -58,23 +60,27 @@ def internode(request, monkeypatch):
 
 @pytest.mark.parametrize("layout", ["rank", "expert"])
 @pytest.mark.parametrize("fp8", [False, True, "cast"])
+@over_nodes
 def test_dispatch_matches_reference(internode, layout, fp8):
     intranode.test_dispatch_matches_reference(internode, layout, fp8)
 
 
 @pytest.mark.parametrize("layout,case", intranode.EDGE_CASES)
+@over_nodes
 def test_dispatch_edge_cases(internode, layout, case):
     intranode.test_dispatch_edge_cases(internode, layout, case)
 
 
 @pytest.mark.parametrize("layout", ["rank", "expert"])
 @pytest.mark.parametrize("case", ["T1", "T0", "masked", "overflow"])
+@over_nodes
 def test_dispatch_cast_fp8_edge_cases(internode, layout, case):
     intranode.test_dispatch_cast_fp8_edge_cases(internode, layout, case)
 
 
 @pytest.mark.parametrize("layout", ["rank", "expert"])
 @pytest.mark.parametrize("target", ["node0_only", "last_expert_only"])
+@over_nodes
 def test_a_node_receives_nothing(internode, layout, target):
     """Every token goes to node 0's experts (the other nodes get nothing), or every slot to
     the last expert (one remote expert for all but the last node)."""
@@ -99,6 +105,7 @@ def test_a_node_receives_nothing(internode, layout, target):
 @pytest.mark.parametrize("layout", ["rank", "expert"])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@over_nodes
 def test_combine_matches_reference(internode, layout, weighted, dtype):
     import jax.numpy as jnp
 
@@ -106,20 +113,24 @@ def test_combine_matches_reference(internode, layout, weighted, dtype):
 
 
 @pytest.mark.parametrize("layout", ["rank", "expert"])
+@over_nodes
 def test_combine_after_overflow(internode, layout):
     intranode.test_combine_after_overflow(internode, layout)
 
 
 @pytest.mark.parametrize("layout", ["rank", "expert"])
+@over_nodes
 def test_grads_match_reference(internode, layout):
     intranode.test_grads_match_reference(internode, layout)
 
 
 @pytest.mark.parametrize("layout", ["rank", "expert"])
+@over_nodes
 def test_back_to_back_calls_no_corruption(internode, layout):
     intranode.test_back_to_back_calls_no_corruption(internode, layout)
 
 
+@over_nodes
 def test_rdma_buffer_too_small_is_a_clear_error(internode):
     R = internode
     with pytest.raises(ValueError, match="needs an RDMA buffer of .* num_rdma_bytes>="):
@@ -130,6 +141,7 @@ def test_rdma_buffer_too_small_is_a_clear_error(internode):
             backend="cuda").recv_x, R, x, idx)
 
 
+@over_nodes
 def test_buffer_create_close_does_not_leak(internode):
     R = internode
     live = nvshmem.info()["live_allocations"]
