@@ -64,3 +64,14 @@ def test_rdma_size_hint_covers_dispatch_and_combine():
     assert hint == max(dispatch, combine) == combine
     # header, flags and rows of 2 sources, the send rows of 2 destinations, send flags
     assert combine >= 4096 + 2 * 4096 * 7168 * 4 * 2
+
+
+def test_chunk_tokens_is_the_most_that_fits():
+    rows = [2048, 32, 32]
+    whole = internode.rail_bytes(2, 256, rows, False)
+    assert internode.chunk_tokens(2, 256, rows, False, whole) == 256
+    for region in (1 << 20, 300_000, 20_000):
+        c = internode.chunk_tokens(2, 256, rows, False, region)
+        assert internode.rail_bytes(2, c, rows, False) <= region
+        assert internode.rail_bytes(2, c + 1, rows, False) > region
+    assert internode.chunk_tokens(2, 256, rows, False, 4096) == 0  # the header alone

@@ -20,6 +20,7 @@ import pytest
 
 import jax_ep
 from jax_ep import distributed, nvshmem
+from jax_ep.backends.cuda import internode as cuda_internode
 from tests import harness as h
 from tests.gpu import test_intranode as intranode
 from tests.multiprocess import RankFailure, launch
@@ -131,14 +132,26 @@ def test_back_to_back_calls_no_corruption(internode, layout):
 
 
 @over_nodes
-def test_rdma_buffer_too_small_is_a_clear_error(internode):
+def test_a_small_rdma_buffer_runs_in_chunks(internode, monkeypatch):
+    """A region smaller than the batch needs: the exchanges run chunk after chunk through
+    it (results unchanged); one too small for 64 chunks is refused at trace time."""
     R = internode
-    with pytest.raises(ValueError, match="needs an RDMA buffer of .* num_rdma_bytes>="):
-        x = np.zeros((R, 8192, 4096), np.float32)  # 8192 rows of 16 KiB: over 192 MiB
-        idx = np.zeros((R, 8192, 2), np.int32)
-        h.run(lambda a, i: jax_ep.dispatch(
-            a, i, None, num_experts=2 * R, axis_name=h.AXIS, buffer=h.buffer(R),
-            backend="cuda").recv_x, R, x, idx)
+    N = R // h.buffer(R).node_size
+    with h.new_buffer(R, num_nvl_bytes=32 << 20, num_rdma_bytes=1 << 20) as small:
+        chunk = cuda_internode.chunk_tokens(N, 256, [2048, 32, 32], False, small.num_rdma_bytes)
+        assert 0 < chunk < 256
+        intranode.compare_dispatch(R, 256, 1024, 8, 64, layout="expert", tag="chunked",
+                                   buf=small)
+        monkeypatch.setattr(h, "buffer", lambda num_ranks: small)
+        intranode.test_combine_matches_reference(R, "rank", True, np.float32)
+    with h.new_buffer(R, num_nvl_bytes=32 << 20, num_rdma_bytes=16 << 10) as tiny:
+        x = np.zeros((R, 4096, 1024), np.float32)
+        idx = np.zeros((R, 4096, 2), np.int32)
+        with pytest.raises(ValueError, match="need an RDMA buffer of at least .* "
+                                             "num_rdma_bytes>="):
+            h.run(lambda a, i: jax_ep.dispatch(
+                a, i, None, num_experts=2 * R, axis_name=h.AXIS, buffer=tiny,
+                backend="cuda").recv_x, R, x, idx)
 
 
 @over_nodes

@@ -35,6 +35,7 @@ _DISPATCH, _COMBINE, _CACHED_DISPATCH = 0, 1, 2
 rdma_bytes = {}
 
 RAIL_HEADER_BYTES = 4096  # cuda/internode/rail.h kRailDataOffset
+MAX_CHUNKS = 64  # rail exchanges per op when the region is smaller than the batch needs
 
 
 def spans_nodes(cfg: DispatchConfig) -> bool:
@@ -66,15 +67,21 @@ def rdma_bytes_hint(num_tokens: int, hidden: int, num_nodes: int, dtype_bytes: i
     return max(dispatch, combine)
 
 
-def _check_rdma(cfg: DispatchConfig, op: str, row_bytes, per_node_rows: bool) -> None:
-    N = cfg.num_ranks // cfg.node_size
-    need = rail_bytes(N, cfg.num_tokens, row_bytes, per_node_rows)
-    have = rdma_bytes.get(cfg.buffer_id)
-    if have is not None and need > have:
-        raise ValueError(
-            f"{op}: over {N} nodes this call needs an RDMA buffer of {need} bytes per GPU but "
-            f"the Buffer has {have}; create it with num_rdma_bytes>={need} (see "
-            "Buffer.get_rdma_size_hint)")
+def chunk_tokens(num_nodes: int, num_tokens: int, row_bytes, per_node_rows: bool,
+                 region_bytes: int) -> int:
+    """Tokens per rail exchange: all ``num_tokens`` when they fit in the RDMA region, else
+    the most that do (the exchange then runs chunk after chunk through the same region,
+    each waiting for the receivers' acknowledgement of the previous); 0 if none fits."""
+    if rail_bytes(num_nodes, num_tokens, row_bytes, per_node_rows) <= region_bytes:
+        return num_tokens
+    lo, hi = 0, num_tokens  # rail_bytes grows with the tokens
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if rail_bytes(num_nodes, mid, row_bytes, per_node_rows) <= region_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def _row_bytes(a: jax.Array, lead: int = 1) -> int:
@@ -84,18 +91,39 @@ def _row_bytes(a: jax.Array, lead: int = 1) -> int:
     return size * jnp.dtype(a.dtype).itemsize
 
 
-def _rail_exchange(send_mask, arrays, cfg: DispatchConfig, op: int, per_node_rows: bool):
+def _rail_exchange(send_mask, arrays, cfg: DispatchConfig, op: int, per_node_rows: bool,
+                   what: str):
     """Row t (or (m, t) with ``per_node_rows``) of every array to each node m with
     ``send_mask[m, t]``; returns ``(recv_flags [N, T], rows [N, T, ...] per array)``, zeros
-    where nothing came."""
+    where nothing came. Runs in chunks of tokens where the RDMA region is smaller than the
+    whole batch needs."""
     N, T = send_mask.shape
     lead = 2 if per_node_rows else 1
-    results = [jax.ShapeDtypeStruct((N, T), I32)] + [
-        jax.ShapeDtypeStruct((N, T) + a.shape[lead:], a.dtype) for a in arrays]
-    outs = call("jax_ep_rail_exchange", results, send_mask.astype(I32), *arrays,
-                axis_name=cfg.axis_name, side_stream=cfg.side_stream,
-                buffer_id=i64(cfg.buffer_id), num_sms=i64(cfg.num_sms), op=i64(op))
-    return outs[0], tuple(outs[1:])
+    row_bytes = [_row_bytes(a, lead) for a in arrays]
+    region = rdma_bytes.get(cfg.buffer_id)
+    chunk = T if region is None else chunk_tokens(N, T, row_bytes, per_node_rows, region)
+    if chunk < 1 or -(-T // max(chunk, 1)) > MAX_CHUNKS:
+        need = rail_bytes(N, -(-T // MAX_CHUNKS), row_bytes, per_node_rows)
+        raise ValueError(
+            f"{what}: over {N} nodes these {T} tokens need an RDMA buffer of at least {need} "
+            f"bytes per GPU (in {MAX_CHUNKS} chunks at most) but the Buffer has {region}; "
+            f"create it with num_rdma_bytes>={need} (Buffer.get_rdma_size_hint gives the "
+            "bytes of one exchange of the whole batch)")
+    flags, outs = [], []
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        part = tuple(a[:, t0:t1] if per_node_rows else a[t0:t1] for a in arrays)
+        results = [jax.ShapeDtypeStruct((N, t1 - t0), I32)] + [
+            jax.ShapeDtypeStruct((N, t1 - t0) + a.shape[lead:], a.dtype) for a in part]
+        got = call("jax_ep_rail_exchange", results, send_mask[:, t0:t1].astype(I32), *part,
+                   axis_name=cfg.axis_name, side_stream=cfg.side_stream,
+                   buffer_id=i64(cfg.buffer_id), num_sms=i64(cfg.num_sms), op=i64(op))
+        flags.append(got[0])
+        outs.append(got[1:])
+    if len(flags) == 1:
+        return flags[0], tuple(outs[0])
+    return (jnp.concatenate(flags, axis=1),
+            tuple(jnp.concatenate(parts, axis=1) for parts in zip(*outs)))
 
 
 def _node_config(cfg: DispatchConfig) -> DispatchConfig:
@@ -166,12 +194,11 @@ def dispatch(payload, topk_idx: jax.Array, topk_weights: jax.Array, cfg: Dispatc
     if T == 0:
         return _empty_dispatch(payload, cfg)
     arrays = payload + (topk_idx.astype(I32), topk_weights.astype(F32))
-    _check_rdma(cfg, "dispatch", [_row_bytes(a) for a in arrays], False)
     valid = (topk_idx >= 0) & (topk_idx < E)
     node_of = jnp.where(valid, topk_idx // per_node, -1)
     sent_to_node = jnp.any(node_of[None] == jnp.arange(N, dtype=I32)[:, None, None],
                            axis=2).astype(I32)  # [N, T]
-    recv_flags, recv = _rail_exchange(sent_to_node, arrays, cfg, _DISPATCH, False)
+    recv_flags, recv = _rail_exchange(sent_to_node, arrays, cfg, _DISPATCH, False, "dispatch")
     *hop_payload, hop_idx, hop_w = recv
     my_node = (jax.lax.axis_index(cfg.axis_name) // G).astype(I32)
     here = ((recv_flags[..., None] > 0) & (hop_idx >= 0) & (hop_idx < E) &
@@ -233,8 +260,8 @@ def cached_dispatch(x: jax.Array, handle: InternodeHandleArrays,
     N = cfg.num_ranks // cfg.node_size
     if cfg.num_tokens == 0:
         return varying(jnp.zeros((cfg.capacity,) + x.shape[1:], x.dtype), cfg.axis_name)
-    _check_rdma(cfg, "cached_dispatch", [_row_bytes(x)], False)
-    _, (forwarded,) = _rail_exchange(handle.sent_to_node, (x,), cfg, _CACHED_DISPATCH, False)
+    _, (forwarded,) = _rail_exchange(handle.sent_to_node, (x,), cfg, _CACHED_DISPATCH, False,
+                                     "cached_dispatch")
     node_cfg = _node_config(cfg)
     hops = jnp.stack([normal.cached_dispatch(forwarded[n], _hop(handle.node_hops, n), node_cfg)
                       for n in range(N)])
@@ -249,7 +276,6 @@ def combine(y: jax.Array, weights, handle: InternodeHandleArrays,
     cap, width = cfg.capacity, y.shape[1]
     if cfg.num_tokens == 0:
         return varying(jnp.zeros((0, width), y.dtype), cfg.axis_name)
-    _check_rdma(cfg, "combine", [4 * width], True)
     dest = jnp.where(handle.rows >= 0, handle.rows, N * cap)  # back to the node hops' rows
 
     def to_hops(a):
@@ -262,7 +288,8 @@ def combine(y: jax.Array, weights, handle: InternodeHandleArrays,
     partials = jnp.stack([
         normal.combine(y_hops[n], None if w_hops is None else w_hops[n],
                        _hop(handle.node_hops, n), node_cfg) for n in range(N)])  # [N, T, W]
-    _, (home,) = _rail_exchange(handle.recv_from_node, (partials,), cfg, _COMBINE, True)
+    _, (home,) = _rail_exchange(handle.recv_from_node, (partials,), cfg, _COMBINE, True,
+                                "combine")
     total = home[0]
     for m in range(1, N):
         total = total + home[m]
