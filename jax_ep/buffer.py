@@ -36,7 +36,8 @@ class Buffer:
         7168 at the rank layout's default capacity).
       num_rdma_bytes: EP axis over several nodes only: the NVSHMEM symmetric region per
         GPU that the RDMA hop moves rows through (default: :meth:`get_rdma_size_hint` for
-        4096 tokens of hidden 7168).
+        4096 tokens of hidden 7168). A smaller region than a call needs is used in chunks
+        of tokens (at most 64; fewer bytes, more exchanges).
       backend: ``"auto"`` (CUDA when built and the mesh is on GPUs), ``"cuda"`` or
         ``"reference"``.
       side_stream: CUDA backend: run every exchange through this buffer on a second GPU
