@@ -9,6 +9,13 @@ undefined on the CUDA backend unless ``zero_padding=True`` (always zero when
 differentiated; the reference backend writes zeros). The split forms return a pending
 state from ``*_send`` that ``*_recv`` completes (two custom calls on CUDA), so computation
 can sit in between.
+
+``packed=True`` moves each local expert's rows to ``recv_x[e, 0 : recv_count[e]]`` in
+(source rank, source token) order, zeros after, the layout masked expert kernels (e.g.
+DeepGEMM's masked grouped GEMM) read; ``low_latency_combine`` then takes ``y`` in that
+layout. It is one gather after the exchange (and one before combine's), the same on every
+backend. The default stays per source rank: it needs no pass over the rows and is what the
+kernels write.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from jax_ep.types import LowLatencyConfig, LowLatencyDispatchResult, LowLatencyH
 
 
 def _config(op, x, topk_idx, num_experts, max_tokens_per_rank, axis_name, use_fp8, buffer,
-            backend, zero_padding=False, num_sms=None) -> LowLatencyConfig:
+            backend, zero_padding=False, num_sms=None, packed=False) -> LowLatencyConfig:
     num_ranks = v.axis_size(axis_name, op)
     v.check_array(op, "x", x, 2, v.FLOAT_DTYPES)
     v.check_hidden(op, "x", x)
@@ -50,7 +57,8 @@ def _config(op, x, topk_idx, num_experts, max_tokens_per_rank, axis_name, use_fp
         num_topk=topk_idx.shape[1], hidden=x.shape[1], use_fp8=bool(use_fp8), backend=resolved,
         buffer_id=getattr(buffer, "buffer_id", None) if uses_buffer else None,
         zero_padding=bool(zero_padding), num_sms=num_sms,
-        side_stream=backends.side_stream(buffer, resolved))
+        side_stream=backends.side_stream(buffer, resolved), packed=v.check_bool(op, "packed",
+                                                                                packed))
     if uses_buffer:
         buffer.check_fits_low_latency(cfg, x.dtype)
     return cfg
@@ -59,7 +67,8 @@ def _config(op, x, topk_idx, num_experts, max_tokens_per_rank, axis_name, use_fp
 def low_latency_dispatch(x: jax.Array, topk_idx: jax.Array, *, num_experts: int,
                          max_tokens_per_rank: int, axis_name: str, use_fp8: bool = False,
                          zero_padding: bool = False, buffer=None, backend: str = "auto",
-                         num_sms: Optional[int] = None) -> LowLatencyDispatchResult:
+                         num_sms: Optional[int] = None,
+                         packed: bool = False) -> LowLatencyDispatchResult:
     """Dispatch for decoding: output ``[E/R, R*max_tokens_per_rank, H]`` whatever the routing.
 
     Args:
@@ -75,6 +84,9 @@ def low_latency_dispatch(x: jax.Array, topk_idx: jax.Array, *, num_experts: int,
       num_sms: thread blocks of the CUDA kernels of this dispatch and of its combine
         (default 128: nearly every SM of an H100/H200). Lower it to leave SMs to
         work that runs beside the exchange, or when several ranks share one GPU.
+      packed: each local expert's rows at ``recv_x[e, :recv_count[e]]`` in (source rank,
+        source token) order and zeros after (default: per source rank at ``s*M``); the
+        combine of this handle then takes ``y`` in the packed layout too.
 
     Returns :class:`LowLatencyDispatchResult` (``recv_x``, ``recv_count [E/R]``, ``handle``).
 
@@ -86,10 +98,49 @@ def low_latency_dispatch(x: jax.Array, topk_idx: jax.Array, *, num_experts: int,
         out = jax_ep.low_latency_combine(y, idx, weights, r.handle)
     """
     cfg = _config("low_latency_dispatch", x, topk_idx, num_experts, max_tokens_per_rank,
-                  axis_name, use_fp8, buffer, backend, zero_padding, num_sms)
+                  axis_name, use_fp8, buffer, backend, zero_padding, num_sms, packed)
     recv_x, recv_count, harr = _ll_dispatch(cfg, x, topk_idx)
     invalid = v.num_invalid_ids(topk_idx, cfg.num_experts)
-    return LowLatencyDispatchResult(recv_x, recv_count, LowLatencyHandle(harr, cfg, invalid))
+    return LowLatencyDispatchResult(_packed_if_asked(cfg, recv_x, harr), recv_count,
+                                    LowLatencyHandle(harr, cfg, invalid))
+
+
+def _packed_rows(handle_arrays, cfg: LowLatencyConfig):
+    """For each packed row ``[e, j]``: its row in the per-source layout, -1 past the count."""
+    counts = handle_arrays.recv_count_per_rank  # [L, R]
+    M = cfg.max_tokens_per_rank
+    start = jnp.cumsum(counts, axis=1) - counts  # packed row of each source's first row
+    j = jnp.arange(cfg.num_ranks * M, dtype=jnp.int32)
+    src = jnp.sum(j[None, :, None] >= start[:, None, :], axis=2).astype(jnp.int32) - 1
+    src = jnp.maximum(src, 0)  # [L, R*M]: the last source starting at or before j
+    first = jnp.take_along_axis(start, src, axis=1)
+    live = j[None, :] < jnp.sum(counts, axis=1, keepdims=True)
+    return jnp.where(live, src * M + j[None, :] - first, -1)
+
+
+def _move_rows(a: jax.Array, rows: jax.Array) -> jax.Array:
+    """``out[e, j] = a[e, rows[e, j]]``, zeros where ``rows`` is -1."""
+    got = jnp.take_along_axis(a, jnp.maximum(rows, 0)[:, :, None], axis=1)
+    return jnp.where((rows >= 0)[:, :, None], got, jnp.zeros((), a.dtype))
+
+
+def _packed_if_asked(cfg: LowLatencyConfig, recv_x, handle_arrays):
+    if not cfg.packed:
+        return recv_x
+    rows = _packed_rows(handle_arrays, cfg)
+    return jax.tree.map(lambda a: _move_rows(a, rows), recv_x)
+
+
+def _unpacked_if_asked(cfg: LowLatencyConfig, y, handle_arrays):
+    """Combine's ``y`` back in the per-source layout (rows past the counts: zeros)."""
+    if not cfg.packed:
+        return y
+    rows = _packed_rows(handle_arrays, cfg)  # packed -> per-source, inverted below
+    L, n = rows.shape
+    inverse = jnp.full((L, n), -1, jnp.int32).at[
+        jnp.arange(L)[:, None], jnp.where(rows >= 0, rows, n)].set(
+        jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (L, n)), mode="drop")
+    return _move_rows(y, inverse)
 
 
 def _zero_padded(cfg: LowLatencyConfig) -> LowLatencyConfig:
@@ -164,6 +215,7 @@ def low_latency_combine(y: jax.Array, topk_idx: jax.Array, topk_weights: jax.Arr
         out = jax_ep.low_latency_combine(expert_out, topk_idx, topk_weights, r.handle)
     """
     cfg = _check_combine_args("low_latency_combine", y, topk_idx, topk_weights, handle)
+    y = _unpacked_if_asked(cfg, y, handle.arrays)
     return _ll_combine(cfg, y, topk_idx, v.weights_f32(topk_weights), handle.arrays)
 
 
@@ -243,7 +295,8 @@ class LowLatencyCombinePending(_Handle):
 def low_latency_dispatch_send(x, topk_idx, *, num_experts: int, max_tokens_per_rank: int,
                               axis_name: str, use_fp8: bool = False, zero_padding: bool = False,
                               buffer=None, backend: str = "auto",
-                              num_sms: Optional[int] = None) -> LowLatencyDispatchPending:
+                              num_sms: Optional[int] = None,
+                              packed: bool = False) -> LowLatencyDispatchPending:
     """First half of :func:`low_latency_dispatch`: issues the sends and returns at once.
 
     Put independent computation between this and :func:`low_latency_dispatch_recv`;
@@ -257,7 +310,7 @@ def low_latency_dispatch_send(x, topk_idx, *, num_experts: int, max_tokens_per_r
         r = jax_ep.low_latency_dispatch_recv(pending)
     """
     cfg = _config("low_latency_dispatch_send", x, topk_idx, num_experts, max_tokens_per_rank,
-                  axis_name, use_fp8, buffer, backend, zero_padding, num_sms)
+                  axis_name, use_fp8, buffer, backend, zero_padding, num_sms, packed)
     sent = backends.get(cfg.backend).ll_dispatch_send(*_no_grad(x, topk_idx), cfg)
     return LowLatencyDispatchPending((x, topk_idx, sent), cfg)
 
@@ -270,7 +323,8 @@ def low_latency_dispatch_recv(pending: LowLatencyDispatchPending) -> LowLatencyD
     cfg = pending.config
     recv_x, recv_count, harr = _ll_dispatch_recv(cfg, *pending.arrays)
     invalid = v.num_invalid_ids(pending.arrays[1], cfg.num_experts)
-    return LowLatencyDispatchResult(recv_x, recv_count, LowLatencyHandle(harr, cfg, invalid))
+    return LowLatencyDispatchResult(_packed_if_asked(cfg, recv_x, harr), recv_count,
+                                    LowLatencyHandle(harr, cfg, invalid))
 
 
 def _dispatch_recv_call(cfg, x, sent):
@@ -299,6 +353,7 @@ _ll_dispatch_recv.defvjp(_ll_dispatch_recv_fwd, _ll_dispatch_recv_bwd)
 def low_latency_combine_send(y, topk_idx, topk_weights, handle) -> LowLatencyCombinePending:
     """First half of :func:`low_latency_combine`; see :func:`low_latency_dispatch_send`."""
     cfg = _check_combine_args("low_latency_combine_send", y, topk_idx, topk_weights, handle)
+    y = _unpacked_if_asked(cfg, y, handle.arrays)
     topk_weights = v.weights_f32(topk_weights)
     sent = backends.get(cfg.backend).ll_combine_send(*_no_grad(y, handle.arrays), cfg)
     return LowLatencyCombinePending((y, topk_idx, topk_weights, handle.arrays, sent), cfg)

@@ -68,6 +68,9 @@ class LowLatencyConfig:
     # default, nearly every SM of an H100/H200).
     num_sms: Optional[int] = None
     side_stream: bool = False  # CUDA: run on a stream beside XLA's compute stream (the Buffer's)
+    # recv_x packed per expert: rows [0, recv_count[e]) in (source rank, token) order, zeros
+    # after (low_latency_dispatch(packed=True)); combine's y then comes in the same layout.
+    packed: bool = False
 
     @property
     def num_local_experts(self) -> int:
@@ -204,7 +207,9 @@ class LowLatencyDispatchResult(NamedTuple):
     Rows of expert e from source rank s sit at ``[e, s*M : s*M + n]`` in source
     token order (n = ``handle.arrays.recv_count_per_rank[e, s]``). Other rows are
     undefined on the CUDA backend unless ``zero_padding=True`` or the dispatch is
-    differentiated (then zero); the reference backend always writes zeros.
+    differentiated (then zero); the reference backend always writes zeros. With
+    ``packed=True`` expert e's rows sit at ``[e, 0 : recv_count[e]]`` instead, in (source
+    rank, source token) order, and every row after them is zero.
     num_invalid_ids (a property, kept on the handle) ``[]`` int32: slots of ``topk_idx``
     outside ``[-1, E)`` (ignored; :func:`jax_ep.check` reports them)."""
 

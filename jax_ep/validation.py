@@ -7,6 +7,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 VECTOR_BYTES = 16  # kernels move rows in 16-byte vectors
@@ -89,6 +90,13 @@ def check_positive_int(op: str, name: str, value, minimum: int = 1) -> int:
     if n is None or n < minimum:
         raise ValueError(f"{op}: {name} must be an int >= {minimum}, got {value!r}")
     return n
+
+
+def check_bool(op: str, name: str, value) -> bool:
+    """Returns ``value`` when it is True or False (NumPy bools too); a clear error otherwise."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise ValueError(f"{op}: {name} must be True or False, got {value!r}")
 
 
 def weights_f32(weights):
