@@ -6,7 +6,11 @@ shapes: ~26k rows over 32 or 64 local experts, H=7168, F=2048.
 Useful TFLOP/s count real rows only: 2*rows*H*F per forward, three times that per
 forward+backward. Timing: medians of jitted calls (bench/timing.py).
 
-    python3 bench/grouped_matmul.py --out DIR
+``--decode`` adds the low-latency layout at decode shapes: jax_ep.masked_grouped_matmul
+over packed rows (``[L, S, H]``, a few live rows per expert) beside the dense batched
+einsum over all ``S`` rows that the decode layer runs today.
+
+    python3 bench/grouped_matmul.py --out DIR [--decode]
 """
 
 from __future__ import annotations
@@ -78,6 +82,38 @@ def case(rng, experts, rows, H, F, capacity_factor, reps, ragged_reps):
     return out
 
 
+def decode_case(rng, experts, slots, live, H, F, reps):
+    """Masked (packed low-latency) layout: ``live`` rows on average per expert of ``slots``."""
+    bf = jnp.bfloat16
+    counts = np.minimum(rng.poisson(live, experts), slots).astype(np.int32)
+    x = jnp.asarray(rng.standard_normal((experts, slots, H)) * 0.5, bf)
+    w = jnp.asarray(rng.standard_normal((experts, H, F)) / np.sqrt(H), bf)
+    dy = jnp.asarray(rng.standard_normal((experts, slots, F)), bf)
+    c = jnp.asarray(counts)
+
+    def masked(x, w):
+        return jax_ep.masked_grouped_matmul(x, w, c, backend="cuda")
+
+    def dense(x, w):
+        return jnp.einsum("ech,ehf->ecf", x, w, preferred_element_type=jnp.float32).astype(bf)
+
+    def fwd_bwd(f):
+        def g(x, w):
+            y, vjp = jax.vjp(f, x, w)
+            return y, vjp(dy)
+        return jax.jit(g)
+
+    rows = int(counts.sum())
+    out = {"experts": experts, "slots": slots, "live_rows": rows, "hidden": H, "ffn": F}
+    for name, f in (("jax_ep_masked", masked), ("dense_batched", dense)):
+        t_f = timed(jax.jit(f), (x, w), reps)
+        t_fb = timed(fwd_bwd(f), (x, w), reps)
+        out[name] = {"fwd_ms": t_f * 1e3, "fwd_bwd_ms": t_fb * 1e3}
+    for k in ("fwd_ms", "fwd_bwd_ms"):
+        out[f"{k}_ratio_dense_over_masked"] = out["dense_batched"][k] / out["jax_ep_masked"][k]
+    return out
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None, help="folder for grouped_matmul-<N>x<GPU>.json")
@@ -88,6 +124,8 @@ def main():
     p.add_argument("--capacity-factor", type=float, default=1.25)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--ragged-reps", type=int, default=3)
+    p.add_argument("--decode", action="store_true",
+                   help="also the masked layout at decode shapes (E=256 at EP8 and EP1, M=128)")
     a = p.parse_args()
     dev = jax.devices()[0]
     rng = np.random.default_rng(0)
@@ -102,6 +140,14 @@ def main():
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": "python3 bench/grouped_matmul.py " + " ".join(sys.argv[1:]),
               "commit": commit, "jax": jax.__version__, "cases": cases}
+    if a.decode:  # (local experts, R*M slots, live rows per expert ~ R*T*K/E)
+        result["decode_cases"] = [decode_case(rng, L, S, live, a.hidden, a.ffn, a.reps)
+                                  for L, S, live in ((32, 1024, 32), (256, 128, 4))]
+        for c in result["decode_cases"]:
+            print(f"decode L={c['experts']} S={c['slots']} live={c['live_rows']}: masked fwd "
+                  f"{c['jax_ep_masked']['fwd_ms']:.2f} ms, dense {c['dense_batched']['fwd_ms']:.2f}"
+                  f" ms ({c['fwd_ms_ratio_dense_over_masked']:.2f}x); fwd+bwd "
+                  f"{c['fwd_bwd_ms_ratio_dense_over_masked']:.2f}x", flush=True)
     for c in cases:
         print(f"E={c['experts']} rows={c['rows']} cap={c['capacity']}: "
               + "; ".join(f"{n} fwd {c[n]['fwd_ms']:.2f} ms ({c[n]['fwd_useful_tflops']:.0f} TF/s) "

@@ -9,7 +9,7 @@ from jax_ep import fp8
 from jax_ep._native import cuda_available, cuda_status
 from jax_ep.buffer import Buffer
 from jax_ep.check import CapacityError, ExpertIdError, check
-from jax_ep.grouped_matmul import grouped_matmul
+from jax_ep.grouped_matmul import grouped_matmul, masked_grouped_matmul
 from jax_ep.low_latency import (
     LowLatencyCombinePending,
     LowLatencyDispatchPending,
@@ -39,5 +39,5 @@ __all__ = [
     "LowLatencyHandle", "check", "combine", "cuda_available", "default_capacity", "dispatch",
     "fp8", "get_dispatch_layout", "grouped_matmul", "low_latency_combine",
     "low_latency_combine_recv", "low_latency_combine_send", "low_latency_dispatch",
-    "low_latency_dispatch_recv", "low_latency_dispatch_send", "moe",
+    "low_latency_dispatch_recv", "low_latency_dispatch_send", "masked_grouped_matmul", "moe",
 ]

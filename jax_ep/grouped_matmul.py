@@ -55,6 +55,61 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
     return _cuda(x, w, group_sizes)
 
 
+def masked_grouped_matmul(x: jax.Array, w: jax.Array, counts: jax.Array, *,
+                          backend: str = "auto") -> jax.Array:
+    """The masked layout: ``out[g, j] = x[g, j] @ w[g]`` for ``j < counts[g]``, zeros after.
+
+    The layout of ``jax_ep.low_latency_dispatch(..., packed=True)`` (each expert's rows
+    first in its block of ``S`` rows, ``recv_count`` of them) and of DeepGEMM's masked
+    grouped GEMM. The live rows are gathered into the contiguous layout, multiplied by
+    :func:`grouped_matmul` (the CUTLASS kernel on Hopper GPUs: it reads the sizes on the
+    device and computes only live rows; ``jax.lax.ragged_dot`` elsewhere) and moved back;
+    rows past the counts are never read, so they may hold anything.
+
+    Args:
+      x: ``[G, S, K]``; w: ``[G, K, N]`` (same dtype); counts: ``[G]`` integers in
+        ``[0, S]`` (traced counts past ``S`` are clamped to it).
+
+    Returns ``[G, S, N]`` in ``x.dtype``. Differentiable in ``x`` and ``w``.
+
+    Example::
+
+        r = jax_ep.low_latency_dispatch(x, idx, num_experts=E, max_tokens_per_rank=M,
+                                        axis_name="ep", packed=True)
+        h = jax_ep.masked_grouped_matmul(r.recv_x, w_up, r.recv_count)  # [E/R, R*M, F]
+    """
+    op = "masked_grouped_matmul"
+    v.check_array(op, "x", x, 3, v.FLOAT_DTYPES)
+    v.check_array(op, "w", w, 3, v.FLOAT_DTYPES)
+    G, S, K = x.shape
+    if w.shape[0] != G:
+        raise ValueError(f"{op}: x holds {G} groups ([G, S, K] = {tuple(x.shape)}) but w has "
+                         f"{w.shape[0]} matrices ([G, K, N] = {tuple(w.shape)})")
+    if hasattr(counts, "shape") and not isinstance(counts, jax.core.Tracer):
+        c = np.asarray(counts)
+        if c.shape == (G,) and np.issubdtype(c.dtype, np.integer) and (
+                (c < 0).any() or (c > S).any()):
+            raise ValueError(f"{op}: counts must lie in [0, S={S}], got {c.tolist()}")
+    _check(x.reshape(G * S, K), w, counts)
+    if G * S == 0:
+        return jnp.zeros((G, S, w.shape[2]), x.dtype)
+    counts = jnp.minimum(jnp.asarray(counts).astype(jnp.int32), S)
+    ends = jnp.cumsum(counts)
+    starts = ends - counts
+    flat = x.reshape(G * S, K)
+    # contiguous row c: group searchsorted(ends, c), its (c - start)-th live row
+    c = jnp.arange(G * S, dtype=jnp.int32)
+    group = jnp.minimum(jnp.searchsorted(ends, c, side="right"), G - 1).astype(jnp.int32)
+    live = c < ends[-1]
+    rows = jnp.where(live, group * S + c - starts[group], 0)
+    contiguous = jnp.where(live[:, None], flat[rows], jnp.zeros((), x.dtype))
+    y = grouped_matmul(contiguous, w, counts, backend=backend)  # [G*S, N], zeros past ends
+    j = jnp.arange(S, dtype=jnp.int32)
+    mine = j[None, :] < counts[:, None]  # [G, S]
+    back = jnp.where(mine, starts[:, None] + j[None, :], 0)
+    return jnp.where(mine[..., None], y[back], jnp.zeros((), y.dtype))
+
+
 def _check(x, w, group_sizes) -> None:
     v.check_array(OP, "x", x, 2, v.FLOAT_DTYPES)
     v.check_array(OP, "w", w, 3, v.FLOAT_DTYPES)
