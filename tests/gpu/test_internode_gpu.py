@@ -180,3 +180,10 @@ def test_a_dying_rank_makes_the_others_time_out_with_a_message():
     assert "internode dispatch timed out on PE" in text, text[-3000:]
     assert "signal" in text and "want >=" in text
     assert time.monotonic() - t0 < 200
+
+
+def test_the_python_rail_layout_matches_the_extension():
+    """internode.rail_bytes mirrors cuda/internode/rail.h; its constants come from there."""
+    ext = nvshmem._require()
+    assert ext.rail_data_offset == cuda_internode.RAIL_HEADER_BYTES
+    assert ext.max_nodes >= 2
