@@ -20,9 +20,11 @@ variables):
         --num-processes $SLURM_NTASKS --process-id $SLURM_PROCID \\
         --local-device $SLURM_LOCALID --data $SLURM_NNODES'
 
-The EP axis must stay inside one node (the internode kernels are not written yet): with
-the CUDA backend, num_processes / --data must not exceed the GPUs of a node. The data axis
-may span nodes.
+The EP axis may span nodes (the internode path: NVSHMEM between nodes, NVLink inside them;
+one process per GPU), and so may the data axis. On one machine, --node-size N cuts each EP
+group into logical nodes of N ranks (JAX_EP_NODE_SIZE), so the internode path runs there
+too (its "RDMA" hop over P2P), and combine sums node by node on every backend:
+    python examples/multiprocess_dispatch.py --num-processes 4 --node-size 2
 """
 
 from __future__ import annotations
@@ -86,6 +88,9 @@ def run_rank(args) -> None:
     # Row d of the mesh is EP group d: consecutive devices, so consecutive processes (with
     # srun's block placement: the GPUs of one node when EP divides the GPUs per node).
     mesh = Mesh(np.array(devices).reshape(D, EP), ("data", "ep"))
+    if args.node_size:  # logical nodes: read when the Buffer is created
+        from jax_ep import distributed
+        os.environ[distributed.NODE_SIZE_ENV] = str(args.node_size)
     # Collective: every process creates its Buffers in the same order (and closes them).
     # One Buffer serves every EP group of the mesh (one communication group per data row).
     try:
@@ -131,7 +136,8 @@ def run_rank(args) -> None:
     line = (f"process {me}/{jax.process_count()} (data row {row}/{D}, ep rank {rank}/{EP}) "
             f"on {jax.local_devices()[0]}: backend={buffer.backend}, "
             f"received {int(local(rows).sum())} rows, "
-            f"max |jax_ep - reference| = {err:.2e}, max |jax_ep - numpy| = {err_np:.2e}\n")
+            f"max |jax_ep - reference| = {err:.2e}, max |jax_ep - numpy| = {err_np:.2e}, "
+            f"{EP // buffer.node_size} node(s) of {buffer.node_size}\n")
     os.write(1, line.encode())  # one write: lines of concurrent processes do not interleave
     buffer.close()
     jax.distributed.shutdown()
@@ -156,6 +162,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", type=int, default=1,
                     help="data-parallel rows of the (data, ep) mesh; each row is one EP "
                          "group of num_processes/data processes (default 1)")
+    ap.add_argument("--node-size", type=int, default=0,
+                    help="ranks per logical node (JAX_EP_NODE_SIZE; default: the hosts): "
+                         "less than the EP size makes the EP axis span nodes")
     ap.add_argument("--tokens", type=int, default=64, help="tokens per device")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--top-k", type=int, default=4)
@@ -169,6 +178,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.data < 1 or args.num_processes % args.data:
         ap.error(f"--data {args.data} must divide --num-processes {args.num_processes}")
+    ep = args.num_processes // args.data
+    if args.node_size < 0 or (args.node_size and ep % args.node_size):
+        ap.error(f"--node-size {args.node_size} must divide the EP size {ep} "
+                 "(--num-processes / --data)")
     if args.platform == "auto":
         import shutil
         args.platform = "gpu" if shutil.which("nvidia-smi") and \

@@ -73,6 +73,21 @@ def test_data_by_ep_mesh_every_process_matches_reference_and_numpy(backend):
         assert float(err_ref) <= 1e-5 and float(err_np) <= 1e-4
 
 
+def test_logical_nodes_sum_node_by_node_and_match_reference_and_numpy():
+    """--node-size 2: 4 ranks as 2 nodes of 2 (the internode path's topology; on CPU the
+    reference backend, whose combine then sums node by node)."""
+    proc = _run("--num-processes", "4", "--node-size", "2", "--backend", "reference",
+                "--platform", "cpu", "--tokens", "16", "--hidden", "32")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = _lines(proc.stdout)
+    assert sorted(int(l[0]) for l in lines) == [0, 1, 2, 3], proc.stdout[-3000:]
+    assert proc.stdout.count("2 node(s) of 2") == 4
+    for *_, recv, err_ref, err_np in lines:
+        assert int(recv) > 0 and float(err_ref) <= 1e-5 and float(err_np) <= 1e-4
+    bad = _run("--num-processes", "4", "--node-size", "3", "--platform", "cpu", timeout=60)
+    assert bad.returncode != 0 and "--node-size 3 must divide the EP size 4" in bad.stderr
+
+
 def test_ranks_started_one_by_one_as_a_launcher_would():
     """What an srun line runs: each rank given its id, the job size and the coordinator."""
     with socket.socket() as s:
