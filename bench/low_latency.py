@@ -23,7 +23,13 @@ dispatch costs), and the split forms (send then recv, nothing in between).
 At one rank, or with ranks sharing a GPU (``--processes`` above the GPU count), the times are
 fixed costs: printed as such, with no baseline, ratio or target.
 
+``--node-size G`` (with one process per GPU, ``--processes``) cuts the EP axis into nodes
+of G ranks (``JAX_EP_NODE_SIZE``): the Buffer's low-latency region is NVSHMEM symmetric
+memory and rows bound for another node travel by NVSHMEM puts; the same chains then also
+run on a Buffer inside one NVLink domain, reported beside them (``internode`` rows).
+
 Usage: python bench/low_latency.py [--tokens 128] [--hidden 7168] [--num-sms 128] [--out DIR]
+       python bench/low_latency.py --processes 4 --node-size 2
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import jax_ep  # noqa: E402
+from jax_ep import distributed  # noqa: E402
 import processes  # noqa: E402  (bench/processes.py)
 import trace_summary  # noqa: E402  (bench/trace_summary.py)
 from inputs import deepep_inputs, put_global  # noqa: E402  (bench/inputs.py)
@@ -62,6 +69,9 @@ def main():
                     help="most blocks per LL kernel (one per expert at the default)")
     ap.add_argument("--num-warps", type=int, default=cll.DEFAULT_LL_NUM_WARPS)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--node-size", type=int, default=0,
+                    help="ranks per node (0: every rank in one NVLink domain); with "
+                         "--processes, logical nodes whose rows cross by NVSHMEM puts")
     ap.add_argument("--profile", action="store_true",
                     help="also profile the long chains (kernel durations, gaps, GPU skew: "
                          "bench/trace_summary.py) into --out")
@@ -78,8 +88,16 @@ def main():
         sys.exit("bench/low_latency.py needs CUDA GPUs and the jax_ep CUDA extension")
     R = len(devices)
     mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
-    buf = jax_ep.Buffer(mesh, AXIS, backend="cuda",
-                        num_nvl_bytes=cll.ll_bytes_hint(M, H, E, R))
+    G = a.node_size or R
+    if R % G:
+        sys.exit(f"--node-size {G} must divide the {R} ranks")
+    intranode_buf = None
+    if G < R:
+        intranode_buf = jax_ep.Buffer(mesh, AXIS, backend="cuda",
+                                      num_nvl_bytes=cll.ll_bytes_hint(M, H, E, R))
+        os.environ[distributed.NODE_SIZE_ENV] = str(G)  # the next Buffer spans nodes
+    buf = jax_ep.Buffer(mesh, AXIS, backend="cuda", num_nvl_bytes=cll.ll_bytes_hint(M, H, E, R),
+                        num_rdma_bytes=(16 << 20) if G < R else None)
     cfg_fp8 = LowLatencyConfig(num_experts=E, num_ranks=R, axis_name=AXIS, max_tokens_per_rank=M,
                                num_tokens=T, num_topk=K, hidden=H, use_fp8=True, backend="cuda",
                                buffer_id=buf.buffer_id)
@@ -116,16 +134,16 @@ def main():
             return jnp.stack(keep)[None]
         return smap(body)
 
-    def combine_chain(n, split=False):
+    def combine_chain(n, split=False, cfg=cfg_fp8):
         def body(x, i, w):
             x, i, w = x[0], i[0], w[0]
-            _, _, handle = cll.ll_dispatch(x, i, None, cfg_fp8, **kw)
+            _, _, handle = cll.ll_dispatch(x, i, None, cfg, **kw)
             y = expert_out(x)
             outs = []
             for _ in range(n):
                 if split:
-                    ticket = cll.ll_combine_send(y, handle, cfg_fp8, **kw)
-                    outs.append(cll.ll_combine_recv(ticket, i, w, handle, cfg_fp8, y.dtype, H,
+                    ticket = cll.ll_combine_send(y, handle, cfg, **kw)
+                    outs.append(cll.ll_combine_recv(ticket, i, w, handle, cfg, y.dtype, H,
                                                     **kw))
                     # The next send after this recv: a data dependency through the (tiny)
                     # counts it reads.
@@ -133,17 +151,17 @@ def main():
                     handle = handle._replace(recv_count_per_rank=jnp.where(
                         jnp.isfinite(outs[-1][0, 0]), counts, 0))
                 else:
-                    outs.append(cll.ll_combine(y, i, w, handle, cfg_fp8, **kw))
+                    outs.append(cll.ll_combine(y, i, w, handle, cfg, **kw))
             return jnp.stack([o[0, :8] for o in outs])[None]
         return smap(body)
 
-    def both_chain(n):  # decode steps: each dispatch depends on the previous combine
+    def both_chain(n, cfg=cfg_fp8):  # decode steps: each dispatch depends on the last combine
         def body(x, i, w):
             x, i, w = x[0], i[0], w[0]
             y = expert_out(x)
             for _ in range(n):
-                _, _, handle = cll.ll_dispatch(x, i, None, cfg_fp8, **kw)
-                x = cll.ll_combine(y, i, w, handle, cfg_fp8, **kw)
+                _, _, handle = cll.ll_dispatch(x, i, None, cfg, **kw)
+                x = cll.ll_combine(y, i, w, handle, cfg, **kw)
             return x[:1, :8][None]
         return smap(body)
 
@@ -206,6 +224,18 @@ def main():
                        ("dispatch_fp8_split", split_dispatch_chain),
                        ("combine_bf16_split", lambda n: combine_chain(n, split=True))]:
         extra[name] = round(per_call_us(make, args, n_short, n_long, a.reps), 1)
+    internode = {}
+    if intranode_buf is not None:  # the same chains inside one NVLink domain
+        cfg_intra = dataclasses.replace(cfg_fp8, buffer_id=intranode_buf.buffer_id)
+        for name, make in [("dispatch_fp8", lambda n: dispatch_chain(n, cfg_intra)),
+                           ("combine_bf16", lambda n: combine_chain(n, cfg=cfg_intra)),
+                           ("dispatch_plus_combine", lambda n: both_chain(n, cfg_intra))]:
+            intra = per_call_us(make, args, n_short, n_long, a.reps)
+            internode[name] = dict(node_size=G, num_nodes=R // G,
+                                   internode_us=results[name]["jax_ep_us"],
+                                   intranode_us=round(intra, 1),
+                                   internode_over_intranode=round(
+                                       results[name]["jax_ep_us"] / intra, 3))
     if a.profile:
         tag = "" if jax.process_count() == 1 else f"_p{jax.process_index()}"
         for label, make, match in [("ll_dispatch", dispatch_chain, "dispatch"),
@@ -231,12 +261,15 @@ def main():
                          "with capacity T per peer (FP8 cast by jax_ep.fp8.per_token_cast "
                          "outside the collective in dispatch_plus_combine, none in the "
                          "dispatch-only chain)",
-                  results=results, extra_jax_ep_us=extra)
+                  results=results, extra_jax_ep_us=extra, internode=internode)
     if not lead:
         buf.close()  # collective across the processes
+        if intranode_buf is not None:
+            intranode_buf.close()
         return
     os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, f"low_latency-{device}.json")
+    suffix = f"-{R // G}x{G}nodes" if G < R else ""
+    path = os.path.join(a.out, f"low_latency-{device}{suffix}.json")
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
     print(f"\n{device}, T={T} H={H} K={K} E={E}, LL blocks<={a.num_sms}, {a.num_warps} warps")
@@ -255,8 +288,14 @@ def main():
               + verdict)
     for name, us in extra.items():
         print(f"{name:<24}{us:>11.1f}")
+    for name, r in internode.items():
+        print(f"{name} over {r['num_nodes']} nodes of {r['node_size']}: internode "
+              f"{r['internode_us']} us, one NVLink domain {r['intranode_us']} us "
+              f"({r['internode_over_intranode']}x)")
     print(f"saved {path}")
     buf.close()
+    if intranode_buf is not None:
+        intranode_buf.close()
 
 
 if __name__ == "__main__":

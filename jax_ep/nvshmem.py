@@ -338,3 +338,16 @@ def register_rail(buffer_id: int, ptr: int, num_bytes: int, my_node: int, my_pe:
 def unregister_rail(buffer_id: int) -> None:
     with _lock:
         _require_initialized("unregister_rail").unregister_rail(int(buffer_id))
+
+
+def ll_launchers():
+    """The low-latency kernels' launchers over stores and NVSHMEM puts (a capsule for
+    ``jax_ep._jax_ep_ffi.register_ll_symmetric``)."""
+    return _require().ll_launchers()
+
+
+def peer_pointer(ptr: int, pe: int) -> int:
+    """``nvshmem_ptr``: PE ``pe``'s copy of the symmetric address ``ptr`` as this GPU loads
+    and stores it (NVLink or P2P), or 0 where only NVSHMEM puts reach it."""
+    with _lock:
+        return int(_require_initialized("peer_pointer").peer_pointer(int(ptr), int(pe)))

@@ -13,6 +13,7 @@
 #include "cuda/low_latency/low_latency.h"
 #include "xla_ffi/bindings.h"
 #include "xla_ffi/buffer_registry.h"
+#include "xla_ffi/low_latency_registry.h"
 
 namespace nb = nanobind;
 
@@ -27,6 +28,8 @@ void add_buffer_bindings(nb::module_& m) {
   limits["ll_max_tokens_per_rank"] = kLLMaxTokensPerRank;
   limits["ll_offset"] = int64_t(kLowLatencyOffset);
   limits["ll_data_offset"] = int64_t(kLLDataOffset);
+  limits["ll_halves_offset"] = int64_t(kLLHalvesOffset);
+  limits["ll_max_ranks"] = kLLMaxRanks;
   limits["dup_src_offset"] = int64_t(kDupSrcOffset);
   m.attr("limits") = limits;
   m.def("buffer_bytes_for_rows",
@@ -87,6 +90,30 @@ void add_buffer_bindings(nb::module_& m) {
         unmap_peers(buffer_id);
       },
       nb::arg("buffer_id"), "Multi-process teardown step 1: closes the peers' mappings.");
+  m.def(
+      "register_ll_symmetric",
+      [](int64_t buffer_id, int device, int rank, const std::vector<uint64_t>& regions,
+         const std::vector<int>& pes, int64_t num_bytes, nb::capsule launchers) {
+        std::string err;
+        {
+          nb::gil_scoped_release release;
+          err = register_ll_symmetric(buffer_id, device, rank, regions, pes, size_t(num_bytes),
+                                      static_cast<const LLLaunchers*>(launchers.data()));
+        }
+        if (!err.empty()) throw std::runtime_error(err);
+      },
+      nb::arg("buffer_id"), nb::arg("device"), nb::arg("rank"), nb::arg("regions"),
+      nb::arg("pes"), nb::arg("num_bytes"), nb::arg("launchers"),
+      "EP group over several nodes: registers this GPU's symmetric low-latency region "
+      "(regions[r]: rank r's region as mapped here, 0 across nodes; zeroes the header) and "
+      "the launchers from jax_ep._jax_ep_nvshmem.ll_launchers().");
+  m.def(
+      "unregister_ll_symmetric",
+      [](int64_t buffer_id) {
+        nb::gil_scoped_release release;
+        unregister_ll_symmetric(buffer_id);
+      },
+      nb::arg("buffer_id"), "Forgets a Buffer's symmetric low-latency region (waits for the GPU).");
 }
 
 }  // namespace jax_ep

@@ -4,6 +4,10 @@
 // arguments through bind_common. Sizes come from the buffers' shapes where they give them
 // (recv_x or y: [num_local_experts, num_ranks * max_tokens_per_rank, W]); the attributes
 // carry the rest.
+// Where the ranks live: an EP group inside one node uses the low-latency region of the
+// communication buffer and the NVLink-store kernels; a group over several nodes uses its
+// registered symmetric region and the launchers over stores and NVSHMEM puts
+// (low_latency_registry.h). ll_endpoint picks one per call; the binding is the same.
 // Shapes are static and nothing waits on the host (safe in lax.scan). The handlers are
 // deliberately not marked command-buffer compatible: inside a CUDA graph XLA orders nodes
 // by the buffers it knows, and two low-latency ops with no data dependency could then run
@@ -17,6 +21,7 @@
 #include "cuda/low_latency/low_latency.h"
 #include "xla_ffi/ffi_common.h"
 #include "xla_ffi/handlers.h"
+#include "xla_ffi/low_latency_registry.h"
 
 namespace jax_ep {
 
@@ -114,6 +119,42 @@ constexpr int kLLMaxBlocks = 1024;
 int blocks_of(int64_t num_sms) { return clamp_int(num_sms, 1, kLLMaxBlocks); }
 int threads_of(int64_t num_warps) { return 32 * clamp_int(num_warps, 1, kLLMaxThreads / 32); }
 
+// The ranks of one op's EP group as the kernels reach them, and how to launch.
+struct LLEndpoint {
+  LLPeers peers{};
+  int rank = -1, num_ranks = 0;
+  size_t half_bytes = 0;  // available in each half
+  size_t num_bytes = 0;   // of the buffer (one node) or the symmetric region (several)
+  bool symmetric = false;
+  const LLLaunchers* launchers = nullptr;
+};
+
+const LLLaunchers kNvlinkLaunchers{launch_ll_dispatch, launch_ll_combine};
+
+ffi::ErrorOr<LLEndpoint> ll_endpoint(int64_t buffer_id, int32_t device, const std::string& op) {
+  LLEndpoint ep;
+  if (const LLSymmetricRegion* r = find_ll_symmetric(buffer_id, device)) {
+    ep.peers = r->peers;
+    ep.rank = r->rank;
+    ep.num_ranks = r->num_ranks;
+    ep.num_bytes = r->num_bytes;
+    ep.half_bytes = ll_symmetric_half_bytes(r->num_bytes);
+    ep.symmetric = true;
+    ep.launchers = r->launchers;
+    return ep;
+  }
+  auto s = lookup_buffer(buffer_id, device, op);
+  if (s.has_error()) return ffi::Unexpected(s.error());
+  const BufferState& b = *s.value();
+  for (int r = 0; r < b.num_ranks; ++r) ep.peers.region[r] = b.peers[r] + kLowLatencyOffset;
+  ep.rank = b.rank;
+  ep.num_ranks = b.num_ranks;
+  ep.num_bytes = b.num_bytes;
+  ep.half_bytes = ll_half_bytes_available(b.num_bytes);
+  ep.launchers = &kNvlinkLaunchers;
+  return ep;
+}
+
 // Experts and slots per (expert, source rank) of one op.
 struct LLShape {
   int64_t num_experts, max_tokens;
@@ -150,26 +191,28 @@ ffi::Error check_sizes(const std::string& op, int num_ranks, const LLShape& shap
 // and fills the common fields of `a` (LLDispatchArgs or LLCombineArgs).
 template <typename Args>
 ffi::Error bind_common(cudaStream_t stream, const std::string& op, int32_t device,
-                       const BufferState& s, const LLShape& shape, int num_tokens, int num_topk,
+                       const LLEndpoint& s, const LLShape& shape, int num_tokens, int num_topk,
                        int64_t num_sms, int64_t num_warps, size_t half_needed, Args& a) {
   ffi::Error err = check_sizes(op, s.num_ranks, shape, num_tokens, num_topk);
   if (err.failure()) return err;
-  const size_t half = ll_half_bytes_available(s.num_bytes);
-  if (half_needed > half)
-    return invalid(op, "the communication buffer holds " + std::to_string(s.num_bytes) +
-                           " bytes but this low-latency call needs " +
-                           std::to_string(ll_buffer_bytes(half_needed)) +
+  if (half_needed > s.half_bytes)
+    return invalid(op, std::string(s.symmetric ? "the low-latency region (NVSHMEM) holds "
+                                               : "the communication buffer holds ") +
+                           std::to_string(s.num_bytes) + " bytes but this low-latency call "
+                           "needs " + std::to_string(s.symmetric
+                               ? ll_symmetric_region_bytes(half_needed)
+                               : ll_buffer_bytes(half_needed)) +
                            "; create jax_ep.Buffer(..., num_nvl_bytes=jax_ep.Buffer."
                            "get_low_latency_size_hint(max_tokens_per_rank, hidden, "
                            "num_experts, num_ranks)) or larger");
-  a.peers = peer_bases(s);
+  a.peers = s.peers;
   a.me = s.rank;
   a.num_ranks = s.num_ranks;
   a.num_experts = int(shape.num_experts);
   a.num_tokens = num_tokens;
   a.num_topk = num_topk;
   a.max_tokens = int(shape.max_tokens);
-  a.half_bytes = half;
+  a.half_bytes = s.half_bytes;
   a.num_blocks = blocks_of(num_sms);
   a.num_threads = threads_of(num_warps);
   a.timing = timing_ring(device, stream);
@@ -181,7 +224,7 @@ ffi::Error bind_common(cudaStream_t stream, const std::string& op, int32_t devic
 // bind_common for the dispatch handlers (a.hidden and a.x_type already set): a dispatch
 // half's bytes follow from the rows' stride and the number of ranks.
 ffi::Error bind_dispatch_common(cudaStream_t stream, const std::string& op, int32_t device,
-                                const BufferState& s, const LLShape& shape, int num_tokens,
+                                const LLEndpoint& s, const LLShape& shape, int num_tokens,
                                 int num_topk, int64_t num_sms, int64_t num_warps, bool use_fp8,
                                 LLDispatchArgs& a) {
   const size_t stride = ll_dispatch_row_stride(size_t(a.hidden), elem_bytes(a.x_type), use_fp8);
@@ -296,21 +339,21 @@ ffi::Error LLDispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
   if (err.failure()) return err;
   if (hidden != a.hidden || (!use_fp8 && recv_type != a.x_type))
     return invalid(op, "recv_x must be [L, R*M, H] in x's dtype (or float8_e4m3fn)");
-  auto s = lookup_buffer(attrs.buffer_id, device, op);
+  auto s = ll_endpoint(attrs.buffer_id, device, op);
   if (s.has_error()) return s.error();
   LLShape shape;
   err = shape_of_slots(op, "recv_x", payload.get<ffi::AnyBuffer>(0).value()->dimensions(),
-                       s.value()->num_ranks, &shape);
+                       s.value().num_ranks, &shape);
   if (err.failure()) return err;
   const auto id = topk_idx.dimensions();
-  err = bind_dispatch_common(stream, op, device, *s.value(), shape, int(id[0]), int(id[1]),
+  err = bind_dispatch_common(stream, op, device, s.value(), shape, int(id[0]), int(id[1]),
                              attrs.num_sms, attrs.num_warps, use_fp8, a);
   if (err.failure()) return err;
   err = bind_recv_outputs(op, payload, use_fp8, recv_count, recv_src_token, recv_count_per_rank,
                           a);
   if (err.failure()) return err;
   a.zero_padding = attrs.zero_padding;
-  return check_launch(launch_ll_dispatch(a, kLLBoth, stream), op);
+  return check_launch(s.value().launchers->dispatch(a, kLLBoth, stream), op);
 }
 
 ffi::Error LLDispatchSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
@@ -323,15 +366,15 @@ ffi::Error LLDispatchSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffe
   ffi::Error err = bind_sender(op, x, topk_idx, slot_scale, attrs.has_slot_scale, attrs.use_fp8,
                                send_pos->typed_data(), a);
   if (err.failure()) return err;
-  auto s = lookup_buffer(attrs.buffer_id, device, op);
+  auto s = ll_endpoint(attrs.buffer_id, device, op);
   if (s.has_error()) return s.error();
   const auto id = topk_idx.dimensions();
-  err = bind_dispatch_common(stream, op, device, *s.value(),
+  err = bind_dispatch_common(stream, op, device, s.value(),
                              LLShape{attrs.num_experts, attrs.max_tokens_per_rank}, int(id[0]),
                              int(id[1]), attrs.num_sms, attrs.num_warps, attrs.use_fp8, a);
   if (err.failure()) return err;
   a.ticket = ticket->typed_data();
-  return check_launch(launch_ll_dispatch(a, kLLSend, stream), op);
+  return check_launch(s.value().launchers->dispatch(a, kLLSend, stream), op);
 }
 
 ffi::Error LLDispatchRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32> ticket,
@@ -347,13 +390,13 @@ ffi::Error LLDispatchRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<f
   err = check_row(op, a.hidden, a.x_type, use_fp8);
   if (err.failure()) return err;
   a.use_fp8 = use_fp8;
-  auto s = lookup_buffer(attrs.buffer_id, device, op);
+  auto s = ll_endpoint(attrs.buffer_id, device, op);
   if (s.has_error()) return s.error();
   LLShape shape;
   err = shape_of_slots(op, "recv_x", payload.get<ffi::AnyBuffer>(0).value()->dimensions(),
-                       s.value()->num_ranks, &shape);
+                       s.value().num_ranks, &shape);
   if (err.failure()) return err;
-  err = bind_dispatch_common(stream, op, device, *s.value(), shape, 0, 1, attrs.num_sms,
+  err = bind_dispatch_common(stream, op, device, s.value(), shape, 0, 1, attrs.num_sms,
                              attrs.num_warps, use_fp8, a);
   if (err.failure()) return err;
   err = bind_recv_outputs(op, payload, use_fp8, recv_count, recv_src_token, recv_count_per_rank,
@@ -361,7 +404,7 @@ ffi::Error LLDispatchRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<f
   if (err.failure()) return err;
   a.zero_padding = attrs.zero_padding;
   a.expect_ticket = ticket.typed_data();
-  return check_launch(launch_ll_dispatch(a, kLLRecv, stream), op);
+  return check_launch(s.value().launchers->dispatch(a, kLLRecv, stream), op);
 }
 
 // ------------------------------------------------------------------ combine
@@ -374,7 +417,7 @@ ffi::Error combine_row(const std::string& op, int width, ffi::DataType dtype, El
 }
 
 ffi::Error bind_combine(cudaStream_t stream, const std::string& op, int32_t device,
-                        const BufferState& s, const LLShape& shape, int num_tokens, int num_topk,
+                        const LLEndpoint& s, const LLShape& shape, int num_tokens, int num_topk,
                         int width, ffi::DataType dtype, int64_t num_sms, int64_t num_warps,
                         LLCombineArgs& a) {
   ffi::Error err = combine_row(op, width, dtype, &a.y_type);
@@ -395,13 +438,13 @@ ffi::Error LLCombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
   const std::string op = "low_latency_combine";
   const auto id = topk_idx.dimensions();
   if (id.size() != 2) return invalid(op, "topk_idx must be [T, K]");
-  auto s = lookup_buffer(attrs.buffer_id, device, op);
+  auto s = ll_endpoint(attrs.buffer_id, device, op);
   if (s.has_error()) return s.error();
   LLShape shape;
-  ffi::Error err = shape_of_slots(op, "y", y.dimensions(), s.value()->num_ranks, &shape);
+  ffi::Error err = shape_of_slots(op, "y", y.dimensions(), s.value().num_ranks, &shape);
   if (err.failure()) return err;
   LLCombineArgs a{};
-  err = bind_combine(stream, op, device, *s.value(), shape, int(id[0]), int(id[1]),
+  err = bind_combine(stream, op, device, s.value(), shape, int(id[0]), int(id[1]),
                      int(y.dimensions()[2]), y.element_type(), attrs.num_sms, attrs.num_warps, a);
   if (err.failure()) return err;
   if (out->element_type() != y.element_type() ||
@@ -413,26 +456,26 @@ ffi::Error LLCombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
   a.topk_weights = topk_weights.typed_data();
   a.send_pos = send_pos.typed_data();
   a.out = out->untyped_data();
-  return check_launch(launch_ll_combine(a, kLLBoth, stream), op);
+  return check_launch(s.value().launchers->combine(a, kLLBoth, stream), op);
 }
 
 ffi::Error LLCombineSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
                              ffi::Buffer<ffi::S32> recv_count_per_rank,
                              ffi::Result<ffi::Buffer<ffi::S32>> ticket, LLLaunchAttrs attrs) {
   const std::string op = "low_latency_combine_send";
-  auto s = lookup_buffer(attrs.buffer_id, device, op);
+  auto s = ll_endpoint(attrs.buffer_id, device, op);
   if (s.has_error()) return s.error();
   LLShape shape;
-  ffi::Error err = shape_of_slots(op, "y", y.dimensions(), s.value()->num_ranks, &shape);
+  ffi::Error err = shape_of_slots(op, "y", y.dimensions(), s.value().num_ranks, &shape);
   if (err.failure()) return err;
   LLCombineArgs a{};
-  err = bind_combine(stream, op, device, *s.value(), shape, 0, 1, int(y.dimensions()[2]),
+  err = bind_combine(stream, op, device, s.value(), shape, 0, 1, int(y.dimensions()[2]),
                      y.element_type(), attrs.num_sms, attrs.num_warps, a);
   if (err.failure()) return err;
   a.y = y.untyped_data();
   a.recv_count_per_rank = recv_count_per_rank.typed_data();
   a.ticket = ticket->typed_data();
-  return check_launch(launch_ll_combine(a, kLLSend, stream), op);
+  return check_launch(s.value().launchers->combine(a, kLLSend, stream), op);
 }
 
 ffi::Error LLCombineRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32> ticket,
@@ -444,10 +487,10 @@ ffi::Error LLCombineRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ff
   const auto od = out->dimensions();
   if (id.size() != 2 || od.size() != 2 || od[0] != id[0])
     return invalid(op, "topk_idx must be [T, K] and out [T, W]");
-  auto s = lookup_buffer(attrs.buffer_id, device, op);
+  auto s = ll_endpoint(attrs.buffer_id, device, op);
   if (s.has_error()) return s.error();
   LLCombineArgs a{};
-  ffi::Error err = bind_combine(stream, op, device, *s.value(),
+  ffi::Error err = bind_combine(stream, op, device, s.value(),
                                 LLShape{attrs.num_experts, attrs.max_tokens_per_rank},
                                 int(id[0]), int(id[1]), int(od[1]), out->element_type(),
                                 attrs.num_sms, attrs.num_warps, a);
@@ -457,7 +500,7 @@ ffi::Error LLCombineRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ff
   a.send_pos = send_pos.typed_data();
   a.out = out->untyped_data();
   a.expect_ticket = ticket.typed_data();
-  return check_launch(launch_ll_combine(a, kLLRecv, stream), op);
+  return check_launch(s.value().launchers->combine(a, kLLRecv, stream), op);
 }
 
 }  // namespace

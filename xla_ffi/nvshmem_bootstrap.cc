@@ -12,6 +12,7 @@
 
 #include "cuda/nvshmem/runtime.h"
 #include "cuda/internode/rail.h"
+#include "cuda/low_latency/low_latency.h"
 #include "xla_ffi/rail_handlers.h"
 
 namespace nb = nanobind;
@@ -116,6 +117,17 @@ void register_internode_bindings(nb::module_& m) {
         nb::arg("buffer_id"));
   m.attr("rail_data_offset") = in::kRailDataOffset;
   m.attr("max_nodes") = in::kMaxNodes;
+  m.def("ll_launchers", []() {
+    return nb::capsule(const_cast<jax_ep::LLLaunchers*>(jax_ep::ll_launchers_nvshmem()));
+  }, "The low-latency kernels' launchers over stores and NVSHMEM puts, for "
+     "jax_ep._jax_ep_ffi.register_ll_symmetric.");
+  m.def("peer_pointer", [](uint64_t ptr, int pe) {
+    uintptr_t out = 0;
+    check(jax_ep::nvshmem::peer_pointer(uintptr_t(ptr), pe, &out));
+    return uint64_t(out);
+  }, nb::arg("ptr"), nb::arg("pe"),
+     "nvshmem_ptr: PE `pe`'s copy of the symmetric address `ptr` as this GPU can load and "
+     "store it (0 where only puts reach it).");
 }
 
 NB_MODULE(_jax_ep_nvshmem, m) {

@@ -62,11 +62,15 @@ template <typename V> __device__ __forceinline__ V ld_cg(const V* p) { return __
 
 // ------------------------------------------------------------------ shared helpers
 
-__device__ __forceinline__ LowLatencyHeader* ll_header(char* base) {
-  return reinterpret_cast<LowLatencyHeader*>(base + kLowLatencyOffset);
+__device__ __forceinline__ LowLatencyHeader* ll_header(char* region) {
+  return reinterpret_cast<LowLatencyHeader*>(region);
 }
-__device__ __forceinline__ char* ll_half(char* base, uint64_t op, size_t half_bytes) {
-  return base + kLLDataOffset + size_t(op & 1) * half_bytes;
+__device__ __forceinline__ char* ll_half(char* region, uint64_t op, size_t half_bytes) {
+  return region + kLLHalvesOffset + size_t(op & 1) * half_bytes;
+}
+// Symmetric regions only: the rows this rank puts to other nodes are copied here first.
+__device__ __forceinline__ char* ll_staging(char* region, size_t half_bytes) {
+  return region + kLLHalvesOffset + 2 * half_bytes;
 }
 __device__ __forceinline__ uint64_t flag_value(uint64_t op, int count) {
   return (op << 32) | uint64_t(uint32_t(count));
@@ -74,6 +78,18 @@ __device__ __forceinline__ uint64_t flag_value(uint64_t op, int count) {
 __device__ __forceinline__ uint64_t read_seq(const LowLatencyHeader* h) {
   return *reinterpret_cast<const volatile uint64_t*>(&h->seq);
 }
+__device__ __forceinline__ bool is_remote(const LLPeers& p, int rank) {
+  return ((p.remote >> rank) & 1ull) != 0;
+}
+
+// ------------------------------------------------------------------ transports
+// The kernels are templates over how a row reaches another rank. NvlinkStores: stores
+// through the mapped regions only (one NVLink domain). NvshmemPuts (nvshmem_puts.cuh,
+// compiled into jax_ep_nvshmem only): the same stores inside the node, NVSHMEM puts to the
+// ranks of other nodes (is_remote). Code for puts sits under `if constexpr (Tr::kPuts)`.
+struct NvlinkStores {
+  static constexpr bool kPuts = false;
+};
 
 static __device__ __noinline__ void ll_fail(const char* op, const char* why, int rank, int peer,
                                              int expert, unsigned long long seen,
@@ -85,18 +101,46 @@ static __device__ __noinline__ void ll_fail(const char* op, const char* why, int
 }
 
 // Waits for this op's flag and returns the row count it carries; traps after kTimeoutNs.
-__device__ __forceinline__ int wait_flag(const uint64_t* flag, uint64_t op, const char* name,
-                                         int rank, int peer, int expert) {
-  uint64_t v = ld_acquire_sys(flag);
+// A flag a rank of another node signalled is polled through NVSHMEM, then waited on once
+// more with nvshmem_signal_wait_until, which orders the rows it covers before our loads.
+template <typename Tr>
+__device__ __forceinline__ int wait_flag(uint64_t* flag, uint64_t op, bool remote,
+                                         const char* name, int rank, int peer, int expert) {
+  auto load = [&]() -> uint64_t {
+    if constexpr (Tr::kPuts) {
+      if (remote) return Tr::fetch(flag);
+    }
+    return ld_acquire_sys(flag);
+  };
+  uint64_t v = load();
   if ((v >> 32) < op) {
     const uint64_t start = global_timer_ns();
-    while (((v = ld_acquire_sys(flag)) >> 32) < op) {
+    while (((v = load()) >> 32) < op) {
       if (global_timer_ns() - start > kTimeoutNs)
         ll_fail(name, "timed out waiting for a peer", rank, peer, expert, v >> 32, op);
     }
   }
+  if constexpr (Tr::kPuts) {
+    if (remote) Tr::wait_at_least(flag, op << 32);
+  }
   if ((v >> 32) != op) ll_fail(name, "flag from a later op", rank, peer, expert, v >> 32, op);
   return int(uint32_t(v));
+}
+
+// Sets flag `index` of half `parity` at rank `rank` to `value`, after everything this
+// thread (and, through bar.sync, its block) wrote: a release store through the mapped
+// region, or an NVSHMEM signal at the symmetric address (the puts it covers completed by
+// nvshmem_quiet before).
+template <typename Tr>
+__device__ __forceinline__ void release_flag(const LLPeers& p, int me, int rank, int parity,
+                                             int index, uint64_t value) {
+  if constexpr (Tr::kPuts) {
+    if (is_remote(p, rank)) {
+      Tr::signal(&ll_header(p.region[me])->flags[parity][index], value, p.pe[rank]);
+      return;
+    }
+  }
+  st_release_sys(&ll_header(p.region[rank])->flags[parity][index], value);
 }
 
 // Counter add with acquire-release semantics at GPU scope: releases what the calling

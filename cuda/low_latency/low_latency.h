@@ -1,9 +1,12 @@
 // Low-latency (decode) kernels: host launch API and the layout of the low-latency
-// region of each GPU's communication buffer (plain C++: included by the FFI handlers).
+// region (plain C++: included by the FFI handlers).
 //
-// Region (at kLowLatencyOffset, past everything the normal kernels use):
+// Region (one EP group inside a node: at kLowLatencyOffset of each GPU's communication
+// buffer, past everything the normal kernels use; a group over several nodes: an NVSHMEM
+// symmetric allocation of its own, the same offsets on every PE):
 //   LowLatencyHeader                       op counter, arrival counter, flags, send counters
 //   half 0 | half 1                        receive slots, alternating by op parity
+//   send staging (symmetric region only)   rows bound for other nodes, the puts' source
 // Each half holds either a dispatch's slots or a combine's:
 //   dispatch: rows [R (source rank), M, row], one per (token, destination rank) (a token
 //             crosses NVLink once per rank, whatever its number of experts there), then
@@ -26,6 +29,9 @@
 namespace jax_ep {
 
 constexpr int kLLMaxTokensPerRank = 1024;  // M
+// Ranks of one EP group (a node holds at most kMaxRanks of them; the rest are reached by
+// NVSHMEM puts). The send kernels keep the destination ranks of a token in 64 bits.
+constexpr int kLLMaxRanks = 64;
 // Threads per block the kernels are compiled for: at most 16 warps (the handlers clamp
 // num_warps), so the compiler may use up to 128 registers without spilling.
 constexpr int kLLMaxThreads = 512;
@@ -52,7 +58,9 @@ struct alignas(128) LowLatencyHeader {
 
 // kLLDataOffset is mirrored in FALLBACK_LIMITS (jax_ep/backends/cuda/_ffi.py).
 static_assert(sizeof(LowLatencyHeader) == 20608, "update FALLBACK_LIMITS['ll_data_offset']");
-constexpr size_t kLLDataOffset = kLowLatencyOffset + align_up(sizeof(LowLatencyHeader), 4096);
+// The halves' offset inside a region, and the region's inside a communication buffer.
+constexpr size_t kLLHalvesOffset = align_up(sizeof(LowLatencyHeader), 4096);
+constexpr size_t kLLDataOffset = kLowLatencyOffset + kLLHalvesOffset;
 static_assert(kLowLatencyOffset >= buffer_bytes_for_rows(1 << 20),
               "the low-latency region must start past the normal kernels' region");
 
@@ -82,6 +90,25 @@ constexpr size_t ll_buffer_bytes(size_t half_bytes) {
 constexpr size_t ll_half_bytes_available(size_t num_bytes) {
   return num_bytes <= kLLDataOffset ? 0 : (num_bytes - kLLDataOffset) / 2 / 4096 * 4096;
 }
+// A symmetric region (EP group over several nodes) holds a third block of the halves'
+// size: the staging rows the puts read (NVSHMEM's remote transports read registered memory
+// only, never XLA's buffers or shared memory).
+constexpr size_t ll_symmetric_region_bytes(size_t half_bytes) {
+  return kLLHalvesOffset + 3 * align_up(half_bytes, 4096);
+}
+constexpr size_t ll_symmetric_half_bytes(size_t region_bytes) {
+  return region_bytes <= kLLHalvesOffset ? 0 : (region_bytes - kLLHalvesOffset) / 3 / 4096 * 4096;
+}
+
+// Where the kernels find every rank of the EP group: region[r] is rank r's region as this
+// GPU addresses it (its own and its node's, over NVLink), or nullptr for a rank of another
+// node, which is reached by NVSHMEM puts to PE pe[r] at the symmetric address of this
+// GPU's own region (bit r of `remote`). One NVLink domain: every region is mapped, remote 0.
+struct LLPeers {
+  char* region[kLLMaxRanks];
+  int pe[kLLMaxRanks];
+  uint64_t remote;
+};
 
 // ------------------------------------------------------------------ phase timing
 // Profiling builds only (CMake -DJAX_EP_LL_TIMING=ON defines JAX_EP_LL_TIMING; bench/
@@ -125,12 +152,12 @@ struct LLTimingRecord {
 enum LLPhases : int { kLLSend = 1, kLLRecv = 2, kLLBoth = 3 };
 
 struct LLDispatchArgs {
-  PeerBases peers;
+  LLPeers peers;
   int me, num_ranks, num_experts, num_tokens, num_topk, max_tokens, hidden;
   ElemType x_type;
   bool use_fp8;
   bool zero_padding;  // recv: zero the rows past each (expert, source rank) count
-  size_t half_bytes;  // ll_half_bytes_available(buffer size): same on every rank
+  size_t half_bytes;  // bytes of each half (and of the staging block): same on every rank
   // Sender.
   const void* x;            // [T, H], H * sizeof(x) % 16 == 0
   const int* topk_idx;      // [T, K]
@@ -150,7 +177,7 @@ struct LLDispatchArgs {
 cudaError_t launch_ll_dispatch(const LLDispatchArgs& args, int phases, cudaStream_t stream);
 
 struct LLCombineArgs {
-  PeerBases peers;
+  LLPeers peers;
   int me, num_ranks, num_experts, num_tokens, num_topk, max_tokens, width;
   ElemType y_type;
   size_t half_bytes;
@@ -168,5 +195,17 @@ struct LLCombineArgs {
   LLTimingRecord* timing;         // ring of kLLTimingRing records, or nullptr (timing off)
 };
 cudaError_t launch_ll_combine(const LLCombineArgs& args, int phases, cudaStream_t stream);
+
+// The launch entry points of one transport: NVLink stores (launch_ll_dispatch / _combine
+// above, in _jax_ep_ffi), or stores inside a node and NVSHMEM puts across nodes (compiled
+// into jax_ep_nvshmem, handed to the handlers through register_ll_symmetric).
+using LLDispatchLauncher = cudaError_t (*)(const LLDispatchArgs&, int, cudaStream_t);
+using LLCombineLauncher = cudaError_t (*)(const LLCombineArgs&, int, cudaStream_t);
+struct LLLaunchers {
+  LLDispatchLauncher dispatch;
+  LLCombineLauncher combine;
+};
+// jax_ep_nvshmem only (launch_nvshmem.cu): the launchers over stores and NVSHMEM puts.
+const LLLaunchers* ll_launchers_nvshmem();
 
 }  // namespace jax_ep

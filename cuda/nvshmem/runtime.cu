@@ -167,6 +167,16 @@ std::string symmetric_free(uintptr_t ptr) {
   return "";
 }
 
+std::string peer_pointer(uintptr_t ptr, int pe, uintptr_t* out) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  if (!g_initialized) return not_initialized("peer_pointer");
+  if (pe < 0 || pe >= nvshmem_n_pes())
+    return "jax_ep.nvshmem: peer_pointer: PE " + std::to_string(pe) + " out of range";
+  JAX_EP_CUDA_RETURN("cudaSetDevice", cudaSetDevice(g_device));
+  *out = reinterpret_cast<uintptr_t>(nvshmem_ptr(reinterpret_cast<void*>(ptr), pe));
+  return "";
+}
+
 size_t num_live_allocations() {
   std::lock_guard<std::mutex> lock(g_mu);
   return g_live.size();

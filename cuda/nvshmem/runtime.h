@@ -46,6 +46,8 @@ Info info();
 // nvshmem_malloc / nvshmem_free: collective (every PE, same sizes, same order).
 std::string symmetric_alloc(size_t num_bytes, uintptr_t* ptr_out);
 std::string symmetric_free(uintptr_t ptr);
+// nvshmem_ptr on the host: *out is PE `pe`'s copy of `ptr` mapped here, or 0.
+std::string peer_pointer(uintptr_t ptr, int pe, uintptr_t* out);
 size_t num_live_allocations();
 
 // Collective: each PE puts a pattern of `num_bytes` into the next PE's symmetric buffer

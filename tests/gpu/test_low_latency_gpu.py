@@ -86,6 +86,8 @@ def _routing(rng, R, T, K, E, case="random"):
             idx[:, 0, :] = -1  # a token with no expert at all
     elif case == "one_expert":  # every slot of every token of every rank names expert 5
         idx[:] = 5
+    elif case == "last_expert":  # ... names the last rank's last expert
+        idx[:] = E - 1
     elif case == "all_masked":
         idx[:] = -1
     elif case == "out_of_range":  # ids >= E count as -1

@@ -31,6 +31,8 @@ FALLBACK_LIMITS = {
     "ll_max_tokens_per_rank": 1024,    # kLLMaxTokensPerRank
     "ll_offset": 64 << 20,             # kLowLatencyOffset: start of the low-latency region
     "ll_data_offset": (64 << 20) + 24576,  # kLLDataOffset: past the low-latency header
+    "ll_halves_offset": 24576,         # kLLHalvesOffset: the halves inside a region
+    "ll_max_ranks": 64,                # kLLMaxRanks: one EP group of the low-latency ops
     "dup_src_offset": 61440,           # kDupSrcOffset: start of the expert layout's row table
 }
 

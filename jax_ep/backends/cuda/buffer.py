@@ -11,7 +11,11 @@ per-peer offset).
 The buffer of each GPU holds the normal kernels' counts, flags and published pointers
 (rows move directly between XLA's buffers), then, at ``ll_offset``, the low-latency region
 (``cuda/low_latency/low_latency.h``): a header and two halves of receive slots that
-consecutive low-latency ops alternate between.
+consecutive low-latency ops alternate between. Where the EP axis spans several nodes, the
+low-latency region is an NVSHMEM symmetric allocation of its own instead (the part of
+``num_nvl_bytes`` past ``ll_data_offset`` sizes its halves, plus a third block of that size
+that stages the rows put to other nodes); the ranks of the node reach it over NVLink, the
+others by NVSHMEM puts.
 """
 
 from __future__ import annotations
@@ -159,7 +163,8 @@ def _allocate_internode(buffer, buffer_id: int, groups, node_size: int) -> None:
     if rdma is None:
         rdma = internode.rdma_bytes_hint(4096, 7168, num_nodes)
     rdma = int(rdma)
-    nvshmem.initialize(symmetric_size=max(1 << 30, rdma + (64 << 20)))
+    ll_bytes = _ll_symmetric_bytes(int(buffer.num_nvl_bytes))
+    nvshmem.initialize(symmetric_size=max(1 << 30, rdma + ll_bytes + (64 << 20)))
     nvshmem.register_ffi_targets()
     ptr = nvshmem.symmetric_alloc(rdma)
     me = jax.process_index()
@@ -175,12 +180,69 @@ def _allocate_internode(buffer, buffer_id: int, groups, node_size: int) -> None:
     buffer.num_rdma_bytes = rdma
     buffer.rdma_ptr = ptr
     internode.rdma_bytes[buffer_id] = rdma
+    buffer.ll_symmetric_ptr = None
+    buffer.num_ll_symmetric_bytes = 0
+    if ll_bytes:
+        try:
+            _allocate_ll_symmetric(buffer, buffer_id, groups, row, col, node_size, ll_bytes)
+        except Exception:
+            _free_internode(buffer)
+            raise
+
+
+def _ll_symmetric_bytes(num_nvl_bytes: int) -> int:
+    """Bytes of the symmetric low-latency region that ``num_nvl_bytes`` asks for (0: the
+    Buffer has no low-latency region): the same halves, plus the staging block."""
+    half = _half_available(num_nvl_bytes)
+    return limits()["ll_halves_offset"] + 3 * half if half else 0
+
+
+def _allocate_ll_symmetric(buffer, buffer_id: int, groups, row: int, col: int,
+                           node_size: int, num_bytes: int) -> None:
+    """The low-latency region of an EP group over several nodes (collective): this rank's
+    symmetric allocation, every rank's copy as this GPU reaches it (nvshmem_ptr inside the
+    node, 0 across nodes), registered with the low-latency handlers; then a barrier, so
+    that no rank signals into a region whose header is not cleared yet."""
+    from jax_ep import nvshmem
+
+    ext = extension()
+    ptr = nvshmem.symmetric_alloc(num_bytes)
+    pes = [int(d.process_index) for d in groups[row]]
+    my_node = col // node_size
+    error = ""
+    try:
+        regions = []
+        for r, pe in enumerate(pes):
+            mapped = nvshmem.peer_pointer(ptr, pe) if r // node_size == my_node else 0
+            if r // node_size == my_node and mapped == 0:
+                raise RuntimeError(
+                    f"jax_ep.Buffer: rank {r} is on this rank's node (node_size={node_size}) "
+                    f"but NVSHMEM gives no load/store mapping of its memory (nvshmem_ptr "
+                    f"returned NULL for PE {pe}); the ranks of a node must reach each other "
+                    "over NVLink or PCIe P2P")
+            regions.append(mapped)
+        ext.register_ll_symmetric(buffer_id, int(groups[row, col].local_hardware_id), col,
+                                  regions, pes, num_bytes, nvshmem.ll_launchers())
+    except Exception as err:  # published so that peers fail with it instead of timing out
+        error = str(err)
+    try:
+        _exchange(f"buffer/{buffer_id}/ll_symmetric", error, {})
+    except Exception:
+        ext.unregister_ll_symmetric(buffer_id)
+        nvshmem.symmetric_free(ptr)
+        raise
+    buffer.ll_symmetric_ptr = ptr
+    buffer.num_ll_symmetric_bytes = num_bytes
 
 
 def _free_internode(buffer) -> None:
     from jax_ep import nvshmem
     from jax_ep.backends.cuda import internode
 
+    if getattr(buffer, "ll_symmetric_ptr", None) is not None:
+        extension().unregister_ll_symmetric(int(buffer.buffer_id))
+        nvshmem.symmetric_free(buffer.ll_symmetric_ptr)  # collective, same order everywhere
+        buffer.ll_symmetric_ptr = None
     internode.rdma_bytes.pop(buffer.buffer_id, None)
     nvshmem.unregister_rail(int(buffer.buffer_id))
     nvshmem.symmetric_free(buffer.rdma_ptr)  # collective: every process, same order
@@ -337,12 +399,17 @@ def _half_available(num_bytes: int) -> int:
 
 def check_fits_low_latency(buffer, cfg: LowLatencyConfig, dtype=jnp.bfloat16) -> None:
     """Raises at trace time when a low-latency call of ``cfg`` needs more than ``buffer``."""
-    if getattr(buffer, "rdma_ptr", None) is not None:
-        raise NotImplementedError(
-            f"low_latency_dispatch: this Buffer's EP axis spans {buffer.num_ranks // buffer.node_size}"
-            f" nodes; the low-latency kernels run inside one NVLink domain only for now. Use "
-            "the normal dispatch/combine (they cross nodes), an EP axis inside one node, or "
-            "backend='reference'")
+    if cfg.num_ranks != buffer.num_ranks:
+        raise ValueError(f"low_latency_dispatch: the buffer was made for {buffer.num_ranks} "
+                         f"ranks but the axis {cfg.axis_name!r} has {cfg.num_ranks}")
+    spans_nodes = getattr(buffer, "rdma_ptr", None) is not None
+    if spans_nodes and not getattr(buffer, "ll_symmetric_ptr", None):
+        raise ValueError(
+            "low_latency_dispatch: this Buffer's EP axis spans "
+            f"{buffer.num_ranks // buffer.node_size} nodes and it was created without a "
+            "low-latency region; create it with num_nvl_bytes=jax_ep.Buffer."
+            "get_low_latency_size_hint(max_tokens_per_rank, hidden, num_experts, num_ranks) "
+            "(over several nodes that region is NVSHMEM symmetric memory)")
     E, R, M, H = cfg.num_experts, cfg.num_ranks, cfg.max_tokens_per_rank, cfg.hidden
     b = jnp.dtype(dtype).itemsize
     half = max(_dispatch_half_bytes(E, R, M, H, b, cfg.use_fp8), _combine_half_bytes(E, M, H, b))

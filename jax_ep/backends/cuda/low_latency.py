@@ -1,4 +1,5 @@
-"""CUDA backend, low-latency (decode) ops: XLA FFI custom calls over NVLink peer pointers.
+"""CUDA backend, low-latency (decode) ops: XLA FFI custom calls over NVLink peer pointers
+inside a node and NVSHMEM puts across nodes.
 
 ``ll_dispatch`` and ``ll_combine`` have the signatures and results of
 :mod:`jax_ep.backends.reference` (bitwise the same values, including the
@@ -14,7 +15,9 @@ Receive slots live in the low-latency region of each GPU's communication buffer 
 ``num_nvl_bytes=jax_ep.Buffer.get_low_latency_size_hint(...)``. Consecutive low-latency ops
 alternate between two halves of that region, so on one Buffer every ``*_send`` must be
 followed by its ``*_recv`` before the next ``*_send`` (the kernels trap with a message
-otherwise).
+otherwise). Where the EP axis spans several nodes the same calls run on the Buffer's
+symmetric low-latency region (:mod:`.buffer`): the handlers pick the kernels over NVSHMEM
+puts for it, with the same results.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ def _check(op: str, cfg: LowLatencyConfig, num_tokens: int, num_topk: int) -> in
                          "num_nvl_bytes=jax_ep.Buffer.get_low_latency_size_hint(...))")
     R, E, M = cfg.num_ranks, cfg.num_experts, cfg.max_tokens_per_rank
     lim = limits()
-    max_ranks, max_experts, max_topk = lim["max_ranks"], lim["max_experts"], lim["max_topk"]
+    max_ranks, max_experts, max_topk = lim["ll_max_ranks"], lim["max_experts"], lim["max_topk"]
     max_tokens = lim["ll_max_tokens_per_rank"]
     if R > max_ranks:
         raise ValueError(f"{op}: the CUDA kernels support up to {max_ranks} ranks, got {R}")
