@@ -113,6 +113,177 @@ def test_buffer_side_stream_is_checked_and_reaches_the_configs():
     assert seen["cfg"].side_stream is False
 
 
+# Scheduling groups: the region's call op must carry the group id beside the stream
+# annotation (XLA's stream wrapper copies the call's attributes onto call-start/done), the
+# compute to overlap must carry the same id, and nothing inside the region may.
+
+def _call_attrs(text):
+    """{callee: frontend attributes of its func.call} in StableHLO text."""
+    out = {}
+    for name, attrs in re.findall(
+            r"call @(\S+)\(.*\{mhlo\.frontend_attributes = \{([^}]*)\}\}", text):
+        out[name] = dict(re.findall(r'(\w+) = "([^"]*)"', attrs))
+    return out
+
+
+def _body(text, name):
+    return text.split(f"func.func private @{name}(")[1].split("\n  }\n")[0]
+
+
+def test_grouped_region_call_carries_the_stream_and_the_group():
+    from jax_ep.backends.cuda._stream import on_side_stream, scheduling_group
+
+    def f(a, b, c, d):
+        with scheduling_group(7):  # the region is made inside the group as well as outside
+            inside = on_side_stream(lambda c, d: jnp.tanh(c @ d), group=7)(c, d)
+            outside = a @ b
+        return outside, inside
+
+    x = jnp.ones((16, 16), jnp.float32)
+    text = jax.jit(f).lower(x, x, x, x).as_text()
+    calls = _call_attrs(text)
+    assert len(calls) == 1
+    (name, attrs), = calls.items()
+    assert attrs == {"_scheduling_group_id": "7", "_xla_stream_annotation": "1",
+                     "inlineable": "false"}
+    main = text.split("func.func public @main(")[1].split("\n  }\n")[0]
+    dots = [ln for ln in main.splitlines() if "dot_general" in ln]
+    assert len(dots) == 1 and '_scheduling_group_id = "7"' in dots[0]
+    body = _body(text, name)
+    assert "dot_general" in body and "_scheduling_group_id" not in body
+    want = (x @ x, jnp.tanh(x @ x))
+    for got, w in zip(jax.jit(f)(x, x, x, x), want):  # a plain call on the CPU
+        np.testing.assert_allclose(got, w, rtol=1e-6)
+
+
+def test_ungrouped_region_keeps_the_compute_on_form():
+    from jax_ep.backends.cuda._stream import on_side_stream
+
+    x = jnp.ones((8, 8), jnp.float32)
+    text = jax.jit(on_side_stream(lambda c: c * 2)).lower(x).as_text()
+    attrs = list(_call_attrs(text).values())
+    assert attrs and all(a.get("_xla_stream_annotation") == "1" for a in attrs)
+    assert "_scheduling_group_id" not in text
+
+
+def test_grouped_region_differentiates_on_the_side_stream():
+    from jax.experimental import xla_metadata
+
+    from jax_ep.backends.cuda._stream import on_side_stream
+
+    w = jax.random.normal(jax.random.key(4), (8, 8))
+    region = on_side_stream(lambda x: jnp.sin(x @ w), group=3)
+    loss = lambda x: jnp.sum(region(x) ** 2)  # noqa: E731
+    x = jax.random.normal(jax.random.key(5), (4, 8))
+    np.testing.assert_allclose(jax.grad(loss)(x),
+                               jax.grad(lambda x: jnp.sum(jnp.sin(x @ w) ** 2))(x),
+                               rtol=1e-5, atol=1e-6)
+    text = jax.jit(jax.value_and_grad(loss)).lower(x).as_text()
+    calls = list(_call_attrs(text).values())
+    assert len(calls) >= 2 and all(a.get("_xla_stream_annotation") == "1" for a in calls)
+    assert sum(a.get("_scheduling_group_id") == "3" for a in calls) >= 1
+    if hasattr(xla_metadata, "xla_metadata_call2"):  # jax >= 0.11: only the forward call
+        assert sum("_scheduling_group_id" in a for a in calls) == 1
+
+
+@pytest.mark.parametrize("make_ops", [_normal_ops, _low_latency_ops])
+def test_jax_ep_ops_in_a_grouped_region(make_ops):
+    from jax_ep.backends.cuda._stream import on_side_stream, scheduling_group
+
+    ops = make_ops(False)
+
+    def fn(x, idx):
+        out = on_side_stream(ops, group=11)(x, idx)
+        with scheduling_group(11):
+            other = x.astype(jnp.float32) @ jnp.ones((H, H), jnp.float32)
+        return out + other.astype(out.dtype)
+
+    text = _lowered_text(fn, ((T, H), jnp.bfloat16), ((T, K), jnp.int32))
+    calls = _call_attrs(text)
+    grouped = [n for n, a in calls.items() if a.get("_scheduling_group_id") == "11"]
+    assert len(grouped) == 1 and calls[grouped[0]]["_xla_stream_annotation"] == "1"
+    every = re.findall(r"custom_call @(jax_ep_\w+)", text)
+    body = _body(text, grouped[0])
+    assert every and sorted(re.findall(r"custom_call @(jax_ep_\w+)", body)) == sorted(every)
+    assert "_scheduling_group_id" not in body
+
+
+@pytest.mark.parametrize("bad", [-1, "1", 1.0, True, None])
+def test_scheduling_group_ids_are_checked(bad):
+    from jax_ep.backends.cuda._stream import group_id, scheduling_group
+
+    with pytest.raises(ValueError, match="non-negative int"):
+        group_id(bad)
+    with pytest.raises(ValueError, match="non-negative int"):
+        with scheduling_group(bad):
+            pass
+
+
+def _stream_probe():
+    import importlib.util
+    import pathlib
+    import sys
+
+    bench = pathlib.Path(__file__).parents[1] / "bench"
+    sys.path.insert(0, str(bench))  # the probe imports trace_summary from beside it
+    spec = importlib.util.spec_from_file_location("stream_probe", bench / "stream_probe.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# Compiled GPU HLO as XLA prints a scheduled module (shapes shortened): the start, a
+# Triton GEMM fusion, a command buffer holding a cuBLAS GEMM, the done.
+_SCHEDULED_HLO = """HloModule jit_grouped_dots, is_scheduled=true, entry_computation_layout={()->()}
+
+%gemm_fusion_dot.1_computation (p0: bf16[8,8], p1: bf16[8,8]) -> bf16[8,8] {
+  %p0 = bf16[8,8]{1,0} parameter(0)
+  %p1 = bf16[8,8]{1,0} parameter(1)
+  ROOT %dot.1 = bf16[8,8]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%xla_metadata_call.3 (c: bf16[8,8], d: bf16[8,8]) -> bf16[8,8] {
+  %c = bf16[8,8]{1,0} parameter(0)
+  %d = bf16[8,8]{1,0} parameter(1)
+  %cublas.2 = (bf16[8,8]{1,0}, s8[4]{0}) custom-call(%c, %d), custom_call_target="__cublas$gemm"
+  ROOT %gte.2 = bf16[8,8]{1,0} get-tuple-element(%cublas.2), index=0
+}
+
+%command_buffer (a: bf16[8,8], b: bf16[8,8]) -> bf16[8,8] {
+  %a = bf16[8,8]{1,0} parameter(0)
+  %b = bf16[8,8]{1,0} parameter(1)
+  %cublas.5 = (bf16[8,8]{1,0}, s8[4]{0}) custom-call(%a, %b), custom_call_target="__cublas$gemm"
+  ROOT %gte.5 = bf16[8,8]{1,0} get-tuple-element(%cublas.5), index=0
+}
+
+ENTRY %main.9 (a.1: bf16[8,8], b.1: bf16[8,8]) -> (bf16[8,8], bf16[8,8], bf16[8,8]) {
+  %a.1 = bf16[8,8]{1,0} parameter(0)
+  %b.1 = bf16[8,8]{1,0} parameter(1)
+  %early = bf16[8,8]{1,0} call(%a.1, %b.1), to_apply=%command_buffer
+  %call-start = ((bf16[8,8]{1,0}, bf16[8,8]{1,0}), bf16[8,8]{1,0}) call-start(%a.1, %b.1), async_execution_thread="explicit", to_apply=%xla_metadata_call.3, frontend_attributes={_scheduling_group_id="1",_xla_stream_annotation="1",inlineable="false"}
+  %gemm_fusion_dot.1 = bf16[8,8]{1,0} fusion(%a.1, %b.1), kind=kCustom, calls=%gemm_fusion_dot.1_computation, frontend_attributes={_scheduling_group_id="1"}, backend_config={"operation_queue_id":"0","fusion_backend_config":{"kind":"__triton_gemm"}}
+  %call-done = bf16[8,8]{1,0} call-done(%call-start), frontend_attributes={_scheduling_group_id="1",_xla_stream_annotation="1",inlineable="false"}
+  ROOT %tuple = (bf16[8,8]{1,0}, bf16[8,8]{1,0}, bf16[8,8]{1,0}) tuple(%gemm_fusion_dot.1, %call-done, %early)
+}
+"""
+
+
+def test_stream_probe_reads_the_schedule_of_compiled_hlo():
+    probe = _stream_probe()
+    report = probe.schedule_report(_SCHEDULED_HLO)
+    assert report["scheduled"] and report["entry_instructions"] == 7
+    (pair,) = report["pairs"]
+    assert pair == dict(start="call-start", start_at=3, done_at=5, group="1", done_group="1")
+    gemms = {g["name"]: g for g in report["gemms"]}
+    assert set(gemms) == {"early", "gemm_fusion_dot.1"}  # not the region's own GEMM
+    assert gemms["gemm_fusion_dot.1"]["where"] == ["between call-start and call-done"]
+    assert gemms["gemm_fusion_dot.1"]["group"] == "1"
+    assert gemms["early"]["where"] == ["before call-start"] and gemms["early"]["group"] is None
+    kernels = [("gemm", 0.0, 10.0, "Stream #14"), ("gemm", 4.0, 10.0, "Stream #67"),
+               ("fusion", 20.0, 1.0, "Stream #14")]
+    assert probe.cross_stream_us(kernels) == 6.0
+
+
 def _layer(micro_batches, **kw):
     return MoE(hidden=H, ffn_hidden=64, num_experts=E, top_k=3, mesh=_mesh(),
                micro_batches=micro_batches, backend="reference", rngs=nnx.Rngs(0), **kw)

@@ -178,3 +178,45 @@ def test_micro_batched_layer_on_the_side_stream_equals_the_serial_layer(exchange
     for name, g in gm1.items():
         assert h.rel_err(np.asarray(gm2[name], np.float32), np.asarray(g, np.float32)) < 2e-2, \
             name
+
+
+def test_grouped_region_call_start_carries_the_group_id():
+    """``on_side_stream(f, group=g)``: XLA's stream wrapper copies the call's frontend
+    attributes onto call-start and call-done, so both carry the group id and the stream;
+    the matmul made under ``scheduling_group(g)`` carries it too. Where the latency-hiding
+    scheduler put that matmul is printed (bench/stream_probe.py measures it)."""
+    from jax_ep.backends.cuda._stream import on_side_stream, scheduling_group
+
+    if h.distributed():
+        pytest.skip("one process: the compiled HLO of one device")
+    n = 1024
+
+    def f(a, b, c, d):
+        inside = on_side_stream(lambda c, d: c @ d, group=5)(c, d)
+        with scheduling_group(5):
+            outside = a @ b
+        return outside, inside
+
+    rng = np.random.default_rng(SEED)
+    args = [jnp.asarray(rng.standard_normal((n, n)), jnp.bfloat16) for _ in range(4)]
+    lowered = jax.jit(f).lower(*args)
+    compiled = lowered.compile(
+        compiler_options={"xla_gpu_enable_latency_hiding_scheduler": True})
+    text = compiled.as_text()
+    out_dir = os.environ.get("JAX_EP_HLO_DIR")
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "hlo_grouped_region.txt"), "w") as fh:
+            fh.write(text)
+    pair = [ln for ln in text.splitlines() if re.search(r"\bcall-(start|done)\(", ln)]
+    assert len(pair) == 2, pair
+    for ln in pair:
+        assert '_scheduling_group_id="5"' in ln and '_xla_stream_annotation="1"' in ln, ln
+    order = [i for i, ln in enumerate(text.splitlines())
+             if re.search(r"\bcall-(start|done)\(", ln) or (
+                 '_scheduling_group_id="5"' in ln and ("__cublas" in ln or "__triton_gemm" in ln))]
+    print(f"grouped region: call-start, call-done and the grouped GEMM at lines {order}")
+    got = compiled(*args)
+    want = (jnp.dot(args[0], args[1]), jnp.dot(args[2], args[3]))
+    for g, w in zip(got, want):
+        assert h.rel_err(np.asarray(g, np.float32), np.asarray(w, np.float32)) < 1e-2
