@@ -4,8 +4,7 @@ today) and jax.lax.ragged_dot, forward and forward+backward, at DeepSeek-like pe
 shapes: ~26k rows over 32 or 64 local experts, H=7168, F=2048, and the expert matmul of
 the Flax layer at EP1 (256 local experts, T*K = 32768 rows, ~128 per expert; capacity 160
 rows at cf 1.25, as bench/moe_layer.py's capacity layer). ``--experts E[:rows],...`` picks
-the cases (rows default to ``--rows``). Each case records the kernel's tile configuration
-(``jax_ep_tiles``: one rule on the mean rows per group).
+the cases (rows default to ``--rows``).
 
 Useful TFLOP/s count real rows only: 2*rows*H*F per forward, three times that per
 forward+backward. Timing: medians of jitted calls (bench/timing.py).
@@ -67,13 +66,10 @@ def case(rng, experts, rows, H, F, capacity_factor, reps, ragged_reps):
         return jax.jit(g)
 
     flops = 2.0 * rows * H * F
-    from jax_ep.backends.cuda import grouped_matmul as cuda_gm
-
     out = {"experts": experts, "rows": rows, "hidden": H, "ffn": F, "capacity": cap,
            "capacity_factor": capacity_factor, "max_group": int(sizes.max()),
            "min_group": int(sizes.min()),
-           "rows_dropped_by_capacity": int(np.maximum(sizes - cap, 0).sum()),
-           "jax_ep_tiles": cuda_gm.tiles(cuda_gm.FORWARD, experts, rows, H, F)}
+           "rows_dropped_by_capacity": int(np.maximum(sizes - cap, 0).sum())}
     impls = {"jax_ep": (grouped, (x, w), dy, reps), "dense_capacity": (dense, (xp, w), dyp, reps),
              "ragged_dot": (ragged, (x, w), dy, ragged_reps)}
     for name, (f, args, cot, n) in impls.items():
@@ -177,8 +173,7 @@ def main():
         ratios = [f"{who}/jax_ep {step} {c[k]:.2f}x"
                   for who in ("dense", "ragged") for step in ("fwd", "fwd_bwd")
                   if (k := f"{step}_ms_ratio_{who}_over_jax_ep") in c]
-        print(f"E={c['experts']} rows={c['rows']} cap={c['capacity']} "
-              f"tiles {c['jax_ep_tiles']}: "
+        print(f"E={c['experts']} rows={c['rows']} cap={c['capacity']}: "
               + "; ".join(timing(c, n) for n in ("jax_ep", "dense_capacity", "ragged_dot"))
               + "; " + ", ".join(ratios), flush=True)
     if a.out:

@@ -5,9 +5,6 @@ The CUDA path is one CUTLASS SM90 grouped GEMM per product (forward; backward: t
 gradient with each group's matrix transposed, and each group's weight gradient), with the
 group sizes read on the device: no host synchronisation, so it runs under ``jit``,
 ``shard_map``, ``lax.scan`` and CUDA graphs. The reference path is ``jax.lax.ragged_dot``.
-The kernel's tile configuration follows from the static shapes alone: below 512 mean rows
-per group (``M / G``) 64x256 pingpong tiles, otherwise 128x256 cooperative ones
-(``jax_ep.backends.cuda.grouped_matmul.tiles`` says which).
 """
 
 from __future__ import annotations

@@ -1,12 +1,9 @@
 // The grouped matmul's workspace size, for jax_ep/backends/cuda/grouped_matmul.py to
-// allocate it as the custom call's second result, and the tile configuration it picks
-// (for tests and benchmarks to report).
+// allocate it as the custom call's second result.
 #include <nanobind/nanobind.h>
-#include <nanobind/stl/string.h>
 
 #include <cstdint>
 #include <stdexcept>
-#include <string>
 
 #include "cuda/grouped_matmul/grouped_matmul.h"
 #include "xla_ffi/bindings.h"
@@ -27,18 +24,6 @@ void add_grouped_matmul_bindings(nb::module_& m) {
       nb::arg("kind"), nb::arg("num_groups"), nb::arg("rows"), nb::arg("k"), nb::arg("n"),
       "Workspace bytes of one grouped matmul (kind 0: forward, 1: transposed rhs, 2: "
       "weight gradient; b[g] is [k, n]).");
-  m.def(
-      "grouped_matmul_tiles",
-      [](int kind, int num_groups, int64_t rows, int64_t k, int64_t n) {
-        if (kind < 0 || kind > 2) throw std::invalid_argument("kind must be 0, 1 or 2");
-        GroupedMatmulArgs args{GroupedKind(kind), nullptr, nullptr, nullptr, nullptr,
-                               num_groups, rows, k, n};
-        return std::string(grouped_tiles_name(grouped_tiles(args)));
-      },
-      nb::arg("kind"), nb::arg("num_groups"), nb::arg("rows"), nb::arg("k"), nb::arg("n"),
-      "The tile configuration the grouped matmul runs for these shapes (grouped_tiles in "
-      "cuda/grouped_matmul/grouped_matmul.h: mean rows per group below 512 take the small "
-      "one).");
 }
 
 }  // namespace jax_ep

@@ -1,8 +1,7 @@
 // The CUTLASS SM90 grouped GEMM behind jax_ep's grouped matmul, for one pair of operand
-// layouts and tile configuration, and the device-side set-up that turns group_sizes into
-// its per-group problem sizes, pointers and strides. Each (GroupedKind, tile
-// configuration) pair instantiates it in its own .cu file (forward.cu, forward_small.cu,
-// transposed_rhs.cu, ...) so that the six compile in parallel.
+// layouts, and the device-side set-up that turns group_sizes into its per-group problem
+// sizes, pointers and strides. Each GroupedKind instantiates it in its own .cu file
+// (forward.cu, transposed_rhs.cu, weight_grad.cu) so that the three compile in parallel.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -31,31 +30,30 @@ constexpr size_t kSection = 256;  // workspace sections start at this alignment
 
 inline size_t round_up(size_t v) { return (v + kSection - 1) / kSection * kSection; }
 
-// JAX_EP_GROUPED_GEMM(Name, LayoutA, LayoutB, TileM, TileN, Schedule) defines struct Name:
-// the CUTLASS types of one operand layout pair and tile configuration. Schedule is
-// Cooperative (two consumer warp groups split one tile) or Pingpong (each consumer warp
-// group owns a tile; one runs its mainloop while the other stores its result). Both use
-// a 1x2 cluster sharing the A tile over TMA multicast and no C operand (beta = 0). A
-// macro, not a class template: g++ 12 fails to instantiate the CUTLASS collective
-// builders inside a class template, but not at namespace scope.
-#define JAX_EP_GROUPED_GEMM(Name, LayoutA_, LayoutB_, TileM_, TileN_, Schedule_)            \
+// JAX_EP_GROUPED_GEMM(Name, LayoutA, LayoutB) defines struct Name: the CUTLASS types of
+// one operand layout pair. 128x256 tiles (an expert's few hundred rows waste at most one
+// partial 128-row tile; N = 2048 and 7168 are multiples of 256), a 1x2 cluster sharing
+// the A tile over TMA multicast, the cooperative (two consumer warp groups) schedule, no
+// C operand (beta = 0). A macro, not a class template: g++ 12 fails to instantiate the
+// CUTLASS collective builders inside a class template, but not at namespace scope.
+#define JAX_EP_GROUPED_GEMM(Name, LayoutA_, LayoutB_)                                       \
   struct Name {                                                                            \
     using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;     \
-    using TileShape = cute::Shape<cute::Int<TileM_>, cute::Int<TileN_>, cute::_64>;        \
+    using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;                      \
     using ClusterShape = cute::Shape<cute::_1, cute::_2, cute::_1>;                        \
     using LayoutD = cutlass::layout::RowMajor;                                             \
     using Epilogue = cutlass::epilogue::collective::CollectiveBuilder<                     \
         cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,      \
         cutlass::epilogue::collective::EpilogueTileAuto, float, float, Bf16, LayoutD*,     \
         kAlign, Bf16, LayoutD*, kAlign,                                                     \
-        cutlass::epilogue::PtrArrayTmaWarpSpecialized##Schedule_,                          \
+        cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,                          \
         cutlass::epilogue::fusion::LinearCombination<Bf16, float, Bf16, float>>::CollectiveOp; \
     using Mainloop = cutlass::gemm::collective::CollectiveBuilder<                         \
         cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Bf16, LayoutA_*, kAlign, Bf16, \
         LayoutB_*, kAlign, float, TileShape, ClusterShape,                                 \
         cutlass::gemm::collective::StageCountAutoCarveout<                                 \
             static_cast<int>(sizeof(Epilogue::SharedStorage))>,                            \
-        cutlass::gemm::KernelPtrArrayTmaWarpSpecialized##Schedule_>::CollectiveOp;         \
+        cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>::CollectiveOp;         \
     using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>; \
     using Device = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;                    \
     using Shape = ProblemShape::UnderlyingProblemShape;                                    \
@@ -63,20 +61,6 @@ inline size_t round_up(size_t v) { return (v + kSection - 1) / kSection * kSecti
     using StrideB = Kernel::InternalStrideB;                                               \
     using StrideD = Kernel::InternalStrideD;                                               \
   }
-
-// The two tile configurations; grouped_tiles() (grouped_matmul.h) picks one per call.
-// Large groups: 128x256 cooperative. An expert of many hundred rows wastes at most one
-// partial 128-row tile, and each weight tile fetched serves 128 rows (N = 2048 and 7168
-// are multiples of 256).
-#define JAX_EP_GROUPED_GEMM_LARGE(Name, LayoutA_, LayoutB_) \
-  JAX_EP_GROUPED_GEMM(Name, LayoutA_, LayoutB_, 128, 256, Cooperative)
-// Small groups: 64x256 pingpong. A group's rows pad up to whole tiles, so at ~128 rows per
-// expert about a third of what 128-row tiles compute is padding; 64-row tiles halve that.
-// The weight gradient's reduction runs over a group's rows, so there each tile has only a
-// few k-steps and its result store is as long as its mainloop: pingpong overlaps the two.
-// Pingpong because a cooperative tile needs 128 rows (64 per consumer warp group).
-#define JAX_EP_GROUPED_GEMM_SMALL(Name, LayoutA_, LayoutB_) \
-  JAX_EP_GROUPED_GEMM(Name, LayoutA_, LayoutB_, 64, 256, Pingpong)
 
 // The per-group arrays CUTLASS reads, carved from the workspace in this order.
 template <class G>
@@ -274,17 +258,6 @@ cudaError_t run(const GroupedMatmulArgs& args, void* workspace, size_t bytes,
   }
   return cudaGetLastError();
 }
-
-// JAX_EP_GROUPED_ENTRIES(name, Gemm, kKind) defines the two entry points kinds.h declares
-// for one kind and tile configuration: name_workspace_bytes and name_run.
-#define JAX_EP_GROUPED_ENTRIES(name, Gemm, kKind)                                           \
-  size_t name##_workspace_bytes(const GroupedMatmulArgs& args) {                           \
-    return workspace_bytes<Gemm>(args);                                                    \
-  }                                                                                        \
-  cudaError_t name##_run(const GroupedMatmulArgs& args, void* workspace, size_t bytes,     \
-                         cudaStream_t stream, const char** why) {                          \
-    return run<Gemm, kKind>(args, workspace, bytes, stream, why);                          \
-  }
 
 }  // namespace grouped
 }  // namespace jax_ep

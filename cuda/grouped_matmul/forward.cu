@@ -1,13 +1,20 @@
-// GroupedKind::kForward, tiles for large groups (128x256 cooperative): A Row-major, B
-// Row-major (see cutlass_grouped.cuh).
+// GroupedKind::kForward: A Row-major, B Row-major (see cutlass_grouped.cuh).
 #include "cuda/grouped_matmul/cutlass_grouped.cuh"
 #include "cuda/grouped_matmul/kinds.h"
 
 namespace jax_ep {
 namespace grouped {
 
-JAX_EP_GROUPED_GEMM_LARGE(ForwardGemm, cutlass::layout::RowMajor, cutlass::layout::RowMajor);
-JAX_EP_GROUPED_ENTRIES(forward, ForwardGemm, GroupedKind::kForward)
+JAX_EP_GROUPED_GEMM(ForwardGemm, cutlass::layout::RowMajor, cutlass::layout::RowMajor);
+
+size_t forward_workspace_bytes(const GroupedMatmulArgs& args) {
+  return workspace_bytes<ForwardGemm>(args);
+}
+
+cudaError_t forward_run(const GroupedMatmulArgs& args, void* workspace, size_t bytes,
+                        cudaStream_t stream, const char** why) {
+  return run<ForwardGemm, GroupedKind::kForward>(args, workspace, bytes, stream, why);
+}
 
 }  // namespace grouped
 }  // namespace jax_ep

@@ -31,26 +31,6 @@ struct GroupedMatmulArgs {
   int64_t k, n;                // b[g] is [k, n] (kWeightGrad: out[g] is [k, n])
 };
 
-// The two tile configurations of cutlass_grouped.cuh, and the one rule that picks one per
-// call from static shapes only: the mean rows per group, rows / num_groups (the operand's
-// row count, padding included: the sizes themselves stay on the device). Below
-// kSmallGroupRows, 64x256 pingpong tiles; otherwise 128x256 cooperative. Every kind takes
-// the same rule (kWeightGrad's reduction runs over the group's rows). 512 lies between the
-// two measured MoE shapes: ~820 rows per group (32 experts, 128x256 at 577 useful
-// TFLOP/s) keeps the large tiles; ~410 (64 experts, 393 TFLOP/s) and the ~128 of 256
-// local experts at EP1 take the small ones. The masked layout's G * S rows give S, an
-// upper bound of its live rows, so it takes the small tiles only for S < 512.
-enum class GroupedTiles { kLarge = 0, kSmall = 1 };
-constexpr int64_t kSmallGroupRows = 512;
-
-inline GroupedTiles grouped_tiles(const GroupedMatmulArgs& args) {
-  return args.rows < kSmallGroupRows * args.num_groups ? GroupedTiles::kSmall
-                                                       : GroupedTiles::kLarge;
-}
-
-// "128x256x64 cooperative, cluster 1x2" or "64x256x64 pingpong, cluster 1x2".
-const char* grouped_tiles_name(GroupedTiles tiles);
-
 // Bytes of device workspace grouped_matmul needs for these sizes.
 size_t grouped_matmul_workspace_bytes(const GroupedMatmulArgs& args);
 

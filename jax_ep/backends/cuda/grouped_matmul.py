@@ -2,8 +2,7 @@
 custom calls, ``jax_ep_grouped_matmul`` (rows times each group's matrix, or its
 transpose) and ``jax_ep_grouped_matmul_weight_grad`` (each group's rows^T times rows).
 Each call's second result is the kernel's workspace (its per-group tables), sized here by
-the extension so that it lives as long as the kernels that read it. The extension picks
-the tile configuration from the shapes (:func:`tiles`)."""
+the extension so that it lives as long as the kernels that read it."""
 
 from __future__ import annotations
 
@@ -27,13 +26,6 @@ def _workspace(kind: int, groups: int, rows: int, k: int, n: int) -> jax.ShapeDt
     ext = _native.load()
     size = ext.grouped_matmul_workspace_bytes(kind, groups, rows, k, n)
     return jax.ShapeDtypeStruct((max(int(size), 1),), jnp.uint8)
-
-
-def tiles(kind: int, groups: int, rows: int, k: int, n: int) -> str:
-    """The tile configuration the kernel runs for these shapes, e.g. ``"64x256x64 pingpong,
-    cluster 1x2"``: one rule on the mean rows per group, ``rows / groups`` (below 512: the
-    small-group tiles; ``grouped_tiles`` in cuda/grouped_matmul/grouped_matmul.h)."""
-    return str(_native.load().grouped_matmul_tiles(kind, groups, rows, k, n))
 
 
 def _vma(*arrays):
