@@ -36,6 +36,10 @@ FLAG_SETS = {
     "lhs": "--xla_gpu_enable_latency_hiding_scheduler=true",
     "lhs_no_command_buffer": "--xla_gpu_enable_latency_hiding_scheduler=true "
                              "--xla_gpu_enable_command_buffer=",
+    # cuBLASLt GEMMs (__cublas$lt$matmul) lose a group id in XLA's legalization; plain
+    # cuBLAS GEMMs (__cublas$gemm) keep it.
+    "lhs_no_cublaslt": "--xla_gpu_enable_latency_hiding_scheduler=true "
+                       "--xla_gpu_enable_cublaslt=false",
 }
 
 # How a GEMM shows in compiled GPU HLO: a cuBLAS custom call, or a fusion whose backend

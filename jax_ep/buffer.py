@@ -29,7 +29,10 @@ class Buffer:
       mesh: the ``jax.sharding.Mesh`` the ops run under.
       axis_name: its expert-parallel axis.
       num_nvl_bytes: NVLink buffer bytes per GPU (default:
-        :meth:`get_dispatch_size_hint` for 4096 tokens of hidden 7168).
+        :meth:`get_dispatch_size_hint` for 4096 tokens of hidden 7168). The low-latency ops
+        need :meth:`get_low_latency_size_hint`; where the EP axis spans several nodes, the
+        low-latency part of that request is allocated from NVSHMEM's symmetric heap, with
+        a staging block of the same halves' size for the rows put to other nodes.
       num_sms: default SM count of the CUDA kernels (a per-call ``num_sms`` overrides it).
       num_staging_bytes: one process per GPU only: the staging area per GPU that rows
         travel through (default: :meth:`get_staging_size_hint` for 4096 tokens of hidden

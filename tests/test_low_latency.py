@@ -360,3 +360,17 @@ def test_num_sms_must_be_a_positive_int(bad):
                                            axis_name=harness.AXIS, num_sms=bad)
     with pytest.raises((ValueError, TypeError), match="num_sms"):
         harness.run(f, 2, x, idx)
+
+
+def test_the_symmetric_region_holds_the_same_halves_plus_staging():
+    """Over several nodes the low-latency region is the one-node request's halves plus a
+    staging block of their size (cuda/low_latency/low_latency.h ll_symmetric_region_bytes)."""
+    from jax_ep.backends.cuda import buffer as cbuf
+    from jax_ep.backends.cuda._ffi import limits
+
+    hint = cbuf.ll_bytes_hint(128, 7168, 256, 16)
+    half = cbuf._half_available(hint)
+    assert half > 0 and half % 4096 == 0
+    assert cbuf._ll_symmetric_bytes(hint) == limits()["ll_halves_offset"] + 3 * half
+    assert limits()["ll_data_offset"] == limits()["ll_offset"] + limits()["ll_halves_offset"]
+    assert cbuf._ll_symmetric_bytes(64 << 20) == 0  # no low-latency region asked for
