@@ -155,9 +155,7 @@ __global__ void __launch_bounds__(kLLMaxThreads) ll_combine_kernel(LLCombineArgs
   __shared__ CombineShared sm;
   const LLStamp entry = ll_stamp(a.timing);
   char* local = a.peers.region[a.me];
-  const uint64_t op =
-      (phases & kLLSend) ? begin_send(local, a.ticket, "low_latency_combine", a.me, &sm.op)
-                         : begin_recv(local, a.expect_ticket, "low_latency_combine", a.me, &sm.op);
+  const uint64_t op = begin_phases(local, a, phases, "low_latency_combine", &sm.op);
   ll_mark_begin(a.timing, op, phases, entry, 2);
   if (phases & kLLSend)
     combine_send<T, Vec, Tr>(a, op);

@@ -186,6 +186,15 @@ __device__ __forceinline__ uint64_t begin_recv(char* local, const int* expect_ti
   return *s_op;
 }
 
+// Block-level start of a launch: the send's op number when it runs the send phase, else
+// the recv's (checked against the send's ticket).
+template <typename Args>
+__device__ __forceinline__ uint64_t begin_phases(char* local, const Args& a, int phases,
+                                                 const char* name, uint64_t* s_op) {
+  return (phases & kLLSend) ? begin_send(local, a.ticket, name, a.me, s_op)
+                            : begin_recv(local, a.expect_ticket, name, a.me, s_op);
+}
+
 // Block-level end of a recv: the last block to finish marks the op done locally. Every
 // block read seq before it arrives here, so no block of this op can see the new value.
 __device__ __forceinline__ void finish_recv(char* local, uint64_t op) {

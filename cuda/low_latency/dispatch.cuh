@@ -538,9 +538,7 @@ __global__ void __launch_bounds__(kLLMaxThreads) ll_dispatch_kernel(LLDispatchAr
   extern __shared__ int4 s_row[];  // send: one staged slot row
   const LLStamp entry = ll_stamp(a.timing);
   char* local = a.peers.region[a.me];
-  const uint64_t op =
-      (phases & kLLSend) ? begin_send(local, a.ticket, "low_latency_dispatch", a.me, &sm.op)
-                         : begin_recv(local, a.expect_ticket, "low_latency_dispatch", a.me, &sm.op);
+  const uint64_t op = begin_phases(local, a, phases, "low_latency_dispatch", &sm.op);
   ll_mark_begin(a.timing, op, phases, entry, 1);
   if (phases & kLLSend) dispatch_send<Elt, Tr>(a, op, sm, s_row);
   if (phases & kLLRecv) {
