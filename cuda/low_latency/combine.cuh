@@ -1,8 +1,8 @@
 // Low-latency combine kernel: send phase (each expert owner copies the rows of a unit back
 // to the tokens' home rank and releases one flag per unit) and recv phase (each home rank
 // reduces its tokens' rows in slot order, fp32). A template over the transport
-// (device.cuh), instantiated by combine.cu (NVLink stores) and symmetric.cu (stores and
-// NVSHMEM puts); launched by launch_policy.cuh.
+// (device.cuh), instantiated by combine.cu (NVLink stores) and combine_nvshmem.cu (stores
+// and NVSHMEM puts); launched by launch_policy.cuh.
 #pragma once
 
 #include <cuda_bf16.h>

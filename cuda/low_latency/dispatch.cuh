@@ -2,7 +2,7 @@
 // store it at every destination rank, list one entry per distinct expert, release the
 // experts' flags) and recv phase (wait for this op's flags, gather the rows into recv_x).
 // A template over the transport (device.cuh), instantiated by dispatch.cu (NVLink stores)
-// and symmetric.cu (stores and NVSHMEM puts); launched by launch_policy.cuh.
+// and dispatch_nvshmem.cu (stores and NVSHMEM puts); launched by launch_policy.cuh.
 #pragma once
 
 #include <cuda_bf16.h>
