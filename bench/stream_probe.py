@@ -1,18 +1,15 @@
 """Which GPU stream a stream-annotated region runs on, under which XLA flags (a probe).
 
-Profiles eight jitted programs, each with an independent 8192^3 bf16 matmul beside a
+Profiles four jitted programs, each with an independent 8192^3 bf16 matmul beside a
 region made by ``jax_ep.backends.cuda._stream.on_side_stream``: (a) the region holds a
 second matmul, (b) the same with the region's call and the matmul in one XLA scheduling
 group (``on_side_stream(..., group=1)`` and ``scheduling_group(1)``), (c) the region holds a
 ``jax_ep.dispatch`` on a ``Buffer(side_stream=True)``, (d) a ``jax_ep.dispatch`` region and
-the matmul in one scheduling group; (e)-(h) are (a)-(d) with the region's call-start forced
-early (``on_side_stream(..., force_earliest=True)``: the call carries the frontend attribute
-``backend_config='{"force_earliest_schedule":true}'``, which XLA turns into the call's
-backend config and copies onto call-start).
+the matmul in one scheduling group.
 Prints, per XLA flag set (each in a fresh process): from the compiled HLO, whether each
 ``call-start`` carries the group id, its ``async_execution_thread`` (XLA's GPU scheduler
-treats the pair as async compute only if that differs from the computation's own thread)
-and ``force_earliest_schedule``, and where the schedule put the independent matmul
+treats the pair as async compute only if that differs from the computation's own thread),
+and where the schedule put the independent matmul
 (before the call-start, between start and done, after the done); from a profile, the stream
 of every kernel, how long kernels of different streams ran at the same time, and how long
 the region's jax_ep kernels ran beside the other matmul. The compiled HLO of every program
@@ -105,11 +102,6 @@ def schedule_report(hlo: str) -> dict:
     def gid(line):
         m = group.search(line)
         return m.group(1) if m else None
-
-    def forced(line):
-        """force_earliest_schedule in the instruction's GpuBackendConfig (None: not printed)."""
-        m = re.search(r'"force_earliest_schedule":(true|false)', line)
-        return None if m is None else m.group(1) == "true"
     pairs = []
     for i, line in enumerate(lines):
         if " call-start(" not in line:
@@ -123,9 +115,7 @@ def schedule_report(hlo: str) -> dict:
         pairs.append(dict(start=start, start_at=i, done_at=done, group=gid(line),
                           done_group=gid(lines[done]) if done is not None else None,
                           # XLA prints the attribute only for a thread other than "main"
-                          thread=m.group(1) if m else "main", force_earliest=forced(line),
-                          done_force_earliest=(forced(lines[done]) if done is not None
-                                               else None)))
+                          thread=m.group(1) if m else "main"))
     gemms = []
     for i, line in enumerate(lines):
         if " call-start(" in line or " call-done(" in line or not _has_gemm(comps, line):
@@ -190,18 +180,6 @@ def probe() -> dict:
             outside = a @ b
         return outside, inside
 
-    def forced_dots(a, b, c, d):
-        """(a) with the region's call-start forced early."""
-        inside = on_side_stream(lambda c, d: c @ d, force_earliest=True)(c, d)
-        return a @ b, inside
-
-    def forced_grouped_dots(a, b, c, d):
-        """(b) with the region's call-start forced early."""
-        inside = on_side_stream(lambda c, d: c @ d, group=1, force_earliest=True)(c, d)
-        with scheduling_group(1):
-            outside = a @ b
-        return outside, inside
-
     def exchange(a, b, x, idx, w):
         sm = jax.shard_map(
             lambda x, idx, w: jax_ep.dispatch(x, idx, w, num_experts=E, axis_name="ep",
@@ -209,26 +187,19 @@ def probe() -> dict:
             mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))
         return a @ b, sm(x, idx, w)
 
-    def region_exchange(group, force_earliest):
-        """A dispatch region (on the plain Buffer, wrapped here) and the matmul in one
-        shard_map body (a group lives in one computation), the matmul in ``group``."""
+    def grouped_exchange(a, b, x, idx, w):
+        """A dispatch region and the matmul in scheduling group 2, in one shard_map body (a
+        group lives in one computation)."""
         def body(a, b, x, idx, w):
             recv = on_side_stream(
                 lambda x, idx, w: jax_ep.dispatch(x, idx, w, num_experts=E, axis_name="ep",
                                                   layout="expert", buffer=plain).recv_x,
-                group=group, force_earliest=force_earliest)(x, idx, w)
-            if group is None:
+                group=2)(x, idx, w)
+            with scheduling_group(2):
                 outside = a @ b
-            else:
-                with scheduling_group(group):
-                    outside = a @ b
             return outside, recv
-
-        def run(a, b, x, idx, w):
-            return jax.shard_map(body, mesh=mesh,
-                                 in_specs=(P(), P(), P("ep"), P("ep"), P("ep")),
-                                 out_specs=(P(), P("ep")))(a, b, x, idx, w)
-        return run
+        return jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P("ep"), P("ep"), P("ep")),
+                             out_specs=(P(), P("ep")))(a, b, x, idx, w)
 
     hlo_dir = os.environ.get("PROBE_HLO_DIR", "/tmp/stream_probe/hlo")
     os.makedirs(hlo_dir, exist_ok=True)
@@ -237,13 +208,7 @@ def probe() -> dict:
         ("dot_in_region", dots, (a, b, c, d)),
         ("dot_in_region_scheduling_group", grouped_dots, (a, b, c, d)),
         ("dispatch_in_region", exchange, (a, b, x, idx, w)),
-        ("dispatch_in_region_scheduling_group", region_exchange(2, False), (a, b, x, idx, w)),
-        ("dot_in_region_force_earliest", forced_dots, (a, b, c, d)),
-        ("dot_in_region_scheduling_group_force_earliest", forced_grouped_dots, (a, b, c, d)),
-        ("dispatch_in_region_force_earliest", region_exchange(None, True),
-         (a, b, x, idx, w)),
-        ("dispatch_in_region_scheduling_group_force_earliest", region_exchange(2, True),
-         (a, b, x, idx, w)),
+        ("dispatch_in_region_scheduling_group", grouped_exchange, (a, b, x, idx, w)),
     )
     only = os.environ.get("PROBE_PROGRAMS")  # comma-separated labels, to run fewer
     if only:
@@ -252,11 +217,8 @@ def probe() -> dict:
         jitted = jax.jit(fn)
         try:
             stablehlo = jitted.lower(*args).as_text()
-            calls = [ln for ln in stablehlo.splitlines() if " call @" in ln]
             call_has_group = any("_scheduling_group_id" in ln and "_xla_stream_annotation" in ln
-                                 for ln in calls)
-            call_forced = any("force_earliest_schedule" in ln and "_xla_stream_annotation" in ln
-                              for ln in calls)
+                                 for ln in stablehlo.splitlines() if " call @" in ln)
             hlo = jitted.lower(*args).compile().as_text()
         except Exception as err:  # report it and go on with the other program
             out[label] = dict(error=f"{type(err).__name__}: {str(err)[:800]}")
@@ -270,7 +232,6 @@ def probe() -> dict:
         kernels = g.get("kernels_in_order", [])
         out[label] = dict(
             call_starts=hlo.count("call-start("), call_has_group=call_has_group,
-            call_forced=call_forced,
             schedule=schedule_report(hlo), cross_stream_us=cross_stream_us(kernels),
             streams=g.get("streams"),
             jax_ep_concurrent_us=g.get("jax_ep_concurrent_us"),
@@ -307,15 +268,13 @@ def main() -> int:
                 print(f"  {label}: {r}")
                 continue
             print(f"  {label}: call-start x{r['call_starts']} (group id on the StableHLO call: "
-                  f"{r['call_has_group']}, force_earliest on it: {r.get('call_forced')}), "
-                  f"streams {r['streams']}, kernels of two streams at "
+                  f"{r['call_has_group']}), streams {r['streams']}, kernels of two streams at "
                   f"once {r['cross_stream_us']} us, jax_ep beside others "
                   f"{r['jax_ep_concurrent_us']} us")
             sched = r["schedule"]
             for p in sched["pairs"]:
                 print(f"    {p['start']}: group id {p['group']} (done: {p['done_group']}), "
-                      f"thread {p['thread']}, force_earliest {p['force_earliest']} "
-                      f"(done: {p['done_force_earliest']}), "
+                      f"thread {p['thread']}, "
                       f"entry position {p['start_at']} to {p['done_at']} of "
                       f"{sched['entry_instructions']} (scheduled: {sched['scheduled']})")
             for gm in sched["gemms"]:

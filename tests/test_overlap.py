@@ -120,9 +120,8 @@ def test_buffer_side_stream_is_checked_and_reaches_the_configs():
 def _call_attrs(text):
     """{callee: frontend attributes of its func.call} in StableHLO text."""
     out = {}
-    # a value may hold braces (backend_config's JSON), never an unescaped quote
     for name, attrs in re.findall(
-            r'call @(\S+)\(.*\{mhlo\.frontend_attributes = \{((?:[^}"]|"[^"]*")*)\}\}', text):
+            r"call @(\S+)\(.*\{mhlo\.frontend_attributes = \{([^}]*)\}\}", text):
         out[name] = dict(re.findall(r'(\w+) = "([^"]*)"', attrs))
     return out
 
@@ -185,74 +184,6 @@ def test_grouped_region_differentiates_on_the_side_stream():
     assert sum(a.get("_scheduling_group_id") == "3" for a in calls) >= 1
     if hasattr(xla_metadata, "xla_metadata_call2"):  # jax >= 0.11: only the forward call
         assert sum("_scheduling_group_id" in a for a in calls) == 1
-
-
-# StableHLO prints the quotes inside a string attribute as \22.
-_FORCED_STABLEHLO = '{\\22force_earliest_schedule\\22:true}'
-
-
-@pytest.mark.parametrize("group", [None, 4])
-def test_forced_region_call_carries_the_backend_config(group):
-    """``force_earliest=True``: the call's frontend attributes hold ``backend_config``,
-    which the StableHLO-to-HLO translation turns into the HLO call's backend config (the
-    stream wrapper copies it onto call-start; the GPU scheduler then starts it early)."""
-    from jax_ep.backends.cuda._stream import FORCE_EARLIEST, on_side_stream, scheduling_group
-
-    def f(a, b, c, d):
-        inside = on_side_stream(lambda c, d: jnp.tanh(c @ d), group=group,
-                                force_earliest=True)(c, d)
-        if group is None:
-            return a @ b, inside
-        with scheduling_group(group):
-            return a @ b, inside
-
-    x = jnp.ones((16, 16), jnp.float32)
-    lowered = jax.jit(f).lower(x, x, x, x)
-    calls = _call_attrs(lowered.as_text())
-    assert len(calls) == 1
-    (name, attrs), = calls.items()
-    want = {"_xla_stream_annotation": "1", "inlineable": "false",
-            "backend_config": _FORCED_STABLEHLO}
-    if group is not None:
-        want["_scheduling_group_id"] = str(group)
-    assert attrs == want
-    assert "_scheduling_group_id" not in _body(lowered.as_text(), name)
-    # What XLA compiles: the HLO call holds it as its backend config, not a frontend attribute.
-    hlo = [ln for ln in lowered.as_text(dialect="hlo").splitlines() if " call(" in ln]
-    assert len(hlo) == 1 and f"backend_config={FORCE_EARLIEST}" in hlo[0]
-    assert "backend_config=" not in hlo[0].split("frontend_attributes=", 1)[1].split("}")[0]
-    want_vals = (x @ x, jnp.tanh(x @ x))
-    for got, w in zip(jax.jit(f)(x, x, x, x), want_vals):
-        np.testing.assert_allclose(got, w, rtol=1e-6)
-
-
-def test_force_earliest_is_checked_and_off_by_default():
-    from jax_ep.backends.cuda._stream import on_side_stream
-
-    x = jnp.ones((8, 8), jnp.float32)
-    with pytest.raises(ValueError, match="force_earliest must be True or False"):
-        on_side_stream(lambda c: c * 2, force_earliest=1)
-    text = jax.jit(on_side_stream(lambda c: c * 2, group=2)).lower(x).as_text()
-    assert "force_earliest_schedule" not in text
-
-
-def test_forced_region_differentiates_with_the_backward_region_unforced():
-    from jax.experimental import xla_metadata
-
-    from jax_ep.backends.cuda._stream import on_side_stream
-
-    w = jax.random.normal(jax.random.key(6), (8, 8))
-    region = on_side_stream(lambda x: jnp.sin(x @ w), force_earliest=True)
-    loss = lambda x: jnp.sum(region(x) ** 2)  # noqa: E731
-    x = jax.random.normal(jax.random.key(7), (4, 8))
-    np.testing.assert_allclose(jax.grad(loss)(x),
-                               jax.grad(lambda x: jnp.sum(jnp.sin(x @ w) ** 2))(x),
-                               rtol=1e-5, atol=1e-6)
-    calls = list(_call_attrs(jax.jit(jax.value_and_grad(loss)).lower(x).as_text()).values())
-    assert len(calls) >= 2 and all(a.get("_xla_stream_annotation") == "1" for a in calls)
-    assert any("backend_config" in a for a in calls)
-    if hasattr(xla_metadata, "xla_metadata_call2"):  # jax >= 0.11: only the forward call
-        assert sum("backend_config" in a for a in calls) == 1
 
 
 @pytest.mark.parametrize("make_ops", [_normal_ops, _low_latency_ops])
@@ -329,9 +260,9 @@ ENTRY %main.9 (a.1: bf16[8,8], b.1: bf16[8,8]) -> (bf16[8,8], bf16[8,8], bf16[8,
   %a.1 = bf16[8,8]{1,0} parameter(0)
   %b.1 = bf16[8,8]{1,0} parameter(1)
   %early = bf16[8,8]{1,0} call(%a.1, %b.1), to_apply=%command_buffer
-  %call-start = ((bf16[8,8]{1,0}, bf16[8,8]{1,0}), bf16[8,8]{1,0}) call-start(%a.1, %b.1), async_execution_thread="explicit", to_apply=%xla_metadata_call.3, frontend_attributes={_scheduling_group_id="1",_xla_stream_annotation="1",inlineable="false"}, backend_config={"operation_queue_id":"1","force_earliest_schedule":true}
+  %call-start = ((bf16[8,8]{1,0}, bf16[8,8]{1,0}), bf16[8,8]{1,0}) call-start(%a.1, %b.1), async_execution_thread="explicit", to_apply=%xla_metadata_call.3, frontend_attributes={_scheduling_group_id="1",_xla_stream_annotation="1",inlineable="false"}
   %gemm_fusion_dot.1 = bf16[8,8]{1,0} fusion(%a.1, %b.1), kind=kCustom, calls=%gemm_fusion_dot.1_computation, frontend_attributes={_scheduling_group_id="1"}, backend_config={"operation_queue_id":"0","fusion_backend_config":{"kind":"__triton_gemm"}}
-  %call-done = bf16[8,8]{1,0} call-done(%call-start), frontend_attributes={_scheduling_group_id="1",_xla_stream_annotation="1",inlineable="false"}, backend_config={"operation_queue_id":"1","force_earliest_schedule":false}
+  %call-done = bf16[8,8]{1,0} call-done(%call-start), frontend_attributes={_scheduling_group_id="1",_xla_stream_annotation="1",inlineable="false"}
   ROOT %tuple = (bf16[8,8]{1,0}, bf16[8,8]{1,0}, bf16[8,8]{1,0}) tuple(%gemm_fusion_dot.1, %call-done, %early)
 }
 """
@@ -343,12 +274,11 @@ def test_stream_probe_reads_the_schedule_of_compiled_hlo():
     assert report["scheduled"] and report["entry_instructions"] == 7
     (pair,) = report["pairs"]
     assert pair == dict(start="call-start", start_at=3, done_at=5, group="1", done_group="1",
-                        thread="explicit", force_earliest=True, done_force_earliest=False)
-    # a start on XLA's main thread (not printed) without a backend config
-    main = _SCHEDULED_HLO.replace(' async_execution_thread="explicit",', "").replace(
-        ', backend_config={"operation_queue_id":"1","force_earliest_schedule":true}', "")
+                        thread="explicit")
+    # a start on XLA's main thread (not printed)
+    main = _SCHEDULED_HLO.replace(' async_execution_thread="explicit",', "")
     (pair,) = probe.schedule_report(main)["pairs"]
-    assert pair["thread"] == "main" and pair["force_earliest"] is None
+    assert pair["thread"] == "main"
     gemms = {g["name"]: g for g in report["gemms"]}
     assert set(gemms) == {"early", "gemm_fusion_dot.1"}  # not the region's own GEMM
     assert gemms["gemm_fusion_dot.1"]["where"] == ["between call-start and call-done"]

@@ -21,15 +21,6 @@ the compute traced inside it (the matmuls to run between ``call-start`` and
 the grouped compute, done. It needs ``--xla_gpu_enable_latency_hiding_scheduler=true``, and
 on the GPU it keeps the id on compute only where that compute becomes a cuBLAS GEMM or a
 Triton GEMM fusion.
-
-Earliest start (internal, for experiments; cuda/OVERLAP.md "Next step"):
-``on_side_stream(f, force_earliest=True)`` adds the frontend attribute
-``backend_config='{"force_earliest_schedule":true}'`` to the region's call op. XLA's
-StableHLO-to-HLO translation moves a call's ``backend_config`` frontend attribute into the
-HLO call's backend config; the stream wrapper copies that config onto ``call-start`` and
-``call-done`` and clears the flag on the done; the GPU latency-hiding scheduler then
-force-delays the start in its bottom-up order, i.e. issues it as early as its operands
-allow. It has an effect only with ``--xla_gpu_enable_latency_hiding_scheduler=true``.
 """
 
 from __future__ import annotations
@@ -43,12 +34,6 @@ SIDE_STREAM = "gpu_stream:1"
 # Frontend attribute names as XLA spells them (xla/side_effect_util.cc).
 STREAM_ATTR = "_xla_stream_annotation"
 GROUP_ATTR = "_scheduling_group_id"
-# A call's frontend attribute of this name becomes the HLO call's backend config
-# (xla/hlo/translate/mhlo_to_hlo/mlir_hlo_to_hlo.cc, LowerFunctionCall).
-BACKEND_CONFIG_ATTR = "backend_config"
-# GpuBackendConfig as JSON: the GPU latency-hiding scheduler force-delays an instruction
-# with this set, which in its bottom-up order means as early as possible.
-FORCE_EARLIEST = '{"force_earliest_schedule":true}'
 
 
 @functools.lru_cache(maxsize=None)
@@ -107,17 +92,10 @@ def _tagged_call():
     return lambda f, attrs, ad_attrs: xla_metadata_call(f, **attrs)
 
 
-def _tagged_region(f, gid, force_earliest: bool):
-    """``f`` as a metadata call on the side stream, in group ``gid`` (None: no group), with
-    its call-start forced early if ``force_earliest``."""
+def _grouped_region(f, gid: str):
     stream = SIDE_STREAM.split(":", 1)[1]
     # inlineable=false as compute_on sets it: XLA's call inliner must leave the region be.
     region = {STREAM_ATTR: stream, "inlineable": "false"}
-    attrs = dict(region)
-    if gid is not None:
-        attrs[GROUP_ATTR] = gid
-    if force_earliest:
-        attrs[BACKEND_CONFIG_ATTR] = FORCE_EARLIEST
 
     def body(*args):
         # Only the call (later call-start/done) may hold the id: XLA clears it from the
@@ -125,30 +103,22 @@ def _tagged_region(f, gid, force_earliest: bool):
         from jax.experimental.xla_metadata import set_xla_metadata
         with set_xla_metadata(**{GROUP_ATTR: None}):
             return f(*args)
-    # The backward regions go on the side stream too, outside the group and without the
-    # forced start: a forward and a backward pair with one id would make one group with a
-    # gap, which XLA refuses.
-    return _tagged_call()(body, attrs, region)
+    # The backward regions go on the side stream too, outside the group: a forward and a
+    # backward pair with one id would make one group with a gap, which XLA refuses.
+    return _tagged_call()(body, {**region, GROUP_ATTR: gid}, region)
 
 
-def on_side_stream(f, group=None, force_earliest=False):
+def on_side_stream(f, group=None):
     """``f`` as a call region that XLA runs on :data:`SIDE_STREAM` (see the module doc).
 
     ``group``: a scheduling group id (non-negative int) for the region's call op; give
     the compute it should overlap the same id with :func:`scheduling_group`. On jax 0.10.x
     the regions that autodiff derives from a grouped region carry the same id (that jax
     has no way to say otherwise): group only code that is not differentiated there.
-
-    ``force_earliest`` (internal, experimental): the region's call op carries
-    ``backend_config`` :data:`FORCE_EARLIEST`, so that the GPU latency-hiding scheduler
-    issues its ``call-start`` as early as the operands allow. As with ``group``, on jax
-    0.10.x the regions autodiff derives carry it too.
     """
-    if not isinstance(force_earliest, bool):
-        raise ValueError(f"jax_ep: force_earliest must be True or False, got {force_earliest!r}")
-    if group is None and not force_earliest:
+    if group is None:
         return _region_maker()(f)
-    return _tagged_region(f, None if group is None else group_id(group), force_earliest)
+    return _grouped_region(f, group_id(group))
 
 
 @contextlib.contextmanager
