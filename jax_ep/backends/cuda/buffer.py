@@ -399,9 +399,6 @@ def _half_available(num_bytes: int) -> int:
 
 def check_fits_low_latency(buffer, cfg: LowLatencyConfig, dtype=jnp.bfloat16) -> None:
     """Raises at trace time when a low-latency call of ``cfg`` needs more than ``buffer``."""
-    if cfg.num_ranks != buffer.num_ranks:
-        raise ValueError(f"low_latency_dispatch: the buffer was made for {buffer.num_ranks} "
-                         f"ranks but the axis {cfg.axis_name!r} has {cfg.num_ranks}")
     spans_nodes = getattr(buffer, "rdma_ptr", None) is not None
     if spans_nodes and not getattr(buffer, "ll_symmetric_ptr", None):
         raise ValueError(
