@@ -41,16 +41,22 @@ def over_nodes(test):
     return pytest.mark.parametrize("R", h.MULTI_RANKS)(test)
 
 
+def logical_nodes(R, node_size, monkeypatch):
+    """Skips unless the run's R ranks are processes that make several nodes of
+    ``node_size``; else cuts the EP axis into such logical nodes for the next Buffers."""
+    if not h.distributed():
+        pytest.skip("the internode path needs one process per GPU (tests.multiprocess)")
+    if R % node_size or node_size == R:
+        pytest.skip(f"{R} ranks do not make several nodes of {node_size}")
+    monkeypatch.setenv(distributed.NODE_SIZE_ENV, str(node_size))
+
+
 @pytest.fixture
 def internode(R, node_size, monkeypatch):
     """Logical nodes of ``node_size`` ranks; ``h.buffer`` returns an internode Buffer.
     Yields the EP size R (all the run's ranks)."""
     G = node_size
-    if not h.distributed():
-        pytest.skip("the internode path needs one process per GPU (tests.multiprocess)")
-    if R % G or G == R:
-        pytest.skip(f"{R} ranks do not make several nodes of {G}")
-    monkeypatch.setenv(distributed.NODE_SIZE_ENV, str(G))
+    logical_nodes(R, G, monkeypatch)
     if (R, G) not in _buffers:  # every rank runs the same tests in the same order
         _buffers[R, G] = h.new_buffer(R, num_nvl_bytes=64 << 20, num_rdma_bytes=192 << 20)
     buf = _buffers[R, G]

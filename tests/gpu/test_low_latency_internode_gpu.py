@@ -20,40 +20,25 @@ import numpy as np
 import pytest
 
 import jax_ep
-from jax_ep import distributed, nvshmem
+from jax_ep import nvshmem
 from jax_ep.backends import cuda as cll
 from tests import harness as h
 from tests.gpu import test_low_latency_gpu as ll
+from tests.gpu.test_internode_gpu import logical_nodes, over_nodes
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not nvshmem.is_available(), reason=nvshmem.why_unavailable()),
 ]
 
-NODE_SIZES = (1, 2)  # ranks per logical node; the run's rank count decides which apply
 _buffers = {}
-
-
-def over_nodes(test):
-    """Runs ``test`` at every EP size R of a job and node size that makes several nodes
-    (tests/conftest.py keeps the R of this job)."""
-    test = pytest.mark.parametrize("node_size", NODE_SIZES, ids=lambda g: f"node{g}")(test)
-    return pytest.mark.parametrize("R", h.MULTI_RANKS)(test)
-
-
-def _skip_unless_nodes(R, node_size, monkeypatch):
-    if not h.distributed():
-        pytest.skip("the internode path needs one process per GPU (tests.multiprocess)")
-    if R % node_size or node_size == R:
-        pytest.skip(f"{R} ranks do not make several nodes of {node_size}")
-    monkeypatch.setenv(distributed.NODE_SIZE_ENV, str(node_size))
 
 
 @pytest.fixture
 def ll_internode(R, node_size, monkeypatch):
     """Logical nodes of ``node_size`` ranks; the low-latency tests' Buffer is an internode
     one with a symmetric low-latency region. Yields the EP size R."""
-    _skip_unless_nodes(R, node_size, monkeypatch)
+    logical_nodes(R, node_size, monkeypatch)
     if (R, node_size) not in _buffers:  # every rank runs the same tests in the same order
         _buffers[R, node_size] = h.new_buffer(
             R, num_nvl_bytes=cll.ll_bytes_hint(ll.MAX_M, ll.MAX_H, ll.MAX_E, R, dtype_bytes=4),
@@ -153,7 +138,7 @@ def test_grads_match_reference(ll_internode, dtype):
 
 @over_nodes
 def test_a_buffer_without_a_low_latency_region_is_a_clear_error(R, node_size, monkeypatch):
-    _skip_unless_nodes(R, node_size, monkeypatch)
+    logical_nodes(R, node_size, monkeypatch)
     with h.new_buffer(R, num_nvl_bytes=32 << 20, num_rdma_bytes=16 << 20) as buf:
         assert buf.rdma_ptr is not None and buf.ll_symmetric_ptr is None
         x = np.zeros((R, 8, 256), np.float32).astype(jnp.bfloat16)
@@ -167,7 +152,7 @@ def test_a_buffer_without_a_low_latency_region_is_a_clear_error(R, node_size, mo
 @over_nodes
 def test_buffer_create_close_does_not_leak(R, node_size, monkeypatch):
     """Both symmetric regions (rail and low-latency) come and go with the Buffer."""
-    _skip_unless_nodes(R, node_size, monkeypatch)
+    logical_nodes(R, node_size, monkeypatch)
     live = nvshmem.info()["live_allocations"]
     for cycle in range(3):
         with h.new_buffer(R, num_nvl_bytes=cll.ll_bytes_hint(8, 256, 4 * R, R),
