@@ -119,30 +119,11 @@ constexpr int kLLMaxBlocks = 1024;
 int blocks_of(int64_t num_sms) { return clamp_int(num_sms, 1, kLLMaxBlocks); }
 int threads_of(int64_t num_warps) { return 32 * clamp_int(num_warps, 1, kLLMaxThreads / 32); }
 
-// The ranks of one op's EP group as the kernels reach them, and how to launch.
-struct LLEndpoint {
-  LLPeers peers{};
-  int rank = -1, num_ranks = 0;
-  size_t half_bytes = 0;  // available in each half
-  size_t num_bytes = 0;   // of the buffer (one node) or the symmetric region (several)
-  bool symmetric = false;
-  const LLLaunchers* launchers = nullptr;
-};
-
 const LLLaunchers kNvlinkLaunchers{launch_ll_dispatch, launch_ll_combine};
 
 ffi::ErrorOr<LLEndpoint> ll_endpoint(int64_t buffer_id, int32_t device, const std::string& op) {
+  if (const LLEndpoint* r = find_ll_symmetric(buffer_id, device)) return *r;
   LLEndpoint ep;
-  if (const LLSymmetricRegion* r = find_ll_symmetric(buffer_id, device)) {
-    ep.peers = r->peers;
-    ep.rank = r->rank;
-    ep.num_ranks = r->num_ranks;
-    ep.num_bytes = r->num_bytes;
-    ep.half_bytes = ll_symmetric_half_bytes(r->num_bytes);
-    ep.symmetric = true;
-    ep.launchers = r->launchers;
-    return ep;
-  }
   auto s = lookup_buffer(buffer_id, device, op);
   if (s.has_error()) return ffi::Unexpected(s.error());
   const BufferState& b = *s.value();

@@ -11,7 +11,7 @@ namespace jax_ep {
 namespace {
 
 std::mutex g_mutex;
-std::map<std::pair<int64_t, int>, LLSymmetricRegion> g_regions;  // (id, device) -> region
+std::map<std::pair<int64_t, int>, LLEndpoint> g_regions;  // (id, device) -> region
 
 }  // namespace
 
@@ -28,10 +28,12 @@ std::string register_ll_symmetric(int64_t buffer_id, int device, int rank,
   if (launchers == nullptr || launchers->dispatch == nullptr || launchers->combine == nullptr)
     return where + "no launchers (jax_ep._jax_ep_nvshmem.ll_launchers())";
   if (ll_symmetric_half_bytes(num_bytes) == 0) return where + "region too small";
-  LLSymmetricRegion s;
+  LLEndpoint s;
   s.rank = rank;
   s.num_ranks = R;
   s.num_bytes = num_bytes;
+  s.half_bytes = ll_symmetric_half_bytes(num_bytes);
+  s.symmetric = true;
   s.launchers = launchers;
   for (int r = 0; r < R; ++r) {
     s.peers.region[r] = reinterpret_cast<char*>(regions[r]);
@@ -72,7 +74,7 @@ void unregister_ll_symmetric(int64_t buffer_id) {
   cudaGetLastError();
 }
 
-const LLSymmetricRegion* find_ll_symmetric(int64_t buffer_id, int device) {
+const LLEndpoint* find_ll_symmetric(int64_t buffer_id, int device) {
   std::lock_guard<std::mutex> lock(g_mutex);
   auto it = g_regions.find({buffer_id, device});
   return it == g_regions.end() ? nullptr : &it->second;

@@ -15,11 +15,14 @@
 
 namespace jax_ep {
 
-struct LLSymmetricRegion {
-  int rank = -1;
-  int num_ranks = 0;
-  size_t num_bytes = 0;  // of each rank's region (ll_symmetric_region_bytes)
+// The ranks of one op's EP group as the kernels reach them, and how to launch: what the
+// low-latency handlers need, from this registry or from a one-node communication buffer.
+struct LLEndpoint {
   LLPeers peers{};
+  int rank = -1, num_ranks = 0;
+  size_t half_bytes = 0;  // available in each half
+  size_t num_bytes = 0;   // of the buffer (one node) or of each rank's symmetric region
+  bool symmetric = false;
   const LLLaunchers* launchers = nullptr;
 };
 
@@ -35,6 +38,6 @@ std::string register_ll_symmetric(int64_t buffer_id, int device, int rank,
 void unregister_ll_symmetric(int64_t buffer_id);
 
 // nullptr when this (id, device) pair is not registered.
-const LLSymmetricRegion* find_ll_symmetric(int64_t buffer_id, int device);
+const LLEndpoint* find_ll_symmetric(int64_t buffer_id, int device);
 
 }  // namespace jax_ep
