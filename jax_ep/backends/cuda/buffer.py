@@ -213,8 +213,9 @@ def _allocate_ll_symmetric(buffer, buffer_id: int, groups, row: int, col: int,
     try:
         regions = []
         for r, pe in enumerate(pes):
-            mapped = nvshmem.peer_pointer(ptr, pe) if r // node_size == my_node else 0
-            if r // node_size == my_node and mapped == 0:
+            same_node = r // node_size == my_node
+            mapped = nvshmem.peer_pointer(ptr, pe) if same_node else 0
+            if same_node and mapped == 0:
                 raise RuntimeError(
                     f"jax_ep.Buffer: rank {r} is on this rank's node (node_size={node_size}) "
                     f"but NVSHMEM gives no load/store mapping of its memory (nvshmem_ptr "
