@@ -18,7 +18,10 @@ of HBM traffic at the default size, ~150-200 us) that no real expert does and th
 this row larger than the sum of the other two.
 
 Extra rows (no baseline): FP8 dispatch with zero_padding=True (what a differentiated
-dispatch costs), and the split forms (send then recv, nothing in between).
+dispatch costs), the split forms (send then recv, nothing in between), and the fused ops
+chained by data the way the split chains must be (``*_chained_like_split``: the same small
+fusion between consecutive calls; XLA orders custom calls only along data dependencies),
+the fair reference for the split forms' cost.
 
 At one rank, or with ranks sharing a GPU (``--processes`` above the GPU count), the times are
 fixed costs: printed as such, with no baseline, ratio or target.
@@ -116,10 +119,14 @@ def main():
         return jnp.broadcast_to(x[:1], (L * R * M, H)).reshape(L, R * M, H) * 0.5
 
     # ---------------------------------------------------------------- jax_ep chains
-    def dispatch_chain(n, cfg=cfg_fp8):
+    def dispatch_chain(n, cfg=cfg_fp8, chained=False):
         def body(x, i, w):
             x, i = x[0], i[0]
-            keep = [cll.ll_dispatch(x, i, None, cfg, **kw)[1] for _ in range(n)]
+            keep = []
+            for _ in range(n):
+                keep.append(cll.ll_dispatch(x, i, None, cfg, **kw)[1])
+                if chained:  # the split chain's data dependency (one small fusion per call)
+                    i = jnp.where(keep[-1][0] >= 0, i, -1)
             return jnp.stack(keep)[None]
         return smap(body)
 
@@ -134,7 +141,7 @@ def main():
             return jnp.stack(keep)[None]
         return smap(body)
 
-    def combine_chain(n, split=False, cfg=cfg_fp8):
+    def combine_chain(n, split=False, cfg=cfg_fp8, chained=False):
         def body(x, i, w):
             x, i, w = x[0], i[0], w[0]
             _, _, handle = cll.ll_dispatch(x, i, None, cfg, **kw)
@@ -142,16 +149,17 @@ def main():
             outs = []
             for _ in range(n):
                 if split:
-                    ticket = cll.ll_combine_send(y, handle, cfg, **kw)
-                    outs.append(cll.ll_combine_recv(ticket, i, w, handle, cfg, y.dtype, H,
+                    sent = cll.ll_combine_send(y, handle, cfg, **kw)
+                    outs.append(cll.ll_combine_recv(sent, i, w, handle, cfg, y.dtype, H,
                                                     **kw))
+                else:
+                    outs.append(cll.ll_combine(y, i, w, handle, cfg, **kw))
+                if split or chained:
                     # The next send after this recv: a data dependency through the (tiny)
-                    # counts it reads.
+                    # counts it reads (one small fusion per call).
                     counts = handle.recv_count_per_rank
                     handle = handle._replace(recv_count_per_rank=jnp.where(
                         jnp.isfinite(outs[-1][0, 0]), counts, 0))
-                else:
-                    outs.append(cll.ll_combine(y, i, w, handle, cfg, **kw))
             return jnp.stack([o[0, :8] for o in outs])[None]
         return smap(body)
 
@@ -222,7 +230,11 @@ def main():
     for name, make in [("dispatch_fp8_zero_padding",
                         lambda n: dispatch_chain(n, cfg_fp8_zero)),
                        ("dispatch_fp8_split", split_dispatch_chain),
-                       ("combine_bf16_split", lambda n: combine_chain(n, split=True))]:
+                       ("dispatch_fp8_chained_like_split",
+                        lambda n: dispatch_chain(n, chained=True)),
+                       ("combine_bf16_split", lambda n: combine_chain(n, split=True)),
+                       ("combine_bf16_chained_like_split",
+                        lambda n: combine_chain(n, chained=True))]:
         extra[name] = round(per_call_us(make, args, n_short, n_long, a.reps), 1)
     internode = {}
     if intranode_buf is not None:  # the same chains inside one NVLink domain

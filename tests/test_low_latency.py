@@ -285,9 +285,18 @@ def test_cuda_split_form_lowers_to_separate_send_and_recv_calls(cuda_lowering):
     names = [c[1] for c in calls]
     assert names == ["jax_ep_ll_dispatch_send", "jax_ep_ll_dispatch_recv",
                      "jax_ep_ll_combine_send", "jax_ep_ll_combine_recv"], names
-    (d_send, _, _, _), (_, _, d_recv_ops, zp), (c_send, _, _, _), (_, _, c_recv_ops, _) = calls
-    assert d_recv_ops == [d_send + "#1"]  # the recv consumes the send's ticket
-    assert c_recv_ops[0] == c_send        # likewise for combine
+    (d_send, _, _, _), (_, _, d_recv_ops, zp), (c_send, _, c_send_ops, _), \
+        (_, _, c_recv_ops, _) = calls
+    # The dispatch recv consumes the send's ticket and the receive buffers the send wrote
+    # this rank's own rows into (recv_src_token, recv_count_per_rank, recv_x), aliased to
+    # its results.
+    assert d_recv_ops == [d_send + f"#{i}" for i in range(1, 5)], d_recv_ops
+    recv_line = next(line for line in _lowered(split, R, T, H, K).splitlines()
+                     if "@jax_ep_ll_dispatch_recv(" in line)
+    assert recv_line.count("output_operand_aliases") == 1 and \
+        recv_line.count("operand_index = ") == 3, recv_line
+    assert c_recv_ops[0] == c_send        # likewise for combine: the ticket ...
+    assert c_recv_ops[1] == c_send_ops[0]  # ... and y, where it reads its own rows
     assert zp is False                    # inference: padding rows left undefined
 
     # Differentiated: the recv zero-pads (its custom VJP's forward rule).

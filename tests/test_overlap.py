@@ -73,8 +73,8 @@ def _low_latency_ops(side_stream):
         y = cuda_ll.ll_combine(recv_x, idx, w, handle, cfg)
         sent = cuda_ll.ll_dispatch_send(y, idx, cfg)
         recv_x, count, handle = cuda_ll.ll_dispatch_recv(sent, cfg, x.dtype, hidden=H)
-        ticket = cuda_ll.ll_combine_send(recv_x, handle, cfg)
-        return cuda_ll.ll_combine_recv(ticket, idx, w, handle, cfg, x.dtype, H)
+        sent_y = cuda_ll.ll_combine_send(recv_x, handle, cfg)
+        return cuda_ll.ll_combine_recv(sent_y, idx, w, handle, cfg, x.dtype, H)
     return ops
 
 

@@ -27,7 +27,7 @@ namespace jax_ep {
 
 // Attributes of the ops (decoded from the custom call's attribute dictionary). num_sms and
 // num_warps: launch shape (clamped to kLLMaxBlocks blocks of at most kLLMaxThreads).
-struct LLLaunchAttrs {        // combine, combine_send
+struct LLLaunchAttrs {        // combine, combine_send, combine_recv
   int64_t buffer_id, num_sms, num_warps;
 };
 struct LLDispatchAttrs {      // fused dispatch
@@ -36,18 +36,15 @@ struct LLDispatchAttrs {      // fused dispatch
   bool zero_padding;          // zero recv_x rows past the counts
   int64_t num_sms, num_warps;
 };
-struct LLDispatchSendAttrs {  // no receive buffer to read the sizes from
-  int64_t buffer_id, num_experts, max_tokens_per_rank;
-  bool use_fp8, has_slot_scale;
+struct LLDispatchSendAttrs {
+  int64_t buffer_id;
+  bool has_slot_scale;
   int64_t num_sms, num_warps;
 };
 struct LLDispatchRecvAttrs {
   int64_t buffer_id;
   bool zero_padding;
   int64_t num_sms, num_warps;
-};
-struct LLCombineRecvAttrs {   // no y to read the sizes from
-  int64_t buffer_id, num_experts, max_tokens_per_rank, num_sms, num_warps;
 };
 
 }  // namespace jax_ep
@@ -63,21 +60,12 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_ep::LLDispatchAttrs,
                                       StructMember<int64_t>("num_warps"));
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_ep::LLDispatchSendAttrs,
                                       StructMember<int64_t>("buffer_id"),
-                                      StructMember<int64_t>("num_experts"),
-                                      StructMember<int64_t>("max_tokens_per_rank"),
-                                      StructMember<bool>("use_fp8"),
                                       StructMember<bool>("has_slot_scale"),
                                       StructMember<int64_t>("num_sms"),
                                       StructMember<int64_t>("num_warps"));
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_ep::LLDispatchRecvAttrs,
                                       StructMember<int64_t>("buffer_id"),
                                       StructMember<bool>("zero_padding"),
-                                      StructMember<int64_t>("num_sms"),
-                                      StructMember<int64_t>("num_warps"));
-XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_ep::LLCombineRecvAttrs,
-                                      StructMember<int64_t>("buffer_id"),
-                                      StructMember<int64_t>("num_experts"),
-                                      StructMember<int64_t>("max_tokens_per_rank"),
                                       StructMember<int64_t>("num_sms"),
                                       StructMember<int64_t>("num_warps"));
 
@@ -245,9 +233,10 @@ ffi::Error recv_payload_type(const std::string& op, ffi::RemainingRets& payload,
   return ffi::Error::Success();
 }
 
-// Fills the receiver half of `a` (after bind_common) from the payload and count results.
+// Fills the receiver half of `a` (after bind_common) from the payload and count results
+// (recv_count: nullptr for dispatch_send, which writes only this rank's own rows and counts).
 ffi::Error bind_recv_outputs(const std::string& op, ffi::RemainingRets& payload, bool use_fp8,
-                             ffi::Result<ffi::Buffer<ffi::S32>>& recv_count,
+                             ffi::Result<ffi::Buffer<ffi::S32>>* recv_count,
                              ffi::Result<ffi::Buffer<ffi::S32>>& recv_src_token,
                              ffi::Result<ffi::Buffer<ffi::S32>>& recv_count_per_rank,
                              LLDispatchArgs& a) {
@@ -268,11 +257,12 @@ ffi::Error bind_recv_outputs(const std::string& op, ffi::RemainingRets& payload,
       return invalid(op, "FP8 scales must be float32 [L, R*M, hidden/128]");
     a.recv_scales = static_cast<float*>(scales.value()->untyped_data());
   }
-  if (recv_count->element_count() != size_t(L) || recv_src_token->element_count() != size_t(L) * RM ||
+  if ((recv_count != nullptr && (*recv_count)->element_count() != size_t(L)) ||
+      recv_src_token->element_count() != size_t(L) * RM ||
       recv_count_per_rank->element_count() != size_t(L) * a.num_ranks)
     return invalid(op, "recv_count [L], recv_src_token [L, R*M] and recv_count_per_rank [L, R] "
                        "have the wrong sizes");
-  a.recv_count = recv_count->typed_data();
+  a.recv_count = recv_count != nullptr ? (*recv_count)->typed_data() : nullptr;
   a.recv_src_token = recv_src_token->typed_data();
   a.recv_count_per_rank = recv_count_per_rank->typed_data();
   return ffi::Error::Success();
@@ -301,6 +291,42 @@ ffi::Error bind_sender(const std::string& op, ffi::AnyBuffer x, ffi::Buffer<ffi:
   return ffi::Error::Success();
 }
 
+// The binding of the two handlers that run the send phase (the fused dispatch and
+// dispatch_send): the sender's operands, and the receive buffers it writes (the fused op
+// all of them; the send phase this rank's own rows, their tokens and counts), whose shape
+// gives the experts and max_tokens_per_rank.
+ffi::Error bind_dispatch(cudaStream_t stream, const std::string& op, int32_t device,
+                         int64_t buffer_id, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> topk_idx,
+                         ffi::Buffer<ffi::F32> slot_scale, bool has_slot_scale, int* send_pos,
+                         ffi::Result<ffi::Buffer<ffi::S32>>* recv_count,
+                         ffi::Result<ffi::Buffer<ffi::S32>>& recv_src_token,
+                         ffi::Result<ffi::Buffer<ffi::S32>>& recv_count_per_rank,
+                         ffi::RemainingRets& payload, int64_t num_sms, int64_t num_warps,
+                         LLDispatchArgs& a, LLEndpoint* endpoint) {
+  const bool use_fp8 = payload.size() == 2;  // e4m3 values and f32 scales
+  ffi::Error err = bind_sender(op, x, topk_idx, slot_scale, has_slot_scale, use_fp8, send_pos, a);
+  if (err.failure()) return err;
+  int hidden = 0;
+  ElemType recv_type;
+  err = recv_payload_type(op, payload, use_fp8, &hidden, &recv_type);
+  if (err.failure()) return err;
+  if (hidden != a.hidden || (!use_fp8 && recv_type != a.x_type))
+    return invalid(op, "recv_x must be [L, R*M, H] in x's dtype (or float8_e4m3fn)");
+  auto s = ll_endpoint(buffer_id, device, op);
+  if (s.has_error()) return s.error();
+  *endpoint = s.value();
+  LLShape shape;
+  err = shape_of_slots(op, "recv_x", payload.get<ffi::AnyBuffer>(0).value()->dimensions(),
+                       endpoint->num_ranks, &shape);
+  if (err.failure()) return err;
+  const auto id = topk_idx.dimensions();
+  err = bind_dispatch_common(stream, op, device, *endpoint, shape, int(id[0]), int(id[1]),
+                             num_sms, num_warps, use_fp8, a);
+  if (err.failure()) return err;
+  return bind_recv_outputs(op, payload, use_fp8, recv_count, recv_src_token,
+                           recv_count_per_rank, a);
+}
+
 ffi::Error LLDispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
                           ffi::Buffer<ffi::S32> topk_idx, ffi::Buffer<ffi::F32> slot_scale,
                           ffi::Result<ffi::Buffer<ffi::S32>> send_pos,
@@ -309,56 +335,41 @@ ffi::Error LLDispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
                           ffi::Result<ffi::Buffer<ffi::S32>> recv_count_per_rank,
                           ffi::RemainingRets payload, LLDispatchAttrs attrs) {
   const std::string op = "low_latency_dispatch";
-  const bool use_fp8 = payload.size() == 2;  // e4m3 values and f32 scales
   LLDispatchArgs a{};
-  ffi::Error err = bind_sender(op, x, topk_idx, slot_scale, attrs.has_slot_scale, use_fp8,
-                               send_pos->typed_data(), a);
-  if (err.failure()) return err;
-  int hidden = 0;
-  ElemType recv_type;
-  err = recv_payload_type(op, payload, use_fp8, &hidden, &recv_type);
-  if (err.failure()) return err;
-  if (hidden != a.hidden || (!use_fp8 && recv_type != a.x_type))
-    return invalid(op, "recv_x must be [L, R*M, H] in x's dtype (or float8_e4m3fn)");
-  auto s = ll_endpoint(attrs.buffer_id, device, op);
-  if (s.has_error()) return s.error();
-  LLShape shape;
-  err = shape_of_slots(op, "recv_x", payload.get<ffi::AnyBuffer>(0).value()->dimensions(),
-                       s.value().num_ranks, &shape);
-  if (err.failure()) return err;
-  const auto id = topk_idx.dimensions();
-  err = bind_dispatch_common(stream, op, device, s.value(), shape, int(id[0]), int(id[1]),
-                             attrs.num_sms, attrs.num_warps, use_fp8, a);
-  if (err.failure()) return err;
-  err = bind_recv_outputs(op, payload, use_fp8, recv_count, recv_src_token, recv_count_per_rank,
-                          a);
+  LLEndpoint ep;
+  ffi::Error err = bind_dispatch(stream, op, device, attrs.buffer_id, x, topk_idx, slot_scale,
+                                 attrs.has_slot_scale, send_pos->typed_data(), &recv_count,
+                                 recv_src_token, recv_count_per_rank, payload, attrs.num_sms,
+                                 attrs.num_warps, a, &ep);
   if (err.failure()) return err;
   a.zero_padding = attrs.zero_padding;
-  return check_launch(s.value().launchers->dispatch(a, kLLBoth, stream), op);
+  return check_launch(ep.launchers->dispatch(a, kLLBoth, stream), op);
 }
 
+// The receive buffers are results of the send (it writes this rank's own rows there) and
+// pass through the recv as aliased operands.
 ffi::Error LLDispatchSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
                               ffi::Buffer<ffi::S32> topk_idx, ffi::Buffer<ffi::F32> slot_scale,
                               ffi::Result<ffi::Buffer<ffi::S32>> send_pos,
                               ffi::Result<ffi::Buffer<ffi::S32>> ticket,
-                              LLDispatchSendAttrs attrs) {
+                              ffi::Result<ffi::Buffer<ffi::S32>> recv_src_token,
+                              ffi::Result<ffi::Buffer<ffi::S32>> recv_count_per_rank,
+                              ffi::RemainingRets payload, LLDispatchSendAttrs attrs) {
   const std::string op = "low_latency_dispatch_send";
   LLDispatchArgs a{};
-  ffi::Error err = bind_sender(op, x, topk_idx, slot_scale, attrs.has_slot_scale, attrs.use_fp8,
-                               send_pos->typed_data(), a);
-  if (err.failure()) return err;
-  auto s = ll_endpoint(attrs.buffer_id, device, op);
-  if (s.has_error()) return s.error();
-  const auto id = topk_idx.dimensions();
-  err = bind_dispatch_common(stream, op, device, s.value(),
-                             LLShape{attrs.num_experts, attrs.max_tokens_per_rank}, int(id[0]),
-                             int(id[1]), attrs.num_sms, attrs.num_warps, attrs.use_fp8, a);
+  LLEndpoint ep;
+  ffi::Error err = bind_dispatch(stream, op, device, attrs.buffer_id, x, topk_idx, slot_scale,
+                                 attrs.has_slot_scale, send_pos->typed_data(), nullptr,
+                                 recv_src_token, recv_count_per_rank, payload, attrs.num_sms,
+                                 attrs.num_warps, a, &ep);
   if (err.failure()) return err;
   a.ticket = ticket->typed_data();
-  return check_launch(s.value().launchers->dispatch(a, kLLSend, stream), op);
+  return check_launch(ep.launchers->dispatch(a, kLLSend, stream), op);
 }
 
+// The send's receive buffers arrive as operands aliased to the results (unread here).
 ffi::Error LLDispatchRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32> ticket,
+                              ffi::RemainingArgs /*aliased to the results*/,
                               ffi::Result<ffi::Buffer<ffi::S32>> recv_count,
                               ffi::Result<ffi::Buffer<ffi::S32>> recv_src_token,
                               ffi::Result<ffi::Buffer<ffi::S32>> recv_count_per_rank,
@@ -380,8 +391,8 @@ ffi::Error LLDispatchRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<f
   err = bind_dispatch_common(stream, op, device, s.value(), shape, 0, 1, attrs.num_sms,
                              attrs.num_warps, use_fp8, a);
   if (err.failure()) return err;
-  err = bind_recv_outputs(op, payload, use_fp8, recv_count, recv_src_token, recv_count_per_rank,
-                          a);
+  err = bind_recv_outputs(op, payload, use_fp8, &recv_count, recv_src_token,
+                          recv_count_per_rank, a);
   if (err.failure()) return err;
   a.zero_padding = attrs.zero_padding;
   a.expect_ticket = ticket.typed_data();
@@ -411,33 +422,50 @@ ffi::Error bind_combine(cudaStream_t stream, const std::string& op, int32_t devi
                      half, a);
 }
 
-ffi::Error LLCombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
-                         ffi::Buffer<ffi::S32> topk_idx, ffi::Buffer<ffi::F32> topk_weights,
-                         ffi::Buffer<ffi::S32> send_pos,
-                         ffi::Buffer<ffi::S32> recv_count_per_rank,
-                         ffi::Result<ffi::AnyBuffer> out, LLLaunchAttrs attrs) {
-  const std::string op = "low_latency_combine";
+// The binding of the handlers that run the recv phase (the fused combine and
+// combine_recv): y (its shape gives the experts and max_tokens_per_rank; the recv reads
+// this rank's own rows there), the home side's operands and the output.
+ffi::Error bind_combine_receiver(cudaStream_t stream, const std::string& op, int32_t device,
+                                 const LLLaunchAttrs& attrs, ffi::AnyBuffer y,
+                                 ffi::Buffer<ffi::S32> topk_idx,
+                                 ffi::Buffer<ffi::F32> topk_weights,
+                                 ffi::Buffer<ffi::S32> send_pos, ffi::Result<ffi::AnyBuffer>& out,
+                                 LLCombineArgs& a, LLEndpoint* endpoint) {
   const auto id = topk_idx.dimensions();
   if (id.size() != 2) return invalid(op, "topk_idx must be [T, K]");
   auto s = ll_endpoint(attrs.buffer_id, device, op);
   if (s.has_error()) return s.error();
+  *endpoint = s.value();
   LLShape shape;
-  ffi::Error err = shape_of_slots(op, "y", y.dimensions(), s.value().num_ranks, &shape);
+  ffi::Error err = shape_of_slots(op, "y", y.dimensions(), endpoint->num_ranks, &shape);
   if (err.failure()) return err;
-  LLCombineArgs a{};
-  err = bind_combine(stream, op, device, s.value(), shape, int(id[0]), int(id[1]),
+  err = bind_combine(stream, op, device, *endpoint, shape, int(id[0]), int(id[1]),
                      int(y.dimensions()[2]), y.element_type(), attrs.num_sms, attrs.num_warps, a);
   if (err.failure()) return err;
   if (out->element_type() != y.element_type() ||
       out->element_count() != size_t(id[0]) * size_t(a.width))
     return invalid(op, "out must be [T, W] in y's dtype");
   a.y = y.untyped_data();
-  a.recv_count_per_rank = recv_count_per_rank.typed_data();
   a.topk_idx = topk_idx.typed_data();
   a.topk_weights = topk_weights.typed_data();
   a.send_pos = send_pos.typed_data();
   a.out = out->untyped_data();
-  return check_launch(s.value().launchers->combine(a, kLLBoth, stream), op);
+  return ffi::Error::Success();
+}
+
+ffi::Error LLCombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
+                         ffi::Buffer<ffi::S32> topk_idx, ffi::Buffer<ffi::F32> topk_weights,
+                         ffi::Buffer<ffi::S32> send_pos,
+                         ffi::Buffer<ffi::S32> recv_count_per_rank,
+                         ffi::Result<ffi::AnyBuffer> out, LLLaunchAttrs attrs) {
+  const std::string op = "low_latency_combine";
+  LLCombineArgs a{};
+  LLEndpoint ep;
+  ffi::Error err = bind_combine_receiver(stream, op, device, attrs, y, topk_idx, topk_weights,
+                                         send_pos, out, a, &ep);
+  if (err.failure()) return err;
+  a.recv_count_per_rank = recv_count_per_rank.typed_data();
+  return check_launch(ep.launchers->combine(a, kLLBoth, stream), op);
 }
 
 ffi::Error LLCombineSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
@@ -459,29 +487,19 @@ ffi::Error LLCombineSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer
   return check_launch(s.value().launchers->combine(a, kLLSend, stream), op);
 }
 
+// y is an operand of the recv too: it reads this rank's own experts' rows there.
 ffi::Error LLCombineRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32> ticket,
-                             ffi::Buffer<ffi::S32> topk_idx, ffi::Buffer<ffi::F32> topk_weights,
-                             ffi::Buffer<ffi::S32> send_pos, ffi::Result<ffi::AnyBuffer> out,
-                             LLCombineRecvAttrs attrs) {
+                             ffi::AnyBuffer y, ffi::Buffer<ffi::S32> topk_idx,
+                             ffi::Buffer<ffi::F32> topk_weights, ffi::Buffer<ffi::S32> send_pos,
+                             ffi::Result<ffi::AnyBuffer> out, LLLaunchAttrs attrs) {
   const std::string op = "low_latency_combine_recv";
-  const auto id = topk_idx.dimensions();
-  const auto od = out->dimensions();
-  if (id.size() != 2 || od.size() != 2 || od[0] != id[0])
-    return invalid(op, "topk_idx must be [T, K] and out [T, W]");
-  auto s = ll_endpoint(attrs.buffer_id, device, op);
-  if (s.has_error()) return s.error();
   LLCombineArgs a{};
-  ffi::Error err = bind_combine(stream, op, device, s.value(),
-                                LLShape{attrs.num_experts, attrs.max_tokens_per_rank},
-                                int(id[0]), int(id[1]), int(od[1]), out->element_type(),
-                                attrs.num_sms, attrs.num_warps, a);
+  LLEndpoint ep;
+  ffi::Error err = bind_combine_receiver(stream, op, device, attrs, y, topk_idx, topk_weights,
+                                         send_pos, out, a, &ep);
   if (err.failure()) return err;
-  a.topk_idx = topk_idx.typed_data();
-  a.topk_weights = topk_weights.typed_data();
-  a.send_pos = send_pos.typed_data();
-  a.out = out->untyped_data();
   a.expect_ticket = ticket.typed_data();
-  return check_launch(s.value().launchers->combine(a, kLLRecv, stream), op);
+  return check_launch(ep.launchers->combine(a, kLLRecv, stream), op);
 }
 
 }  // namespace
@@ -533,6 +551,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpLLDispatchSend, LLDispatchSendImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()    // slot_scale [T, K] or [1]
                                   .Ret<ffi::Buffer<ffi::S32>>()    // send_pos [T, K]
                                   .Ret<ffi::Buffer<ffi::S32>>()    // ticket [1]
+                                  .Ret<ffi::Buffer<ffi::S32>>()    // recv_src_token [L, R*M]
+                                  .Ret<ffi::Buffer<ffi::S32>>()    // recv_count_per_rank [L, R]
+                                  .RemainingRets()                 // recv_x (, FP8 scales)
                                   .Attrs<LLDispatchSendAttrs>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpLLDispatchRecv, LLDispatchRecvImpl,
@@ -540,6 +561,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpLLDispatchRecv, LLDispatchRecvImpl,
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
                                   .Arg<ffi::Buffer<ffi::S32>>()    // ticket [1]
+                                  .RemainingArgs()                 // the send's receive buffers
                                   .Ret<ffi::Buffer<ffi::S32>>()    // recv_count [L]
                                   .Ret<ffi::Buffer<ffi::S32>>()    // recv_src_token [L, R*M]
                                   .Ret<ffi::Buffer<ffi::S32>>()    // recv_count_per_rank [L, R]
@@ -572,10 +594,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpLLCombineRecv, LLCombineRecvImpl,
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
                                   .Arg<ffi::Buffer<ffi::S32>>()    // ticket [1]
+                                  .Arg<ffi::AnyBuffer>()           // y [L, R*M, W]
                                   .Arg<ffi::Buffer<ffi::S32>>()    // topk_idx [T, K]
                                   .Arg<ffi::Buffer<ffi::F32>>()    // topk_weights [T, K]
                                   .Arg<ffi::Buffer<ffi::S32>>()    // send_pos [T, K]
                                   .Ret<ffi::AnyBuffer>()           // out [T, W]
-                                  .Attrs<LLCombineRecvAttrs>());
+                                  .Attrs<LLLaunchAttrs>());
 
 }  // namespace jax_ep

@@ -21,9 +21,10 @@ struct CombineShared {
   uint64_t op;
 };
 
-// Send phase. Block b handles the units u = l*R + s = b, b+G, ...: the n rows
-// y[l, s*M + i] (= row u*M + i) go to slot [me*L + l, i] of rank s; after all of the
+// Send phase. Block b handles the units u = l*R + s = b, b+G, ... of other ranks s: the n
+// rows y[l, s*M + i] (= row u*M + i) go to slot [me*L + l, i] of rank s; after all of the
 // block's rows one barrier, then one release per unit flag (expert me*L + l at rank s).
+// This rank's own units (s = me) stay in y: its recv phase reads them there.
 // A rank of another node (puts): the unit's rows are copied into the symmetric staging
 // block (rows u*M + i) and put from there in one transfer; every thread's nvshmem_quiet
 // completes them before the barrier that precedes the flags.
@@ -41,6 +42,7 @@ __device__ __forceinline__ void combine_send(const LLCombineArgs& a, uint64_t op
   char* local = a.peers.region[a.me];
   for (int j = 0; j < nu; ++j) {
     const int u = b + j * G, l = u / R, s = u % R;
+    if (s == a.me) continue;  // read from y by this rank's recv: nothing to send
     const char* src = static_cast<const char*>(a.y) + size_t(u) * M * row_bytes;
     const size_t slot = size_t(a.me * L + l) * M * stride;
     if constexpr (Tr::kPuts) {
@@ -66,6 +68,7 @@ __device__ __forceinline__ void combine_send(const LLCombineArgs& a, uint64_t op
   __syncthreads();  // the release below is cumulative over every store of the block
   for (int j = tid; j < nu; j += nthr) {
     const int u = b + j * G, l = u / R, s = u % R;
+    if (s == a.me) continue;
     release_flag<Tr>(a.peers, a.me, s, int(op & 1), a.me * L + l, flag_value(op, count_of(u)));
   }
   ll_sync_if(a.timing);
@@ -73,10 +76,11 @@ __device__ __forceinline__ void combine_send(const LLCombineArgs& a, uint64_t op
 }
 
 // Recv phase. Block b handles tokens t = b, b+G, ...: thread k waits for the flag of slot
-// k's expert, then out[t] = sum over k in slot order of w[t,k] * row(e_k, pos), fp32,
+// k's expert (none for an expert of this rank, whose row is read from y), then out[t] = sum over k in slot order of w[t,k] * row(e_k, pos), fp32,
 // separate multiply and add (the reference's order: the sum starts from the k = 0 term;
-// masked slots add 0). Then the block waits for the flags e = b, b+G, ... that no token
-// needed, so that every flag of this op has been seen before the op ends.
+// masked slots add 0). Then the block waits for the flags e = b, b+G, ... (other ranks'
+// experts) that no token needed, so that every flag of this op has been seen before the op
+// ends.
 template <typename T, int V, typename Tr>
 __device__ __forceinline__ void combine_recv(const LLCombineArgs& a, uint64_t op,
                                              CombineShared& sm) {
@@ -86,6 +90,7 @@ __device__ __forceinline__ void combine_recv(const LLCombineArgs& a, uint64_t op
   char* local = a.peers.region[a.me];
   LowLatencyHeader* h = ll_header(local);
   const size_t stride = ll_combine_row_stride(W, sizeof(T));
+  const size_t row_bytes = size_t(W) * sizeof(T);
   const char* half = ll_half(local, op, a.half_bytes);
   for (int t = b; t < a.num_tokens; t += G) {
     if (tid < K) {
@@ -94,9 +99,14 @@ __device__ __forceinline__ void combine_recv(const LLCombineArgs& a, uint64_t op
       if (pos >= 0) {
         int e = a.topk_idx[size_t(t) * K + k];
         e = e < 0 ? 0 : (e >= E ? E - 1 : e);  // jnp gathers clamp, so does this
-        wait_flag<Tr>(&h->flags[op & 1][e], op, is_remote(a.peers, e / L), "low_latency_combine",
-                      a.me, e / L, e);
-        sm.row[k] = half + (size_t(e) * M + pos % M) * stride;
+        if (e / L == a.me) {  // this rank's own expert: its row of y, y[l, me*M + i]
+          sm.row[k] = static_cast<const char*>(a.y) +
+                      ((size_t(e % L) * R + a.me) * M + pos % M) * row_bytes;
+        } else {
+          wait_flag<Tr>(&h->flags[op & 1][e], op, is_remote(a.peers, e / L),
+                        "low_latency_combine", a.me, e / L, e);
+          sm.row[k] = half + (size_t(e) * M + pos % M) * stride;
+        }
         sm.w[k] = a.topk_weights[size_t(t) * K + k];
       } else {
         sm.row[k] = nullptr;
@@ -144,7 +154,8 @@ __device__ __forceinline__ void combine_recv(const LLCombineArgs& a, uint64_t op
   }
   ll_mark(a.timing, op, kLLTRecvCopied);
   for (int e = b + tid * G; e < E; e += nthr * G)
-    wait_flag<Tr>(&h->flags[op & 1][e], op, is_remote(a.peers, e / L), "low_latency_combine",
+    if (e / L != a.me)
+      wait_flag<Tr>(&h->flags[op & 1][e], op, is_remote(a.peers, e / L), "low_latency_combine",
                   a.me, e / L, e);
   ll_sync_if(a.timing);
   ll_mark(a.timing, op, kLLTCounts);

@@ -153,9 +153,10 @@ __device__ __forceinline__ uint32_t atom_add_acq_rel_gpu(uint32_t* p, uint32_t v
   return old;
 }
 
-// Block-level start of a send: the op number (= ops done + 1); block 0 records it.
-__device__ __forceinline__ uint64_t begin_send(char* local, int* ticket, const char* name,
-                                               int rank, uint64_t* s_op) {
+// Start of a send, thread 0 only (no barrier): the op number (= ops done + 1) into *s_op,
+// where the block sees it after its next barrier; block 0 records it.
+__device__ __forceinline__ void record_send(char* local, int* ticket, const char* name,
+                                            int rank, uint64_t* s_op) {
   if (threadIdx.x == 0) {
     LowLatencyHeader* h = ll_header(local);
     const uint64_t op = read_seq(h) + 1;
@@ -168,6 +169,12 @@ __device__ __forceinline__ uint64_t begin_send(char* local, int* ticket, const c
     }
     *s_op = op;
   }
+}
+
+// Block-level start of a send: record_send, then the barrier that publishes the op.
+__device__ __forceinline__ uint64_t begin_send(char* local, int* ticket, const char* name,
+                                               int rank, uint64_t* s_op) {
+  record_send(local, ticket, name, rank, s_op);
   __syncthreads();
   return *s_op;
 }

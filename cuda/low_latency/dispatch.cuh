@@ -24,12 +24,16 @@ struct DispatchShared {
   int unit_row[kLLMaxTokensPerRank];      // recv: the current unit's source rows ...
   float unit_scale[kLLMaxTokensPerRank];  //       ... and row scales
   int unit_dst[kLLMaxTokensPerRank];      // recv (merged units): the entry's row in recv_x
+  int unit_first[kMaxExperts];            // recv (merged units): each unit's first entry
   int te[kMaxTopk];         // send: the current token's expert ids
   int before[kMaxTopk];     // send: tokens before it routed to te[k] (its row in e's list)
   int exp_e[kMaxTopk];      // send: the token's distinct experts (one list entry each) ...
   int exp_pos[kMaxTopk];    //       ... the entry's position ...
   float exp_scale[kMaxTopk];//       ... and the row scale (slot_scale; 1 otherwise)
+  int own_row[kMaxTopk];    // send: the token's rows in this rank's recv_x (its own experts) ...
+  float own_scale[kMaxTopk];//       ... and their row scales
   int num_exp;              // send: distinct experts of the token; recv: scaled mode
+  int num_own;              // send: how many of them are this rank's
   int num_dst;              // recv: entries of the block's units
   uint64_t op;
 };
@@ -78,6 +82,15 @@ __device__ __forceinline__ int4 scale_vec(int4 raw, float s) {
   return p.raw;
 }
 
+// Expert ids of token tp in row[k < K] (-1 past K, and for tp >= t_end).
+__device__ __forceinline__ void load_slots(const LLDispatchArgs& a, int tp, int t_end,
+                                           int (&row)[kMaxTopk]) {
+  const int K = a.num_topk;
+#pragma unroll
+  for (int k = 0; k < kMaxTopk; ++k)
+    row[k] = tp < t_end && k < K ? ld_nc(a.topk_idx + size_t(tp) * K + k) : -1;
+}
+
 // Stages token t's slot row in shared memory, once for all its destinations: FP8 (H e4m3
 // values, then H/128 f32 scales; a thread casts 8 channels, 16 threads share a scale) or
 // the raw row.
@@ -95,16 +108,24 @@ __device__ __forceinline__ void stage_row(const LLDispatchArgs& a, int t, int4* 
   float* scales = reinterpret_cast<float*>(q + H);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
   const int n8 = H / 8;  // a multiple of 16: a half-warp is one 128-channel group
-  for (int j0 = warp * 32; j0 < n8; j0 += num_warps * 32) {  // warp-uniform trip count
-    const int j = j0 + lane;
-    const bool ok = j < n8;
-    float f[8];
-    if (ok) {
+  const int step = num_warps * 32;
+  auto load = [&](int j, float (&f)[8]) {
+    if (j < n8) {
       load8<Elt>(src + size_t(j) * 8, f);
     } else {
 #pragma unroll
       for (int i = 0; i < 8; ++i) f[i] = 0.0f;
     }
+  };
+  float next[8];
+  load(warp * 32 + lane, next);
+  for (int j0 = warp * 32; j0 < n8; j0 += step) {  // warp-uniform trip count
+    const int j = j0 + lane;
+    const bool ok = j < n8;
+    float f[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) f[i] = next[i];
+    if (j0 + step < n8) load(j + step, next);  // the next group's loads overlap this cast
     float scale;
     const uint2 packed = cast8_e4m3(f, &scale);
     if (ok) {
@@ -114,16 +135,19 @@ __device__ __forceinline__ void stage_row(const LLDispatchArgs& a, int t, int4* 
   }
 }
 
-// Experts this rank sends nothing to (sm.ne[e] == 0): an empty flag for each, from the
-// block that owns it (e % G), so that their receivers need not wait for rows.
+// After the first pass (sm.ne complete), block e % G for each expert e: an expert of another
+// rank that this rank sends nothing to gets an empty flag, so that its receiver need not
+// wait for rows; an expert of this rank gets no flag at all (its rows go straight into
+// recv_x), only its count in recv_count_per_rank, where a split recv finds it.
 template <typename Tr>
-__device__ __forceinline__ void release_empty_flags(const LLDispatchArgs& a, uint64_t op,
-                                                    const DispatchShared& sm,
-                                                    uint32_t scaled_bit) {
-  const int R = a.num_ranks, E = a.num_experts, L = E / R;
+__device__ __forceinline__ void publish_counts(const LLDispatchArgs& a, uint64_t op,
+                                               const DispatchShared& sm, uint32_t scaled_bit) {
+  const int R = a.num_ranks, E = a.num_experts, L = E / R, M = a.max_tokens;
   const int G = gridDim.x, b = blockIdx.x, nthr = blockDim.x;
   for (int e = b + int(threadIdx.x) * G; e < E; e += nthr * G) {
-    if (sm.ne[e] == 0)
+    if (e / L == a.me)
+      a.recv_count_per_rank[(e % L) * R + a.me] = sm.ne[e] < M ? sm.ne[e] : M;
+    else if (sm.ne[e] == 0)
       release_flag<Tr>(a.peers, a.me, e / L, int(op & 1), (e % L) * R + a.me,
                        flag_value(op, int(scaled_bit)));
   }
@@ -159,19 +183,53 @@ __device__ __forceinline__ void dispatch_release(const LLDispatchArgs& a, uint64
   ll_mark(a.timing, op, kLLTReleased);
 }
 
+// The token's rows for this rank's own experts, straight from the staged row into recv_x
+// (values, then the FP8 scales into recv_scales): one flattened copy over (row, vector).
+// With slot_scale each row is scaled here, as a receiver scales the rows it gathers.
+template <typename Elt>
+__device__ __forceinline__ void own_rows(const LLDispatchArgs& a, const DispatchShared& sm,
+                                         const int4* s_row, bool scaled) {
+  const int n = sm.num_own;
+  if (n == 0) return;
+  const int H = a.hidden;
+  const int value_bytes = a.use_fp8 ? H : H * int(sizeof(Elt));
+  const int vecs = value_bytes / 16;
+  char* values = static_cast<char*>(a.recv_x);
+  for (int idx = threadIdx.x; idx < n * vecs; idx += blockDim.x) {
+    const int d = idx / vecs, c = idx - d * vecs;
+    int4 v = s_row[c];
+    if (scaled) v = scale_vec<Elt>(v, sm.own_scale[d]);
+    reinterpret_cast<int4*>(values + size_t(sm.own_row[d]) * value_bytes)[c] = v;
+  }
+  if (a.use_fp8) {
+    const int ns = H / 128;  // f32 scales, after the H values of the staged row
+    const float* src = reinterpret_cast<const float*>(reinterpret_cast<const char*>(s_row) + H);
+    for (int idx = threadIdx.x; idx < n * ns; idx += blockDim.x) {
+      const int d = idx / ns, c = idx - d * ns;
+      a.recv_scales[size_t(sm.own_row[d]) * ns + c] = src[c];
+    }
+  }
+}
+
 // Send phase. Block b handles tokens b, b+G, ...: each token's row is staged once (FP8
-// cast here) and stored right away at slot rows[me, t] (t < T <= M) of every destination
-// rank (every warp reduces the destination ranks from its lanes' top-k); then warp
-// ballots over the earlier tokens give the token's position in each of its experts' lists
-// (no scan, no atomics on the order: positions equal the reference's), and one list entry
-// (row t, token, scale) goes out per distinct expert. The first pass also counts every
+// cast here) and stored right away at slot rows[me, t] (t < T <= M) of every other
+// destination rank (every warp reduces the destination ranks from its lanes' top-k); then
+// warp ballots over the earlier tokens give the token's position in each of its experts'
+// lists (no scan, no atomics on the order: positions equal the reference's). One list
+// entry (row t, token, scale) goes out per distinct expert of another rank; the rows for
+// this rank's own experts go straight from the staged row into recv_x at their final
+// positions (own_rows: no slot, no list, no flag). The first pass also counts every
 // expert's rows (sm.ne); each expert's flag is released by the block whose entries
 // complete that count (dispatch_release); experts with no entry get an empty flag from
-// block e % G. Ranks of other nodes (puts): the staged row is copied once into the
-// symmetric staging block (row t), then put to each of them.
+// block e % G (publish_counts). Ranks of other nodes (puts): the staged row is copied
+// once into the symmetric staging block (row t), then put to each of them.
+// The op number: record_send put it in sm.op before the phase began; the block reads it
+// after the first staging barrier, so that the first token's loads overlap the read of
+// the op counter. Returns it (`phases` and `entry`: for the timing records only).
 template <typename Elt, typename Tr>
-__device__ __forceinline__ void dispatch_send(const LLDispatchArgs& a, uint64_t op,
-                                                 DispatchShared& sm, int4* s_row) {
+__device__ __forceinline__ uint64_t dispatch_send(const LLDispatchArgs& a, DispatchShared& sm,
+                                                  int4* s_row, int phases,
+                                                  const LLStamp& entry) {
   const int R = a.num_ranks, E = a.num_experts, L = E / R, M = a.max_tokens;
   const int T = a.num_tokens, K = a.num_topk, H = a.hidden;
   const int tid = threadIdx.x, nthr = blockDim.x, G = gridDim.x, b = blockIdx.x;
@@ -187,6 +245,7 @@ __device__ __forceinline__ void dispatch_send(const LLDispatchArgs& a, uint64_t 
     sm.ne[e] = 0;
     sm.rows[e] = 0;
   }
+  uint64_t op = 0;
   bool first_pass = true;
   for (int t = b; first_pass || t < T; t += G) {
     const bool has_token = t < T;
@@ -194,20 +253,29 @@ __device__ __forceinline__ void dispatch_send(const LLDispatchArgs& a, uint64_t 
     // lanes are the slots, also put them in shared memory for the counts).
     const int my_e = has_token && lane < K ? ld_nc(a.topk_idx + size_t(t) * K + lane) : -1;
     const bool my_valid = my_e >= 0 && my_e < E;
+    // Tokens tp < T (first pass: histogram of distinct experts) or tp < t (positions): the
+    // loads of the loop's first tokens are issued here, so that they overlap the staging.
+    const int t_end = first_pass ? T : t;
+    int row[kMaxTopk];
+    load_slots(a, warp * 32 + lane, t_end, row);
+    if (has_token) stage_row<Elt>(a, t, s_row);
     if (tid < kMaxTopk) {
       sm.before[tid] = 0;
       sm.te[tid] = my_e;
     }
-    if (has_token) stage_row<Elt>(a, t, s_row);
     const int my_r = my_valid ? my_e / L : 0;
     const uint64_t rank_mask =
         uint64_t(__reduce_or_sync(0xffffffffu, my_valid && my_r < 32 ? 1u << my_r : 0u)) |
         uint64_t(__reduce_or_sync(0xffffffffu, my_valid && my_r >= 32 ? 1u << (my_r - 32) : 0u))
             << 32;
-    __syncthreads();  // s_row, te, before; first pass: ne and rows zeroed
+    __syncthreads();  // s_row, te, before; first pass: ne and rows zeroed, sm.op
+    if (first_pass) {
+      op = sm.op;
+      ll_mark_begin(a.timing, op, phases, entry, 1);
+    }
     ll_mark(a.timing, op, kLLTStaged);
     if (has_token) {
-      uint64_t stores = rank_mask;
+      uint64_t stores = rank_mask & ~(1ull << a.me);  // this rank's rows: own_rows, below
       if constexpr (Tr::kPuts) {
         const uint64_t puts = rank_mask & a.peers.remote;  // block-uniform
         stores &= ~puts;
@@ -232,14 +300,10 @@ __device__ __forceinline__ void dispatch_send(const LLDispatchArgs& a, uint64_t 
       }
     }
     ll_mark(a.timing, op, kLLTRowsIssued);
-    // Tokens tp < T (first pass: histogram of distinct experts) or tp < t (positions).
-    const int t_end = first_pass ? T : t;
     for (int base = warp * 32; base < t_end; base += num_warps * 32) {  // warp-uniform
       const int tp = base + lane;
       const bool in = tp < t_end;
-      int row[kMaxTopk];
-#pragma unroll
-      for (int k = 0; k < kMaxTopk; ++k) row[k] = in && k < K ? ld_nc(a.topk_idx + size_t(tp) * K + k) : -1;
+      if (base != warp * 32) load_slots(a, tp, t_end, row);
       if (first_pass) {
 #pragma unroll
         for (int k = 0; k < kMaxTopk; ++k) {
@@ -266,7 +330,7 @@ __device__ __forceinline__ void dispatch_send(const LLDispatchArgs& a, uint64_t 
     __syncthreads();
     if (first_pass) {
       first_pass = false;
-      release_empty_flags<Tr>(a, op, sm, scaled_bit);
+      publish_counts<Tr>(a, op, sm, scaled_bit);
     }
     if (!has_token) break;
     if (warp == 0) {  // send_pos and the list entries (one per distinct expert)
@@ -275,17 +339,31 @@ __device__ __forceinline__ void dispatch_send(const LLDispatchArgs& a, uint64_t 
       const bool valid = e >= 0 && e < E;
       bool first = valid;
       for (int k2 = 0; k2 < k && k2 < K; ++k2) first &= sm.te[k2] != e;
-      const unsigned mask = __ballot_sync(0xffffffffu, first);
+      const bool own = first && e / L == a.me;
+      const unsigned mask = __ballot_sync(0xffffffffu, first && !own);
+      const unsigned own_mask = __ballot_sync(0xffffffffu, own);
       if (k < K) a.send_pos[size_t(t) * K + k] = valid ? a.me * M + sm.before[k] : -1;
-      if (first) {
+      const float scale = first && scaled ? slot_scale_sum(a, t, e) : 1.0f;
+      if (first && !own) {
         const int d = __popc(mask & ((1u << k) - 1u));
         sm.exp_e[d] = e;
         sm.exp_pos[d] = sm.before[k];
-        sm.exp_scale[d] = scaled ? slot_scale_sum(a, t, e) : 1.0f;
+        sm.exp_scale[d] = scale;
       }
-      if (k == 0) sm.num_exp = __popc(mask);
+      if (own) {  // row before[k] of unit (l, me) in recv_x
+        const int d = __popc(own_mask & ((1u << k) - 1u));
+        const int row = ((e % L) * R + a.me) * M + sm.before[k];
+        sm.own_row[d] = row;
+        sm.own_scale[d] = scale;
+        a.recv_src_token[row] = t;
+      }
+      if (k == 0) {
+        sm.num_exp = __popc(mask);
+        sm.num_own = __popc(own_mask);
+      }
     }
     __syncthreads();
+    own_rows<Elt>(a, sm, s_row, scaled);
     if (tid < sm.num_exp) {
       const int e = sm.exp_e[tid], r = e / L;
       const size_t at = (size_t(e % L) * R + a.me) * M + sm.exp_pos[tid];
@@ -311,6 +389,7 @@ __device__ __forceinline__ void dispatch_send(const LLDispatchArgs& a, uint64_t 
     ll_mark(a.timing, op, kLLTListsIssued);
   }
   dispatch_release<Tr>(a, op, sm, scaled_bit);
+  return op;
 }
 
 // Copies `total` entries p of sm (source row sm.unit_row[p] of src, src_stride apart, to
@@ -370,10 +449,22 @@ struct RecvHalf {
   }
 };
 
-// The block's units one at a time (flags already seen, in sm.unit_flag): per unit, its list
-// (row index, token, scale of each of the n entries) into shared memory, then the rows of
-// its source rank into recv_x[l, s*M + i], recv_src_token (-1 past n), recv_count_per_rank,
-// and zeroes rows n..M-1 only when asked.
+// The row count of unit (l, me), this rank's own rows (already in recv_x): from the
+// block's own histogram when this launch ran the send phase, else from
+// recv_count_per_rank, where the send launch put it (publish_counts).
+__device__ __forceinline__ int own_count(const LLDispatchArgs& a, const DispatchShared& sm,
+                                         bool sent_here, int l) {
+  const int L = a.num_experts / a.num_ranks, M = a.max_tokens;
+  const int n = sent_here ? sm.ne[a.me * L + l]
+                          : ld_cg(a.recv_count_per_rank + size_t(l) * a.num_ranks + a.me);
+  return n < M ? n : M;
+}
+
+// The block's units one at a time (flags already seen, in sm.unit_flag; an own unit's
+// count there): per unit of another rank, its list (row index, token, scale of each of the
+// n entries) into shared memory, then the rows of its source rank into recv_x[l, s*M + i];
+// every unit: recv_src_token -1 past n, recv_count_per_rank, and rows n..M-1 zeroed only
+// when asked.
 template <typename Elt>
 __device__ __forceinline__ void recv_units_one_by_one(const LLDispatchArgs& a,
                                                       DispatchShared& sm,
@@ -382,15 +473,18 @@ __device__ __forceinline__ void recv_units_one_by_one(const LLDispatchArgs& a,
   const int tid = threadIdx.x, nthr = blockDim.x, G = gridDim.x, b = blockIdx.x;
   for (int j = 0; j < rh.nu; ++j) {
     const int u = b + j * G, s = u % R;
+    const bool own = s == a.me;
     const uint32_t flag = sm.unit_flag[j];
-    const bool scaled = (flag & kScaledBit) != 0 && !a.use_fp8;
+    const bool scaled = !own && (flag & kScaledBit) != 0 && !a.use_fp8;
     int n = int(flag & ~kScaledBit);
     n = n < M ? n : M;
     const size_t row0 = size_t(u) * M;
     if (tid == 0) a.recv_count_per_rank[u] = n;
     for (int i = tid; i < M; i += nthr) {
-      a.recv_src_token[row0 + i] = i < n ? ld_cg(rh.list_token + row0 + i) : -1;
-      if (i < n) {
+      if (i >= n) {
+        a.recv_src_token[row0 + i] = -1;
+      } else if (!own) {
+        a.recv_src_token[row0 + i] = ld_cg(rh.list_token + row0 + i);
         int row = ld_cg(rh.list_row + row0 + i);
         sm.unit_row[i] = row < 0 ? 0 : (row >= M ? M - 1 : row);
         sm.unit_scale[i] = scaled ? ld_cg(rh.list_scale + row0 + i) : 1.0f;
@@ -399,17 +493,19 @@ __device__ __forceinline__ void recv_units_one_by_one(const LLDispatchArgs& a,
     __syncthreads();
     const char* rows = rh.half + size_t(s) * M * rh.stride;
     char* values = static_cast<char*>(a.recv_x) + row0 * rh.value_bytes;
-    if (scaled)
-      gather_rows<int4, Elt, true>(values, rows, rh.stride, sm, n, rh.value_bytes);
-    else
-      gather_rows<int4, Elt, false>(values, rows, rh.stride, sm, n, rh.value_bytes);
-    char* scales = nullptr;
-    if (rh.scale_bytes) {
-      scales = reinterpret_cast<char*>(a.recv_scales) + row0 * rh.scale_bytes;
-      if (rh.scale_bytes % 16 == 0)
-        gather_rows<int4, Elt, false>(scales, rows + H, rh.stride, sm, n, rh.scale_bytes);
+    char* scales = rh.scale_bytes ? reinterpret_cast<char*>(a.recv_scales) + row0 * rh.scale_bytes
+                                  : nullptr;
+    if (!own) {
+      if (scaled)
+        gather_rows<int4, Elt, true>(values, rows, rh.stride, sm, n, rh.value_bytes);
       else
-        gather_rows<int, Elt, false>(scales, rows + H, rh.stride, sm, n, rh.scale_bytes);
+        gather_rows<int4, Elt, false>(values, rows, rh.stride, sm, n, rh.value_bytes);
+      if (rh.scale_bytes) {
+        if (rh.scale_bytes % 16 == 0)
+          gather_rows<int4, Elt, false>(scales, rows + H, rh.stride, sm, n, rh.scale_bytes);
+        else
+          gather_rows<int, Elt, false>(scales, rows + H, rh.stride, sm, n, rh.scale_bytes);
+      }
     }
     if (a.zero_padding && n < M) {
       block_zero<int4>(values + size_t(n) * rh.value_bytes, size_t(M - n) * rh.value_bytes);
@@ -420,16 +516,18 @@ __device__ __forceinline__ void recv_units_one_by_one(const LLDispatchArgs& a,
 }
 
 // Recv phase. Block b handles the (local expert l, source rank s) units u = l*R + s = b,
-// b+G, ...: its threads wait for all of the block's flags at once; the lists of all its
-// units are read in one pass into one entry table, and all their rows (then all their
-// scales) into recv_x[l, s*M + i] (= row u*M + i) by one flattened copy; the per-unit loop
-// (recv_units_one_by_one) serves blocks with more than kLLMaxTokensPerRank entries or
-// mixed scaled / unscaled flags. recv_src_token (-1 past n), recv_count_per_rank and
-// recv_count are filled, and rows n..M-1 zeroed only when asked. recv_count: the R flag
-// waits of each local expert run in parallel threads (integer sums: order-free).
+// b+G, ...: its threads wait for all of the block's flags at once (units of other ranks;
+// an own unit's rows are in recv_x already and its count is known: own_count); the lists
+// of all its units are read in one pass into one entry table, and all their rows (then
+// all their scales) into recv_x[l, s*M + i] (= row u*M + i) by one flattened copy; the
+// per-unit loop (recv_units_one_by_one) serves blocks with more than kLLMaxTokensPerRank
+// entries or mixed scaled / unscaled flags. recv_src_token (-1 past n),
+// recv_count_per_rank and recv_count are filled, and rows n..M-1 zeroed only when asked.
+// recv_count: the R flag waits of each local expert run in parallel threads (integer
+// sums: order-free).
 template <typename Elt, typename Tr>
 __device__ __forceinline__ void dispatch_recv(const LLDispatchArgs& a, uint64_t op,
-                                                 DispatchShared& sm) {
+                                              DispatchShared& sm, bool sent_here) {
   const int R = a.num_ranks, E = a.num_experts, L = E / R, M = a.max_tokens, H = a.hidden;
   const int tid = threadIdx.x, nthr = blockDim.x, G = gridDim.x, b = blockIdx.x;
   char* local = a.peers.region[a.me];
@@ -437,21 +535,24 @@ __device__ __forceinline__ void dispatch_recv(const LLDispatchArgs& a, uint64_t 
   const RecvHalf<Elt> rh(a, op);
 
   for (int j = tid; j < rh.nu; j += nthr) {
-    const int u = b + j * G;
+    const int u = b + j * G, s = u % R;
     sm.rows[j] = 0;  // recv_count accumulator (send phase done with it)
-    sm.unit_flag[j] = uint32_t(wait_flag<Tr>(&h->flags[op & 1][u], op,
-                                             is_remote(a.peers, u % R), "low_latency_dispatch",
-                                             a.me, u % R, a.me * L + u / R));
+    sm.unit_flag[j] = s == a.me ? uint32_t(own_count(a, sm, sent_here, u / R))
+                                : uint32_t(wait_flag<Tr>(&h->flags[op & 1][u], op,
+                                                         is_remote(a.peers, s),
+                                                         "low_latency_dispatch", a.me, s,
+                                                         a.me * L + u / R));
   }
   __syncthreads();  // the acquires above order the peers' stores before every thread's loads
   ll_mark(a.timing, op, kLLTFlagsSeen);
-  if (tid == 0) {  // entry offsets per unit (sm.ne: the send phase is done with it)
+  if (tid == 0) {  // entry offsets per unit of another rank
     int total = 0, any_scaled = 0, all_scaled = 1;
     for (int j = 0; j < rh.nu; ++j) {
+      sm.unit_first[j] = total;
+      if ((b + j * G) % R == a.me) continue;
       const uint32_t flag = sm.unit_flag[j];
       const int scaled = (flag & kScaledBit) != 0 && !a.use_fp8;
       const int n = int(flag & ~kScaledBit);
-      sm.ne[j] = total;
       total += n < M ? n : M;
       any_scaled |= scaled;
       all_scaled &= scaled;
@@ -465,14 +566,17 @@ __device__ __forceinline__ void dispatch_recv(const LLDispatchArgs& a, uint64_t 
     for (int idx = tid; idx < rh.nu * M; idx += nthr) {
       const int j = idx / M, i = idx - j * M;
       const int u = b + j * G, s = u % R;
+      const bool own = s == a.me;
       const uint32_t flag = sm.unit_flag[j];
       int n = int(flag & ~kScaledBit);
       n = n < M ? n : M;
       const size_t row0 = size_t(u) * M;
-      a.recv_src_token[row0 + i] = i < n ? ld_cg(rh.list_token + row0 + i) : -1;
       if (i == 0) a.recv_count_per_rank[u] = n;
-      if (i < n) {
-        const int p = sm.ne[j] + i;
+      if (i >= n) {
+        a.recv_src_token[row0 + i] = -1;
+      } else if (!own) {
+        a.recv_src_token[row0 + i] = ld_cg(rh.list_token + row0 + i);
+        const int p = sm.unit_first[j] + i;
         int row = ld_cg(rh.list_row + row0 + i);
         row = row < 0 ? 0 : (row >= M ? M - 1 : row);
         sm.unit_row[p] = s * M + row;
@@ -507,20 +611,22 @@ __device__ __forceinline__ void dispatch_recv(const LLDispatchArgs& a, uint64_t 
           block_zero<int>(scales + (row0 + n) * rh.scale_bytes, size_t(M - n) * rh.scale_bytes);
       }
     }
-  } else {  // the per-unit loop (as dispatch_recv)
+  } else {  // the per-unit loop
     recv_units_one_by_one<Elt>(a, sm, rh);
   }
   ll_sync_if(a.timing);
   ll_mark(a.timing, op, kLLTRecvCopied);
-  // recv_count[l] (l = u / R for the block's units with u % R == 0): one thread per flag.
+  // recv_count[l] (l = u / R for the block's units with u % R == 0): one thread per source.
   for (int idx = tid; idx < rh.nu * R; idx += nthr) {
     const int j = idx / R, r = idx - j * R;
     const int u = b + j * G;
     if (u % R) continue;
     const int l = u / R;
-    int n = int(uint32_t(wait_flag<Tr>(&h->flags[op & 1][l * R + r], op, is_remote(a.peers, r),
-                                       "low_latency_dispatch", a.me, r, a.me * L + l)) &
-                ~kScaledBit);
+    int n = r == a.me
+        ? own_count(a, sm, sent_here, l)
+        : int(uint32_t(wait_flag<Tr>(&h->flags[op & 1][l * R + r], op, is_remote(a.peers, r),
+                                     "low_latency_dispatch", a.me, r, a.me * L + l)) &
+              ~kScaledBit);
     atomicAdd(&sm.rows[j], n < M ? n : M);
   }
   __syncthreads();
@@ -538,13 +644,18 @@ __global__ void __launch_bounds__(kLLMaxThreads) ll_dispatch_kernel(LLDispatchAr
   extern __shared__ int4 s_row[];  // send: one staged slot row
   const LLStamp entry = ll_stamp(a.timing);
   char* local = a.peers.region[a.me];
-  const uint64_t op = begin_phases(local, a, phases, "low_latency_dispatch", &sm.op);
-  ll_mark_begin(a.timing, op, phases, entry, 1);
-  if (phases & kLLSend) dispatch_send<Elt, Tr>(a, op, sm, s_row);
+  uint64_t op;
+  if (phases & kLLSend) {
+    record_send(local, a.ticket, "low_latency_dispatch", a.me, &sm.op);
+    op = dispatch_send<Elt, Tr>(a, sm, s_row, phases, entry);
+  } else {
+    op = begin_recv(local, a.expect_ticket, "low_latency_dispatch", a.me, &sm.op);
+    ll_mark_begin(a.timing, op, phases, entry, 1);
+  }
   if (phases & kLLRecv) {
     __syncthreads();
     if (phases & kLLSend) ll_mark(a.timing, op, kLLTRecvEntry);
-    dispatch_recv<Elt, Tr>(a, op, sm);
+    dispatch_recv<Elt, Tr>(a, op, sm, (phases & kLLSend) != 0);
     finish_recv(local, op);
     ll_mark(a.timing, op, kLLTExit);
   }

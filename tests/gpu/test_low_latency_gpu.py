@@ -372,8 +372,8 @@ def test_split_equals_fused(R, fp8):
         y = (vals.astype(jnp.float32) * 3.0).astype(jnp.bfloat16)
         out_fused = cll.ll_combine(y, idx, w, split[2], cfg)
         y2 = jnp.where(jnp.isfinite(out_fused[0, 0]), y, jnp.zeros_like(y))
-        ticket = cll.ll_combine_send(y2, split[2], cfg)
-        out_split = cll.ll_combine_recv(ticket, idx, w, split[2], cfg, y.dtype, H)
+        sent_y = cll.ll_combine_send(y2, split[2], cfg)
+        out_split = cll.ll_combine_recv(sent_y, idx, w, split[2], cfg, y.dtype, H)
         return fused, split, out_fused, out_split, h_[:1]
 
     fused, split, out_fused, out_split, _ = h.run(f, R, x, idx, w)

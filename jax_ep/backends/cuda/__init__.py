@@ -18,8 +18,8 @@ from jax_ep.backends.cuda.buffer import (  # noqa: F401
     allocate_buffer, buffer_bytes_for_rows, check_fits, check_fits_low_latency, free_buffer,
     ll_bytes_hint, nvl_bytes_hint, staging_bytes_for_dispatch, staging_bytes_hint)
 from jax_ep.backends.cuda.low_latency import (  # noqa: F401
-    DEFAULT_LL_NUM_SMS, DEFAULT_LL_NUM_WARPS, DispatchSent, ll_combine, ll_combine_recv,
-    ll_combine_send, ll_dispatch, ll_dispatch_recv, ll_dispatch_send)
+    DEFAULT_LL_NUM_SMS, DEFAULT_LL_NUM_WARPS, CombineSent, DispatchSent, ll_combine,
+    ll_combine_recv, ll_combine_send, ll_dispatch, ll_dispatch_recv, ll_dispatch_send)
 from jax_ep.backends.cuda import internode, normal
 from jax_ep.backends.cuda.normal import get_dispatch_layout  # noqa: F401
 

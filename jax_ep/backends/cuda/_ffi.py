@@ -54,14 +54,16 @@ def i64(v) -> np.int64:
 
 
 def call(name: str, results, *args, axis_name: Optional[str] = None,
-         side_stream: bool = False, **attrs):
+         side_stream: bool = False, input_output_aliases: Optional[dict] = None, **attrs):
     """``jax.ffi.ffi_call(name)`` on ``args`` with attributes ``attrs``; with ``axis_name``
     every operand and result is marked varying over that axis; with ``side_stream`` the
-    call runs on the stream beside XLA's compute stream (:mod:`._stream`)."""
+    call runs on the stream beside XLA's compute stream (:mod:`._stream`);
+    ``input_output_aliases`` ({operand index: result index}) as ``jax.ffi.ffi_call``'s."""
     _native.load()
     if axis_name is not None:  # ffi_call wants every operand of the same vma type
         args = tuple(varying(a, axis_name) for a in args)
-    op = lambda *a: jax.ffi.ffi_call(name, results, has_side_effect=True)(*a, **attrs)  # noqa: E731
+    op = lambda *a: jax.ffi.ffi_call(name, results, has_side_effect=True,  # noqa: E731
+                                     input_output_aliases=input_output_aliases)(*a, **attrs)
     out = (_stream.on_side_stream(op) if side_stream else op)(*args)
     if axis_name is None:
         return out

@@ -70,17 +70,11 @@ def _check_dtype(op: str, name: str, a) -> None:
 
 
 def _attrs(cfg: LowLatencyConfig, buffer_id: int, num_sms: Optional[int],
-           num_warps: Optional[int], sizes: bool = False):
-    """The attributes every handler takes; ``sizes``: also num_experts and
-    max_tokens_per_rank, for the two ops whose buffers cannot give them (dispatch_send,
-    combine_recv; the others read them from recv_x or y)."""
+           num_warps: Optional[int]):
+    """The attributes every handler takes (sizes come from recv_x or y)."""
     num_sms = num_sms or cfg.num_sms or DEFAULT_LL_NUM_SMS
-    attrs = dict(buffer_id=np.int64(buffer_id), num_sms=np.int64(num_sms),
-                 num_warps=np.int64(num_warps or DEFAULT_LL_NUM_WARPS))
-    if sizes:
-        attrs.update(num_experts=np.int64(cfg.num_experts),
-                     max_tokens_per_rank=np.int64(cfg.max_tokens_per_rank))
-    return attrs
+    return dict(buffer_id=np.int64(buffer_id), num_sms=np.int64(num_sms),
+                num_warps=np.int64(num_warps or DEFAULT_LL_NUM_WARPS))
 
 
 def _recv_results(cfg: LowLatencyConfig, hidden: int, dtype):
@@ -139,25 +133,31 @@ def ll_dispatch(x: jax.Array, topk_idx: jax.Array, slot_scale: Optional[jax.Arra
 
 
 class DispatchSent(NamedTuple):
-    """What :func:`ll_dispatch_send` returns; pass it to :func:`ll_dispatch_recv`."""
-    send_pos: jax.Array  # [T, K] int32, the handle's send_pos
-    ticket: jax.Array    # [1] int32, the op number (ties the recv to this send)
+    """What :func:`ll_dispatch_send` returns; pass it to :func:`ll_dispatch_recv`. The send
+    already wrote this rank's own rows (and their tokens and counts) into the receive
+    buffers, which pass through the recv (aliased) to become its results."""
+    send_pos: jax.Array        # [T, K] int32, the handle's send_pos
+    ticket: jax.Array          # [1] int32, the op number (ties the recv to this send)
+    recv_src_token: jax.Array  # [L, R*M] int32
+    recv_count_per_rank: jax.Array  # [L, R] int32
+    payload: tuple             # (recv_x,) or, with FP8, (values, scales)
 
 
 def ll_dispatch_send(x: jax.Array, topk_idx: jax.Array, cfg: LowLatencyConfig,
                      slot_scale: Optional[jax.Array] = None, *, num_sms: Optional[int] = None,
                      num_warps: Optional[int] = None) -> DispatchSent:
-    """First half of :func:`ll_dispatch`: writes the rows into the peers' slots."""
+    """First half of :func:`ll_dispatch`: writes the rows into the peers' slots (and this
+    rank's own rows into the receive buffers)."""
     op = "low_latency_dispatch_send"
     x, idx, scale, has_scale = _sender_operands(op, x, topk_idx, slot_scale, cfg)
     buffer_id = _check(op, cfg, x.shape[0], idx.shape[1])
-    results = (jax.ShapeDtypeStruct(idx.shape, I32), jax.ShapeDtypeStruct((1,), I32))
-    send_pos, ticket = call("jax_ep_ll_dispatch_send", results, x, idx, scale,
-                             axis_name=cfg.axis_name,
-                             side_stream=cfg.side_stream, use_fp8=bool(cfg.use_fp8),
-                             has_slot_scale=bool(has_scale),
-                             **_attrs(cfg, buffer_id, num_sms, num_warps, sizes=True))
-    return DispatchSent(send_pos, ticket)
+    counts, payload = _recv_results(cfg, x.shape[1], x.dtype)
+    results = [jax.ShapeDtypeStruct(idx.shape, I32), jax.ShapeDtypeStruct((1,), I32)]
+    outs = call("jax_ep_ll_dispatch_send", results + counts[1:] + payload, x, idx, scale,
+                 axis_name=cfg.axis_name, side_stream=cfg.side_stream,
+                 has_slot_scale=bool(has_scale),
+                 **_attrs(cfg, buffer_id, num_sms, num_warps))
+    return DispatchSent(outs[0], outs[1], outs[2], outs[3], tuple(outs[4:]))
 
 
 def ll_dispatch_recv(sent: DispatchSent, cfg: LowLatencyConfig, dtype, *,
@@ -174,9 +174,12 @@ def ll_dispatch_recv(sent: DispatchSent, cfg: LowLatencyConfig, dtype, *,
         raise TypeError(f"{op}: dtype must be bfloat16, float16 or float32, got {dtype}")
     _check_row(op, hidden, dtype, cfg.use_fp8)
     counts, payload = _recv_results(cfg, hidden, jnp.dtype(dtype))
-    outs = call("jax_ep_ll_dispatch_recv", counts + payload, sent.ticket,
-                 axis_name=cfg.axis_name,
-                 side_stream=cfg.side_stream, zero_padding=bool(cfg.zero_padding),
+    passed = (sent.recv_src_token, sent.recv_count_per_rank) + tuple(sent.payload)
+    # operand 0 is the ticket; operand i >= 1 becomes result i (result 0 is recv_count)
+    outs = call("jax_ep_ll_dispatch_recv", counts + payload, sent.ticket, *passed,
+                 axis_name=cfg.axis_name, side_stream=cfg.side_stream,
+                 input_output_aliases={i: i for i in range(1, 1 + len(passed))},
+                 zero_padding=bool(cfg.zero_padding),
                  **_attrs(cfg, buffer_id, num_sms, num_warps))
     recv_count, src_token, count_per_rank = outs[:3]
     recv_x = tuple(outs[3:]) if cfg.use_fp8 else outs[3]
@@ -207,19 +210,28 @@ def ll_combine(y: jax.Array, topk_idx: jax.Array, topk_weights: jax.Array,
                  side_stream=cfg.side_stream, **_attrs(cfg, buffer_id, num_sms, num_warps))
 
 
+class CombineSent(NamedTuple):
+    """What :func:`ll_combine_send` returns; pass it to :func:`ll_combine_recv`, which
+    reads this rank's own experts' rows from ``y``."""
+    ticket: jax.Array  # [1] int32
+    y: jax.Array       # [L, R*M, W]
+
+
 def ll_combine_send(y: jax.Array, handle: LowLatencyHandleArrays, cfg: LowLatencyConfig, *,
-                    num_sms: Optional[int] = None, num_warps: Optional[int] = None) -> jax.Array:
-    """First half of :func:`ll_combine`: sends the expert rows home. Returns the ticket."""
+                    num_sms: Optional[int] = None,
+                    num_warps: Optional[int] = None) -> CombineSent:
+    """First half of :func:`ll_combine`: sends the expert rows of other ranks' tokens home."""
     op = "low_latency_combine_send"
     buffer_id = _check(op, cfg, 0, 1)
     _check_y(op, y, cfg)
-    return call("jax_ep_ll_combine_send", jax.ShapeDtypeStruct((1,), I32), y,
-                 handle.recv_count_per_rank.astype(I32), axis_name=cfg.axis_name,
-                 side_stream=cfg.side_stream,
-                 **_attrs(cfg, buffer_id, num_sms, num_warps))
+    ticket = call("jax_ep_ll_combine_send", jax.ShapeDtypeStruct((1,), I32), y,
+                  handle.recv_count_per_rank.astype(I32), axis_name=cfg.axis_name,
+                  side_stream=cfg.side_stream,
+                  **_attrs(cfg, buffer_id, num_sms, num_warps))
+    return CombineSent(ticket, y)
 
 
-def ll_combine_recv(ticket: jax.Array, topk_idx: jax.Array, topk_weights: jax.Array,
+def ll_combine_recv(sent: CombineSent, topk_idx: jax.Array, topk_weights: jax.Array,
                     handle: LowLatencyHandleArrays, cfg: LowLatencyConfig, dtype, width: int, *,
                     num_sms: Optional[int] = None, num_warps: Optional[int] = None) -> jax.Array:
     """Second half of :func:`ll_combine`: ``out [T, width]`` in ``dtype`` (y's)."""
@@ -228,8 +240,11 @@ def ll_combine_recv(ticket: jax.Array, topk_idx: jax.Array, topk_weights: jax.Ar
     buffer_id = _check(op, cfg, T, K)
     if jnp.dtype(dtype) not in _FLOAT_DTYPES:
         raise TypeError(f"{op}: dtype must be bfloat16, float16 or float32, got {dtype}")
+    if sent.y.dtype != jnp.dtype(dtype) or sent.y.shape[2] != int(width):
+        raise ValueError(f"{op}: y is {sent.y.dtype} {sent.y.shape}, but the output was asked "
+                         f"in {jnp.dtype(dtype)} of width {width}")
     out = jax.ShapeDtypeStruct((T, int(width)), jnp.dtype(dtype))
-    return call("jax_ep_ll_combine_recv", out, ticket, topk_idx.astype(I32),
+    return call("jax_ep_ll_combine_recv", out, sent.ticket, sent.y, topk_idx.astype(I32),
                  topk_weights.astype(F32), handle.send_pos.astype(I32),
                  axis_name=cfg.axis_name, side_stream=cfg.side_stream,
-                 **_attrs(cfg, buffer_id, num_sms, num_warps, sizes=True))
+                 **_attrs(cfg, buffer_id, num_sms, num_warps))
