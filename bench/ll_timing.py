@@ -56,7 +56,7 @@ from jax_ep.types import LowLatencyConfig  # noqa: E402
 AXIS = "ep"
 # cuda/low_latency/low_latency.h LLTimingPoint (names by index).
 POINTS = ["entry", "op_known", "staged", "rows_issued", "lists_issued", "released",
-          "recv_entry", "flags_seen", "recv_copied", "counts", "exit"]
+          "recv_entry", "flags_seen", "recv_copied", "counts", "exit", "positions"]
 KIND = {"dispatch": 1, "combine": 2}
 
 
@@ -230,7 +230,11 @@ def main():
               f"{span:.1f} us (first entry on any GPU -> last exit on any GPU)")
         print(f"  {'point':<14}{'med':>8}{'p90':>8}{'max':>8}{'gpu min':>9}{'gpu max':>9}"
               f"{'blk(clk)':>10}   (us from the op's first entry)")
-        for name, v in s.items():
+        # In time order; a point this kind of op never passes keeps another op's value in
+        # the shared ring (before this op's entry): left out.
+        for name, v in sorted(s.items(), key=lambda kv: kv[1]["blk_clk"]):
+            if v["med"] < 0:
+                continue
             print(f"  {name:<14}{v['med']:>8.2f}{v['p90']:>8.2f}{v['max']:>8.2f}"
                   f"{v['gpu_min']:>9.2f}{v['gpu_max']:>9.2f}{v['blk_clk']:>10.2f}")
     if spans_all:

@@ -95,9 +95,11 @@ __device__ __forceinline__ void combine_recv(const LLCombineArgs& a, uint64_t op
   for (int t = b; t < a.num_tokens; t += G) {
     if (tid < K) {
       const int k = tid;
+      // Three independent loads (one round trip), whether or not the slot is live.
       const int pos = a.send_pos[size_t(t) * K + k];
+      int e = a.topk_idx[size_t(t) * K + k];
+      const float w = a.topk_weights[size_t(t) * K + k];
       if (pos >= 0) {
-        int e = a.topk_idx[size_t(t) * K + k];
         e = e < 0 ? 0 : (e >= E ? E - 1 : e);  // jnp gathers clamp, so does this
         if (e / L == a.me) {  // this rank's own expert: its row of y, y[l, me*M + i]
           sm.row[k] = static_cast<const char*>(a.y) +
@@ -107,7 +109,7 @@ __device__ __forceinline__ void combine_recv(const LLCombineArgs& a, uint64_t op
                         "low_latency_combine", a.me, e / L, e);
           sm.row[k] = half + (size_t(e) * M + pos % M) * stride;
         }
-        sm.w[k] = a.topk_weights[size_t(t) * K + k];
+        sm.w[k] = w;
       } else {
         sm.row[k] = nullptr;
         sm.w[k] = 0.0f;

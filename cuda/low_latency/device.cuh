@@ -204,16 +204,17 @@ __device__ __forceinline__ uint64_t begin_phases(char* local, const Args& a, int
 
 // Block-level end of a recv: the last block to finish marks the op done locally. Every
 // block read seq before it arrives here, so no block of this op can see the new value.
+// No fence: seq and the arrival counter are read only by later launches on this GPU,
+// which the kernel boundary orders (a fence here would make each block wait for its row
+// stores to drain before it arrives).
 __device__ __forceinline__ void finish_recv(char* local, uint64_t op) {
   __syncthreads();
   if (threadIdx.x == 0) {
     LowLatencyHeader* h = ll_header(local);
-    __threadfence();
     const unsigned prev = atomicAdd(&h->recv_arrivals, 1u);
     if (prev + 1 == gridDim.x) {
       h->recv_arrivals = 0;
       *reinterpret_cast<volatile uint64_t*>(&h->seq) = op;
-      __threadfence();
     }
   }
 }

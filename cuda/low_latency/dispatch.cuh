@@ -328,6 +328,7 @@ __device__ __forceinline__ uint64_t dispatch_send(const LLDispatchArgs& a, Dispa
       }
     }
     __syncthreads();
+    ll_mark(a.timing, op, kLLTPositions);
     if (first_pass) {
       first_pass = false;
       publish_counts<Tr>(a, op, sm, scaled_bit);

@@ -135,6 +135,7 @@ enum LLTimingPoint : int {
   kLLTRecvCopied = 8,  // recv: rows gathered (dispatch) / reduced (combine), block barrier passed
   kLLTCounts = 9,      // recv: dispatch: recv_count written; combine: the remaining flags seen
   kLLTExit = 10,       // recv: after finish_recv (the block's last instruction)
+  kLLTPositions = 11,  // dispatch send: last token's positions counted (its barrier passed)
   kLLTimingPoints = 12
 };
 constexpr int kLLTimingRing = 16;
