@@ -97,9 +97,11 @@ def masked_grouped_matmul(x: jax.Array, w: jax.Array, counts: jax.Array, *,
     ends = jnp.cumsum(counts)
     starts = ends - counts
     flat = x.reshape(G * S, K)
-    # contiguous row c: group searchsorted(ends, c), its (c - start)-th live row
+    # contiguous row c: group searchsorted(ends, c), its (c - start)-th live row (unrolled:
+    # the default method is a while loop, a device-to-host round trip per step on GPUs)
     c = jnp.arange(G * S, dtype=jnp.int32)
-    group = jnp.minimum(jnp.searchsorted(ends, c, side="right"), G - 1).astype(jnp.int32)
+    group = jnp.minimum(jnp.searchsorted(ends, c, side="right", method="scan_unrolled"),
+                        G - 1).astype(jnp.int32)
     live = c < ends[-1]
     rows = jnp.where(live, group * S + c - starts[group], 0)
     contiguous = jnp.where(live[:, None], flat[rows], jnp.zeros((), x.dtype))

@@ -75,3 +75,17 @@ def test_chunk_tokens_is_the_most_that_fits():
         assert internode.rail_bytes(2, c, rows, False) <= region
         assert internode.rail_bytes(2, c + 1, rows, False) > region
     assert internode.chunk_tokens(2, 256, rows, False, 4096) == 0  # the header alone
+
+
+def test_row_maps_lower_without_while_loops():
+    # searchsorted's default method is a while loop, whose predicate goes device -> host
+    # on every step on GPUs: the row maps must be loop-free
+    import jax
+    import jax.numpy as jnp
+
+    num_recv = jnp.asarray([3, 5], jnp.int32)
+    rank = jax.jit(lambda n, o: internode._rank_layout_rows(n, o, 16)).lower(
+        num_recv, jnp.zeros_like(num_recv)).as_text()
+    expert = jax.jit(lambda t: internode._expert_layout_rows(t, 32, 4)).lower(
+        jnp.ones((2, 3), jnp.int32)).as_text()
+    assert "while" not in rank and "while" not in expert

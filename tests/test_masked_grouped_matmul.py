@@ -79,3 +79,18 @@ def test_bad_arguments_name_the_fix():
         jax_ep.masked_grouped_matmul(x, jnp.zeros((3, 8, 8)), jnp.asarray([1, 0, 0]))
     with pytest.raises(ValueError, match="w.shape\\[1\\]"):
         jax_ep.masked_grouped_matmul(x, jnp.zeros((2, 4, 8)), jnp.asarray([1, 0]))
+
+
+def test_lowers_without_while_loops():
+    # a while loop's predicate goes device -> host on every step on GPUs (searchsorted's
+    # default method is one): the row arithmetic must be loop-free, gradients included
+    G, S, K, N = 4, 8, 16, 24
+    x = jnp.zeros((G, S, K), jnp.float32)
+    w = jnp.zeros((G, K, N), jnp.float32)
+    counts = jnp.asarray([3, 0, 8, 1], jnp.int32)
+
+    def loss(x, w, c):
+        return jnp.sum(jax_ep.masked_grouped_matmul(x, w, c, backend="reference"))
+
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w, counts).as_text()
+    assert "while" not in hlo

@@ -150,7 +150,9 @@ def _rank_layout_rows(num_recv, overflow, cap: int):
     need = num_recv + overflow  # [N] rows each hop had before capacity
     start = jnp.cumsum(need) - need
     i = jnp.arange(cap, dtype=I32)
-    hop = jnp.searchsorted(start, i, side="right").astype(I32) - 1  # last hop starting <= i
+    # last hop starting <= i (unrolled: the default method is a while loop, a
+    # device-to-host round trip per step on GPUs)
+    hop = jnp.searchsorted(start, i, side="right", method="scan_unrolled").astype(I32) - 1
     q = i - start[hop]
     rows = jnp.where(q < num_recv[hop], hop * cap + q, -1)
     return rows, hop, jnp.sum(need).astype(I32)
@@ -166,7 +168,8 @@ def _expert_layout_rows(needed_per_expert, cap: int, align: int):
     end = jnp.cumsum(padded)
     start = end - padded
     i = jnp.arange(cap, dtype=I32)
-    group = jnp.searchsorted(end, i, side="right").astype(I32)  # L past the groups
+    group = jnp.searchsorted(end, i, side="right",  # L past the groups; unrolled as above
+                             method="scan_unrolled").astype(I32)
     g = jnp.minimum(group, L - 1)
     q = i - start[g]
     real = (group < L) & (q < counts[g])
