@@ -143,8 +143,11 @@ def main():
     rng = np.random.default_rng(0)
     shapes = [(int(e.split(":")[0]), int(e.split(":")[1]) if ":" in e else a.rows)
               for e in a.experts.split(",")]
-    cases = [case(rng, e, rows, a.hidden, a.ffn, a.capacity_factor, a.reps, a.ragged_reps)
-             for e, rows in shapes]
+    cases = []
+    for e, rows in shapes:  # one line per case as it ends: a timeout still leaves figures
+        cases.append(case(rng, e, rows, a.hidden, a.ffn, a.capacity_factor, a.reps,
+                          a.ragged_reps))
+        print(f"case E={e} rows={rows} done", flush=True)
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True).stdout.strip()
