@@ -8,7 +8,9 @@ with ``jax_ep.fp8.per_token_cast`` before it.
 
 Timing: one jit holds n back-to-back calls of an op; the time per call is the difference
 between n=N_LONG and n=N_SHORT runs over the difference in calls (launch and host overheads
-cancel); median over repetitions (>= 20, after a warm-up call).
+cancel); the two runs alternate and the median of the paired differences is taken
+(bench/timing.py: per_call_us; ``--reps`` pairs, after a warm-up call). ``--profile`` adds
+the kernels' own times from a jax.profiler trace, the steadier figure at one rank.
 
 dispatch_plus_combine is one decode step's communication: dispatch, then combine of a
 fixed bf16 expert output (the combine waits for the dispatch through its handle, the next
@@ -267,8 +269,9 @@ def main():
                   buffer_bytes=int(buf.num_nvl_bytes), jax=jax.__version__,
                   date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                   command="python " + " ".join(sys.argv),
-                  method=f"median of {a.reps} after warm-up; per-call = (jit of {n_long} calls "
-                         f"- jit of {n_short}) / {n_long - n_short}; FP8 dispatch cast in the "
+                  method=f"per-call = median over {a.reps} alternating pairs of (jit of "
+                         f"{n_long} calls - jit of {n_short}) / {n_long - n_short}, after "
+                         "warm-up; FP8 dispatch cast in the "
                          "kernel, BF16 combine of a fixed expert output; baseline all_to_all "
                          "with capacity T per peer (FP8 cast by jax_ep.fp8.per_token_cast "
                          "outside the collective in dispatch_plus_combine, none in the "

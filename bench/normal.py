@@ -8,7 +8,8 @@ bytes of the rows a rank receives (dispatch) or sends back (combine), one row pe
 
 Timing: one jit holds n back-to-back calls of an op; the time per call is the
 difference between n=N_LONG and n=N_SHORT runs over the difference in calls (launch
-and host overheads cancel); median over repetitions.
+and host overheads cancel); the two runs alternate, median of the paired differences
+(bench/timing.py: per_call_us).
 
 ``--node-size G`` (with one process per GPU, ``--processes``) cuts the EP axis into nodes
 of G ranks (``JAX_EP_NODE_SIZE``): the internode path runs, and the same ops through an
@@ -260,8 +261,9 @@ def main():
                   fixed_cost=fixed_cost, tokens=T, hidden=H, topk=K, experts=E,
                   num_sms=a.num_sms, rows_received_per_rank=rows_per_rank,
                   jax=jax.__version__, date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                  method=f"median of {a.reps}; per-call = (jit of {n_long} calls - jit of "
-                         f"{n_short}) / {n_long - n_short}; layout='rank'",
+                  method=f"per-call = median over {a.reps} alternating pairs of (jit of "
+                         f"{n_long} calls - jit of {n_short}) / {n_long - n_short}; "
+                         "layout='rank'",
                   results=results, sms_sweep=sweep, internode=hops,
                   nvlink_ceiling=dict(ceiling, sources=a.ceiling))
     if not lead:

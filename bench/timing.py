@@ -18,8 +18,19 @@ def timed(fn, args, reps):
 
 
 def per_call_us(make, args, n_short, n_long, reps):
-    """Median time of one call in µs, from jits holding n_short and n_long calls
-    (the difference cancels launch and dispatch overheads)."""
-    ts = timed(make(n_short), args, reps)
-    tl = timed(make(n_long), args, reps)
-    return (tl - ts) / (n_long - n_short) * 1e6
+    """Time of one call in µs, from jits holding n_short and n_long calls (the difference
+    cancels launch and dispatch overheads): the two run alternately, and the result is the
+    median of the ``reps`` paired differences, so that a drift of the host or the GPU
+    clocks between the runs does not enter it (timing all short runs, then all long ones,
+    moved the result by 5-10 µs between runs of the same code)."""
+    short, long_ = make(n_short), make(n_long)
+    jax.block_until_ready(short(*args))  # warm-up (compile, first touch)
+    jax.block_until_ready(long_(*args))
+    diffs = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(short(*args))
+        t1 = time.perf_counter()
+        jax.block_until_ready(long_(*args))
+        diffs.append(time.perf_counter() - t1 - (t1 - t0))
+    return statistics.median(diffs) / (n_long - n_short) * 1e6
