@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jax_ep
+from jax_ep.types import LowLatencyConfig, LowLatencyHandleArrays
 from tests import harness, oracle
 
 
@@ -383,3 +384,22 @@ def test_the_symmetric_region_holds_the_same_halves_plus_staging():
     assert cbuf._ll_symmetric_bytes(hint) == limits()["ll_halves_offset"] + 3 * half
     assert limits()["ll_data_offset"] == limits()["ll_offset"] + limits()["ll_halves_offset"]
     assert cbuf._ll_symmetric_bytes(64 << 20) == 0  # no low-latency region asked for
+
+
+def test_cuda_combine_recv_checks_the_sent_y_against_the_output():
+    """combine_recv reads this rank's own rows from the y its send carried: an output
+    asked in another dtype or width is refused with both named."""
+    from jax_ep.backends.cuda import low_latency as cll
+
+    cfg = LowLatencyConfig(num_experts=8, num_ranks=1, axis_name=harness.AXIS,
+                           max_tokens_per_rank=4, num_tokens=4, num_topk=2, hidden=128,
+                           use_fp8=False, backend="cuda", buffer_id=1)
+    y = jnp.zeros((8, 4, 128), jnp.bfloat16)
+    sent = cll.CombineSent(jnp.zeros((1,), jnp.int32), y)
+    idx, w = jnp.zeros((4, 2), jnp.int32), jnp.ones((4, 2), jnp.float32)
+    handle = LowLatencyHandleArrays(jnp.zeros((8, 4), jnp.int32), jnp.zeros((8, 1), jnp.int32),
+                                    jnp.zeros((4, 2), jnp.int32))
+    with pytest.raises(ValueError, match=r"y is bfloat16 \(8, 4, 128\).*float32 of width 128"):
+        cll.ll_combine_recv(sent, idx, w, handle, cfg, jnp.float32, 128)
+    with pytest.raises(ValueError, match=r"bfloat16 of width 64"):
+        cll.ll_combine_recv(sent, idx, w, handle, cfg, jnp.bfloat16, 64)
