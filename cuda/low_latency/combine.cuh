@@ -76,8 +76,9 @@ __device__ __forceinline__ void combine_send(const LLCombineArgs& a, uint64_t op
 }
 
 // Recv phase. Block b handles tokens t = b, b+G, ...: thread k waits for the flag of slot
-// k's expert (none for an expert of this rank, whose row is read from y), then out[t] = sum over k in slot order of w[t,k] * row(e_k, pos), fp32,
-// separate multiply and add (the reference's order: the sum starts from the k = 0 term;
+// k's expert (none for an expert of this rank, whose row is read from y), then
+// out[t] = sum over k in slot order of w[t,k] * row(e_k, pos), fp32, separate multiply
+// and add (the reference's order: the sum starts from the k = 0 term;
 // masked slots add 0). Then the block waits for the flags e = b, b+G, ... (other ranks'
 // experts) that no token needed, so that every flag of this op has been seen before the op
 // ends.
@@ -158,7 +159,7 @@ __device__ __forceinline__ void combine_recv(const LLCombineArgs& a, uint64_t op
   for (int e = b + tid * G; e < E; e += nthr * G)
     if (e / L != a.me)
       wait_flag<Tr>(&h->flags[op & 1][e], op, is_remote(a.peers, e / L), "low_latency_combine",
-                  a.me, e / L, e);
+                    a.me, e / L, e);
   ll_sync_if(a.timing);
   ll_mark(a.timing, op, kLLTCounts);
 }
