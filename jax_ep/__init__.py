@@ -21,6 +21,7 @@ from jax_ep.low_latency import (
     low_latency_dispatch_send,
 )
 from jax_ep.ops import combine, default_capacity, dispatch, get_dispatch_layout
+from jax_ep.overlap import beside
 from jax_ep import moe  # the MoE layer's functional core (needs no Flax); after ops
 from jax_ep.types import (
     DispatchHandle,
@@ -34,6 +35,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Buffer", "CapacityError", "DispatchHandle", "DispatchLayout", "DispatchResult",
+    "beside",
     "ExpertIdError", "cuda_status",
     "LowLatencyCombinePending", "LowLatencyDispatchPending", "LowLatencyDispatchResult",
     "LowLatencyHandle", "check", "combine", "cuda_available", "default_capacity", "dispatch",

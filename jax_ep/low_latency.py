@@ -57,8 +57,7 @@ def _config(op, x, topk_idx, num_experts, max_tokens_per_rank, axis_name, use_fp
         num_topk=topk_idx.shape[1], hidden=x.shape[1], use_fp8=bool(use_fp8), backend=resolved,
         buffer_id=getattr(buffer, "buffer_id", None) if uses_buffer else None,
         zero_padding=bool(zero_padding), num_sms=num_sms,
-        side_stream=backends.side_stream(buffer, resolved), packed=v.check_bool(op, "packed",
-                                                                                packed))
+        packed=v.check_bool(op, "packed", packed))
     if uses_buffer:
         buffer.check_fits_low_latency(cfg, x.dtype)
     return cfg

@@ -13,7 +13,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-from jax_ep import backends, fp8
+from jax_ep import backends, fp8, overlap
 from jax_ep import validation as v
 from jax_ep.check import emit as emit_checks
 from jax_ep.types import (DEFAULT_NUM_SMS, DispatchConfig, DispatchHandle, DispatchLayout,
@@ -165,39 +165,55 @@ def dispatch(x, topk_idx: jax.Array, topk_weights: Optional[jax.Array] = None, *
     if topk_weights is None:
         topk_weights = jnp.ones(topk_idx.shape, jnp.float32)
     topk_weights = v.weights_f32(topk_weights)
-    outs = _dispatch(cfg, payload, topk_idx, topk_weights)
+    hook = overlap.take("op")  # jax_ep.beside's compute, run inside the exchange
+    compute, beside_in = overlap.carried(hook)
+    outs, beside_out = _dispatch(cfg, compute, payload, topk_idx, topk_weights, beside_in)
+    overlap.deliver(hook, beside_out)
     recv_payload, recv_idx, recv_w, num_recv, per_expert, group_sizes, overflow, harr = outs
     recv_x = tuple(recv_payload) if is_fp8 or cast_fp8 else recv_payload[0]
     return DispatchResult(recv_x, recv_idx, recv_w, num_recv, per_expert, group_sizes, overflow,
                           DispatchHandle(harr, cfg, invalid))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _dispatch(cfg: DispatchConfig, payload, topk_idx, topk_weights):
-    return backends.get(cfg.backend).dispatch(tuple(payload), topk_idx, topk_weights, cfg)
+# The ops' custom VJPs carry jax_ep.beside's compute (`compute`, static; its inputs
+# `beside_in`, its outputs beside the op's) so that it is traced next to the op's custom
+# call, forward and backward (jax_ep/overlap.py). Without one, compute is None and
+# beside_in ().
 
-
-def _dispatch_fwd(cfg, payload, topk_idx, topk_weights):
-    outs = _dispatch(cfg, payload, topk_idx, topk_weights)
-    recv_idx, handle = outs[1], outs[7]
-    return outs, (recv_idx, handle, payload)
-
-
-def _dispatch_bwd(cfg, residuals, cotangents):
-    recv_idx, handle, payload = residuals
-    d_payload, _, d_recv_w = cotangents[0], cotangents[1], cotangents[2]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _dispatch(cfg: DispatchConfig, compute, payload, topk_idx, topk_weights, beside_in):
     be = backends.get(cfg.backend)
-    if len(payload) == 1 and not cfg.cast_fp8:  # the adjoint of moving rows: summing back
-        dx = (be.combine(d_payload[0].astype(payload[0].dtype), None, handle, cfg),)
-    else:  # FP8 values are quantised constants: documented as non-differentiable
-        dx = tuple(jnp.zeros_like(p) for p in payload)
-    if cfg.layout == "rank":
-        slot_grads = jnp.where(recv_idx >= 0, d_recv_w, 0.0)
-    else:
-        slot = jax.nn.one_hot(handle.recv_src_slot, cfg.num_topk, dtype=jnp.float32)
-        slot_grads = slot * jnp.where(recv_idx >= 0, d_recv_w, 0.0)[:, None]
-    d_weights = be.combine(slot_grads.astype(jnp.float32), None, handle, cfg)
-    return dx, None, d_weights
+    return overlap.exchange_beside(
+        compute, beside_in, lambda: be.dispatch(tuple(payload), topk_idx, topk_weights, cfg))
+
+
+def _dispatch_fwd(cfg, compute, payload, topk_idx, topk_weights, beside_in):
+    be = backends.get(cfg.backend)
+    outs, beside_out, beside_vjp = overlap.forward_beside(
+        compute, beside_in, lambda: be.dispatch(tuple(payload), topk_idx, topk_weights, cfg))
+    recv_idx, handle = outs[1], outs[7]
+    return (outs, beside_out), (recv_idx, handle, payload, beside_vjp)
+
+
+def _dispatch_bwd(cfg, compute, residuals, cotangents):
+    recv_idx, handle, payload, beside_vjp = residuals
+    (d_payload, _, d_recv_w), d_beside = cotangents[0][:3], cotangents[1]
+    be = backends.get(cfg.backend)
+
+    def exchange():
+        if len(payload) == 1 and not cfg.cast_fp8:  # the adjoint of moving rows: summing back
+            dx = (be.combine(d_payload[0].astype(payload[0].dtype), None, handle, cfg),)
+        else:  # FP8 values are quantised constants: documented as non-differentiable
+            dx = tuple(jnp.zeros_like(p) for p in payload)
+        if cfg.layout == "rank":
+            slot_grads = jnp.where(recv_idx >= 0, d_recv_w, 0.0)
+        else:
+            slot = jax.nn.one_hot(handle.recv_src_slot, cfg.num_topk, dtype=jnp.float32)
+            slot_grads = slot * jnp.where(recv_idx >= 0, d_recv_w, 0.0)[:, None]
+        return dx, be.combine(slot_grads.astype(jnp.float32), None, handle, cfg)
+    (dx, d_weights), d_beside_in = overlap.backward_beside(compute, beside_vjp, d_beside,
+                                                           exchange)
+    return dx, None, d_weights, d_beside_in
 
 
 _dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
@@ -241,43 +257,65 @@ def combine(y: jax.Array, handle: DispatchHandle, weights: Optional[jax.Array] =
     if backend is not None and backend != "auto" and backend != cfg.backend:
         raise ValueError(f"{op}: backend={backend!r} differs from the dispatch's backend "
                          f"{cfg.backend!r}; a handle can only be combined by its own backend")
+    hook = overlap.take("op")  # jax_ep.beside's compute, run inside the exchange
+    compute, beside_in = overlap.carried(hook)
     if weights is None:
-        return _combine_unweighted(cfg, y, handle.arrays)
-    return _combine_weighted(cfg, y, weights, handle.arrays)
+        out, beside_out = _combine_unweighted(cfg, compute, y, handle.arrays, beside_in)
+    else:
+        out, beside_out = _combine_weighted(cfg, compute, y, weights, handle.arrays, beside_in)
+    overlap.deliver(hook, beside_out)
+    return out
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _combine_weighted(cfg, y, weights, handle):
-    return backends.get(cfg.backend).combine(y, weights, handle, cfg)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _combine_weighted(cfg, compute, y, weights, handle, beside_in):
+    be = backends.get(cfg.backend)
+    return overlap.exchange_beside(compute, beside_in,
+                                   lambda: be.combine(y, weights, handle, cfg))
 
 
-def _combine_weighted_fwd(cfg, y, weights, handle):
-    return _combine_weighted(cfg, y, weights, handle), (y, weights, handle)
+def _combine_weighted_fwd(cfg, compute, y, weights, handle, beside_in):
+    be = backends.get(cfg.backend)
+    out, beside_out, beside_vjp = overlap.forward_beside(
+        compute, beside_in, lambda: be.combine(y, weights, handle, cfg))
+    return (out, beside_out), (y, weights, handle, beside_vjp)
 
 
-def _combine_weighted_bwd(cfg, residuals, d_out):
-    y, weights, handle = residuals
-    rows = backends.get(cfg.backend).cached_dispatch(d_out, handle, cfg).astype(jnp.float32)
+def _combine_weighted_bwd(cfg, compute, residuals, cotangents):
+    y, weights, handle, beside_vjp = residuals
+    d_out, d_beside = cotangents
+    be = backends.get(cfg.backend)
+    rows, d_beside_in = overlap.backward_beside(
+        compute, beside_vjp, d_beside, lambda: be.cached_dispatch(d_out, handle, cfg))
+    rows = rows.astype(jnp.float32)
     dy = (rows * weights[:, None]).astype(y.dtype)
     d_weights = jnp.sum(rows * y.astype(jnp.float32), axis=1)
-    return dy, d_weights, None
+    return dy, d_weights, None, d_beside_in
 
 
 _combine_weighted.defvjp(_combine_weighted_fwd, _combine_weighted_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _combine_unweighted(cfg, y, handle):
-    return backends.get(cfg.backend).combine(y, None, handle, cfg)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _combine_unweighted(cfg, compute, y, handle, beside_in):
+    be = backends.get(cfg.backend)
+    return overlap.exchange_beside(compute, beside_in, lambda: be.combine(y, None, handle, cfg))
 
 
-def _combine_unweighted_fwd(cfg, y, handle):
-    return _combine_unweighted(cfg, y, handle), (handle,)
+def _combine_unweighted_fwd(cfg, compute, y, handle, beside_in):
+    be = backends.get(cfg.backend)
+    out, beside_out, beside_vjp = overlap.forward_beside(
+        compute, beside_in, lambda: be.combine(y, None, handle, cfg))
+    return (out, beside_out), (handle, beside_vjp)
 
 
-def _combine_unweighted_bwd(cfg, residuals, d_out):
-    (handle,) = residuals
-    return backends.get(cfg.backend).cached_dispatch(d_out, handle, cfg), None
+def _combine_unweighted_bwd(cfg, compute, residuals, cotangents):
+    handle, beside_vjp = residuals
+    d_out, d_beside = cotangents
+    be = backends.get(cfg.backend)
+    dy, d_beside_in = overlap.backward_beside(
+        compute, beside_vjp, d_beside, lambda: be.cached_dispatch(d_out, handle, cfg))
+    return dy, None, d_beside_in
 
 
 _combine_unweighted.defvjp(_combine_unweighted_fwd, _combine_unweighted_bwd)

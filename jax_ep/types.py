@@ -36,7 +36,8 @@ class DispatchConfig:
     buffer_id: Optional[int] = None
     num_sms: int = DEFAULT_NUM_SMS
     cast_fp8: bool = False  # bf16 x cast to an FP8 pair on the way (dispatch(cast_fp8=True))
-    side_stream: bool = False  # CUDA: run on a stream beside XLA's compute stream (the Buffer's)
+    # CUDA: the ops run on the side stream (the Buffer's side_stream; jax_ep.beside)
+    side_stream: bool = False
     # Ranks per node when the EP axis spans several NVLink domains (None: one): combine sums
     # the ranks of each node, then the nodes, as the internode kernels do.
     node_size: Optional[int] = None
@@ -67,7 +68,6 @@ class LowLatencyConfig:
     # Blocks of the CUDA kernels of this dispatch and its combine (None: the backend's
     # default, nearly every SM of an H100/H200).
     num_sms: Optional[int] = None
-    side_stream: bool = False  # CUDA: run on a stream beside XLA's compute stream (the Buffer's)
     # recv_x packed per expert: rows [0, recv_count[e]) in (source rank, token) order, zeros
     # after (low_latency_dispatch(packed=True)); combine's y then comes in the same layout.
     packed: bool = False

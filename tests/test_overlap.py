@@ -1,8 +1,9 @@
-"""Overlap on CPU: what the side stream lowers to, the micro-batched layer against the
-serial one, and the decode path's shared expert between the dispatch's send and receive.
+"""Overlap on CPU: what the side stream lowers to, jax_ep.beside against calling the two
+parts one after the other, the micro-batched layer against the serial one, and the decode
+path's shared expert between the dispatch's send and receive.
 
 The GPU side (kernels on the side stream, a profile showing the overlap) is
-tests/gpu/test_overlap_gpu.py and bench/overlap.py.
+tests/gpu/test_overlap_gpu.py and bench/overlap_probe.py.
 """
 
 import functools
@@ -21,6 +22,7 @@ from jax_ep.backends.cuda import low_latency as cuda_ll
 from jax_ep.backends.cuda import normal as cuda_normal
 from jax_ep.flax import MoE
 from jax_ep.types import DispatchConfig, LowLatencyConfig
+from tests import harness as h
 
 R, T, K, E, H = 4, 8, 2, 8, 32
 
@@ -39,20 +41,26 @@ def _lowered_text(fn, *shapes):
     return wrapped.lower(*args).as_text()
 
 
-def _annotated_targets(text):
-    """The jax_ep custom calls inside stream-annotated call regions, and all of them."""
-    regions = set(re.findall(r"func\.call @(\S+)\(.*_xla_stream_annotation = \"1\"", text))
-    inside, every = [], re.findall(r"custom_call @(jax_ep_\w+)", text)
-    for name in regions:
-        body = text.split(f"func.func private @{name}(")[1].split("\n  }\n")[0]
-        inside += re.findall(r"custom_call @(jax_ep_\w+)", body)
-    return sorted(inside), sorted(every)
+def _calls(text):
+    """(target, side_slot or None) of every jax_ep custom call, in program order."""
+    out = []
+    for line in text.splitlines():
+        m = re.search(r"custom_call @(jax_ep_\w+)\(", line)
+        if m:
+            slot = re.search(r"side_slot = (-?\d+)", line)
+            out.append((m.group(1), int(slot.group(1)) if slot else None))
+    return out
+
+
+def _normal_cfg(side_stream, layout="rank"):
+    return DispatchConfig(num_experts=E, num_ranks=R, axis_name="ep", layout=layout,
+                          capacity=R * T * (K if layout == "expert" else 1),
+                          expert_alignment=1, num_tokens=T, num_topk=K, backend="cuda",
+                          buffer_id=1, side_stream=side_stream)
 
 
 def _normal_ops(side_stream):
-    cfg = DispatchConfig(num_experts=E, num_ranks=R, axis_name="ep", layout="rank",
-                         capacity=R * T, expert_alignment=1, num_tokens=T, num_topk=K,
-                         backend="cuda", buffer_id=1, side_stream=side_stream)
+    cfg = _normal_cfg(side_stream)
 
     def ops(x, idx):
         out = cuda_normal.dispatch((x,), idx, jnp.ones(idx.shape, jnp.float32), cfg)
@@ -62,10 +70,28 @@ def _normal_ops(side_stream):
     return ops
 
 
-def _low_latency_ops(side_stream):
+def test_side_stream_launches_each_normal_op_and_joins_it():
+    shapes = [((T, H), jnp.bfloat16), ((T, K), jnp.int32)]
+    calls = _calls(_lowered_text(_normal_ops(True), *shapes))
+    ops = ["jax_ep_dispatch", "jax_ep_cached_dispatch", "jax_ep_combine"]
+    launches = [(n, s) for n, s in calls if n.endswith("_on_side_stream")]
+    joins = [(n, s) for n, s in calls if n == "jax_ep_side_stream_join"]
+    assert [n for n, _ in launches] == [o + "_on_side_stream" for o in ops]
+    slots = [s for _, s in launches]
+    assert len(set(slots)) == 3 and min(slots) >= 0  # one slot per call site
+    # every launch is joined, before the next op is launched (program order)
+    assert calls == [c for s in slots for c in ((launches[slots.index(s)][0], s),
+                                                 ("jax_ep_side_stream_join", s))]
+    assert [s for _, s in joins] == slots
+    # on XLA's stream: the plain handlers with slot -1, no joins
+    assert _calls(_lowered_text(_normal_ops(False), *shapes)) == [(o, -1) for o in ops]
+
+
+def test_low_latency_ops_stay_on_xla_stream():
+    """Their overlap is the split form (compute between *_send and *_recv)."""
     cfg = LowLatencyConfig(num_experts=E, num_ranks=R, axis_name="ep", max_tokens_per_rank=T,
                            num_tokens=T, num_topk=K, hidden=H, use_fp8=False,
-                           backend="cuda", buffer_id=1, side_stream=side_stream)
+                           backend="cuda", buffer_id=1)
 
     def ops(x, idx):
         w = jnp.ones(idx.shape, jnp.float32)
@@ -75,19 +101,9 @@ def _low_latency_ops(side_stream):
         recv_x, count, handle = cuda_ll.ll_dispatch_recv(sent, cfg, x.dtype, hidden=H)
         sent_y = cuda_ll.ll_combine_send(recv_x, handle, cfg)
         return cuda_ll.ll_combine_recv(sent_y, idx, w, handle, cfg, x.dtype, H)
-    return ops
-
-
-@pytest.mark.parametrize("make_ops", [_normal_ops, _low_latency_ops])
-def test_side_stream_puts_every_exchange_in_a_stream_region(make_ops):
-    shapes = [((T, H), jnp.bfloat16), ((T, K), jnp.int32)]
-    text = _lowered_text(make_ops(True), *shapes)
-    inside, every = _annotated_targets(text)
-    assert every and inside == every  # none left on the main stream
-    # one region per op: consecutive ops stay separate async pairs in XLA's schedule
-    assert len(re.findall(r"func\.call @\S+\(.*_xla_stream_annotation", text)) == len(every)
-    inside, every = _annotated_targets(_lowered_text(make_ops(False), *shapes))
-    assert every and inside == []
+    calls = _calls(_lowered_text(ops, ((T, H), jnp.bfloat16), ((T, K), jnp.int32)))
+    assert len(calls) == 6 and all(s is None for _, s in calls)
+    assert not any("side_stream" in n for n, _ in calls)
 
 
 def test_buffer_side_stream_is_checked_and_reaches_the_configs():
@@ -113,128 +129,147 @@ def test_buffer_side_stream_is_checked_and_reaches_the_configs():
     assert seen["cfg"].side_stream is False
 
 
-# Scheduling groups: the region's call op must carry the group id beside the stream
-# annotation (XLA's stream wrapper copies the call's attributes onto call-start/done), the
-# compute to overlap must carry the same id, and nothing inside the region may.
+# jax_ep.beside on the CUDA backend's custom calls (lowered only): the compute sits
+# between the launch and the join, pinned there by optimization barriers, in the forward
+# pass and, with the op's backward exchange, in the backward pass.
 
-def _call_attrs(text):
-    """{callee: frontend attributes of its func.call} in StableHLO text."""
-    out = {}
-    for name, attrs in re.findall(
-            r"call @(\S+)\(.*\{mhlo\.frontend_attributes = \{([^}]*)\}\}", text):
-        out[name] = dict(re.findall(r'(\w+) = "([^"]*)"', attrs))
-    return out
-
-
-def _body(text, name):
-    return text.split(f"func.func private @{name}(")[1].split("\n  }\n")[0]
+def _between(text, slot):
+    """The lines of ``text`` between the launch and the join of side-stream ``slot``."""
+    lines = text.splitlines()
+    at = [i for i, ln in enumerate(lines) if f"side_slot = {slot} :" in ln]
+    assert len(at) == 2, (slot, at)
+    return lines[at[0] + 1:at[1]]
 
 
-def test_grouped_region_call_carries_the_stream_and_the_group():
-    from jax_ep.backends.cuda._stream import on_side_stream, scheduling_group
-
-    def f(a, b, c, d):
-        with scheduling_group(7):  # the region is made inside the group as well as outside
-            inside = on_side_stream(lambda c, d: jnp.tanh(c @ d), group=7)(c, d)
-            outside = a @ b
-        return outside, inside
-
-    x = jnp.ones((16, 16), jnp.float32)
-    text = jax.jit(f).lower(x, x, x, x).as_text()
-    calls = _call_attrs(text)
-    assert len(calls) == 1
-    (name, attrs), = calls.items()
-    assert attrs == {"_scheduling_group_id": "7", "_xla_stream_annotation": "1",
-                     "inlineable": "false"}
-    main = text.split("func.func public @main(")[1].split("\n  }\n")[0]
-    dots = [ln for ln in main.splitlines() if "dot_general" in ln]
-    assert len(dots) == 1 and '_scheduling_group_id = "7"' in dots[0]
-    body = _body(text, name)
-    assert "dot_general" in body and "_scheduling_group_id" not in body
-    want = (x @ x, jnp.tanh(x @ x))
-    for got, w in zip(jax.jit(f)(x, x, x, x), want):  # a plain call on the CPU
-        np.testing.assert_allclose(got, w, rtol=1e-6)
+def _beside_dispatch_program(differentiate):
+    def fn(x, idx, m):
+        def loss(x, m):
+            def exchange():
+                return jax_ep.dispatch(x, idx, num_experts=E, axis_name="ep", layout="expert",
+                                       backend="cuda", buffer=_FakeBuffer()).recv_x
+            recv, y = jax_ep.beside(exchange, lambda z: jnp.tanh(z @ m), x)
+            return jnp.sum(recv.astype(jnp.float32)) + jnp.sum(y.astype(jnp.float32))
+        if not differentiate:
+            return loss(x, m)[None]
+        return jax.grad(loss, argnums=(0, 1))(x, m)[0]
+    return fn
 
 
-def test_ungrouped_region_keeps_the_compute_on_form():
-    from jax_ep.backends.cuda._stream import on_side_stream
+class _FakeBuffer:
+    """What the ops read of a side-stream jax_ep.Buffer, for lowering without GPUs."""
+    buffer_id, num_sms, side_stream, axis_name, num_ranks, node_size = 1, 24, True, "ep", R, R
+    multi_process = False
 
-    x = jnp.ones((8, 8), jnp.float32)
-    text = jax.jit(on_side_stream(lambda c: c * 2)).lower(x).as_text()
-    attrs = list(_call_attrs(text).values())
-    assert attrs and all(a.get("_xla_stream_annotation") == "1" for a in attrs)
-    assert "_scheduling_group_id" not in text
-
-
-def test_grouped_region_differentiates_on_the_side_stream():
-    from jax.experimental import xla_metadata
-
-    from jax_ep.backends.cuda._stream import on_side_stream
-
-    w = jax.random.normal(jax.random.key(4), (8, 8))
-    region = on_side_stream(lambda x: jnp.sin(x @ w), group=3)
-    loss = lambda x: jnp.sum(region(x) ** 2)  # noqa: E731
-    x = jax.random.normal(jax.random.key(5), (4, 8))
-    np.testing.assert_allclose(jax.grad(loss)(x),
-                               jax.grad(lambda x: jnp.sum(jnp.sin(x @ w) ** 2))(x),
-                               rtol=1e-5, atol=1e-6)
-    text = jax.jit(jax.value_and_grad(loss)).lower(x).as_text()
-    calls = list(_call_attrs(text).values())
-    assert len(calls) >= 2 and all(a.get("_xla_stream_annotation") == "1" for a in calls)
-    assert sum(a.get("_scheduling_group_id") == "3" for a in calls) >= 1
-    if hasattr(xla_metadata, "xla_metadata_call2"):  # jax >= 0.11: only the forward call
-        assert sum("_scheduling_group_id" in a for a in calls) == 1
+    def check_fits(self, cfg, wire):
+        pass
 
 
-@pytest.mark.parametrize("make_ops", [_normal_ops, _low_latency_ops])
-def test_jax_ep_ops_in_a_grouped_region(make_ops):
-    from jax_ep.backends.cuda._stream import on_side_stream, scheduling_group
-
-    ops = make_ops(False)
-
-    def fn(x, idx):
-        out = on_side_stream(ops, group=11)(x, idx)
-        with scheduling_group(11):
-            other = x.astype(jnp.float32) @ jnp.ones((H, H), jnp.float32)
-        return out + other.astype(out.dtype)
-
-    text = _lowered_text(fn, ((T, H), jnp.bfloat16), ((T, K), jnp.int32))
-    calls = _call_attrs(text)
-    grouped = [n for n, a in calls.items() if a.get("_scheduling_group_id") == "11"]
-    assert len(grouped) == 1 and calls[grouped[0]]["_xla_stream_annotation"] == "1"
-    every = re.findall(r"custom_call @(jax_ep_\w+)", text)
-    body = _body(text, grouped[0])
-    assert every and sorted(re.findall(r"custom_call @(jax_ep_\w+)", body)) == sorted(every)
-    assert "_scheduling_group_id" not in body
+def test_beside_puts_the_compute_between_launch_and_join(monkeypatch):
+    monkeypatch.setattr(jax_ep.backends, "resolve", lambda backend, buffer, op, **kw: "cuda")
+    shapes = [((T, H), jnp.bfloat16), ((T, K), jnp.int32), ((H, H), jnp.bfloat16)]
+    text = _lowered_text(_beside_dispatch_program(False), *shapes)
+    (launch,) = [s for n, s in _calls(text) if n == "jax_ep_dispatch_on_side_stream"]
+    between = "\n".join(_between(text, launch))
+    assert between.count("optimization_barrier") == 2
+    assert "dot_general" in between and "tanh" in between
+    # backward: the dispatch's backward combine is launched, the compute's backward runs,
+    # then the combine is joined (one combine per differentiable input: x and the weights)
+    text = _lowered_text(_beside_dispatch_program(True), *shapes)
+    combines = [s for n, s in _calls(text) if n == "jax_ep_combine_on_side_stream"]
+    assert len(combines) == 2
+    first = "\n".join(_between(text, combines[0]))
+    assert first.count("optimization_barrier") >= 2 and "dot_general" in first
 
 
-@pytest.mark.parametrize("bad", [-1, "1", 1.0, True, None])
-def test_scheduling_group_ids_are_checked(bad):
-    from jax_ep.backends.cuda._stream import group_id, scheduling_group
+# jax_ep.beside on the reference backend: the same values and gradients as the two parts
+# one after the other, with closures, nesting and exchanges that make no op.
 
-    with pytest.raises(ValueError, match="non-negative int"):
-        group_id(bad)
-    with pytest.raises(ValueError, match="non-negative int"):
-        with scheduling_group(bad):
-            pass
+def _two_micro_batches(x, idx, w, m, use_beside):
+    half = x.shape[0] // 2
+    xa, xb, ia, ib, wa, wb = x[:half], x[half:], idx[:half], idx[half:], w[:half], w[half:]
+    kw = dict(num_experts=E, axis_name="ep", layout="expert", backend="reference")
+    experts = lambda r: jnp.tanh(r @ m)  # noqa: E731  (closes over m: it gets gradients)
+    da = jax_ep.dispatch(xa, ia, wa, **kw)
+    if use_beside:
+        db, ya = jax_ep.beside(lambda: jax_ep.dispatch(xb, ib, wb, **kw), experts, da.recv_x)
+        oa, yb = jax_ep.beside(lambda: jax_ep.combine(ya, da.handle, da.recv_topk_weights),
+                               experts, db.recv_x)
+    else:
+        db, ya = jax_ep.dispatch(xb, ib, wb, **kw), experts(da.recv_x)
+        oa, yb = jax_ep.combine(ya, da.handle, da.recv_topk_weights), experts(db.recv_x)
+    return jnp.concatenate([oa, jax_ep.combine(yb, db.handle, db.recv_topk_weights)])
 
 
-def _stream_probe():
+def _value_and_grad(f):
+    def per_rank(x, idx, w, m):
+        loss = lambda x, w, m: jnp.sum(f(x, idx, w, m) ** 2)  # noqa: E731
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))(x, w, m)
+    return per_rank
+
+
+def _inputs(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((R, T, H)).astype(np.float32)
+    idx, w = h.routing(rng, R, T, K, E)
+    m = np.stack([rng.standard_normal((H, H)).astype(np.float32) / 8] * R)
+    return x, idx, w, m
+
+
+def test_beside_equals_the_parts_one_after_the_other():
+    args = _inputs(5)
+    want = h.run_reference(_value_and_grad(
+        functools.partial(_two_micro_batches, use_beside=False)), R, *args)
+    got = h.run_reference(_value_and_grad(
+        functools.partial(_two_micro_batches, use_beside=True)), R, *args)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_nested_beside_and_an_exchange_without_an_op():
+    x, idx, w, m = _inputs(6)
+
+    def f(x, idx, w, m, nested):
+        kw = dict(num_experts=E, axis_name="ep", layout="rank", backend="reference")
+        d = jax_ep.dispatch(x, idx, w, **kw)
+        if not nested:
+            c = jax_ep.combine(d.recv_x, d.handle)
+            return c + jnp.sin(x @ m) + 2.0 * x
+        # the outer compute is itself a beside; the inner exchange makes no jax_ep op
+        c, (doubled, s) = jax_ep.beside(
+            lambda: jax_ep.combine(d.recv_x, d.handle),
+            lambda v: jax_ep.beside(lambda: 2.0 * x, lambda u: jnp.sin(u @ m), v), x)
+        return c + s + doubled
+    want = h.run_reference(_value_and_grad(functools.partial(f, nested=False)), R, x, idx, w, m)
+    got = h.run_reference(_value_and_grad(functools.partial(f, nested=True)), R, x, idx, w, m)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_beside_checks_its_arguments():
+    with pytest.raises(TypeError, match="must be callables"):
+        jax_ep.beside(jnp.zeros(3), lambda: 0)
+    out, res = jax_ep.beside(lambda: 1.0, lambda a: a * 3, jnp.ones(2))  # outside shard_map
+    assert out == 1.0
+    np.testing.assert_array_equal(res, 3 * np.ones(2))
+
+
+def _overlap_probe():
     import importlib.util
     import pathlib
     import sys
 
     bench = pathlib.Path(__file__).parents[1] / "bench"
     sys.path.insert(0, str(bench))  # the probe imports trace_summary from beside it
-    spec = importlib.util.spec_from_file_location("stream_probe", bench / "stream_probe.py")
+    spec = importlib.util.spec_from_file_location("overlap_probe", bench / "overlap_probe.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-# Compiled GPU HLO as XLA prints a scheduled module (shapes shortened): the start, a
-# Triton GEMM fusion, a command buffer holding a cuBLAS GEMM, the done.
-_SCHEDULED_HLO = """HloModule jit_grouped_dots, is_scheduled=true, entry_computation_layout={()->()}
+# Compiled GPU HLO as XLA prints a scheduled module (shapes shortened): a GEMM in a command
+# buffer before the launch, the launch (inside the dynamic-slice fusion XLA makes of a
+# custom call whose operand is a slice), a Triton GEMM fusion, the join, another GEMM.
+_SCHEDULED_HLO = """HloModule jit_body, is_scheduled=true, entry_computation_layout={()->()}
 
 %gemm_fusion_dot.1_computation (p0: bf16[8,8], p1: bf16[8,8]) -> bf16[8,8] {
   %p0 = bf16[8,8]{1,0} parameter(0)
@@ -242,11 +277,10 @@ _SCHEDULED_HLO = """HloModule jit_grouped_dots, is_scheduled=true, entry_computa
   ROOT %dot.1 = bf16[8,8]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
 }
 
-%xla_metadata_call.3 (c: bf16[8,8], d: bf16[8,8]) -> bf16[8,8] {
-  %c = bf16[8,8]{1,0} parameter(0)
-  %d = bf16[8,8]{1,0} parameter(1)
-  %cublas.2 = (bf16[8,8]{1,0}, s8[4]{0}) custom-call(%c, %d), custom_call_target="__cublas$gemm"
-  ROOT %gte.2 = bf16[8,8]{1,0} get-tuple-element(%cublas.2), index=0
+%dynamic-slice-fusion (p0: bf16[16,8]) -> (bf16[8,8]) {
+  %p0 = bf16[16,8]{1,0} parameter(0)
+  %slice.1 = bf16[8,8]{1,0} slice(%p0), slice={[0:8], [0:8]}
+  ROOT %custom-call.1 = (bf16[8,8]{1,0}) custom-call(%slice.1), custom_call_target="jax_ep_dispatch_on_side_stream", api_version=API_VERSION_TYPED_FFI, backend_config={buffer_id = 1 : i64, side_slot = 3 : i64}
 }
 
 %command_buffer (a: bf16[8,8], b: bf16[8,8]) -> bf16[8,8] {
@@ -256,34 +290,29 @@ _SCHEDULED_HLO = """HloModule jit_grouped_dots, is_scheduled=true, entry_computa
   ROOT %gte.5 = bf16[8,8]{1,0} get-tuple-element(%cublas.5), index=0
 }
 
-ENTRY %main.9 (a.1: bf16[8,8], b.1: bf16[8,8]) -> (bf16[8,8], bf16[8,8], bf16[8,8]) {
+ENTRY %main.9 (a.1: bf16[8,8], b.1: bf16[8,8], c.1: bf16[16,8]) -> (bf16[8,8], bf16[8,8], s32[]) {
   %a.1 = bf16[8,8]{1,0} parameter(0)
   %b.1 = bf16[8,8]{1,0} parameter(1)
+  %c.1 = bf16[16,8]{1,0} parameter(2)
   %early = bf16[8,8]{1,0} call(%a.1, %b.1), to_apply=%command_buffer
-  %call-start = ((bf16[8,8]{1,0}, bf16[8,8]{1,0}), bf16[8,8]{1,0}) call-start(%a.1, %b.1), async_execution_thread="explicit", to_apply=%xla_metadata_call.3, frontend_attributes={_scheduling_group_id="1",_xla_stream_annotation="1",inlineable="false"}
-  %gemm_fusion_dot.1 = bf16[8,8]{1,0} fusion(%a.1, %b.1), kind=kCustom, calls=%gemm_fusion_dot.1_computation, frontend_attributes={_scheduling_group_id="1"}, backend_config={"operation_queue_id":"0","fusion_backend_config":{"kind":"__triton_gemm"}}
-  %call-done = bf16[8,8]{1,0} call-done(%call-start), frontend_attributes={_scheduling_group_id="1",_xla_stream_annotation="1",inlineable="false"}
-  ROOT %tuple = (bf16[8,8]{1,0}, bf16[8,8]{1,0}, bf16[8,8]{1,0}) tuple(%gemm_fusion_dot.1, %call-done, %early)
+  %address_computation = (bf16[8,8]{1,0}) fusion(%c.1), kind=kCustom, calls=%dynamic-slice-fusion
+  %gemm_fusion_dot.1 = bf16[8,8]{1,0} fusion(%a.1, %b.1), kind=kCustom, calls=%gemm_fusion_dot.1_computation, backend_config={"operation_queue_id":"0","fusion_backend_config":{"kind":"__triton_gemm"}}
+  %custom-call.2 = s32[] custom-call(%address_computation, %a.1), custom_call_target="jax_ep_side_stream_join", custom_call_has_side_effect=true, api_version=API_VERSION_TYPED_FFI, backend_config={side_slot = 3 : i64}
+  %late = bf16[8,8]{1,0} call(%a.1, %b.1), to_apply=%command_buffer
+  ROOT %tuple = (bf16[8,8]{1,0}, bf16[8,8]{1,0}, s32[]) tuple(%gemm_fusion_dot.1, %late, %custom-call.2)
 }
 """
 
 
-def test_stream_probe_reads_the_schedule_of_compiled_hlo():
-    probe = _stream_probe()
+def test_overlap_probe_reads_the_schedule_of_compiled_hlo():
+    probe = _overlap_probe()
     report = probe.schedule_report(_SCHEDULED_HLO)
-    assert report["scheduled"] and report["entry_instructions"] == 7
-    (pair,) = report["pairs"]
-    assert pair == dict(start="call-start", start_at=3, done_at=5, group="1", done_group="1",
-                        thread="explicit")
-    # a start on XLA's main thread (not printed)
-    main = _SCHEDULED_HLO.replace(' async_execution_thread="explicit",', "")
-    (pair,) = probe.schedule_report(main)["pairs"]
-    assert pair["thread"] == "main"
-    gemms = {g["name"]: g for g in report["gemms"]}
-    assert set(gemms) == {"early", "gemm_fusion_dot.1"}  # not the region's own GEMM
-    assert gemms["gemm_fusion_dot.1"]["where"] == ["between call-start and call-done"]
-    assert gemms["gemm_fusion_dot.1"]["group"] == "1"
-    assert gemms["early"]["where"] == ["before call-start"] and gemms["early"]["group"] is None
+    assert report["scheduled"] and report["entry_instructions"] == 9
+    assert report["pairs"] == [dict(op="jax_ep_dispatch", slot=3, launch_at=4, join_at=6)]
+    where = {g["name"]: g["where"] for g in report["gemms"]}
+    assert where == {"early": ["before jax_ep_dispatch launch"],
+                     "gemm_fusion_dot.1": ["between jax_ep_dispatch launch and join"],
+                     "late": ["after jax_ep_dispatch join"]}
     kernels = [("gemm", 0.0, 10.0, "Stream #14"), ("gemm", 4.0, 10.0, "Stream #67"),
                ("fusion", 20.0, 1.0, "Stream #14")]
     assert probe.cross_stream_us(kernels) == 6.0

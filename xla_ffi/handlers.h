@@ -12,6 +12,11 @@ XLA_FFI_Error* JaxEpDispatchLayout(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* JaxEpDispatch(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* JaxEpCachedDispatch(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* JaxEpCombine(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxEpDispatchOnSideStream(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxEpCachedDispatchOnSideStream(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxEpCombineOnSideStream(XLA_FFI_CallFrame* call_frame);
+// side_stream.cc
+XLA_FFI_Error* JaxEpSideStreamJoin(XLA_FFI_CallFrame* call_frame);
 // low_latency_handlers.cc
 XLA_FFI_Error* JaxEpLLDispatch(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* JaxEpLLDispatchSend(XLA_FFI_CallFrame* call_frame);

@@ -22,6 +22,10 @@ nb::dict cuda_targets() {
   d["jax_ep_dispatch"] = handler_capsule(JaxEpDispatch);
   d["jax_ep_cached_dispatch"] = handler_capsule(JaxEpCachedDispatch);
   d["jax_ep_combine"] = handler_capsule(JaxEpCombine);
+  d["jax_ep_dispatch_on_side_stream"] = handler_capsule(JaxEpDispatchOnSideStream);
+  d["jax_ep_cached_dispatch_on_side_stream"] = handler_capsule(JaxEpCachedDispatchOnSideStream);
+  d["jax_ep_combine_on_side_stream"] = handler_capsule(JaxEpCombineOnSideStream);
+  d["jax_ep_side_stream_join"] = handler_capsule(JaxEpSideStreamJoin);
   d["jax_ep_ll_dispatch"] = handler_capsule(JaxEpLLDispatch);
   d["jax_ep_ll_dispatch_send"] = handler_capsule(JaxEpLLDispatchSend);
   d["jax_ep_ll_dispatch_recv"] = handler_capsule(JaxEpLLDispatchRecv);

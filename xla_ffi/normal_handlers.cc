@@ -1,7 +1,8 @@
 // XLA FFI handlers of the normal (intranode) ops: decode buffers and attributes, find this
-// GPU's communication buffer from (buffer_id, device ordinal), launch on XLA's stream.
-// No host synchronisation anywhere (all sizes are static), so every handler is safe
-// inside command buffers (CUDA graphs). Sizes come from the buffers' shapes; attributes
+// GPU's communication buffer from (buffer_id, device ordinal), launch on XLA's stream (or,
+// for a side-stream Buffer, on the side stream: side_stream.h). No host synchronisation
+// anywhere (all sizes are static), so the XLA-stream handlers are safe inside command
+// buffers (CUDA graphs). Sizes come from the buffers' shapes; attributes
 // carry only what the shapes cannot say.
 #include <cuda_runtime.h>
 
@@ -13,37 +14,45 @@
 #include "cuda/low_latency/low_latency.h"  // kLowLatencyOffset: where the normal region ends
 #include "xla_ffi/ffi_common.h"
 #include "xla_ffi/handlers.h"
+#include "xla_ffi/side_stream.h"
 
 namespace jax_ep {
 
 // Attributes of the ops (decoded from the custom call's attribute dictionary).
+// side_slot: -1 on XLA's stream, else the side-stream slot of the launch (side_stream.h).
 struct CommAttrs {          // cached_dispatch
   int64_t buffer_id;
   int64_t num_sms;          // blocks of the communication kernel (clamped, kMaxNormalBlocks)
+  int64_t side_slot;
 };
 struct DispatchAttrs {
   int64_t buffer_id;
   int64_t num_sms;
   int64_t expert_alignment; // expert layout: each group padded to a multiple of this
+  int64_t side_slot;
 };
 struct CombineAttrs {
   int64_t buffer_id;
   int64_t num_sms;
   int64_t layout;           // 0 rank, 1 expert (send_pos's shape cannot tell when K == R)
   bool has_weights;         // weights is a [1] placeholder otherwise
+  int64_t side_slot;
 };
 
 }  // namespace jax_ep
 
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_ep::CommAttrs, StructMember<int64_t>("buffer_id"),
-                                      StructMember<int64_t>("num_sms"));
+                                      StructMember<int64_t>("num_sms"),
+                                      StructMember<int64_t>("side_slot"));
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_ep::DispatchAttrs, StructMember<int64_t>("buffer_id"),
                                       StructMember<int64_t>("num_sms"),
-                                      StructMember<int64_t>("expert_alignment"));
+                                      StructMember<int64_t>("expert_alignment"),
+                                      StructMember<int64_t>("side_slot"));
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_ep::CombineAttrs, StructMember<int64_t>("buffer_id"),
                                       StructMember<int64_t>("num_sms"),
                                       StructMember<int64_t>("layout"),
-                                      StructMember<bool>("has_weights"));
+                                      StructMember<bool>("has_weights"),
+                                      StructMember<int64_t>("side_slot"));
 
 namespace jax_ep {
 namespace {
@@ -116,7 +125,7 @@ ffi::Error DispatchLayoutImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> topk_id
 }
 
 // ------------------------------------------------------------------ dispatch
-ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32> topk_idx,
+ffi::Error DispatchImpl(cudaStream_t xla_stream, int32_t device, ffi::Buffer<ffi::S32> topk_idx,
                         ffi::Buffer<ffi::F32> topk_weights, ffi::RemainingArgs payloads,
                         ffi::Result<ffi::Buffer<ffi::S32>> recv_topk_idx,
                         ffi::Result<ffi::Buffer<ffi::F32>> recv_topk_weights,
@@ -133,6 +142,10 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S3
   auto state_or = lookup_buffer(attrs.buffer_id, device, "dispatch");
   if (state_or.has_error()) return state_or.error();
   const BufferState& s = *state_or.value();
+  SideStreamLaunch side(xla_stream, device, attrs.side_slot, "dispatch");
+  auto side_stream = side.begin();
+  if (side_stream.has_error()) return side_stream.error();
+  cudaStream_t stream = side_stream.value();
   const auto idx_dims = topk_idx.dimensions();
   const int T = int(idx_dims[0]), K = int(idx_dims[1]);
   const int R = s.num_ranks;
@@ -250,13 +263,17 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S3
 }
 
 // ------------------------------------------------------------------ cached dispatch
-ffi::Error CachedDispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
+ffi::Error CachedDispatchImpl(cudaStream_t xla_stream, int32_t device, ffi::AnyBuffer x,
                               ffi::Buffer<ffi::S32> recv_src_rank,
                               ffi::Buffer<ffi::S32> recv_src_token,
                               ffi::Result<ffi::AnyBuffer> out, CommAttrs attrs) {
   auto state_or = lookup_buffer(attrs.buffer_id, device, "cached_dispatch");
   if (state_or.has_error()) return state_or.error();
   const BufferState& s = *state_or.value();
+  SideStreamLaunch side(xla_stream, device, attrs.side_slot, "cached_dispatch");
+  auto side_stream = side.begin();
+  if (side_stream.has_error()) return side_stream.error();
+  cudaStream_t stream = side_stream.value();
   const auto d = x.dimensions();
   CachedDispatchArgs a{};
   a.peers = peer_bases(s);
@@ -281,7 +298,7 @@ ffi::Error CachedDispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffe
 }
 
 // ------------------------------------------------------------------ combine
-ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
+ffi::Error CombineImpl(cudaStream_t xla_stream, int32_t device, ffi::AnyBuffer y,
                        ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> send_pos,
                        ffi::Buffer<ffi::S32> recv_src_rank, ffi::Buffer<ffi::S32> recv_src_token,
                        ffi::Buffer<ffi::S32> recv_src_slot, ffi::Result<ffi::AnyBuffer> out,
@@ -289,6 +306,10 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
   auto state_or = lookup_buffer(attrs.buffer_id, device, "combine");
   if (state_or.has_error()) return state_or.error();
   const BufferState& s = *state_or.value();
+  SideStreamLaunch side(xla_stream, device, attrs.side_slot, "combine");
+  auto side_stream = side.begin();
+  if (side_stream.has_error()) return side_stream.error();
+  cudaStream_t stream = side_stream.value();
   CombineArgs a{};
   if (!elem_type_of(y.element_type(), &a.dtype))
     return invalid("combine", "y must be bfloat16, float16 or float32");
@@ -335,7 +356,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpDispatchLayout, DispatchLayoutImpl,
                                   .Ret<ffi::Buffer<ffi::PRED>>(),
                               {ffi::Traits::kCmdBufferCompatible});
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpDispatch, DispatchImpl,
+JAX_EP_DEFINE_HANDLER_WITH_SIDE_STREAM(JaxEpDispatch, DispatchImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
@@ -354,10 +375,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpDispatch, DispatchImpl,
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .RemainingRets()
-                                  .Attrs<DispatchAttrs>(),
-                              {ffi::Traits::kCmdBufferCompatible});
+                                  .Attrs<DispatchAttrs>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpCachedDispatch, CachedDispatchImpl,
+JAX_EP_DEFINE_HANDLER_WITH_SIDE_STREAM(JaxEpCachedDispatch, CachedDispatchImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
@@ -365,10 +385,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpCachedDispatch, CachedDispatchImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Attrs<CommAttrs>(),
-                              {ffi::Traits::kCmdBufferCompatible});
+                                  .Attrs<CommAttrs>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpCombine, CombineImpl,
+JAX_EP_DEFINE_HANDLER_WITH_SIDE_STREAM(JaxEpCombine, CombineImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
@@ -379,7 +398,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpCombine, CombineImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Attrs<CombineAttrs>(),
-                              {ffi::Traits::kCmdBufferCompatible});
+                                  .Attrs<CombineAttrs>());
 
 }  // namespace jax_ep

@@ -24,6 +24,7 @@ from jax_ep.moe.routing import _check_routing_args, route
 from jax_ep.moe.slots import fan_out, from_expert_slots, rank_slots, reduce_to_rows, \
     to_expert_slots
 from jax_ep.ops import combine, dispatch
+from jax_ep.overlap import beside
 
 __all__ = ["EXCHANGES", "MoEConfig", "MoEParams", "MoEStats", "moe_per_rank"]
 
@@ -343,31 +344,44 @@ def _micro_batched(cfg: MoEConfig, x, topk_idx, topk_weights, p: MoEParams):
     """Dispatch, local experts and combine of ``x [T, H]`` in ``cfg.micro_batches`` parts;
     returns ``(out [T, H], rows dropped on this rank)``.
 
-    With several parts the program is a pipeline: part i+1's dispatch is issued when part
-    i's has arrived and must arrive before part i's combine starts; part i's combine must
-    have been issued before part i+1's experts finish. Optimization barriers pin that order
-    (and, transposed, the reverse order in the backward pass), so that with
-    ``Buffer(side_stream=True)`` each exchange may run beside the other part's matmuls
-    (XLA 0.11.2 still issues it after them: cuda/OVERLAP.md)."""
+    With several parts the program is a pipeline: part i's experts run beside part i-1's
+    combine and part i+1's dispatch (:func:`jax_ep.beside`, launched in that order), so
+    with ``Buffer(side_stream=True)`` those exchanges run while the experts compute, and
+    in the backward pass their backward exchanges beside the experts' backward."""
     n = cfg.micro_batches
     sizes = [x.shape[0] // n + (i < x.shape[0] % n) for i in range(n)]
     bounds = [sum(sizes[:i]) for i in range(n + 1)]
     parts = [(x[a:b], topk_idx[a:b], topk_weights[a:b]) for a, b in zip(bounds, bounds[1:])]
-    outs, dropped = [], 0
-    d = _dispatch_part(cfg, *parts[0])
+    d = [None] * n
+    y = [None] * n
+    outs = [None] * n
+    d[0] = _dispatch_part(cfg, *parts[0])
+    dropped = 0
     for i in range(n):
-        nxt = None
-        if i + 1 < n:  # issued once part i's rows are here, beside part i's experts
-            nxt, _ = jax.lax.optimization_barrier((parts[i + 1], d.recv_x))
-        y, lost = _expert_part(cfg, d, p)
-        if nxt is not None:
-            d_next = _dispatch_part(cfg, *nxt)
-            y, d_next = jax.lax.optimization_barrier((y, d_next))
-        outs.append(_combine_part(cfg, y, d))  # beside part i+1's experts
-        dropped = dropped + d.num_overflow + lost
-        if nxt is not None:
-            d = d_next
+        exchanges = []
+        if i > 0:
+            exchanges.append(lambda j=i - 1: _combine_part(cfg, y[j], d[j]))
+        if i + 1 < n:
+            exchanges.append(lambda j=i + 1: _dispatch_part(cfg, *parts[j]))
+        done, (y[i], lost) = _beside_all(exchanges, lambda di: _expert_part(cfg, di, p), d[i])
+        if i > 0:
+            outs[i - 1] = done.pop(0)
+        if i + 1 < n:
+            d[i + 1] = done.pop(0)
+        dropped = dropped + d[i].num_overflow + lost
+    outs[n - 1] = _combine_part(cfg, y[n - 1], d[n - 1])
     return (jnp.concatenate(outs) if n > 1 else outs[0]), dropped
+
+
+def _beside_all(exchanges, compute, *args):
+    """``([e() for e in exchanges], compute(*args))``, compute beside all of them (nested
+    :func:`jax_ep.beside`: launched in order, joined in reverse)."""
+    if not exchanges:
+        return [], compute(*args)
+    rest = exchanges[1:]
+    first, (others, result) = beside(exchanges[0],
+                                     lambda *a: _beside_all(rest, compute, *a), *args)
+    return [first] + others, result
 
 
 def _limits(cfg: MoEConfig, num_tokens: int):
@@ -408,7 +422,8 @@ def _expert_part(cfg: MoEConfig, d, p: MoEParams):
                               plan.pair_slot, plan.slot_pair)
         return rows, lost
     if expert_capacity is None:
-        return ragged_swiglu(d.recv_x, w_gate, w_up, w_down, d.group_sizes), 0
+        return (ragged_swiglu(d.recv_x, w_gate, w_up, w_down, d.group_sizes),
+                jnp.zeros((), jnp.int32))
     # fixed rows per expert: dense batched matmuls instead of ragged_dot
     slots, slot_map, lost = to_expert_slots(d.recv_x, d.group_sizes,
                                             d.num_recv_tokens_per_expert, expert_capacity)

@@ -1,10 +1,11 @@
 """Exchanges on the side stream (``Buffer(side_stream=True)``) on the GPUs.
 
-The ops give bitwise the results they give on XLA's compute stream (normal ops with their
-VJPs, low-latency split and fused ops), at every EP size the run has (ranks sharing a GPU
-included); the compiled program runs each exchange as an async call on another stream; the
+The normal ops give bitwise the results they give on XLA's compute stream (with their
+VJPs), and so does a chain of ``jax_ep.beside`` calls (forward and backward, also inside
+``lax.scan``), at every EP size the run has (ranks sharing a GPU included); the compiled
+program puts the compute placed beside an exchange between its launch and its join; the
 micro-batched layer on the side stream equals the serial layer. Fresh random routing with
--1 slots, uneven per rank, 0, 1 and 96 tokens.
+-1 slots, uneven per rank, 0, 1, 2 and 96 tokens.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import numpy as np
 import pytest
 
 import jax_ep
-from jax_ep.backends.cuda import buffer as cuda_buffer
 from tests import harness as h
 
 pytestmark = pytest.mark.gpu
@@ -27,25 +27,14 @@ pytestmark = pytest.mark.gpu
 SEED = int(os.environ.get("JAX_EP_TEST_SEED", time.time_ns() % (1 << 31)))
 print(f"tests/gpu overlap seed: JAX_EP_TEST_SEED={SEED}")
 
-LL_M, LL_H, LL_E = 32, 512, 32
 _side_buffers = {}
 
 
 def _side_buffer(R):
-    """One side-stream Buffer per EP size, sized for the normal and low-latency tests."""
+    """One side-stream Buffer per EP size."""
     if R not in _side_buffers:
-        nbytes = max(64 << 20, cuda_buffer.ll_bytes_hint(LL_M, LL_H, LL_E, R))
-        _side_buffers[R] = h.new_buffer(R, num_nvl_bytes=nbytes, side_stream=True)
+        _side_buffers[R] = h.new_buffer(R, num_nvl_bytes=64 << 20, side_stream=True)
     return _side_buffers[R]
-
-
-def _ll_buffer(R):
-    """The compute-stream counterpart of :func:`_side_buffer` for the low-latency ops."""
-    key = ("ll", R)
-    if key not in _side_buffers:
-        nbytes = max(64 << 20, cuda_buffer.ll_bytes_hint(LL_M, LL_H, LL_E, R))
-        _side_buffers[key] = h.new_buffer(R, num_nvl_bytes=nbytes)
-    return _side_buffers[key]
 
 
 def _bits_equal(name, got, want):
@@ -84,62 +73,150 @@ def test_normal_ops_on_the_side_stream_equal_the_compute_stream(R, T):
         assert np.any(np.asarray(got[0], np.float32) != 0)
 
 
+def _beside_chain(buf, E, use_beside, matmul=False):
+    """Two micro-batches: B's dispatch beside A's experts, A's combine beside B's experts,
+    B's combine; value and gradients (the backward exchanges beside the experts' backward).
+    The experts are elementwise (XLA cannot reorder their sums, so the two programs must
+    agree bitwise) or, with ``matmul``, a matmul (whose split-K XLA tunes per program)."""
+    def f(x, idx, w, m):
+        def loss(x, w, m):
+            half = x.shape[0] // 2
+            kw = dict(num_experts=E, axis_name=h.AXIS, layout="expert", buffer=buf,
+                      backend="cuda")
+            def experts(r):
+                if matmul:
+                    return jnp.dot(r, m).astype(r.dtype)
+                return (jnp.tanh(r.astype(jnp.float32)) * m[0]).astype(r.dtype)
+            da = jax_ep.dispatch(x[:half], idx[:half], w[:half], **kw)
+
+            def dispatch_b():
+                return jax_ep.dispatch(x[half:], idx[half:], w[half:], **kw)
+
+            def combine_a(ya):
+                return jax_ep.combine(ya, da.handle, da.recv_topk_weights)
+            if use_beside:
+                db, ya = jax_ep.beside(dispatch_b, experts, da.recv_x)
+                oa, yb = jax_ep.beside(lambda: combine_a(ya), experts, db.recv_x)
+            else:
+                db, ya = dispatch_b(), experts(da.recv_x)
+                oa, yb = combine_a(ya), experts(db.recv_x)
+            ob = jax_ep.combine(yb, db.handle, db.recv_topk_weights)
+            out = jnp.concatenate([oa, ob]).astype(jnp.float32)
+            return jnp.sum(out * jnp.cos(out)), out
+        (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(x, w, m)
+        return out, grads
+    return f
+
+
+def _beside_inputs(R, T, tag):
+    H, K, E = 256, 4, 8 * R
+    rng = h.rng(SEED, tag, R, T)
+    idx, w = h.routing(rng, R, T, K, E)
+    x = rng.standard_normal((R, T, H)).astype(jnp.bfloat16)
+    m = np.stack([rng.standard_normal((H, H)).astype(jnp.bfloat16) / 16] * R)
+    return E, (x, idx, w, m)
+
+
+@pytest.mark.parametrize("T", [2, 96])
 @pytest.mark.parametrize("R", h.RANKS)
-def test_low_latency_ops_on_the_side_stream_equal_the_compute_stream(R):
-    T, K = 24, 6
-    rng = h.rng(SEED, "side-ll", R)
-    idx, w = h.routing(rng, R, T, K, LL_E)
-    x = rng.standard_normal((R, T, LL_H)).astype(jnp.bfloat16)
+def test_beside_on_the_side_stream_equals_the_serial_chain(R, T):
+    E, args = _beside_inputs(R, T, "beside")
+    want = h.run(_beside_chain(h.buffer(R), E, False), R, *args)
+    got = h.run(_beside_chain(_side_buffer(R), E, True), R, *args)
+    _bits_equal("beside on the side stream vs serial", got, want)
+    assert np.any(np.asarray(got[0]) != 0)
+    want = h.run(_beside_chain(h.buffer(R), E, False, matmul=True), R, *args)
+    got = h.run(_beside_chain(_side_buffer(R), E, True, matmul=True), R, *args)
+    for i, (g, w) in enumerate(zip(jax.tree.leaves(got), jax.tree.leaves(want))):
+        assert h.rel_err(np.asarray(g, np.float32), np.asarray(w, np.float32)) < 1e-2, i
 
-    def ops(buf):
-        kw = dict(num_experts=LL_E, max_tokens_per_rank=LL_M, axis_name=h.AXIS,
-                  zero_padding=True, buffer=buf, backend="cuda", num_sms=h.ll_num_sms())
 
-        def f(x, idx, w):  # fused, then split with work between the halves, chained by data
-            r = jax_ep.low_latency_dispatch(x, idx, **kw)
-            y = (r.recv_x.astype(jnp.float32) * 3.0).astype(jnp.bfloat16)
-            out = jax_ep.low_latency_combine(y, idx, w, r.handle)
-            pending = jax_ep.low_latency_dispatch_send(out, idx, **kw)
-            other = jnp.tanh(x.astype(jnp.float32))
-            r2 = jax_ep.low_latency_dispatch_recv(pending)
-            c = jax_ep.low_latency_combine_send(r2.recv_x, idx, w, r2.handle)
-            return out, r2.recv_x, jax_ep.low_latency_combine_recv(c), other[:1]
+@pytest.mark.parametrize("R", h.RANKS)
+def test_beside_in_a_scanned_loop_reuses_its_slots(R):
+    """A launch and its join alternate at run time on one slot, step after step."""
+    E, (x, idx, w, m) = _beside_inputs(R, 32, "beside-scan")
+
+    def steps(buf, use_beside):
+        chain = _beside_chain(buf, E, use_beside)
+
+        def f(x, idx, w, m):
+            def step(carry, _):
+                out, _ = chain(carry, idx, w, m)
+                return out.astype(jnp.bfloat16) / 4, out
+            return jax.lax.scan(step, x, None, length=5)[1]
         return f
+    want = h.run(steps(h.buffer(R), False), R, x, idx, w, m)
+    got = h.run(steps(_side_buffer(R), True), R, x, idx, w, m)
+    _bits_equal("beside in lax.scan vs serial", got, want)
 
-    want = h.run(ops(_ll_buffer(R)), R, x, idx, w)
-    got = h.run(ops(_side_buffer(R)), R, x, idx, w)
-    _bits_equal("low-latency side vs compute stream", got, want)
 
+def test_compiled_schedule_puts_the_matmul_between_launch_and_join():
+    """In the compiled program each side-stream launch is joined, and the matmul placed
+    beside it sits between the two in XLA's schedule, forward and backward."""
+    import importlib.util
+    import pathlib
+    import sys
 
-def test_compiled_program_runs_each_exchange_as_an_async_call():
-    """XLA turns each annotated region into call-start/call-done on another stream."""
     if h.distributed():
         pytest.skip("one process: the compiled HLO of a local mesh")
-    R, T, H, K, E = 1, 64, 256, 4, 8
+    bench = pathlib.Path(__file__).parents[2] / "bench"
+    sys.path.insert(0, str(bench))
+    spec = importlib.util.spec_from_file_location("overlap_probe", bench / "overlap_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    R = 1
+    E, args = _beside_inputs(R, 64, "hlo")
     mesh = h.mesh(R)
-    f = _normal_chain(_side_buffer(R), E)
-    spec = jax.sharding.PartitionSpec(h.AXIS)
+    f = _beside_chain(_side_buffer(R), E, True, matmul=True)
+    pspec = jax.sharding.PartitionSpec(h.AXIS)
     sm = jax.jit(jax.shard_map(
         lambda *a: jax.tree.map(lambda v: v[None], f(*[v[0] for v in a])), mesh=mesh,
-        in_specs=spec, out_specs=spec))
-    rng = h.rng(SEED, "hlo")
-    idx, w = h.routing(rng, R, T, K, E)
-    args = (rng.standard_normal((R, T, H)).astype(jnp.bfloat16), idx, w,
-            rng.standard_normal((R, H, H)).astype(jnp.bfloat16))
+        in_specs=pspec, out_specs=pspec))
     text = sm.lower(*[h.put(mesh, a) for a in args]).compile().as_text()
     out_dir = os.environ.get("JAX_EP_HLO_DIR")  # the run's evidence (bench/run_gpu.sh)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "hlo_side_stream_chain.txt"), "w") as fh:
+        with open(os.path.join(out_dir, "hlo_beside_chain.txt"), "w") as fh:
             fh.write(text)
-    targets = re.findall(r'custom_call_target="(jax_ep_\w+)"', text)
-    starts = len(re.findall(r"\bcall-start\(", text))
-    print(f"compiled: {len(targets)} jax_ep custom calls {sorted(set(targets))}, "
-          f"{starts} call-start")
-    # dispatch, combine, and the VJP's combine and cached dispatch: four exchanges
-    assert sorted(set(targets)) == ["jax_ep_cached_dispatch", "jax_ep_combine",
-                                    "jax_ep_dispatch"]
-    assert starts >= len(targets) and len(re.findall(r"\bcall-done\(", text)) == starts
+    report = probe.schedule_report(text)
+    pairs = report["pairs"]
+    print(f"compiled: {len(pairs)} side-stream launches "
+          f"{[(p['op'], p['launch_at'], p['join_at']) for p in pairs]}; matmuls "
+          f"{[(g['name'], g['at']) for g in report['gemms']]}")
+    assert pairs and all(p["join_at"] is not None and p["join_at"] > p["launch_at"]
+                         for p in pairs)
+    # forward: dispatch B and combine A each with a matmul inside; backward: the combine of
+    # B's dispatch backward and the cached dispatch of A's combine backward as well
+    holding = {i for i, p in enumerate(pairs)
+               if any(p["launch_at"] < g["at"] < p["join_at"] for g in report["gemms"])}
+    ops = sorted({pairs[i]["op"] for i in holding})
+    assert len(holding) >= 4 and ops == ["jax_ep_cached_dispatch", "jax_ep_combine",
+                                         "jax_ep_dispatch"], (holding, pairs)
+
+
+def test_a_dispatch_of_sliced_operands_is_compiled_once():
+    """XLA wraps a custom call whose operands are slices into a dynamic-slice fusion; the
+    side-stream launch must not leave its original behind (a second launch)."""
+    if h.distributed():
+        pytest.skip("one process: the compiled HLO of a local mesh")
+    R, T, H, K, E = 1, 64, 256, 4, 8
+    mesh = h.mesh(R)
+    rng = h.rng(SEED, "sliced")
+    idx, w = h.routing(rng, R, T, K, E)
+    x = rng.standard_normal((R, T, H)).astype(jnp.bfloat16)
+    pspec = jax.sharding.PartitionSpec(h.AXIS)
+    counts = {}
+    for label, buf in (("xla stream", h.buffer(R)), ("side stream", _side_buffer(R))):
+        def f(x, idx, w, buf=buf):
+            r = jax_ep.dispatch(x[0, 16:48], idx[0, 16:48], w[0, 16:48], num_experts=E,
+                                axis_name=h.AXIS, layout="expert", buffer=buf, backend="cuda")
+            return r.recv_x[None]
+        sm = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=pspec, out_specs=pspec))
+        text = sm.lower(*[h.put(mesh, a) for a in (x, idx, w)]).compile().as_text()
+        counts[label] = len(re.findall(r'custom_call_target="jax_ep_dispatch(_on_side_stream)?"',
+                                       text))
+    print(f"dispatch custom calls in the compiled program: {counts}")
+    assert counts["side stream"] == 1, counts
 
 
 @pytest.mark.parametrize("exchange,expert_capacity", [("expert", None), ("rank", 256)])
@@ -178,45 +255,3 @@ def test_micro_batched_layer_on_the_side_stream_equals_the_serial_layer(exchange
     for name, g in gm1.items():
         assert h.rel_err(np.asarray(gm2[name], np.float32), np.asarray(g, np.float32)) < 2e-2, \
             name
-
-
-def test_grouped_region_call_start_carries_the_group_id():
-    """``on_side_stream(f, group=g)``: XLA's stream wrapper copies the call's frontend
-    attributes onto call-start and call-done, so both carry the group id and the stream;
-    the matmul made under ``scheduling_group(g)`` carries it too. Where the latency-hiding
-    scheduler put that matmul is printed (bench/stream_probe.py measures it)."""
-    from jax_ep.backends.cuda._stream import on_side_stream, scheduling_group
-
-    if h.distributed():
-        pytest.skip("one process: the compiled HLO of one device")
-    n = 1024
-
-    def f(a, b, c, d):
-        inside = on_side_stream(lambda c, d: c @ d, group=5)(c, d)
-        with scheduling_group(5):
-            outside = a @ b
-        return outside, inside
-
-    rng = np.random.default_rng(SEED)
-    args = [jnp.asarray(rng.standard_normal((n, n)), jnp.bfloat16) for _ in range(4)]
-    lowered = jax.jit(f).lower(*args)
-    compiled = lowered.compile(
-        compiler_options={"xla_gpu_enable_latency_hiding_scheduler": True})
-    text = compiled.as_text()
-    out_dir = os.environ.get("JAX_EP_HLO_DIR")
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "hlo_grouped_region.txt"), "w") as fh:
-            fh.write(text)
-    pair = [ln for ln in text.splitlines() if re.search(r"\bcall-(start|done)\(", ln)]
-    assert len(pair) == 2, pair
-    for ln in pair:
-        assert '_scheduling_group_id="5"' in ln and '_xla_stream_annotation="1"' in ln, ln
-    order = [i for i, ln in enumerate(text.splitlines())
-             if re.search(r"\bcall-(start|done)\(", ln) or (
-                 '_scheduling_group_id="5"' in ln and ("__cublas" in ln or "__triton_gemm" in ln))]
-    print(f"grouped region: call-start, call-done and the grouped GEMM at lines {order}")
-    got = compiled(*args)
-    want = (jnp.dot(args[0], args[1]), jnp.dot(args[2], args[3]))
-    for g, w in zip(got, want):
-        assert h.rel_err(np.asarray(g, np.float32), np.asarray(w, np.float32)) < 1e-2

@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_ep import _native
-from jax_ep.backends.cuda import _stream
 from jax_ep.backends.vma import varying
 
 I32 = jnp.int32
@@ -54,17 +53,18 @@ def i64(v) -> np.int64:
 
 
 def call(name: str, results, *args, axis_name: Optional[str] = None,
-         side_stream: bool = False, input_output_aliases: Optional[dict] = None, **attrs):
+         input_output_aliases: Optional[dict] = None, has_side_effect: bool = True, **attrs):
     """``jax.ffi.ffi_call(name)`` on ``args`` with attributes ``attrs``; with ``axis_name``
-    every operand and result is marked varying over that axis; with ``side_stream`` the
-    call runs on the stream beside XLA's compute stream (:mod:`._stream`);
-    ``input_output_aliases`` ({operand index: result index}) as ``jax.ffi.ffi_call``'s."""
+    every operand and result is marked varying over that axis; ``input_output_aliases``
+    ({operand index: result index}) as ``jax.ffi.ffi_call``'s. ``has_side_effect`` (the
+    default, for ops that communicate: XLA must neither drop nor merge them) may be
+    turned off only for a call whose results another side-effecting call always consumes
+    and whose attributes make it unique (side_stream.py's launches)."""
     _native.load()
     if axis_name is not None:  # ffi_call wants every operand of the same vma type
         args = tuple(varying(a, axis_name) for a in args)
-    op = lambda *a: jax.ffi.ffi_call(name, results, has_side_effect=True,  # noqa: E731
-                                     input_output_aliases=input_output_aliases)(*a, **attrs)
-    out = (_stream.on_side_stream(op) if side_stream else op)(*args)
+    out = jax.ffi.ffi_call(name, results, has_side_effect=has_side_effect,
+                           input_output_aliases=input_output_aliases)(*args, **attrs)
     if axis_name is None:
         return out
     return jax.tree.map(lambda a: varying(a, axis_name), out)

@@ -124,7 +124,7 @@ def ll_dispatch(x: jax.Array, topk_idx: jax.Array, slot_scale: Optional[jax.Arra
     counts, payload = _recv_results(cfg, H, x.dtype)
     results = [jax.ShapeDtypeStruct(idx.shape, I32)] + counts + payload  # send_pos first
     outs = call("jax_ep_ll_dispatch", results, x, idx, scale, axis_name=cfg.axis_name,
-                 side_stream=cfg.side_stream, has_slot_scale=bool(has_scale),
+                 has_slot_scale=bool(has_scale),
                  zero_padding=bool(cfg.zero_padding),
                  **_attrs(cfg, buffer_id, num_sms, num_warps))
     send_pos, recv_count, src_token, count_per_rank = outs[:4]
@@ -154,7 +154,7 @@ def ll_dispatch_send(x: jax.Array, topk_idx: jax.Array, cfg: LowLatencyConfig,
     counts, payload = _recv_results(cfg, x.shape[1], x.dtype)
     results = [jax.ShapeDtypeStruct(idx.shape, I32), jax.ShapeDtypeStruct((1,), I32)]
     outs = call("jax_ep_ll_dispatch_send", results + counts[1:] + payload, x, idx, scale,
-                 axis_name=cfg.axis_name, side_stream=cfg.side_stream,
+                 axis_name=cfg.axis_name,
                  has_slot_scale=bool(has_scale),
                  **_attrs(cfg, buffer_id, num_sms, num_warps))
     return DispatchSent(outs[0], outs[1], outs[2], outs[3], tuple(outs[4:]))
@@ -177,7 +177,7 @@ def ll_dispatch_recv(sent: DispatchSent, cfg: LowLatencyConfig, dtype, *,
     passed = (sent.recv_src_token, sent.recv_count_per_rank) + tuple(sent.payload)
     # operand 0 is the ticket; operand i >= 1 becomes result i (result 0 is recv_count)
     outs = call("jax_ep_ll_dispatch_recv", counts + payload, sent.ticket, *passed,
-                 axis_name=cfg.axis_name, side_stream=cfg.side_stream,
+                 axis_name=cfg.axis_name,
                  input_output_aliases={i: i for i in range(1, 1 + len(passed))},
                  zero_padding=bool(cfg.zero_padding),
                  **_attrs(cfg, buffer_id, num_sms, num_warps))
@@ -207,7 +207,7 @@ def ll_combine(y: jax.Array, topk_idx: jax.Array, topk_weights: jax.Array,
     return call("jax_ep_ll_combine", out, y, topk_idx.astype(I32), topk_weights.astype(F32),
                  handle.send_pos.astype(I32), handle.recv_count_per_rank.astype(I32),
                  axis_name=cfg.axis_name,
-                 side_stream=cfg.side_stream, **_attrs(cfg, buffer_id, num_sms, num_warps))
+                 **_attrs(cfg, buffer_id, num_sms, num_warps))
 
 
 class CombineSent(NamedTuple):
@@ -226,7 +226,6 @@ def ll_combine_send(y: jax.Array, handle: LowLatencyHandleArrays, cfg: LowLatenc
     _check_y(op, y, cfg)
     ticket = call("jax_ep_ll_combine_send", jax.ShapeDtypeStruct((1,), I32), y,
                   handle.recv_count_per_rank.astype(I32), axis_name=cfg.axis_name,
-                  side_stream=cfg.side_stream,
                   **_attrs(cfg, buffer_id, num_sms, num_warps))
     return CombineSent(ticket, y)
 
@@ -246,5 +245,5 @@ def ll_combine_recv(sent: CombineSent, topk_idx: jax.Array, topk_weights: jax.Ar
     out = jax.ShapeDtypeStruct((T, int(width)), jnp.dtype(dtype))
     return call("jax_ep_ll_combine_recv", out, sent.ticket, sent.y, topk_idx.astype(I32),
                  topk_weights.astype(F32), handle.send_pos.astype(I32),
-                 axis_name=cfg.axis_name, side_stream=cfg.side_stream,
+                 axis_name=cfg.axis_name,
                  **_attrs(cfg, buffer_id, num_sms, num_warps))

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from jax_ep import fp8
 from jax_ep.backends.cuda._ffi import F32, I32, call, i64
+from jax_ep.backends.cuda.side_stream import exchange_call
 from jax_ep.backends.vma import varying
 from jax_ep.types import DispatchConfig, HandleArrays
 
@@ -69,10 +70,10 @@ def dispatch_with_totals(payload: Tuple[jax.Array, ...], topk_idx: jax.Array,
          for p in (fp8.cast_shapes(payload[0]) if cfg.cast_fp8 else payload)]
     if T == 0:  # T is static and equal on every rank: nobody sends anything
         return _empty_dispatch(results, len(results) - 11, cfg)
-    outs = call("jax_ep_dispatch", results, topk_idx.astype(I32), topk_weights.astype(F32),
-                 *payload, axis_name=cfg.axis_name,
-                 side_stream=cfg.side_stream, buffer_id=i64(buffer_id),
-                 num_sms=i64(cfg.num_sms), expert_alignment=i64(cfg.expert_alignment))
+    outs = exchange_call("jax_ep_dispatch", results, topk_idx.astype(I32),
+                         topk_weights.astype(F32), *payload, axis_name=cfg.axis_name,
+                         side_stream=cfg.side_stream, buffer_id=i64(buffer_id),
+                         num_sms=i64(cfg.num_sms), expert_alignment=i64(cfg.expert_alignment))
     (recv_idx, recv_w, num_recv, per_expert, group_sizes, overflow, src_rank, src_token,
      src_slot, send_pos, needed) = outs[:11]
     recv_payload = tuple(outs[11:])
@@ -102,9 +103,10 @@ def cached_dispatch(x: jax.Array, handle: HandleArrays, cfg: DispatchConfig) -> 
     out = jax.ShapeDtypeStruct((cfg.capacity,) + x.shape[1:], x.dtype)
     if cfg.num_tokens == 0:
         return varying(jnp.zeros(out.shape, out.dtype), cfg.axis_name)
-    return call("jax_ep_cached_dispatch", out, x, handle.recv_src_rank, handle.recv_src_token,
-                 axis_name=cfg.axis_name,
-                 side_stream=cfg.side_stream, buffer_id=i64(buffer_id), num_sms=i64(cfg.num_sms))
+    return exchange_call("jax_ep_cached_dispatch", out, x, handle.recv_src_rank,
+                         handle.recv_src_token, axis_name=cfg.axis_name,
+                         side_stream=cfg.side_stream, buffer_id=i64(buffer_id),
+                         num_sms=i64(cfg.num_sms))
 
 
 def combine(y: jax.Array, weights: Optional[jax.Array], handle: HandleArrays,
@@ -121,10 +123,9 @@ def combine(y: jax.Array, weights: Optional[jax.Array], handle: HandleArrays,
     has_weights = weights is not None
     w = weights.astype(F32) if has_weights else jnp.zeros((1,), F32)
     out = jax.ShapeDtypeStruct((cfg.num_tokens, width + pad), y.dtype)
-    res = call("jax_ep_combine", out, y, w, handle.send_pos, handle.recv_src_rank,
-                handle.recv_src_token, handle.recv_src_slot, axis_name=cfg.axis_name,
-                side_stream=cfg.side_stream,
-                buffer_id=i64(buffer_id),
-                num_sms=i64(cfg.num_sms), layout=i64(_LAYOUT_CODE[cfg.layout]),
-                has_weights=bool(has_weights))
+    res = exchange_call("jax_ep_combine", out, y, w, handle.send_pos, handle.recv_src_rank,
+                        handle.recv_src_token, handle.recv_src_slot, axis_name=cfg.axis_name,
+                        side_stream=cfg.side_stream, buffer_id=i64(buffer_id),
+                        num_sms=i64(cfg.num_sms), layout=i64(_LAYOUT_CODE[cfg.layout]),
+                        has_weights=bool(has_weights))
     return res[:, :width] if pad else res
