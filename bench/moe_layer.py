@@ -27,8 +27,9 @@ the GEMMs, ``silu * up`` in f32, so that the backward matmuls take bf16 operands
   halves, each with its own dispatch, experts and combine), exchanges on XLA's compute
   stream: what splitting alone costs.
 * ``jax_ep_cf_overlap``: the same on a ``Buffer(side_stream=True)``: the exchanges run
-  on a second stream, so that one half's tokens can move while the other half's experts
-  compute (with jax 0.11.2 XLA does not overlap them yet: cuda/OVERLAP.md).
+  on the library's side stream, each beside the other half's experts
+  (``jax_ep.beside``), so that one half's tokens move while the other half's experts
+  compute (cuda/OVERLAP.md).
   ``--overlap`` runs these two beside ``jax_ep_cf`` and reports the ratios.
 
 * ``no_comm``: a communication-free ceiling: the ``jax_ep_cf`` layer with dispatch and
@@ -444,9 +445,9 @@ def main(argv=None) -> int:
         "jax_ep_cf_mb2": "jax_ep_cf with micro_batches=2 (capacities per micro-batch: "
                          "ceil(value / 2)), exchanges on XLA's compute stream",
         "jax_ep_cf_overlap": "jax_ep_cf_mb2 on jax_ep.Buffer(side_stream=True): the "
-                             "exchanges run on a second GPU stream, free to run beside "
-                             "the other micro-batch's expert matmuls where XLA's schedule "
-                             "puts them there",
+                             "exchanges run on the library's side stream, each placed "
+                             "beside the other micro-batch's expert matmuls "
+                             "(jax_ep.beside)",
         "a2a_cf": f"GShard style: pack [E, C={a2a_C}, H] per rank, jax.lax.all_to_all, "
                   "batched SwiGLU on [E/R, R*C, H], all_to_all back, weighted sum",
         "a2a_peer": "[R, T, H] slabs per peer over all_to_all, ragged_dot experts",

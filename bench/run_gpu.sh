@@ -9,7 +9,8 @@
 #   MPS=0               ranks sharing a GPU take turns by time slicing (default: concurrent
 #                       under CUDA MPS where its daemon can be started)
 #   SKIP_TESTS=1 / SKIP_BENCH=1 / LL_BENCH=1 / MOE_BENCH=1 / GM_BENCH=1 / CEILING=1 /
-#   OVERLAP_BENCH=1 (bench/moe_layer.py --overlap --profile, bench/decode_overlap.py)   what runs
+#   OVERLAP_BENCH=1 (bench/overlap_probe.py, bench/moe_layer.py --overlap --profile,
+#   bench/decode_overlap.py)   what runs
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 JAX_EP_REAL_DEVICES=1
 set -o pipefail
@@ -67,6 +68,7 @@ if [ "${MOE_BENCH:-0}" = "1" ]; then
     --iters 20 --warmup 1 --out "$OUT/all" ${MOE_ARGS:-} 2>&1 | tee "$OUT/bench_moe_layer.log" | tail -12
 fi
 if [ "${OVERLAP_BENCH:-0}" = "1" ]; then
+  timeout ${BENCH_TIMEOUT:-200} $PY bench/overlap_probe.py --out "$OUT/all" 2>&1 | tee "$OUT/bench_overlap_probe.log" | tail -12
   timeout ${MOE_TIMEOUT:-240} $PY bench/moe_layer.py --platform gpu --overlap --profile \
     --iters 20 --warmup 1 --out "$OUT/all" ${MOE_ARGS:-} 2>&1 | tee "$OUT/bench_overlap_layer.log" | tail -14
   timeout ${BENCH_TIMEOUT:-200} $PY bench/decode_overlap.py --out "$OUT/all" ${DECODE_ARGS:-} 2>&1 | tee "$OUT/bench_overlap_decode.log" | tail -6

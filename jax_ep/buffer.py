@@ -43,13 +43,14 @@ class Buffer:
         of tokens (at most 64; fewer bytes, more exchanges).
       backend: ``"auto"`` (CUDA when built and the mesh is on GPUs), ``"cuda"`` or
         ``"reference"``.
-      side_stream: CUDA backend: run every exchange through this buffer on a second GPU
-        stream, each op as an async region that XLA schedules (README "Overlapping
-        exchanges with compute"). Results are the same. With jax 0.11.2 XLA does not yet
-        place other work between a region's start and end (and with its command buffers
-        on, the regions run inside CUDA graphs on the main stream), so it saves no time
-        today. Default False: the exchanges run on XLA's compute stream. The reference
-        backend ignores it (its all_to_all is XLA's own collective).
+      side_stream: CUDA backend: run each normal op through this buffer (dispatch,
+        combine, and combine's backward) on the library's own GPU stream, launched and
+        then joined back to XLA's stream by two custom calls, so that compute placed
+        between them with :func:`jax_ep.beside` runs at the same time (README
+        "Overlapping exchanges with compute"). Results are the same. Default False: the
+        exchanges run on XLA's compute stream. The low-latency ops always do (their
+        overlap is the split form); the reference backend ignores it (its all_to_all is
+        XLA's own collective).
 
     ``buffer.node_size`` is the number of EP ranks per NVLink domain (a host, or a logical
     node of ``JAX_EP_NODE_SIZE`` ranks): the axis size when the axis stays in one node.

@@ -153,15 +153,17 @@ class MoE(nnx.Module):
         is set and ``expert_alignment`` is 1, else ``"expert"``. ``capacity`` counts
         (token, rank) rows with ``"rank"`` (at most ``R * T`` are ever needed).
       micro_batches: split each rank's tokens into this many micro-batches, each with its
-        own dispatch, experts and combine (forward and backward), pipelined so that one
-        part's exchange can run beside another part's experts when the ``buffer`` was made
-        with ``side_stream=True``; ``capacity`` and ``expert_capacity`` are then per
+        own dispatch, experts and combine (forward and backward), pipelined with
+        :func:`jax_ep.beside` (part i's experts beside part i-1's combine and part i+1's
+        dispatch), so that with a ``buffer`` made with ``side_stream=True`` the exchanges
+        run while the experts compute; ``capacity`` and ``expert_capacity`` are then per
         micro-batch limits of ``ceil(value / n)``. Results equal the layer's with 1
         (default) where nothing is dropped: bitwise for the grouped experts (the rows meet
         the same experts, each token's sum runs in the same order), to rounding for dense
-        slots and gradients. With jax 0.11.2 XLA does not overlap the parts yet and the
-        split costs time (1.3x at EP1: README "Overlapping exchanges with compute"). The
-        low-latency path ignores it (it overlaps the shared expert with its dispatch).
+        slots and gradients. At EP1 the split costs time (0.76x of the serial step: the
+        parts' weight gradients are added in extra passes; README "Overlapping exchanges
+        with compute"). The low-latency path ignores it (it overlaps the shared expert
+        with its dispatch).
       dtype: compute dtype of the experts (default: the input's dtype).
       param_dtype: dtype of the parameters.
       rngs: ``nnx.Rngs`` for initialisation.
