@@ -159,13 +159,10 @@ __device__ __forceinline__ void record_send(char* local, int* ticket, const char
                                             int rank, uint64_t* s_op) {
   if (threadIdx.x == 0) {
     LowLatencyHeader* h = ll_header(local);
-    volatile uint64_t* pending = &h->send_pending;
-    // Both loads in flight at once: block 0's check costs one round trip, not two.
-    const uint64_t seq = read_seq(h);
-    const uint64_t last_send = blockIdx.x == 0 ? *pending : 0;
-    const uint64_t op = seq + 1;
+    const uint64_t op = read_seq(h) + 1;
     if (blockIdx.x == 0) {
-      if (last_send == op)
+      volatile uint64_t* pending = &h->send_pending;
+      if (*pending == op)
         ll_fail(name, "a second *_send before the previous op's *_recv", rank, -1, -1, op, op);
       *pending = op;
       if (ticket != nullptr) *ticket = int(op);

@@ -253,18 +253,11 @@ __device__ __forceinline__ uint64_t dispatch_send(const LLDispatchArgs& a, Dispa
     // lanes are the slots, also put them in shared memory for the counts).
     const int my_e = has_token && lane < K ? ld_nc(a.topk_idx + size_t(t) * K + lane) : -1;
     const bool my_valid = my_e >= 0 && my_e < E;
-    // Tokens tp < T (first pass: histogram of distinct experts) or tp < t (positions),
-    // 32 per warp over the first `tok_warps` warps; the other warps repeat them for other
-    // slots k (group g takes k = g, g + groups, ...), so that every warp has work when
-    // there are fewer tokens than threads. The loads of the loop's first tokens are
-    // issued here, so that they overlap the staging.
+    // Tokens tp < T (first pass: histogram of distinct experts) or tp < t (positions): the
+    // loads of the loop's first tokens are issued here, so that they overlap the staging.
     const int t_end = first_pass ? T : t;
-    const int tok_warps = t_end < 32 * num_warps ? (t_end + 31) / 32 : num_warps;
-    const int groups = tok_warps > 0 ? num_warps / tok_warps : 1;
-    const int g = tok_warps > 0 ? warp / tok_warps : 0;  // g >= groups: no token work
-    const int w_in = tok_warps > 0 ? warp % tok_warps : 0;
     int row[kMaxTopk];
-    load_slots(a, g < groups ? w_in * 32 + lane : t_end, t_end, row);
+    load_slots(a, warp * 32 + lane, t_end, row);
     if (has_token) stage_row<Elt>(a, t, s_row);
     if (tid < kMaxTopk) {
       sm.before[tid] = 0;
@@ -307,16 +300,15 @@ __device__ __forceinline__ uint64_t dispatch_send(const LLDispatchArgs& a, Dispa
       }
     }
     ll_mark(a.timing, op, kLLTRowsIssued);
-    for (int base = w_in * 32; g < groups && base < t_end;  // warp-uniform
-         base += tok_warps * 32) {
+    for (int base = warp * 32; base < t_end; base += num_warps * 32) {  // warp-uniform
       const int tp = base + lane;
       const bool in = tp < t_end;
-      if (base != w_in * 32) load_slots(a, tp, t_end, row);
+      if (base != warp * 32) load_slots(a, tp, t_end, row);
       if (first_pass) {
 #pragma unroll
         for (int k = 0; k < kMaxTopk; ++k) {
           const int e = row[k];
-          bool first = e >= 0 && e < E && k % groups == g;
+          bool first = e >= 0 && e < E;
 #pragma unroll
           for (int k2 = 0; k2 < k; ++k2) first &= row[k2] != e;
           if (first) atomicAdd(&sm.ne[e], 1);
@@ -324,7 +316,7 @@ __device__ __forceinline__ uint64_t dispatch_send(const LLDispatchArgs& a, Dispa
       }
       if (has_token) {
         const bool earlier = in && tp < t;
-        for (int k = g; k < K; k += groups) {
+        for (int k = 0; k < K; ++k) {
           const int e = sm.te[k];
           bool hit = false;
 #pragma unroll
