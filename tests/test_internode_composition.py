@@ -200,10 +200,10 @@ def test_gradients_through_the_custom_vjps_match_the_reference(stand_ins, layout
 
     def grads(cfg):
         def loss(x, w, idx, g):
-            outs = ops._dispatch(cfg, (x,), idx, w)
+            outs, _ = ops._dispatch(cfg, None, (x,), idx, w, ())  # no jax_ep.beside compute
             (rx,), rw, handle = outs[0], outs[2], outs[7]
             row_w = rw if layout == "expert" else jnp.sum(rw, axis=1)
-            out = ops._combine_weighted(cfg, jnp.tanh(rx) * 1.5, row_w, handle)
+            out, _ = ops._combine_weighted(cfg, None, jnp.tanh(rx) * 1.5, row_w, handle, ())
             return jnp.sum(out * g)
         return lambda x, w, idx, g: jax.grad(loss, argnums=(0, 1))(x, w, idx, g)
 
