@@ -228,6 +228,11 @@ def test_a_dispatch_of_sliced_operands_is_compiled_once():
         counts[label] = len(re.findall(r'custom_call_target="jax_ep_dispatch(_on_side_stream)?"',
                                        text))
     print(f"dispatch custom calls in the compiled program: {counts}")
+    out_dir = os.environ.get("JAX_EP_HLO_DIR")  # the run's evidence (bench/run_gpu.sh)
+    if out_dir:  # the XLA-stream count too: a 2 there is the same exchange run twice
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "sliced_dispatch_counts.txt"), "w") as fh:
+            fh.write(f"{counts}\n")
     assert counts["side stream"] == 1, counts
 
 
