@@ -225,6 +225,16 @@ def test_beside_equals_the_parts_one_after_the_other():
         np.testing.assert_array_equal(a, b)
 
 
+def test_beside_under_remat_equals_the_parts_one_after_the_other():
+    args = _inputs(7)
+    want = h.run_reference(_value_and_grad(
+        functools.partial(_two_micro_batches, use_beside=False)), R, *args)
+    rematted = jax.checkpoint(functools.partial(_two_micro_batches, use_beside=True))
+    got = h.run_reference(_value_and_grad(rematted), R, *args)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_nested_beside_and_an_exchange_without_an_op():
     x, idx, w, m = _inputs(6)
 
