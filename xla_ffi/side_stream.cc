@@ -10,14 +10,19 @@ namespace {
 
 namespace ffi = xla::ffi;
 
+// A slot: the event after its last launch, and whether that launch awaits its join.
+struct Slot {
+  cudaEvent_t done = nullptr;
+  bool pending = false;
+};
+
 // One GPU's side stream, the event XLA's stream records before each launch, and the
-// events of the slots. Created on first use with that GPU's context current (XLA's
-// thread runs the handler); kept for the life of the process.
+// slots. Created on first use with that GPU's context current (XLA's thread runs the
+// handler); kept for the life of the process.
 struct DeviceSide {
   cudaStream_t stream = nullptr;
   cudaEvent_t ready = nullptr;
-  std::map<int64_t, cudaEvent_t> done;  // slot -> its last launch's end
-  std::map<int64_t, bool> pending;      // slot -> launched, not joined yet
+  std::map<int64_t, Slot> slots;
 };
 
 std::mutex g_mutex;
@@ -26,6 +31,14 @@ std::map<int32_t, DeviceSide> g_devices;
 ffi::Error cuda_error(cudaError_t err, const std::string& what) {
   return ffi::Error(ffi::ErrorCode::kInternal,
                     "jax_ep: " + what + " failed: " + cudaGetErrorString(err));
+}
+
+// *ev becomes a new event without timing (left null on failure).
+ffi::Error new_event(cudaEvent_t* ev, const std::string& what) {
+  cudaError_t err = cudaEventCreateWithFlags(ev, cudaEventDisableTiming);
+  if (err == cudaSuccess) return ffi::Error::Success();
+  *ev = nullptr;
+  return cuda_error(err, what);
 }
 
 // The device's side state, created if needed (caller holds g_mutex).
@@ -42,26 +55,20 @@ ffi::ErrorOr<DeviceSide*> device_side(int32_t device, const std::string& op) {
     }
   }
   if (d.ready == nullptr) {
-    cudaError_t err = cudaEventCreateWithFlags(&d.ready, cudaEventDisableTiming);
-    if (err != cudaSuccess) {
-      d.ready = nullptr;
-      return ffi::Unexpected(cuda_error(err, op + ": creating the side stream's event"));
-    }
+    if (auto e = new_event(&d.ready, op + ": creating the side stream's event"); e.failure())
+      return ffi::Unexpected(e);
   }
   return &d;
 }
 
-// The slot's event, created if needed (caller holds g_mutex).
-ffi::ErrorOr<cudaEvent_t> slot_event(DeviceSide& d, int64_t slot, const std::string& op) {
-  cudaEvent_t& ev = d.done[slot];
-  if (ev == nullptr) {
-    cudaError_t err = cudaEventCreateWithFlags(&ev, cudaEventDisableTiming);
-    if (err != cudaSuccess) {
-      ev = nullptr;
-      return ffi::Unexpected(cuda_error(err, op + ": creating a side-stream slot event"));
-    }
+// The slot, its event created if needed (caller holds g_mutex).
+ffi::ErrorOr<Slot*> slot_of(DeviceSide& d, int64_t slot, const std::string& op) {
+  Slot& sl = d.slots[slot];
+  if (sl.done == nullptr) {
+    if (auto e = new_event(&sl.done, op + ": creating a side-stream slot event"); e.failure())
+      return ffi::Unexpected(e);
   }
-  return ev;
+  return &sl;
 }
 
 }  // namespace
@@ -71,14 +78,14 @@ ffi::ErrorOr<cudaStream_t> SideStreamLaunch::begin() {
   std::lock_guard<std::mutex> lock(g_mutex);
   auto d = device_side(device_, op_);
   if (d.has_error()) return ffi::Unexpected(d.error());
-  auto ev = slot_event(*d.value(), slot_, op_);
-  if (ev.has_error()) return ffi::Unexpected(ev.error());
+  auto sl = slot_of(*d.value(), slot_, op_);
+  if (sl.has_error()) return ffi::Unexpected(sl.error());
   cudaError_t err = cudaEventRecord(d.value()->ready, xla_stream_);
   if (err == cudaSuccess) err = cudaStreamWaitEvent(d.value()->stream, d.value()->ready, 0);
   if (err != cudaSuccess) return ffi::Unexpected(cuda_error(err, op_ + ": joining the side stream"));
   side_ = d.value()->stream;
-  done_ = ev.value();
-  d.value()->pending[slot_] = true;
+  done_ = sl.value()->done;
+  sl.value()->pending = true;
   return side_;
 }
 
@@ -96,14 +103,19 @@ namespace {
 ffi::Error SideStreamJoinImpl(cudaStream_t stream, int32_t device, ffi::RemainingArgs,
                               ffi::Result<ffi::Buffer<ffi::S32>>, int64_t side_slot) {
   std::lock_guard<std::mutex> lock(g_mutex);
-  auto it = g_devices.find(device);
-  if (it == g_devices.end() || !it->second.pending[side_slot])
+  auto d = g_devices.find(device);
+  Slot* sl = nullptr;
+  if (d != g_devices.end()) {
+    auto it = d->second.slots.find(side_slot);
+    if (it != d->second.slots.end()) sl = &it->second;
+  }
+  if (sl == nullptr || !sl->pending)
     return ffi::Error(ffi::ErrorCode::kInternal,
                       "jax_ep: side-stream join of slot " + std::to_string(side_slot) +
                           " on GPU " + std::to_string(device) +
                           " has no launch to wait for (a join without its op)");
-  it->second.pending[side_slot] = false;
-  cudaError_t err = cudaStreamWaitEvent(stream, it->second.done[side_slot], 0);
+  sl->pending = false;
+  cudaError_t err = cudaStreamWaitEvent(stream, sl->done, 0);
   if (err != cudaSuccess) return cuda_error(err, "side-stream join");
   return ffi::Error::Success();
 }
