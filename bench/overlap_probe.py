@@ -29,8 +29,9 @@ import time
 
 # How a GEMM shows in compiled GPU HLO: a cuBLAS custom call, or a fusion whose backend
 # config names the Triton (or cuBLAS) GEMM emitter.
-GEMM_MARKS = ('custom_call_target="__cublas', '"kind":"__triton_gemm"',
-              '"kind":"__triton_nested_gemm_fusion"', '"kind":"__cublas')
+GEMM = re.compile("|".join(re.escape(m) for m in (
+    'custom_call_target="__cublas', '"kind":"__triton_gemm"',
+    '"kind":"__triton_nested_gemm_fusion"', '"kind":"__cublas')))
 LAUNCH = re.compile(r'custom_call_target="(jax_ep_\w+)_on_side_stream"')
 JOIN = 'custom_call_target="jax_ep_side_stream_join"'
 SLOT = re.compile(r"side_slot = (-?\d+)")
@@ -59,21 +60,10 @@ def _result_name(line: str) -> str:
     return line.removeprefix("ROOT ").split(" = ", 1)[0].lstrip("%")
 
 
-def _has_gemm(comps: dict, line: str, seen=()) -> bool:
-    """The instruction is a GEMM or calls a computation (a command buffer, say) holding one."""
-    if any(m in line for m in GEMM_MARKS):
-        return True
-    for callee in re.findall(r"(?:to_apply|calls)=%?([\w.\-]+)", line):
-        if callee in comps and callee not in seen and any(
-                _has_gemm(comps, inner, seen + (callee,)) for inner in comps[callee]):
-            return True
-    return False
-
-
 def _custom_call_line(comps: dict, line: str, mark, seen=()):
-    """The line of the custom call that ``mark`` (a regex or a string) finds in the
-    instruction or in a computation it calls (XLA wraps custom calls whose operands are
-    slices into dynamic-slice fusions), or None."""
+    """The line that ``mark`` (a regex or a string) finds in the instruction or in a
+    computation it calls (a command buffer, or the dynamic-slice fusion XLA wraps a custom
+    call whose operands are slices into), or None."""
     if (mark.search(line) if hasattr(mark, "search") else mark in line):
         return line
     for callee in re.findall(r"(?:to_apply|calls)=%?([\w.\-]+)", line):
@@ -104,7 +94,7 @@ def schedule_report(hlo: str) -> dict:
     marked = {p["launch_at"] for p in pairs} | set(joins.values())
     gemms = []
     for i, line in enumerate(lines):
-        if i in marked or not _has_gemm(comps, line):
+        if i in marked or _custom_call_line(comps, line, GEMM) is None:
             continue
         where = []
         for p in pairs:
