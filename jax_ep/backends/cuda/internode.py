@@ -116,8 +116,8 @@ def _rail_exchange(send_mask, arrays, cfg: DispatchConfig, op: int, per_node_row
         results = [jax.ShapeDtypeStruct((N, t1 - t0), I32)] + [
             jax.ShapeDtypeStruct((N, t1 - t0) + a.shape[lead:], a.dtype) for a in part]
         got = call("jax_ep_rail_exchange", results, send_mask[:, t0:t1].astype(I32), *part,
-                   axis_name=cfg.axis_name,
-                   buffer_id=i64(cfg.buffer_id), num_sms=i64(cfg.num_sms), op=i64(op))
+                   axis_name=cfg.axis_name, buffer_id=i64(cfg.buffer_id),
+                   num_sms=i64(cfg.num_sms), op=i64(op))
         flags.append(got[0])
         outs.append(got[1:])
     if len(flags) == 1:

@@ -124,9 +124,8 @@ def ll_dispatch(x: jax.Array, topk_idx: jax.Array, slot_scale: Optional[jax.Arra
     counts, payload = _recv_results(cfg, H, x.dtype)
     results = [jax.ShapeDtypeStruct(idx.shape, I32)] + counts + payload  # send_pos first
     outs = call("jax_ep_ll_dispatch", results, x, idx, scale, axis_name=cfg.axis_name,
-                 has_slot_scale=bool(has_scale),
-                 zero_padding=bool(cfg.zero_padding),
-                 **_attrs(cfg, buffer_id, num_sms, num_warps))
+                has_slot_scale=bool(has_scale), zero_padding=bool(cfg.zero_padding),
+                **_attrs(cfg, buffer_id, num_sms, num_warps))
     send_pos, recv_count, src_token, count_per_rank = outs[:4]
     recv_x = tuple(outs[4:]) if cfg.use_fp8 else outs[4]
     return recv_x, recv_count, LowLatencyHandleArrays(src_token, count_per_rank, send_pos)
@@ -154,9 +153,8 @@ def ll_dispatch_send(x: jax.Array, topk_idx: jax.Array, cfg: LowLatencyConfig,
     counts, payload = _recv_results(cfg, x.shape[1], x.dtype)
     results = [jax.ShapeDtypeStruct(idx.shape, I32), jax.ShapeDtypeStruct((1,), I32)]
     outs = call("jax_ep_ll_dispatch_send", results + counts[1:] + payload, x, idx, scale,
-                 axis_name=cfg.axis_name,
-                 has_slot_scale=bool(has_scale),
-                 **_attrs(cfg, buffer_id, num_sms, num_warps))
+                axis_name=cfg.axis_name, has_slot_scale=bool(has_scale),
+                **_attrs(cfg, buffer_id, num_sms, num_warps))
     return DispatchSent(outs[0], outs[1], outs[2], outs[3], tuple(outs[4:]))
 
 
@@ -177,10 +175,10 @@ def ll_dispatch_recv(sent: DispatchSent, cfg: LowLatencyConfig, dtype, *,
     passed = (sent.recv_src_token, sent.recv_count_per_rank) + tuple(sent.payload)
     # operand 0 is the ticket; operand i >= 1 becomes result i (result 0 is recv_count)
     outs = call("jax_ep_ll_dispatch_recv", counts + payload, sent.ticket, *passed,
-                 axis_name=cfg.axis_name,
-                 input_output_aliases={i: i for i in range(1, 1 + len(passed))},
-                 zero_padding=bool(cfg.zero_padding),
-                 **_attrs(cfg, buffer_id, num_sms, num_warps))
+                axis_name=cfg.axis_name,
+                input_output_aliases={i: i for i in range(1, 1 + len(passed))},
+                zero_padding=bool(cfg.zero_padding),
+                **_attrs(cfg, buffer_id, num_sms, num_warps))
     recv_count, src_token, count_per_rank = outs[:3]
     recv_x = tuple(outs[3:]) if cfg.use_fp8 else outs[3]
     return recv_x, recv_count, LowLatencyHandleArrays(src_token, count_per_rank, sent.send_pos)
@@ -205,9 +203,8 @@ def ll_combine(y: jax.Array, topk_idx: jax.Array, topk_weights: jax.Array,
     _check_y(op, y, cfg)
     out = jax.ShapeDtypeStruct((T, y.shape[2]), y.dtype)
     return call("jax_ep_ll_combine", out, y, topk_idx.astype(I32), topk_weights.astype(F32),
-                 handle.send_pos.astype(I32), handle.recv_count_per_rank.astype(I32),
-                 axis_name=cfg.axis_name,
-                 **_attrs(cfg, buffer_id, num_sms, num_warps))
+                handle.send_pos.astype(I32), handle.recv_count_per_rank.astype(I32),
+                axis_name=cfg.axis_name, **_attrs(cfg, buffer_id, num_sms, num_warps))
 
 
 class CombineSent(NamedTuple):
@@ -244,6 +241,5 @@ def ll_combine_recv(sent: CombineSent, topk_idx: jax.Array, topk_weights: jax.Ar
                          f"in {jnp.dtype(dtype)} of width {width}")
     out = jax.ShapeDtypeStruct((T, int(width)), jnp.dtype(dtype))
     return call("jax_ep_ll_combine_recv", out, sent.ticket, sent.y, topk_idx.astype(I32),
-                 topk_weights.astype(F32), handle.send_pos.astype(I32),
-                 axis_name=cfg.axis_name,
-                 **_attrs(cfg, buffer_id, num_sms, num_warps))
+                topk_weights.astype(F32), handle.send_pos.astype(I32),
+                axis_name=cfg.axis_name, **_attrs(cfg, buffer_id, num_sms, num_warps))
